@@ -1,0 +1,80 @@
+// Parameter validation and the per-thread error text shared by both implementations.
+#include <cmath>
+#include <cstdarg>
+#include <cstdio>
+
+#include "internal.h"
+
+namespace asa {
+namespace {
+thread_local char g_last_error[512] = "";
+}
+
+void set_last_error(const char* fmt, ...) {
+  va_list args;
+  va_start(args, fmt);
+  std::vsnprintf(g_last_error, sizeof(g_last_error), fmt, args);
+  va_end(args);
+}
+
+void clear_last_error() { g_last_error[0] = '\0'; }
+
+bool validate_params(const AsaParams& p) {
+  if (p.batch < 1 || p.heads_q < 1 || p.heads_kv < 1 || p.seq_q < 1 || p.seq_kv < 1 ||
+      p.head_dim < 1 || p.head_dim_v < 1) {
+    set_last_error("ASA: sizes must be >= 1 (B=%d Hq=%d Hkv=%d Sq=%d Skv=%d D=%d Dv=%d)", p.batch,
+                   p.heads_q, p.heads_kv, p.seq_q, p.seq_kv, p.head_dim, p.head_dim_v);
+    return false;
+  }
+  if (p.heads_q % p.heads_kv != 0) {
+    set_last_error("ASA: query heads (%d) must be a multiple of key/value heads (%d)", p.heads_q,
+                   p.heads_kv);
+    return false;
+  }
+  if (p.dtype != ASA_FLOAT32 && p.dtype != ASA_FLOAT16 && p.dtype != ASA_BFLOAT16) {
+    set_last_error("ASA: unknown dtype %d", static_cast<int>(p.dtype));
+    return false;
+  }
+  if (!p.q || !p.k || !p.v || !p.out) {
+    set_last_error("ASA: query, key, value and output pointers must be set");
+    return false;
+  }
+  if ((p.key_padding_mask == nullptr) != (p.mask_dtype == ASA_MASK_NONE)) {
+    set_last_error("ASA: key_padding_mask pointer and mask_dtype disagree");
+    return false;
+  }
+  if (p.block_size != 64 && p.block_size != 128) {
+    set_last_error("ASA: block_size must be 64 or 128, got %d", p.block_size);
+    return false;
+  }
+  if (!(p.scale > 0.f) || !std::isfinite(p.scale)) {
+    set_last_error("ASA: scale must be a resolved finite value > 0, got %g", p.scale);
+    return false;
+  }
+  if (!(p.threshold > 0.f) || !std::isfinite(p.threshold)) {
+    set_last_error("ASA: threshold must be finite and > 0, got %g", p.threshold);
+    return false;
+  }
+  if (p.sink_blocks < 0 || p.local_blocks < 0) {
+    set_last_error("ASA: sink_blocks and local_blocks must be >= 0");
+    return false;
+  }
+  if (p.window == 0 || p.window < -1) {
+    set_last_error("ASA: window must be -1 (none) or > 0, got %d", p.window);
+    return false;
+  }
+  if (!(p.softcap >= 0.f) || !std::isfinite(p.softcap)) {
+    set_last_error("ASA: softcap must be finite and >= 0, got %g", p.softcap);
+    return false;
+  }
+  if (p.select_per != 0 && p.select_per != 1) {
+    set_last_error("ASA: select_per must be 0 or 1, got %d", p.select_per);
+    return false;
+  }
+  clear_last_error();
+  return true;
+}
+
+}  // namespace asa
+
+extern "C" const char* asa_last_error(void) { return asa::g_last_error; }
