@@ -1,0 +1,438 @@
+// Block-sparse flash attention forward on tensor cores (mma.sync m16n8k16, fp16/bf16 in,
+// fp32 accumulate), SPEC.md "Attention".
+//
+// One CTA = 4 warps = 64 query rows of one (batch, query head); each warp owns 16 rows. The CTA
+// walks the kept key blocks of its query block (ws.block_indices) in 64-key tiles, K/V tiles
+// double-buffered in shared memory with cp.async. Scores are kept in the log2 domain
+// (x = s * log2 e) so the online softmax uses exp2. Tiles that every row sees completely take a
+// fast path without per-element masking; boundary tiles and the softcap / bias / padding-mask
+// cases check each element. With split-KV (decode, ws.splits > 1) each CTA handles a slice of
+// the kept list and writes a normalized partial output plus its log2-sum-exp2; merge_kernel
+// combines the slices.
+#include "common.cuh"
+#include "kernels.h"
+
+namespace asa {
+namespace cuda {
+namespace {
+
+constexpr int kBM = 64;       // query rows per CTA
+constexpr int kBN = 64;       // keys per tile
+constexpr int kThreads = 128;
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <typename T>
+struct Mma;
+
+template <>
+struct Mma<__half> {
+  static __device__ __forceinline__ void run(float* c, const uint32_t* a, uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+};
+
+template <>
+struct Mma<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float* c, const uint32_t* a, uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const void* ptr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(ptr)));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const void* ptr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(ptr)));
+}
+
+// 16-byte asynchronous copy; src_bytes = 0 zero-fills (rows past the end must be zeros: a NaN
+// pattern in V would survive a zero probability).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
+               "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Copies rows [row0, row0 + 64) of a [S, D] tensor (row stride `stride`) into a padded smem tile,
+// zero-filling rows at or past `limit`.
+template <typename T, int D>
+__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t stride, int row0,
+                                          int limit) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  constexpr int kPitch = D + 8;
+  for (int c = threadIdx.x; c < kBN * kChunks; c += kThreads) {
+    const int r = c / kChunks, cc = c % kChunks;
+    const bool ok = row0 + r < limit;
+    const T* s = ok ? src + static_cast<int64_t>(row0 + r) * stride + cc * 8 : src;
+    cp_async16(dst + r * kPitch + cc * 8, s, ok ? 16 : 0);
+  }
+}
+
+enum TileKind { kSkip = 0, kFull = 1, kPartial = 2 };
+
+// Classifies key tile [j0, j0 + 64) for query positions [pos_lo, pos_hi].
+__device__ __forceinline__ int classify_tile(const AsaParams& p, int j0, int pos_lo, int pos_hi,
+                                             bool generic) {
+  const int j1 = j0 + kBN - 1;
+  if (j0 >= p.seq_kv) return kSkip;
+  if (p.causal && j0 > pos_hi) return kSkip;
+  if (p.window > 0) {
+    if (j1 <= pos_lo - p.window) return kSkip;
+    if (!p.causal && j0 >= pos_hi + p.window) return kSkip;
+  }
+  if (generic || j1 >= p.seq_kv) return kPartial;
+  if (p.causal && j1 > pos_lo) return kPartial;
+  if (p.window > 0) {
+    if (j0 <= pos_hi - p.window) return kPartial;
+    if (!p.causal && j1 >= pos_lo + p.window) return kPartial;
+  }
+  return kFull;
+}
+
+struct TileCursor {
+  const int32_t* list;
+  int bs, sub, end;
+  int pos_lo, pos_hi;
+  bool generic;
+
+  // First tile index >= t that is not skipped, or `end`.
+  __device__ __forceinline__ int next(const AsaParams& p, int t, int* kind, int* j0) const {
+    for (; t < end; ++t) {
+      *j0 = list[t / sub] * bs + (t % sub) * kBN;
+      *kind = classify_tile(p, *j0, pos_lo, pos_hi, generic);
+      if (*kind != kSkip) return t;
+    }
+    return end;
+  }
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Workspace ws) {
+  constexpr int kPitch = D + 8;
+  constexpr int kTile = kBN * kPitch;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sq = reinterpret_cast<T*>(smem_raw);
+  T* sk = sq + kBM * kPitch;  // [2][kBN][kPitch]
+  T* sv = sk + 2 * kTile;     // [2][kBN][kPitch]
+
+  const int qt = blockIdx.x, h = blockIdx.y;
+  const int n = blockIdx.z / ws.splits, split = blockIdx.z % ws.splits;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, tq = lane % 4;
+  const int G = p.heads_q / p.heads_kv, hkv = h / G;
+  const int bs = p.block_size;
+  const int nq = cdiv(p.seq_q, bs), nk = cdiv(p.seq_kv, bs);
+  const int q0 = qt * kBM;
+  const int hsel = p.select_per ? hkv : h;
+  const int hsel_count = p.select_per ? p.heads_kv : p.heads_q;
+  const int64_t row = (static_cast<int64_t>(n) * hsel_count + hsel) * nq + q0 / bs;
+  const int count = ws.block_counts[row];
+  const int per = cdiv(count, ws.splits);
+  const int b0 = min(count, split * per), b1 = min(count, b0 + per);
+
+  TileCursor cur;
+  cur.list = ws.block_indices + row * nk;
+  cur.bs = bs;
+  cur.sub = bs / kBN;
+  cur.end = b1 * cur.sub;
+  const int shift = p.seq_kv - p.seq_q;
+  cur.pos_lo = q0 + shift;
+  cur.pos_hi = min(q0 + kBM, p.seq_q) - 1 + shift;
+  cur.generic = p.mask_dtype != ASA_MASK_NONE || p.bias != nullptr || p.softcap > 0.f;
+
+  const T* qg = static_cast<const T*>(p.q) + n * p.q_stride_b + h * p.q_stride_h;
+  const T* kg = static_cast<const T*>(p.k) + n * p.k_stride_b + hkv * p.k_stride_h;
+  const T* vg = static_cast<const T*>(p.v) + n * p.v_stride_b + hkv * p.v_stride_h;
+
+  load_tile<T, D>(sq, qg, p.q_stride_s, q0, p.seq_q);
+  int kind = kSkip, j0 = 0;
+  int t = cur.next(p, b0 * cur.sub, &kind, &j0);
+  int stage = 0;
+  if (t < cur.end) {
+    load_tile<T, D>(sk, kg, p.k_stride_s, j0, p.seq_kv);
+    load_tile<T, D>(sv, vg, p.v_stride_s, j0, p.seq_kv);
+  }
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+
+  uint32_t qf[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    ldmatrix_x4(qf[kk], sq + (warp * 16 + lane % 16) * kPitch + kk * 16 + (lane / 16) * 8);
+  }
+  float o[D / 8][4];
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  const float scale_log2 = p.scale * kLog2e;
+  const int r_base = q0 + warp * 16 + g;
+
+  while (t < cur.end) {
+    int kind_n = kSkip, j0_n = 0;
+    const int tn = cur.next(p, t + 1, &kind_n, &j0_n);
+    if (tn < cur.end) {
+      load_tile<T, D>(sk + (stage ^ 1) * kTile, kg, p.k_stride_s, j0_n, p.seq_kv);
+      load_tile<T, D>(sv + (stage ^ 1) * kTile, vg, p.v_stride_s, j0_n, p.seq_kv);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+
+    const T* kt = sk + stage * kTile;
+    const T* vt = sv + stage * kTile;
+    float s[8][4];
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+      for (int nb = 0; nb < 4; ++nb) {
+        uint32_t b[4];
+        ldmatrix_x4(b, kt + (nb * 16 + (lane / 16) * 8 + lane % 8) * kPitch + kk * 16 +
+                           ((lane / 8) % 2) * 8);
+        Mma<T>::run(s[2 * nb], qf[kk], b[0], b[1]);
+        Mma<T>::run(s[2 * nb + 1], qf[kk], b[2], b[3]);
+      }
+    }
+
+    // Scores to the log2 domain, masked where needed.
+    if (kind == kFull) {
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[nt][e] *= scale_log2;
+      }
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = r_base + (e >= 2 ? 8 : 0);
+          const int j = j0 + nt * 8 + 2 * tq + (e & 1);
+          float x = s[nt][e] * p.scale;
+          bool vis = r < p.seq_q && j < p.seq_kv && position_visible(p, r + shift, j);
+          if (vis && p.mask_dtype != ASA_MASK_NONE) vis = key_kept(p, n, j);
+          if (p.softcap > 0.f) x = p.softcap * tanhf(x / p.softcap);
+          if (vis && p.bias != nullptr) {
+            const T* bias = static_cast<const T*>(p.bias);
+            x += to_float(bias[n * p.bias_stride_b + h * p.bias_stride_h + r * p.bias_stride_q +
+                               j * p.bias_stride_k]);
+          }
+          s[nt][e] = vis ? x * kLog2e : -INFINITY;
+        }
+      }
+    }
+
+    // Online softmax; each row lives in the 4 threads of a quad.
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      mx[0] = fmaxf(mx[0], fmaxf(s[nt][0], s[nt][1]));
+      mx[1] = fmaxf(mx[1], fmaxf(s[nt][2], s[nt][3]));
+    }
+    float alpha[2], mu[2];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 1));
+      mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 2));
+      alpha[rr] = m[rr] == -INFINITY ? 0.f : exp2f(m[rr] - mx[rr]);
+      mu[rr] = mx[rr] == -INFINITY ? 0.f : mx[rr];
+      m[rr] = mx[rr];
+    }
+    float rs[2] = {0.f, 0.f};
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[nt][e] = exp2f(s[nt][e] - mu[e >> 1]);
+        rs[e >> 1] += s[nt][e];
+      }
+    }
+    l[0] = l[0] * alpha[0] + rs[0];
+    l[1] = l[1] * alpha[1] + rs[1];
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      o[dt][0] *= alpha[0];
+      o[dt][1] *= alpha[0];
+      o[dt][2] *= alpha[1];
+      o[dt][3] *= alpha[1];
+    }
+
+    // O += P V.
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      uint32_t a[4];
+      a[0] = Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]);
+      a[1] = Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]);
+      a[2] = Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      a[3] = Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, vt + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * kPitch +
+                                 dp * 16 + (lane / 16) * 8);
+        Mma<T>::run(o[2 * dp], a, b[0], b[1]);
+        Mma<T>::run(o[2 * dp + 1], a, b[2], b[3]);
+      }
+    }
+    __syncthreads();  // the next iteration's prefetch overwrites this stage
+    t = tn;
+    kind = kind_n;
+    j0 = j0_n;
+    stage ^= 1;
+  }
+
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    l[rr] += __shfl_xor_sync(0xffffffffu, l[rr], 1);
+    l[rr] += __shfl_xor_sync(0xffffffffu, l[rr], 2);
+  }
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int r = r_base + rr * 8;
+    if (r >= p.seq_q) continue;
+    const float inv = l[rr] > 0.f ? 1.f / l[rr] : 0.f;
+    if (ws.splits == 1) {
+      T* out = static_cast<T*>(p.out) + n * p.o_stride_b + h * p.o_stride_h + r * p.o_stride_s;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        const int d = dt * 8 + 2 * tq;
+        out[d] = from_float<T>(o[dt][2 * rr] * inv);
+        out[d + 1] = from_float<T>(o[dt][2 * rr + 1] * inv);
+      }
+    } else {
+      const int64_t prow =
+          ((static_cast<int64_t>(split) * p.batch + n) * p.heads_q + h) * p.seq_q + r;
+      float* po = ws.part_o + prow * p.head_dim_v;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        const int d = dt * 8 + 2 * tq;
+        po[d] = o[dt][2 * rr] * inv;
+        po[d + 1] = o[dt][2 * rr + 1] * inv;
+      }
+      if (tq == 0) ws.part_lse[prow] = l[rr] > 0.f ? m[rr] + log2f(l[rr]) : -INFINITY;
+    }
+  }
+}
+
+// Combines split-KV partials: out = Σ_s 2^(lse_s - M) o_s / Σ_s 2^(lse_s - M); zeros when every
+// slice was empty.
+template <typename T>
+__global__ void merge_kernel(AsaParams p, Workspace ws) {
+  const int r = blockIdx.x, h = blockIdx.y, n = blockIdx.z;
+  const int64_t stride = static_cast<int64_t>(p.batch) * p.heads_q * p.seq_q;
+  const int64_t base = (static_cast<int64_t>(n) * p.heads_q + h) * p.seq_q + r;
+  float mx = -INFINITY;
+  for (int s = 0; s < ws.splits; ++s) mx = fmaxf(mx, ws.part_lse[s * stride + base]);
+  T* out = static_cast<T*>(p.out) + n * p.o_stride_b + h * p.o_stride_h + r * p.o_stride_s;
+  for (int d = threadIdx.x; d < p.head_dim_v; d += blockDim.x) {
+    float acc = 0.f, wsum = 0.f;
+    if (mx != -INFINITY) {
+      for (int s = 0; s < ws.splits; ++s) {
+        const float lse = ws.part_lse[s * stride + base];
+        if (lse == -INFINITY) continue;
+        const float w = exp2f(lse - mx);
+        wsum += w;
+        acc += w * ws.part_o[(s * stride + base) * p.head_dim_v + d];
+      }
+    }
+    out[d] = from_float<T>(wsum > 0.f ? acc / wsum : 0.f);
+  }
+}
+
+template <typename T, int D>
+cudaError_t launch_mma(const AsaParams& p, const Workspace& ws, cudaStream_t stream) {
+  const size_t smem = static_cast<size_t>(5) * kBN * (D + 8) * sizeof(T);
+  cudaError_t err = cudaFuncSetAttribute(attn_mma_kernel<T, D>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  const dim3 grid(cdiv(p.seq_q, kBM), p.heads_q, p.batch * ws.splits);
+  attn_mma_kernel<T, D><<<grid, kThreads, smem, stream>>>(p, ws);
+  err = cudaGetLastError();
+  if (err != cudaSuccess || ws.splits == 1) return err;
+  merge_kernel<T><<<dim3(p.seq_q, p.heads_q, p.batch), 128, 0, stream>>>(p, ws);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_mma_dtype(const AsaParams& p, const Workspace& ws, cudaStream_t stream) {
+  return p.head_dim == 64 ? launch_mma<T, 64>(p, ws, stream) : launch_mma<T, 128>(p, ws, stream);
+}
+
+bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
+
+}  // namespace
+
+cudaError_t launch_simple(const AsaParams& p, const Workspace& ws, cudaStream_t stream);
+
+bool mma_path_supported(const AsaParams& p) {
+  if (p.dtype != ASA_FLOAT16 && p.dtype != ASA_BFLOAT16) return false;
+  if (p.head_dim != p.head_dim_v || (p.head_dim != 64 && p.head_dim != 128)) return false;
+  if (!aligned16(p.q) || !aligned16(p.k) || !aligned16(p.v)) return false;
+  // 16-byte cp.async rows: every row start must stay 16-byte aligned.
+  const int64_t strides[] = {p.q_stride_b, p.q_stride_h, p.q_stride_s, p.k_stride_b,
+                             p.k_stride_h, p.k_stride_s, p.v_stride_b, p.v_stride_h,
+                             p.v_stride_s};
+  for (int64_t s : strides) {
+    if (s % 8 != 0) return false;
+  }
+  return true;
+}
+
+int choose_splits(const AsaParams& p) {
+  if (!mma_path_supported(p) || p.seq_q > 16) return 1;
+  static int sms = 0;
+  if (sms == 0) {
+    int device = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (sms <= 0) sms = 108;
+  }
+  const int ctas = p.batch * p.heads_q;  // one query tile per head when Sq <= 16
+  const int nk = cdiv(p.seq_kv, p.block_size);
+  int splits = cdiv(2 * sms, ctas);
+  splits = min(splits, min(nk, 64));
+  return max(splits, 1);
+}
+
+cudaError_t launch_attention(const AsaParams& p, const Workspace& ws, cudaStream_t stream) {
+  if (!mma_path_supported(p)) return launch_simple(p, ws, stream);
+  return p.dtype == ASA_FLOAT16 ? launch_mma_dtype<__half>(p, ws, stream)
+                                : launch_mma_dtype<__nv_bfloat16>(p, ws, stream);
+}
+
+}  // namespace cuda
+}  // namespace asa

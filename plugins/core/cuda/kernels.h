@@ -1,0 +1,29 @@
+// Launchers of the CUDA kernel core, shared between its translation units (host code).
+#ifndef ASA_CUDA_KERNELS_H_
+#define ASA_CUDA_KERNELS_H_
+
+#include <cuda_runtime.h>
+
+#include "asa/asa_core.h"
+#include "common.cuh"
+
+namespace asa {
+namespace cuda {
+
+// Router: pooling, scoring, selection; writes ws.block_indices / block_counts / visible_counts.
+cudaError_t launch_route(const AsaParams& p, const Workspace& ws, cudaStream_t stream);
+
+// Block-sparse attention over the lists in ws (tensor-core path when supported, else the
+// simple path), then the split-KV merge when ws.splits > 1.
+cudaError_t launch_attention(const AsaParams& p, const Workspace& ws, cudaStream_t stream);
+
+// Whether the tensor-core kernel handles these params (dtype, head dims, alignment).
+bool mma_path_supported(const AsaParams& p);
+
+// Split-KV factor used by launch_attention (depends on sizes and the device only, never on data).
+int choose_splits(const AsaParams& p);
+
+}  // namespace cuda
+}  // namespace asa
+
+#endif  // ASA_CUDA_KERNELS_H_

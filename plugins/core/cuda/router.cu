@@ -1,0 +1,368 @@
+// Training-free ASA router on the GPU (SPEC.md "Router", "Threshold", "Selection").
+//
+// Three steps, all in float32:
+//   1. pool: q̄ per (batch, query head, query block), k̄ per (batch, KV head, key block) over the
+//      kept keys; with a padding mask also a running count of kept keys per batch;
+//   2. select: one CTA per (batch, KV head, query block) scores every key block for the group's
+//      query heads (k̄ read once per group), softmaxes over visible blocks, and walks the
+//      contract's order (forced blocks, then descending probability, ties to the lower index)
+//      with a sequential float32 running sum so that the kept set matches the reference;
+//   3. write the ascending kept lists (padded with -1), their counts and the visible counts.
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+
+#include "common.cuh"
+#include "kernels.h"
+
+namespace asa {
+namespace cuda {
+namespace {
+
+constexpr int kPoolThreads = 128;
+constexpr int kSelectThreads = 256;
+constexpr int kPrefixThreads = 1024;
+
+// Running count of kept keys: prefix[n][j] = number of kept keys among [0, j).
+__global__ void prefix_kernel(AsaParams p, int32_t* prefix) {
+  using Scan = cub::BlockScan<int, kPrefixThreads>;
+  __shared__ typename Scan::TempStorage tmp;
+  const int n = blockIdx.x;
+  const int chunk = cdiv(p.seq_kv, kPrefixThreads);
+  const int begin = threadIdx.x * chunk;
+  const int end = min(begin + chunk, p.seq_kv);
+  int count = 0;
+  for (int j = begin; j < end; ++j) count += key_kept(p, n, j);
+  int base = 0;
+  Scan(tmp).ExclusiveSum(count, base);
+  int32_t* row = prefix + static_cast<int64_t>(n) * (p.seq_kv + 1);
+  if (threadIdx.x == 0) row[0] = 0;
+  for (int j = begin; j < end; ++j) {
+    base += key_kept(p, n, j);
+    row[j + 1] = base;
+  }
+}
+
+// Number of kept keys in [a, b] of batch n.
+__device__ __forceinline__ int kept_in_range(const AsaParams& p, const int32_t* prefix, int n,
+                                             int a, int b) {
+  if (a > b) return 0;
+  if (p.mask_dtype == ASA_MASK_NONE) return b - a + 1;
+  const int32_t* row = prefix + static_cast<int64_t>(n) * (p.seq_kv + 1);
+  return row[b + 1] - row[a];
+}
+
+// q̄ = mean of the query rows of block i (float32, rows summed in order).
+template <typename T>
+__global__ void pool_q_kernel(AsaParams p, float* qbar) {
+  const int i = blockIdx.x, h = blockIdx.y, n = blockIdx.z;
+  const int nq = gridDim.x;
+  const int r0 = i * p.block_size;
+  const int r1 = min(r0 + p.block_size, p.seq_q);
+  const T* q = static_cast<const T*>(p.q) + n * p.q_stride_b + h * p.q_stride_h;
+  float* out = qbar + ((static_cast<int64_t>(n) * p.heads_q + h) * nq + i) * p.head_dim;
+  const float inv = 1.f / static_cast<float>(r1 - r0);
+  for (int d = threadIdx.x; d < p.head_dim; d += kPoolThreads) {
+    float s = 0.f;
+    for (int r = r0; r < r1; ++r) s += to_float(q[r * p.q_stride_s + d]);
+    out[d] = s * inv;
+  }
+}
+
+// k̄ = mean of the kept keys of block k (zeros when none is kept: such a block is invisible).
+template <typename T>
+__global__ void pool_k_kernel(AsaParams p, float* kbar) {
+  const int k = blockIdx.x, h = blockIdx.y, n = blockIdx.z;
+  const int nk = gridDim.x;
+  const int j0 = k * p.block_size;
+  const int j1 = min(j0 + p.block_size, p.seq_kv);
+  const T* key = static_cast<const T*>(p.k) + n * p.k_stride_b + h * p.k_stride_h;
+  float* out = kbar + ((static_cast<int64_t>(n) * p.heads_kv + h) * nk + k) * p.head_dim;
+  int count = 0;
+  for (int j = j0; j < j1; ++j) count += key_kept(p, n, j);
+  const float inv = count > 0 ? 1.f / static_cast<float>(count) : 0.f;
+  for (int d = threadIdx.x; d < p.head_dim; d += kPoolThreads) {
+    float s = 0.f;
+    for (int j = j0; j < j1; ++j) {
+      if (key_kept(p, n, j)) s += to_float(key[j * p.k_stride_s + d]);
+    }
+    out[d] = s * inv;
+  }
+}
+
+enum : uint8_t { kVisible = 1, kForced = 2, kKept = 4 };
+
+struct SelectSmem {
+  float* qs;       // [hc][D]
+  float* logits;   // [hc][NK] logits, then probabilities
+  float* pavg;     // [NK] group-averaged probabilities (select_per 1)
+  uint64_t* keys;  // [nk_pow2] sort keys
+  uint8_t* flags;  // [NK]
+};
+
+__device__ float block_max(float v) {
+  using Reduce = cub::BlockReduce<float, kSelectThreads>;
+  __shared__ typename Reduce::TempStorage tmp;
+  __shared__ float result;
+  const float r = Reduce(tmp).Reduce(v, [](float a, float b) { return fmaxf(a, b); });
+  if (threadIdx.x == 0) result = r;
+  __syncthreads();
+  const float out = result;
+  __syncthreads();
+  return out;
+}
+
+__device__ float block_sum(float v) {
+  using Reduce = cub::BlockReduce<float, kSelectThreads>;
+  __shared__ typename Reduce::TempStorage tmp;
+  __shared__ float result;
+  const float r = Reduce(tmp).Sum(v);
+  if (threadIdx.x == 0) result = r;
+  __syncthreads();
+  const float out = result;
+  __syncthreads();
+  return out;
+}
+
+// Turns logits into softmax probabilities over the visible blocks, in place.
+__device__ void softmax_visible(float* lg, const uint8_t* flags, int nk) {
+  float mx = -INFINITY;
+  for (int k = threadIdx.x; k < nk; k += kSelectThreads) {
+    if (flags[k] & kVisible) mx = fmaxf(mx, lg[k]);
+  }
+  mx = block_max(mx);
+  float sum = 0.f;
+  for (int k = threadIdx.x; k < nk; k += kSelectThreads) {
+    if (flags[k] & kVisible) sum += expf(lg[k] - mx);
+  }
+  sum = block_sum(sum);
+  for (int k = threadIdx.x; k < nk; k += kSelectThreads) {
+    lg[k] = (flags[k] & kVisible) ? expf(lg[k] - mx) / sum : 0.f;
+  }
+  __syncthreads();
+}
+
+// Ascending bitonic sort of n (a power of two) keys in shared memory.
+__device__ void bitonic_sort(uint64_t* keys, int n) {
+  for (int size = 2; size <= n; size <<= 1) {
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      for (int t = threadIdx.x; t < n / 2; t += kSelectThreads) {
+        const int lo = 2 * t - (t & (stride - 1));
+        const int hi = lo + stride;
+        const bool ascending = (lo & size) == 0;
+        const uint64_t a = keys[lo], b = keys[hi];
+        if ((a > b) == ascending) {
+          keys[lo] = b;
+          keys[hi] = a;
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// Marks kKept in flags by the contract's walk and writes one list row.
+__device__ void select_and_write(const AsaParams& p, const Workspace& ws, const SelectSmem& sm,
+                                 const float* prob, float tau, int nk, int nk_pow2,
+                                 int64_t row) {
+  __shared__ float forced_acc;
+  for (int k = threadIdx.x; k < nk; k += kSelectThreads) {
+    const uint8_t f = sm.flags[k] & (kVisible | kForced);
+    const bool keep = (f & kVisible) && (tau >= 1.f || (f & kForced));
+    sm.flags[k] = f | (keep ? kKept : 0);
+  }
+  __syncthreads();
+  if (tau < 1.f) {
+    for (int t = threadIdx.x; t < nk_pow2; t += kSelectThreads) {
+      uint64_t key = ~0ull;
+      if (t < nk && sm.flags[t] == kVisible) {
+        key = (static_cast<uint64_t>(~__float_as_uint(prob[t])) << 32) | static_cast<uint32_t>(t);
+      }
+      sm.keys[t] = key;
+    }
+    if (threadIdx.x == 0) {
+      // Forced blocks come first in ascending index order: their sum is sequential too.
+      float acc = 0.f;
+      for (int k = 0; k < nk; ++k) {
+        if (sm.flags[k] & kKept) acc += prob[k];
+      }
+      forced_acc = acc;
+    }
+    __syncthreads();
+    bitonic_sort(sm.keys, nk_pow2);
+    if (threadIdx.x == 0) {
+      float acc = forced_acc;
+      for (int t = 0; t < nk; ++t) {
+        const uint64_t key = sm.keys[t];
+        if (key == ~0ull || !(acc < tau)) break;
+        const int k = static_cast<int>(key & 0xffffffffu);
+        sm.flags[k] |= kKept;
+        acc += prob[k];
+      }
+    }
+    __syncthreads();
+  }
+  // Ascending compaction of the kept flags.
+  using Scan = cub::BlockScan<int, kSelectThreads>;
+  __shared__ typename Scan::TempStorage scan_tmp;
+  __shared__ int total;
+  const int per = cdiv(nk, kSelectThreads);
+  const int begin = threadIdx.x * per;
+  const int end = min(begin + per, nk);
+  int count = 0;
+  for (int k = begin; k < end; ++k) count += (sm.flags[k] & kKept) ? 1 : 0;
+  int pos = 0;
+  Scan(scan_tmp).ExclusiveSum(count, pos);
+  int32_t* out = ws.block_indices + row * nk;
+  for (int k = begin; k < end; ++k) {
+    if (sm.flags[k] & kKept) out[pos++] = k;
+  }
+  if (threadIdx.x == kSelectThreads - 1) total = pos;
+  __syncthreads();
+  for (int t = total + threadIdx.x; t < nk; t += kSelectThreads) out[t] = -1;
+  if (threadIdx.x == 0) ws.block_counts[row] = total;
+  __syncthreads();
+}
+
+__global__ void select_kernel(AsaParams p, Workspace ws, int hc, int nk_pow2) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int i = blockIdx.x, hkv = blockIdx.y, n = blockIdx.z;
+  const int nq = gridDim.x;
+  const int nk = cdiv(p.seq_kv, p.block_size);
+  const int G = p.heads_q / p.heads_kv;
+  const int D = p.head_dim;
+  SelectSmem sm;
+  sm.keys = reinterpret_cast<uint64_t*>(smem_raw);
+  sm.qs = reinterpret_cast<float*>(sm.keys + nk_pow2);
+  sm.logits = sm.qs + hc * D;
+  sm.pavg = sm.logits + hc * nk;
+  sm.flags = reinterpret_cast<uint8_t*>(sm.pavg + nk);
+
+  // Visibility and forced flags of every key block for this query block.
+  const int bs = p.block_size;
+  const int r1 = min((i + 1) * bs, p.seq_q) - 1;
+  const int p0 = i * bs + p.seq_kv - p.seq_q;
+  const int p1 = r1 + p.seq_kv - p.seq_q;
+  int lo, hi;
+  visible_key_range(p, p0, p1, &lo, &hi);
+  const int c = min(max(p1 >= 0 ? p1 / bs : 0, 0), nk - 1);
+  int nvis_local = 0;
+  for (int k = threadIdx.x; k < nk; k += kSelectThreads) {
+    const int a = max(lo, k * bs);
+    const int b = min(hi, min((k + 1) * bs, p.seq_kv) - 1);
+    const bool vis = kept_in_range(p, ws.kept_prefix, n, a, b) > 0;
+    bool forced = k < p.sink_blocks;
+    if (p.causal) {
+      forced = forced || (k <= c && k > c - p.local_blocks);
+    } else {
+      forced = forced || (abs(k - c) < p.local_blocks);
+    }
+    sm.flags[k] = (vis ? kVisible : 0) | (forced ? kForced : 0);
+    sm.pavg[k] = 0.f;
+    nvis_local += vis;
+  }
+  const float nvis = block_sum(static_cast<float>(nvis_local));
+  if (hkv == 0 && threadIdx.x == 0 && ws.visible_counts) {
+    ws.visible_counts[static_cast<int64_t>(n) * nq + i] = static_cast<int32_t>(nvis);
+  }
+  __syncthreads();
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int nwarps = kSelectThreads / 32;
+  const float* kb = ws.kbar + (static_cast<int64_t>(n) * p.heads_kv + hkv) * nk * D;
+  float tau_group = 0.f;
+  for (int h0 = 0; h0 < G; h0 += hc) {
+    const int hn = min(hc, G - h0);
+    for (int t = threadIdx.x; t < hn * D; t += kSelectThreads) {
+      const int hh = t / D, d = t % D;
+      const int h = hkv * G + h0 + hh;
+      sm.qs[t] = ws.qbar[((static_cast<int64_t>(n) * p.heads_q + h) * nq + i) * D + d];
+    }
+    __syncthreads();
+    for (int k = warp; k < nk; k += nwarps) {
+      if (!(sm.flags[k] & kVisible)) continue;
+      for (int hh = 0; hh < hn; ++hh) {
+        float s = 0.f;
+        for (int d = lane; d < D; d += 32) s += sm.qs[hh * D + d] * kb[k * D + d];
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (lane == 0) sm.logits[hh * nk + k] = p.scale * s;
+      }
+    }
+    __syncthreads();
+    for (int hh = 0; hh < hn; ++hh) {
+      const int h = hkv * G + h0 + hh;
+      float* prob = sm.logits + hh * nk;
+      softmax_visible(prob, sm.flags, nk);
+      const float tau = p.head_thresholds ? p.head_thresholds[h] : p.threshold;
+      if (p.select_per == 0) {
+        const int64_t row = (static_cast<int64_t>(n) * p.heads_q + h) * nq + i;
+        select_and_write(p, ws, sm, prob, tau, nk, nk_pow2, row);
+      } else {
+        tau_group = fmaxf(tau_group, tau);
+        // Heads are added in order h = 0..G-1 so the float32 sum is the reference's.
+        for (int k = threadIdx.x; k < nk; k += kSelectThreads) sm.pavg[k] += prob[k];
+        __syncthreads();
+      }
+    }
+  }
+  if (p.select_per == 1) {
+    for (int k = threadIdx.x; k < nk; k += kSelectThreads) sm.pavg[k] /= static_cast<float>(G);
+    __syncthreads();
+    const int64_t row = (static_cast<int64_t>(n) * p.heads_kv + hkv) * nq + i;
+    select_and_write(p, ws, sm, sm.pavg, tau_group, nk, nk_pow2, row);
+  }
+}
+
+template <typename T>
+void launch_pool(const AsaParams& p, const Workspace& ws, cudaStream_t stream) {
+  const int nq = cdiv(p.seq_q, p.block_size), nk = cdiv(p.seq_kv, p.block_size);
+  pool_q_kernel<T><<<dim3(nq, p.heads_q, p.batch), kPoolThreads, 0, stream>>>(p, ws.qbar);
+  pool_k_kernel<T><<<dim3(nk, p.heads_kv, p.batch), kPoolThreads, 0, stream>>>(p, ws.kbar);
+}
+
+}  // namespace
+
+int next_pow2(int x) {
+  int v = 1;
+  while (v < x) v <<= 1;
+  return v;
+}
+
+size_t select_smem_bytes(const AsaParams& p, int hc) {
+  const int nk = cdiv(p.seq_kv, p.block_size);
+  return static_cast<size_t>(next_pow2(nk)) * 8 + static_cast<size_t>(hc) * p.head_dim * 4 +
+         static_cast<size_t>(hc) * nk * 4 + static_cast<size_t>(nk) * 4 + nk + 16;
+}
+
+cudaError_t launch_route(const AsaParams& p, const Workspace& ws, cudaStream_t stream) {
+  const int nq = cdiv(p.seq_q, p.block_size), nk = cdiv(p.seq_kv, p.block_size);
+  const int G = p.heads_q / p.heads_kv;
+  int device = 0, smem_limit = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  // Keep some room for cub's static shared memory.
+  const size_t budget = static_cast<size_t>(smem_limit) - 4096;
+  int hc = G;
+  while (hc > 1 && select_smem_bytes(p, hc) > budget) --hc;
+  const size_t smem = select_smem_bytes(p, hc);
+  if (smem > budget) return cudaErrorInvalidConfiguration;  // NK too large for one CTA
+
+  if (p.mask_dtype != ASA_MASK_NONE) {
+    prefix_kernel<<<p.batch, kPrefixThreads, 0, stream>>>(p, ws.kept_prefix);
+  }
+  switch (p.dtype) {
+    case ASA_FLOAT32: launch_pool<float>(p, ws, stream); break;
+    case ASA_FLOAT16: launch_pool<__half>(p, ws, stream); break;
+    default: launch_pool<__nv_bfloat16>(p, ws, stream); break;
+  }
+  cudaError_t err = cudaFuncSetAttribute(select_kernel,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  select_kernel<<<dim3(nq, p.heads_kv, p.batch), kSelectThreads, smem, stream>>>(
+      p, ws, hc, next_pow2(nk));
+  (void)nk;
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace asa
