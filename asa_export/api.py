@@ -1,0 +1,165 @@
+"""The public Python API; the `asa-export` CLI only composes these functions.
+
+    export(model.onnx, model.asa.onnx)   load -> rewrite every attention site -> save atomically
+    inspect(model.onnx)                  load -> match only (nothing written)
+    check(original, rewritten)           Polygraphy comparison + attention density per layer
+
+Progress goes to the `asa_export` logger (the CLI prints it on stderr).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import os
+import time
+
+from asa_export.contract import AsaAttributes
+from asa_export.errors import AsaExportError
+from asa_export.passes.pipeline import RewriteOptions, find_sites, rewrite_model
+from asa_export.report import Report
+
+logger = logging.getLogger("asa_export")
+
+ENGINE_SUFFIXES = (".plan", ".engine")
+
+
+def export(
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    options: RewriteOptions = RewriteOptions(),
+    *,
+    report_path: str | os.PathLike | None = None,
+) -> Report:
+    """Rewrite every attention site of a model into an ASA node and write the result.
+
+    Nothing is written unless the whole rewrite succeeds; the input is never modified.
+
+    Args:
+        input_path: the ONNX model (external data beside it is followed).
+        output_path: the rewritten model, e.g. `model.asa.onnx` (external data is written to
+            `<output>.data` when the model is large or the input used external data).
+        options: router settings written into every ASA node.
+        report_path: where to write the JSON report (optional).
+
+    Returns:
+        The Report: rewritten sites, per-rule counts and regions left unchanged with reasons.
+
+    Raises:
+        AsaExportError: bad input or output path, invalid options, an engine output (TensorRT is
+            not supported yet), or a model without any attention site.
+    """
+    from asa_export import io
+
+    input_path, output_path = os.fspath(input_path), os.fspath(output_path)
+    _check_engine_output(output_path)
+    validate_options(options)
+    # Refuse bad outputs before spending minutes on a large model.
+    io.check_output_path(output_path, inputs=[os.path.abspath(input_path)])
+    if report_path is not None:
+        io.check_output_path(report_path, inputs=[os.path.abspath(input_path)])
+        if os.path.abspath(report_path) == os.path.abspath(output_path):
+            raise AsaExportError("the report path and the output path are the same file")
+
+    model = _timed(f"loading {input_path}", io.load_model, input_path)
+    report = _timed("matching and rewriting attention", rewrite_model, model, options)
+    report.model = os.fspath(input_path)
+    report.options = dataclasses.asdict(options)
+    if not report.sites:
+        raise AsaExportError(no_site_message(input_path, report))
+    counts = ", ".join(f"{rule}: {n}" for rule, n in sorted(report.counts_per_rule().items()))
+    logger.info("rewrote %d attention site(s) (%s)", len(report.sites), counts)
+    report.output = os.path.abspath(output_path)
+    _timed(f"writing {output_path}", io.save_model, model, output_path)
+    if report_path is not None:
+        io.write_text_atomic(report_path, report.to_json() + "\n")
+        logger.info("wrote the report to %s", report_path)
+    return report
+
+
+def inspect(path: str | os.PathLike) -> Report:
+    """Match every attention site of a model without changing or writing anything.
+
+    Args:
+        path: the ONNX model.
+
+    Returns:
+        The Report: sites that would be rewritten and regions that would not, with reasons.
+
+    Raises:
+        AsaExportError: the file cannot be loaded as an ONNX model.
+    """
+    from asa_export import io
+
+    model = _timed(f"loading {path}", io.load_model, path)
+    report = _timed("matching attention", find_sites, model)
+    report.model = os.fspath(path)
+    return report
+
+
+def check(original: str | os.PathLike, rewritten: str | os.PathLike, **options):
+    """Compare a rewritten model with its original (see asa_export.check.check).
+
+    Args:
+        original: the model before the rewrite.
+        rewritten: the model after the rewrite.
+        **options: tolerances and input sizes (atol, rtol, batch, seq, ...).
+
+    Returns:
+        An asa_export.check.CheckResult (`passed`, per-output statistics, density per layer).
+    """
+    from asa_export import check as check_module
+
+    return check_module.check(original, rewritten, **options)
+
+
+def validate_options(options: RewriteOptions) -> None:
+    """Raise AsaExportError when the router settings break the contract.
+
+    Raises:
+        AsaExportError: with every problem found, in one message.
+    """
+    try:
+        AsaAttributes(
+            block_size=options.block_size,
+            threshold=options.threshold,
+            sink_blocks=options.sink_blocks,
+            local_blocks=options.local_blocks,
+            select_per=options.select_per,
+        )
+    except ValueError as err:
+        raise AsaExportError(f"invalid options: {err}") from err
+
+
+def no_site_message(path: str | os.PathLike, report: Report) -> str:
+    """The error text for a model in which nothing was rewritten, with every rejection."""
+    lines = [f"no attention site found in {path}; nothing was written"]
+    if report.rejected:
+        lines.append("regions that looked like attention but were left unchanged:")
+        lines += [f"  {r.anchor} ({r.rule}): {r.reason}" for r in report.rejected]
+    else:
+        lines.append("(no Softmax-based attention, Attention, MultiHeadAttention or "
+                     "GroupQueryAttention node in the graph)")
+    return "\n".join(lines)
+
+
+def _check_engine_output(output_path: str) -> None:
+    if not output_path.lower().endswith(ENGINE_SUFFIXES):
+        return
+    if importlib.util.find_spec("tensorrt") is None:
+        why = "TensorRT is not installed"
+    else:
+        why = "building TensorRT engines is not supported yet"
+    raise AsaExportError(
+        f"cannot write the engine {output_path}: {why}. Write an ONNX model instead, "
+        "e.g. `--out model.asa.onnx`, and run it with ONNX Runtime."
+    )
+
+
+def _timed(what: str, func, *args):
+    logger.info("%s ...", what)
+    start = time.perf_counter()
+    result = func(*args)
+    logger.info("%s: done in %.1f s", what, time.perf_counter() - start)
+    return result

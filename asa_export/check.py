@@ -1,0 +1,529 @@
+"""Numeric parity of a rewritten model with its original, and attention density per layer.
+
+    feeds (generated: input names, dynamic dims, padding masks; several batch/seq/padding mixes)
+      -> Polygraphy Comparator.run([OnnxrtRunner(rewritten), OnnxrtRunner(original)])
+      -> zero the query rows with no visible key in both (they differ by contract)
+      -> Comparator.compare_accuracy(atol, rtol)  +  per-output error statistics
+    rewritten copy whose ASA nodes also emit block_counts / visible_counts
+      -> density per layer = sum(block_counts) / (sum(visible_counts) * Hsel)
+
+Rows are judged by SPEC.md "Parity": only query rows with at least one visible key count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import sys
+import tempfile
+
+import numpy as np
+import onnx_ir as ir
+
+from asa_export import contract
+from asa_export.errors import AsaExportError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ATOL = 1e-4
+DEFAULT_RTOL = 1e-3
+# (batch, seq, past, pad): odd lengths, both paddings, and more than two 64-key blocks so that a
+# threshold below 1 can drop blocks.
+DEFAULT_ITERATIONS = ((2, 37, 0, "left"), (1, 16, 0, None), (2, 150, 0, "right"))
+PAST_ITERATION = (2, 9, 21, "left")
+
+
+@dataclasses.dataclass
+class OutputStats:
+    """Error of one output over all iterations, on the compared (visible) rows only.
+
+    Attributes:
+        name: graph output name.
+        max_abs, mean_abs: absolute error |rewritten - original|.
+        max_rel, mean_rel: relative error |rewritten - original| / |original|.
+        compared: number of elements compared; skipped: elements of rows without a visible key.
+        passed: Polygraphy's verdict for this output (every iteration).
+    """
+
+    name: str
+    max_abs: float = 0.0
+    mean_abs: float = 0.0
+    max_rel: float = 0.0
+    mean_rel: float = 0.0
+    compared: int = 0
+    skipped: int = 0
+    passed: bool = True
+
+
+@dataclasses.dataclass
+class LayerDensity:
+    """Attention density of one ASA node over all iterations.
+
+    Attributes:
+        layer: index of the ASA node in graph order.
+        node: its name.
+        kept: total kept key blocks; visible: total visible key blocks times Hsel.
+        density: kept / visible (1.0 = dense).
+    """
+
+    layer: int
+    node: str
+    kept: int
+    visible: int
+    density: float
+
+
+@dataclasses.dataclass
+class CheckResult:
+    """Outcome of `check`: the verdict, per-output errors and density per layer.
+
+    Attributes:
+        passed: every output within tolerance on every iteration.
+        atol, rtol: tolerances used (an element fails when it exceeds both).
+        iterations: the input sizes used, as dicts (batch, seq, past, pad).
+        outputs: per-output error statistics.
+        density: per-layer density (empty when the model has no ASA node).
+        density_error: why density could not be measured ("" when it was).
+    """
+
+    passed: bool
+    atol: float
+    rtol: float
+    iterations: list[dict] = dataclasses.field(default_factory=list)
+    outputs: list[OutputStats] = dataclasses.field(default_factory=list)
+    density: list[LayerDensity] = dataclasses.field(default_factory=list)
+    density_error: str = ""
+
+    @property
+    def overall_density(self) -> float | None:
+        visible = sum(layer.visible for layer in self.density)
+        return sum(layer.kept for layer in self.density) / visible if visible else None
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["overall_density"] = self.overall_density
+        return data
+
+
+def check(
+    original: str | os.PathLike,
+    rewritten: str | os.PathLike,
+    *,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    batch: int | None = None,
+    seq: int | None = None,
+    past: int | None = None,
+    seed: int = 0,
+    feeds: list[dict[str, np.ndarray]] | None = None,
+    density: bool = True,
+) -> CheckResult:
+    """Compare `rewritten` with `original` in ONNX Runtime (CPU) through Polygraphy.
+
+    Args:
+        original: the model before the rewrite.
+        rewritten: the model after the rewrite.
+        atol, rtol: an element mismatches when its absolute error exceeds atol and its relative
+            error (to the original) exceeds rtol.
+        batch, seq, past: fix these input sizes (default: a built-in mix of sizes).
+        seed: seed of the generated inputs.
+        feeds: use these input dicts instead of generated ones.
+        density: also measure attention density per layer of the rewritten model.
+
+    Returns:
+        A CheckResult.
+
+    Raises:
+        AsaExportError: a model cannot be loaded, or the two models' inputs differ.
+    """
+    from asa_export import io
+
+    original, rewritten = os.fspath(original), os.fspath(rewritten)
+    original_model = io.load_model(original)
+    rewritten_model = io.load_model(rewritten)
+    _check_same_inputs(original_model, rewritten_model)
+    geometry = _mask_geometry(rewritten_model)
+    if feeds is None:
+        configs = iteration_configs(original_model, batch=batch, seq=seq, past=past)
+        feeds = [_generate(original_model, config, seed + i) for i, config in enumerate(configs)]
+    else:
+        configs = [_config_of(feed) for feed in feeds]
+    result = _compare(original, rewritten, feeds, configs, geometry, atol, rtol)
+    if density:
+        _measure_density(rewritten_model, feeds, result)
+    return result
+
+
+def iteration_configs(
+    model: ir.Model, *, batch: int | None = None, seq: int | None = None, past: int | None = None
+) -> list[dict]:
+    """The input sizes `check` runs: a default mix, with any given size fixed.
+
+    Returns:
+        A list of dicts with keys batch, seq, past, pad.
+    """
+    rows = list(DEFAULT_ITERATIONS)
+    if _has_past_inputs(model):
+        rows.append(PAST_ITERATION)
+    configs = []
+    for b, s, p, pad in rows:
+        config = {
+            "batch": batch or b,
+            "seq": seq or s,
+            "past": p if past is None else past,
+            "pad": pad,
+        }
+        if config not in configs:
+            configs.append(config)
+    return configs
+
+
+# -- comparison ------------------------------------------------------------------------------
+
+
+def _compare(original, rewritten, feeds, configs, geometry, atol, rtol) -> CheckResult:
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+    from polygraphy.comparator import Comparator, CompareFunc
+
+    # The rewritten model first: Polygraphy divides by the second runner's output (reference).
+    runners = [
+        OnnxrtRunner(_rewritten_session(rewritten), name="rewritten"),
+        OnnxrtRunner(_plain_session(original), name="original"),
+    ]
+    logger.info("running %d input set(s) through both models ...", len(feeds))
+    with _quiet_polygraphy():
+        results = Comparator.run(runners, data_loader=feeds)
+        row_masks = [_visible_rows(feed, config, geometry) for feed, config in zip(feeds, configs)]
+        stats = _mask_and_measure(results, feeds, configs, row_masks)
+        verdict = Comparator.compare_accuracy(
+            results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol, check_shapes=True)
+        )
+    _apply_verdicts(stats, verdict)
+    return CheckResult(
+        passed=bool(verdict) and all(s.passed for s in stats.values()),
+        atol=atol,
+        rtol=rtol,
+        iterations=configs,
+        outputs=list(stats.values()),
+    )
+
+
+def _mask_and_measure(results, feeds, configs, row_masks) -> dict[str, OutputStats]:
+    """Zero rows without a visible key in both runners' outputs; collect error statistics."""
+    (_, rewritten_iters), (_, original_iters) = results
+    stats: dict[str, OutputStats] = {}
+    sums: dict[str, list[float]] = {}
+    for new, old, config, rows in zip(rewritten_iters, original_iters, configs, row_masks):
+        for name in old.keys():
+            if name not in new:
+                continue
+            keep = _element_mask(old[name].shape, rows, config)
+            stat = stats.setdefault(name, OutputStats(name))
+            total = sums.setdefault(name, [0.0, 0.0])
+            if new[name].shape != old[name].shape:
+                stat.passed = False
+                continue
+            a, b = _masked(new[name], keep), _masked(old[name], keep)
+            new[name], old[name] = a, b
+            _accumulate(stat, total, a, b, keep)
+    for name, stat in stats.items():
+        if stat.compared:
+            stat.mean_abs = sums[name][0] / stat.compared
+            stat.mean_rel = sums[name][1] / stat.compared
+    return stats
+
+
+def _accumulate(stat: OutputStats, total: list[float], a, b, keep) -> None:
+    if not np.issubdtype(b.dtype, np.number) or np.issubdtype(b.dtype, np.bool_):
+        diff = (a != b).astype(np.float64)
+        rel = diff
+    else:
+        diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+        rel = diff / np.maximum(np.abs(b.astype(np.float64)), np.finfo(np.float64).eps)
+    if keep is not None:
+        diff, rel = diff[keep], rel[keep]
+        stat.skipped += int(keep.size - np.count_nonzero(keep))
+    if diff.size == 0:
+        return
+    stat.compared += int(diff.size)
+    stat.max_abs = max(stat.max_abs, float(np.nanmax(diff)) if not np.isnan(diff).all() else np.inf)
+    stat.max_rel = max(stat.max_rel, float(np.nanmax(rel)) if not np.isnan(rel).all() else np.inf)
+    if np.isnan(diff).any():
+        stat.max_abs = stat.max_rel = float("inf")
+    total[0] += float(np.nansum(diff))
+    total[1] += float(np.nansum(rel))
+
+
+def _apply_verdicts(stats: dict[str, OutputStats], verdict) -> None:
+    """Copy Polygraphy's per-output verdicts into the statistics."""
+    # Polygraphy 0.50+ returns a list of AccuracyResult (one per compare function), older ones
+    # a single AccuracyResult: {runner pair: [per-iteration {output: result}]}.
+    accuracy_results = [verdict] if hasattr(verdict, "values") else list(verdict)
+    for accuracy in accuracy_results:
+        for iteration_results in accuracy.values():
+            for iteration in iteration_results:
+                for name, output_result in iteration.items():
+                    if name in stats and not bool(output_result):
+                        stats[name].passed = False
+
+
+def _masked(array: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
+    if keep is None:
+        return array
+    return np.where(keep, array, np.zeros((), dtype=array.dtype))
+
+
+# -- which rows count ------------------------------------------------------------------------
+
+
+def _mask_geometry(model: ir.Model) -> dict:
+    """Causality and window of the ASA nodes: they decide which query rows see a key.
+
+    Mixed models take the strictest (causal, smallest window): fewer rows are compared, never
+    a row that the contract lets differ.
+    """
+    causal, window = False, -1
+    for node in _asa_nodes(model):
+        attrs = {name: attr.value for name, attr in node.attributes.items()}
+        causal = causal or bool(attrs.get("causal", 0))
+        w = int(attrs.get("window", -1))
+        if w > 0:
+            window = w if window < 0 else min(window, w)
+    return {"causal": causal, "window": window}
+
+
+def _padding_mask(feed: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The [B, past + seq] key padding mask among the feeds (HF: `attention_mask`)."""
+    candidates = [
+        name for name, value in feed.items()
+        if "mask" in name.lower() and value.ndim == 2
+    ]
+    if not candidates:
+        return None
+    preferred = [name for name in candidates if name == "attention_mask"]
+    return feed[(preferred or candidates)[0]] != 0
+
+
+def _visible_rows(feed, config, geometry) -> np.ndarray | None:
+    """[B, seq] bool: query rows with at least one visible key (None: every row)."""
+    keys = _padding_mask(feed)
+    if keys is None:
+        return None
+    batch, total = keys.shape
+    seq = min(config["seq"], total)
+    past = total - seq
+    if not geometry["causal"] and geometry["window"] < 0:
+        return np.repeat(keys.any(axis=1, keepdims=True), seq, axis=1)
+    rows = np.zeros((batch, seq), dtype=bool)
+    for r in range(seq):
+        p = r + past
+        lo = 0 if geometry["window"] < 0 else max(0, p - geometry["window"] + 1)
+        hi = p + 1 if geometry["causal"] else min(total, p + geometry["window"])
+        rows[:, r] = keys[:, lo:hi].any(axis=1)
+    return rows
+
+
+def _element_mask(shape, rows: np.ndarray | None, config) -> np.ndarray | None:
+    """Broadcastable bool mask of an output's elements that belong to compared rows.
+
+    The batch is axis 0; the sequence axis is the one of length seq ([B, S, ...] outputs,
+    [B, H, S, D] attention-shaped ones) or past + seq (present key/value caches, whose first
+    `past` positions are inputs and always compared).
+    """
+    if rows is None or len(shape) < 2 or shape[0] != rows.shape[0]:
+        return None
+    seq, past = rows.shape[1], config.get("past", 0) or 0
+    for length, offset in ((seq, 0), (seq + past, past)):
+        axes = [axis for axis in range(1, len(shape)) if shape[axis] == length]
+        if not axes:
+            continue
+        axis = 2 if (len(shape) == 4 and 2 in axes) else axes[0]
+        positions = np.ones((rows.shape[0], length), dtype=bool)
+        positions[:, offset:] = rows
+        return np.broadcast_to(_expand(positions, axis, len(shape)), shape)
+    return None
+
+
+def _expand(positions: np.ndarray, axis: int, rank: int) -> np.ndarray:
+    """[B, L] -> rank-`rank` array with B on axis 0 and L on `axis`, ones elsewhere."""
+    shape = [1] * rank
+    shape[0], shape[axis] = positions.shape
+    return positions.reshape(shape)
+
+
+# -- density ---------------------------------------------------------------------------------
+
+
+def _measure_density(model: ir.Model, feeds, result: CheckResult) -> None:
+    nodes = list(_asa_nodes(model))
+    if not nodes:
+        result.density_error = "the rewritten model has no AdaptiveSparseAttention node"
+        return
+    try:
+        telemetry = _add_telemetry_outputs(model, nodes)
+        with tempfile.TemporaryDirectory(prefix="asa-density-") as tmp:
+            from asa_export import io
+
+            path = os.path.join(tmp, "density.onnx")
+            io.save_model(model, path)
+            session = _rewritten_session(path)
+            totals = {name: [0, 0] for name, _, _ in telemetry}
+            for feed in feeds:
+                outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+                for name, counts, visible in telemetry:
+                    kept = outputs[counts]
+                    totals[name][0] += int(kept.sum())
+                    totals[name][1] += int(outputs[visible].sum()) * int(kept.shape[1])
+    except Exception as err:  # density is a report: a failure here must not hide the parity
+        result.density_error = f"{type(err).__name__}: {err}"
+        logger.warning("could not measure density: %s", result.density_error)
+        return
+    for layer, (name, _, _) in enumerate(telemetry):
+        kept, visible = totals[name]
+        result.density.append(
+            LayerDensity(layer, name, kept, visible, kept / visible if visible else float("nan"))
+        )
+
+
+def _add_telemetry_outputs(model: ir.Model, nodes) -> list[tuple[str, str, str]]:
+    """Replace each ASA node by one that also emits block_counts and visible_counts.
+
+    Each replacement calls the 4-output overload of the model-local function (added here), so
+    the copy still runs in plain ONNX Runtime.
+
+    Returns:
+        (node name, block_counts output, visible_counts output) per node, in graph order.
+    """
+    telemetry = []
+    for index, node in enumerate(nodes):
+        name = node.name or f"asa_{index}"
+        replacement = _four_output_node(model, node, name)
+        counts, visible = replacement.outputs[2], replacement.outputs[3]
+        counts.name, visible.name = f"{name}__block_counts", f"{name}__visible_counts"
+        for value in (counts, visible):
+            value.type = ir.TensorType(ir.DataType.INT32)
+            model.graph.outputs.append(value)
+        telemetry.append((name, counts.name, visible.name))
+    return telemetry
+
+
+def _four_output_node(model: ir.Model, node: ir.Node, name: str) -> ir.Node:
+    from asa_export.contract import AsaAttributes
+    from asa_export.contract.function import build_function, function_overload
+
+    graph = model.graph
+    values = {key: attr.value for key, attr in node.attributes.items()}
+    attrs = AsaAttributes.from_onnx_attributes(values)
+    optional = list(node.inputs[3:]) + [None] * (len(contract.INPUTS) - len(node.inputs))
+    present = tuple(value is not None for value in optional)
+    opset = model.opset_imports.get("", 18)
+    dtype = int(node.inputs[0].dtype) if opset < 15 and node.inputs[0].dtype else None
+    overload = function_overload(attrs, present, len(contract.OUTPUTS), dtype)
+    if (contract.DOMAIN, contract.OP_TYPE, overload) not in model.functions:
+        proto = build_function(attrs, opset, present, len(contract.OUTPUTS), dtype)
+        function = ir.serde.deserialize_function(proto)
+        model.functions[function.identifier()] = function
+    replacement = ir.Node(
+        node.domain,
+        node.op_type,
+        inputs=list(node.inputs),
+        attributes=list(node.attributes.values()),
+        overload=overload,
+        num_outputs=len(contract.OUTPUTS),
+        name=name,
+    )
+    old_out = node.outputs[0]
+    graph.insert_before(node, replacement)
+    for i, out in enumerate(graph.outputs):
+        if out is old_out:
+            graph.outputs[i] = replacement.outputs[0]
+    ir.convenience.replace_all_uses_with(old_out, replacement.outputs[0])
+    out_name, out_type, out_shape = old_out.name, old_out.type, old_out.shape
+    graph.remove(node, safe=True)
+    replacement.outputs[0].name = out_name
+    replacement.outputs[0].type, replacement.outputs[0].shape = out_type, out_shape
+    return replacement
+
+
+def _asa_nodes(model: ir.Model):
+    for node in model.graph:
+        if node.op_type == contract.OP_TYPE and node.domain == contract.DOMAIN:
+            yield node
+
+
+# -- sessions and inputs ---------------------------------------------------------------------
+
+
+def _plain_session(path: str):
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    except Exception as err:
+        raise AsaExportError(f"ONNX Runtime cannot load {path}: {err}") from err
+
+
+def _rewritten_session(path: str):
+    """A session that can run ASA nodes (our runtime helper when present, else the function)."""
+    try:
+        from asa_export.runtime import ort as asa_ort
+    except ImportError:
+        return _plain_session(path)
+    try:
+        return asa_ort.session(path, providers=["CPUExecutionProvider"])
+    except AsaExportError:
+        raise
+    except Exception as err:
+        raise AsaExportError(f"ONNX Runtime cannot load {path}: {err}") from err
+
+
+def _generate(model: ir.Model, config: dict, seed: int) -> dict[str, np.ndarray]:
+    from asa_export.inputs import generate_feeds
+
+    return generate_feeds(
+        model,
+        batch=config["batch"],
+        seq=config["seq"],
+        past=config["past"],
+        pad=config["pad"],
+        seed=seed,
+    )
+
+
+def _config_of(feed: dict[str, np.ndarray]) -> dict:
+    """Sizes of a user-given feed: batch and length from its padding mask or first input."""
+    mask = _padding_mask(feed)
+    sample = mask if mask is not None else next(iter(feed.values()))
+    batch = int(sample.shape[0]) if sample.ndim else 1
+    seq = int(sample.shape[1]) if sample.ndim > 1 else 1
+    return {"batch": batch, "seq": seq, "past": 0, "pad": "given"}
+
+
+def _has_past_inputs(model: ir.Model) -> bool:
+    return any("past" in (value.name or "").lower() for value in model.graph.inputs)
+
+
+def _check_same_inputs(original: ir.Model, rewritten: ir.Model) -> None:
+    names = [v.name for v in original.graph.inputs]
+    new_names = [v.name for v in rewritten.graph.inputs]
+    if sorted(names) != sorted(new_names):
+        raise AsaExportError(
+            f"the models have different inputs: original {names}, rewritten {new_names}; "
+            "is the second model a rewrite of the first?"
+        )
+
+
+@contextlib.contextmanager
+def _quiet_polygraphy():
+    """Polygraphy logs to stdout: keep stdout for our tables, send its errors to stderr."""
+    with contextlib.redirect_stdout(sys.stderr):
+        from polygraphy.logger import G_LOGGER
+
+        old = G_LOGGER.module_severity
+        G_LOGGER.module_severity = G_LOGGER.ERROR
+        try:
+            yield
+        finally:
+            G_LOGGER.module_severity = old
