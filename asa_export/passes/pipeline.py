@@ -11,8 +11,13 @@ from __future__ import annotations
 import dataclasses
 
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from asa_export.report import Report
+from asa_export.passes import rewrite
+from asa_export.passes.canonicalize import infer_shapes
+from asa_export.passes.rules import softmax_attention
+from asa_export.passes.rules.base import Match, NoMatch
+from asa_export.report import Rejection, Report, Site
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,20 +39,72 @@ class RewriteOptions:
     select_per: int = 0
 
 
+RULES = (softmax_attention,)
+
+
+def _match_all(model: ir.Model) -> tuple[list[Match], list[Rejection]]:
+    infer_shapes(model)
+    matches, rejected = [], []
+    for rule in RULES:
+        for anchor in rule.anchors(model):
+            try:
+                matches.append(rule.match(model, anchor))
+            except NoMatch as exc:
+                rejected.append(Rejection(anchor=anchor.name or anchor.op_type, rule=rule.NAME,
+                                          reason=str(exc)))
+    order = {id(n): i for i, n in enumerate(model.graph)}
+    matches.sort(key=lambda m: order[id(m.anchor)])
+    return matches, rejected
+
+
+def _site(match: Match, layer: int, name: str) -> Site:
+    return Site(
+        name=name, layer=layer, rule=match.rule, anchor=match.anchor.name or "",
+        q_heads=match.q_heads, kv_heads=match.kv_heads, head_dim=match.head_dim,
+        head_dim_v=match.head_dim_v, causal=match.mask.causal, window=match.mask.window,
+        softcap=match.softcap, mask=match.mask.describe(), past_kv=match.past_kv,
+        scale=match.scale, notes=list(match.notes),
+    )
+
+
+def _site_name(layer: int) -> str:
+    return f"asa_attention_{layer}"
+
+
 def find_sites(model: ir.Model) -> Report:
     """Match every attention site without changing the model (`asa-export inspect`).
+
+    Args:
+        model: the model; value shapes are refined in place (canonicalize), nodes untouched.
 
     Returns:
         A Report whose `sites` are the matches and `rejected` the regions that looked like
         attention but did not match, each with its reason.
     """
-    raise NotImplementedError("being written")
+    matches, rejected = _match_all(model)
+    sites = [_site(m, i, _site_name(i)) for i, m in enumerate(matches)]
+    return Report(sites=sites, rejected=rejected)
 
 
 def rewrite_model(model: ir.Model, options: RewriteOptions = RewriteOptions()) -> Report:
     """Rewrite every matched attention site of `model` in place into one ASA node each.
 
+    Args:
+        model: the model to rewrite (in place).
+        options: router attributes written into every node.
+
     Returns:
         The Report of what was rewritten and what was left unchanged (with reasons).
     """
-    raise NotImplementedError("being written")
+    matches, rejected = _match_all(model)
+    report = Report(rejected=rejected, options=dataclasses.asdict(options))
+    nodes = []
+    for layer, match in enumerate(matches):
+        name = _site_name(layer)
+        attrs = rewrite.site_attributes(match, options)
+        nodes.append(rewrite.rewrite_site(model, match, attrs, name))
+        report.sites.append(_site(match, layer, name))
+    if nodes:
+        RemoveUnusedNodesPass()(model)
+        rewrite.add_functions(model, nodes)
+    return report

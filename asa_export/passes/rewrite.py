@@ -1,0 +1,109 @@
+"""Rewrite: one proven Match -> one AdaptiveSparseAttention node (+ its model-local function).
+
+    O = <attention subgraph>(Q, K, V, masks)
+      ->  O = asa::AdaptiveSparseAttention(Q, K', V', key_padding_mask)   [overload = attribute hash]
+
+K' / V' are the [B, Hkv, S, D] sources (a Transpose is added where the site only had K^T). The old
+subgraph is left dangling and removed by dead-code elimination; values it shares with the rest of
+the model (the mask, RoPE'd Q) stay.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from asa_export import contract
+from asa_export.contract import AsaAttributes
+from asa_export.passes import graph as g
+from asa_export.passes.rules.base import KeySource, Match
+
+# Function overloads (ONNX IR version 10) let one op_type carry one function per attribute set.
+MIN_IR_VERSION = 10
+
+
+def _materialize(graph: ir.Graph, source: KeySource, before: ir.Node, name: str) -> ir.Value:
+    if source.perm is None:
+        return source.value
+    node = ir.node("Transpose", [source.value], {"perm": source.perm}, name=name)
+    graph.insert_before(before, node)
+    out = node.outputs[0]
+    d = g.dims(source.value)
+    if d is not None:
+        out.shape = ir.Shape([d[p] for p in source.perm])
+    out.dtype = source.value.dtype
+    return out
+
+
+def site_attributes(match: Match, options) -> AsaAttributes:
+    """Contract attributes of a site: what the match proved plus the router options."""
+    return AsaAttributes(
+        scale=match.scale,
+        causal=match.mask.causal,
+        block_size=options.block_size,
+        threshold=options.threshold,
+        sink_blocks=options.sink_blocks,
+        local_blocks=options.local_blocks,
+        window=match.mask.window,
+        softcap=match.softcap,
+        select_per=options.select_per,
+    )
+
+
+def rewrite_site(model: ir.Model, match: Match, attrs: AsaAttributes, name: str) -> ir.Node:
+    """Insert the ASA node for `match` and route the site's output through it.
+
+    Returns:
+        The new node. Its function is added by `add_functions`.
+    """
+    graph = model.graph
+    before = match.insert_before
+    key = _materialize(graph, match.key, before, f"{name}/key_transpose")
+    value = _materialize(graph, match.value, before, f"{name}/value_transpose")
+    inputs = [match.query, key, value]
+    if match.mask.padding is not None:
+        inputs.append(match.mask.padding)
+    node = ir.Node(
+        contract.DOMAIN,
+        contract.OP_TYPE,
+        inputs,
+        attributes=_node_attributes(attrs),
+        name=name,
+        num_outputs=1,
+    )
+    graph.insert_before(before, node)
+    out = node.outputs[0]
+    out.name = f"{name}/output"
+    out.dtype = match.output.dtype
+    out.shape = match.output.shape
+    ir.convenience.replace_all_uses_with(match.output, out, replace_graph_outputs=True)
+    return node
+
+
+def _node_attributes(attrs: AsaAttributes) -> list[ir.Attr]:
+    values = dict(attrs.as_onnx_attributes())
+    values["plugin_namespace"] = contract.PLUGIN_NAMESPACE
+    values["plugin_version"] = contract.PLUGIN_VERSION
+    return list(ir.convenience.convert_attributes(values))
+
+
+def add_functions(model: ir.Model, nodes: list[ir.Node]) -> None:
+    """Give every ASA node a model-local function (one per distinct signature) as its overload."""
+    from asa_export.contract.function import build_function
+
+    opset = g.opset_version(model)
+    for node in nodes:
+        attrs = AsaAttributes.from_onnx_attributes(
+            {k: a.value for k, a in node.attributes.items()}
+        )
+        present = tuple(
+            len(node.inputs) > i and node.inputs[i] is not None for i in (3, 4, 5)
+        )
+        proto = build_function(attrs, opset, present, len(node.outputs))
+        overload = proto.overload or proto.name
+        proto.name, proto.overload = contract.OP_TYPE, overload
+        node.overload = overload
+        key = (contract.DOMAIN, contract.OP_TYPE, overload)
+        if key not in model.functions:
+            model.functions[key] = ir.serde.deserialize_function(proto)
+    model.opset_imports[contract.DOMAIN] = contract.VERSION
+    model.ir_version = max(model.ir_version or 0, MIN_IR_VERSION)
