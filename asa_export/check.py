@@ -42,7 +42,9 @@ class OutputStats:
     Attributes:
         name: graph output name.
         max_abs, mean_abs: absolute error |rewritten - original|.
-        max_rel, mean_rel: relative error |rewritten - original| / |original|.
+        max_rel, mean_rel: relative error |rewritten - original| / |original|, over elements
+            with |original| >= atol (smaller ones are judged by the absolute error alone;
+            dividing by them would report meaningless huge ratios).
         compared: number of elements compared; skipped: elements of rows without a visible key.
         passed: Polygraphy's verdict for this output (every iteration).
     """
@@ -184,19 +186,19 @@ def iteration_configs(
 
 
 def _compare(original, rewritten, feeds, configs, geometry, atol, rtol) -> CheckResult:
-    from polygraphy.backend.onnxrt import OnnxrtRunner
-    from polygraphy.comparator import Comparator, CompareFunc
-
-    # The rewritten model first: Polygraphy divides by the second runner's output (reference).
-    runners = [
-        OnnxrtRunner(_rewritten_session(rewritten), name="rewritten"),
-        OnnxrtRunner(_plain_session(original), name="original"),
-    ]
     logger.info("running %d input set(s) through both models ...", len(feeds))
     with _quiet_polygraphy():
+        from polygraphy.backend.onnxrt import OnnxrtRunner
+        from polygraphy.comparator import Comparator, CompareFunc
+
+        # The rewritten model first: Polygraphy divides by the second runner's output.
+        runners = [
+            OnnxrtRunner(_rewritten_session(rewritten), name="rewritten"),
+            OnnxrtRunner(_plain_session(original), name="original"),
+        ]
         results = Comparator.run(runners, data_loader=feeds)
         row_masks = [_visible_rows(feed, config, geometry) for feed, config in zip(feeds, configs)]
-        stats = _mask_and_measure(results, feeds, configs, row_masks)
+        stats = _mask_and_measure(results, configs, row_masks, atol)
         verdict = Comparator.compare_accuracy(
             results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol, check_shapes=True)
         )
@@ -210,7 +212,7 @@ def _compare(original, rewritten, feeds, configs, geometry, atol, rtol) -> Check
     )
 
 
-def _mask_and_measure(results, feeds, configs, row_masks) -> dict[str, OutputStats]:
+def _mask_and_measure(results, configs, row_masks, atol) -> dict[str, OutputStats]:
     """Zero rows without a visible key in both runners' outputs; collect error statistics."""
     (_, rewritten_iters), (_, original_iters) = results
     stats: dict[str, OutputStats] = {}
@@ -221,39 +223,42 @@ def _mask_and_measure(results, feeds, configs, row_masks) -> dict[str, OutputSta
                 continue
             keep = _element_mask(old[name].shape, rows, config)
             stat = stats.setdefault(name, OutputStats(name))
-            total = sums.setdefault(name, [0.0, 0.0])
+            total = sums.setdefault(name, [0.0, 0.0, 0])
             if new[name].shape != old[name].shape:
                 stat.passed = False
                 continue
             a, b = _masked(new[name], keep), _masked(old[name], keep)
             new[name], old[name] = a, b
-            _accumulate(stat, total, a, b, keep)
+            _accumulate(stat, total, a, b, keep, atol)
     for name, stat in stats.items():
         if stat.compared:
             stat.mean_abs = sums[name][0] / stat.compared
-            stat.mean_rel = sums[name][1] / stat.compared
+        if sums[name][2]:
+            stat.mean_rel = sums[name][1] / sums[name][2]
     return stats
 
 
-def _accumulate(stat: OutputStats, total: list[float], a, b, keep) -> None:
-    if not np.issubdtype(b.dtype, np.number) or np.issubdtype(b.dtype, np.bool_):
-        diff = (a != b).astype(np.float64)
-        rel = diff
-    else:
-        diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
-        rel = diff / np.maximum(np.abs(b.astype(np.float64)), np.finfo(np.float64).eps)
+def _accumulate(stat: OutputStats, total: list, a, b, keep, atol: float) -> None:
+    """Add one iteration's errors of one output to its running statistics."""
+    ref = b.astype(np.float64)
+    diff = np.abs(a.astype(np.float64) - ref)
     if keep is not None:
-        diff, rel = diff[keep], rel[keep]
+        diff, ref = diff[keep], ref[keep]
         stat.skipped += int(keep.size - np.count_nonzero(keep))
     if diff.size == 0:
         return
     stat.compared += int(diff.size)
-    stat.max_abs = max(stat.max_abs, float(np.nanmax(diff)) if not np.isnan(diff).all() else np.inf)
-    stat.max_rel = max(stat.max_rel, float(np.nanmax(rel)) if not np.isnan(rel).all() else np.inf)
-    if np.isnan(diff).any():
+    if np.isnan(diff).any():  # NaN where the other side is finite (or both NaN) is an error
         stat.max_abs = stat.max_rel = float("inf")
-    total[0] += float(np.nansum(diff))
-    total[1] += float(np.nansum(rel))
+        diff = np.nan_to_num(diff, nan=np.inf)
+    stat.max_abs = max(stat.max_abs, float(diff.max()))
+    total[0] += float(diff.sum())
+    large = np.abs(ref) >= atol
+    if large.any():
+        rel = diff[large] / np.abs(ref[large])
+        stat.max_rel = max(stat.max_rel, float(rel.max()))
+        total[1] += float(rel.sum())
+        total[2] += int(rel.size)
 
 
 def _apply_verdicts(stats: dict[str, OutputStats], verdict) -> None:
@@ -517,12 +522,12 @@ def _check_same_inputs(original: ir.Model, rewritten: ir.Model) -> None:
 
 @contextlib.contextmanager
 def _quiet_polygraphy():
-    """Polygraphy logs to stdout: keep stdout for our tables, send its errors to stderr."""
+    """Polygraphy logs to stdout: keep stdout for our tables; our tables report its verdicts."""
     with contextlib.redirect_stdout(sys.stderr):
         from polygraphy.logger import G_LOGGER
 
         old = G_LOGGER.module_severity
-        G_LOGGER.module_severity = G_LOGGER.ERROR
+        G_LOGGER.module_severity = G_LOGGER.CRITICAL
         try:
             yield
         finally:
