@@ -1,0 +1,477 @@
+// CPU implementation of the ASA kernel core: entry points, router, thread dispatch.
+// Semantics: asa_export/contract/SPEC.md. The attention tile kernel is in attention_kernel.cpp.
+#include "asa/asa_cpu.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <thread>
+#include <vector>
+
+#include "asa_cpu_ext.h"
+#include "internal.h"
+#include "kernel.h"
+
+namespace asa {
+namespace cpu {
+namespace {
+
+// ---------------------------------------------------------------- threads
+
+struct TaskPool {
+  AsaParallelFor parallel_for;
+  void* pool;
+};
+
+// The core's own parallel loop: num_threads workers pulling indices from one atomic counter.
+void own_parallel_for(int num_threads, size_t total, void (*fn)(void*, size_t), void* user) {
+  if (num_threads <= 0) num_threads = static_cast<int>(std::thread::hardware_concurrency());
+  num_threads = std::max(1, std::min<int>(num_threads, static_cast<int>(total)));
+  if (num_threads == 1) {
+    for (size_t i = 0; i < total; ++i) fn(user, i);
+    return;
+  }
+  std::atomic<size_t> next{0};
+  auto worker = [&]() {
+    for (size_t i = next.fetch_add(1); i < total; i = next.fetch_add(1)) fn(user, i);
+  };
+  std::vector<std::thread> threads;
+  threads.reserve(num_threads - 1);
+  for (int t = 0; t < num_threads - 1; ++t) threads.emplace_back(worker);
+  worker();
+  for (auto& t : threads) t.join();
+}
+
+void run_parallel(const TaskPool& tp, int num_threads, size_t total, void (*fn)(void*, size_t),
+                  void* user) {
+  if (total == 0) return;
+  if (tp.parallel_for) {
+    tp.parallel_for(tp.pool, total, fn, user);
+  } else {
+    own_parallel_for(num_threads, total, fn, user);
+  }
+}
+
+// ---------------------------------------------------------------- ISA dispatch
+
+typedef void (*TileFn)(const TileJob&);
+
+struct Isa {
+  const char* name;
+  TileFn fn;
+};
+
+bool cpu_has_avx2() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2");
+}
+
+bool cpu_has_avx512() {
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vl");
+}
+
+// Highest level the CPU supports, capped by ASA_CPU_ISA (read on every call: tests switch it).
+Isa pick_isa() {
+  const char* cap = std::getenv("ASA_CPU_ISA");
+  const int limit = !cap ? 2 : std::strcmp(cap, "base") == 0 ? 0 : std::strcmp(cap, "avx2") == 0 ? 1 : 2;
+#if defined(ASA_HAVE_AVX512)
+  if (limit >= 2 && cpu_has_avx512()) return {"avx512", avx512::attention_tile};
+#endif
+#if defined(ASA_HAVE_AVX2)
+  if (limit >= 1 && cpu_has_avx2()) return {"avx2", avx2::attention_tile};
+#endif
+  return {"base", base::attention_tile};
+}
+
+// ---------------------------------------------------------------- geometry
+
+// Keys visible to some row of query block i, as [lo, hi) from causal / window geometry.
+void block_key_range(const AsaParams& p, int i, int* lo, int* hi) {
+  const int r0 = i * p.block_size;
+  const int r1 = std::min(p.seq_q, r0 + p.block_size) - 1;
+  const int p0 = r0 + p.seq_kv - p.seq_q, p1 = r1 + p.seq_kv - p.seq_q;
+  int a = 0, z = p.seq_kv;
+  if (p.causal) z = std::min(z, p1 + 1);
+  if (p.window > 0) {
+    a = std::max(a, p0 - p.window + 1);
+    if (!p.causal) z = std::min(z, p1 + p.window);
+  }
+  *lo = a;
+  *hi = std::max(a, z);
+}
+
+// key_padding_mask as 0/1 bytes, [B][Skv]; empty when there is no mask.
+std::vector<uint8_t> keep_bytes(const AsaParams& p) {
+  std::vector<uint8_t> keep;
+  if (!p.key_padding_mask) return keep;
+  keep.resize(static_cast<size_t>(p.batch) * p.seq_kv);
+  for (int n = 0; n < p.batch; ++n) {
+    for (int j = 0; j < p.seq_kv; ++j) {
+      const int64_t off = n * p.mask_stride_b + j;
+      bool k;
+      switch (p.mask_dtype) {
+        case ASA_MASK_BOOL: k = static_cast<const uint8_t*>(p.key_padding_mask)[off] != 0; break;
+        case ASA_MASK_INT32: k = static_cast<const int32_t*>(p.key_padding_mask)[off] != 0; break;
+        default: k = static_cast<const int64_t*>(p.key_padding_mask)[off] != 0; break;
+      }
+      keep[static_cast<size_t>(n) * p.seq_kv + j] = k;
+    }
+  }
+  return keep;
+}
+
+float load_elem(const void* base, int64_t off, AsaDType dt) {
+  if (dt == ASA_FLOAT32) return static_cast<const float*>(base)[off];
+  uint16_t h = static_cast<const uint16_t*>(base)[off];
+  uint32_t bits;
+  if (dt == ASA_BFLOAT16) {
+    bits = static_cast<uint32_t>(h) << 16;
+  } else {
+    const uint32_t em = h & 0x7fffu;
+    float f;
+    bits = em << 13;
+    std::memcpy(&f, &bits, 4);
+    f *= 0x1p112f;
+    std::memcpy(&bits, &f, 4);
+    if (em >= 0x7c00u) bits = (em << 13) | 0x7f800000u;
+    bits |= static_cast<uint32_t>(h & 0x8000u) << 16;
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// ---------------------------------------------------------------- router
+
+struct RouterCtx {
+  const AsaParams* p;
+  const uint8_t* keep;      // [B][Skv] or NULL
+  int nq, nk, hsel, group;
+  std::vector<float> kbar;  // [B][Hkv][NK][D] mean of kept keys per block
+  std::vector<uint8_t> vis; // [B][NQ][NK] block visibility
+  int32_t* indices;         // [B][Hsel][NQ][NK]
+  int32_t* counts;          // [B][Hsel][NQ]
+};
+
+// Mean of the kept keys of every key block (fp32, sequential sums).
+void pool_keys(RouterCtx& c, int n, int hkv) {
+  const AsaParams& p = *c.p;
+  const int b = p.block_size, dim = p.head_dim;
+  float* dst = &c.kbar[((static_cast<size_t>(n) * p.heads_kv + hkv) * c.nk) * dim];
+  std::vector<float> row(dim);
+  for (int k = 0; k < c.nk; ++k) {
+    float* acc = dst + static_cast<size_t>(k) * dim;
+    std::fill(acc, acc + dim, 0.0f);
+    int cnt = 0;
+    for (int j = k * b; j < std::min(p.seq_kv, (k + 1) * b); ++j) {
+      if (c.keep && !c.keep[static_cast<size_t>(n) * p.seq_kv + j]) continue;
+      const int64_t off = n * p.k_stride_b + hkv * p.k_stride_h + j * p.k_stride_s;
+      for (int d = 0; d < dim; ++d) acc[d] += load_elem(p.k, off + d, p.dtype);
+      ++cnt;
+    }
+    if (cnt > 0)
+      for (int d = 0; d < dim; ++d) acc[d] /= static_cast<float>(cnt);
+  }
+}
+
+// Which key blocks each query block of batch n can see, and visible_counts.
+void block_visibility(RouterCtx& c, int n) {
+  const AsaParams& p = *c.p;
+  const int b = p.block_size;
+  std::vector<int> kept_prefix(p.seq_kv + 1, 0);
+  for (int j = 0; j < p.seq_kv; ++j)
+    kept_prefix[j + 1] = kept_prefix[j] + (c.keep ? c.keep[static_cast<size_t>(n) * p.seq_kv + j] : 1);
+  for (int i = 0; i < c.nq; ++i) {
+    int lo, hi, count = 0;
+    block_key_range(p, i, &lo, &hi);
+    uint8_t* v = &c.vis[(static_cast<size_t>(n) * c.nq + i) * c.nk];
+    for (int k = 0; k < c.nk; ++k) {
+      const int a = std::max(lo, k * b), z = std::min(hi, std::min(p.seq_kv, (k + 1) * b));
+      v[k] = a < z && kept_prefix[z] - kept_prefix[a] > 0;
+      count += v[k];
+    }
+    if (p.visible_counts) p.visible_counts[n * c.nq + i] = count;
+  }
+}
+
+// Softmax over the visible blocks of scale·q̄·k̄ for one query head and block; P = 0 elsewhere.
+void head_probs(const RouterCtx& c, int n, int h, int i, const uint8_t* vis, float* prob) {
+  const AsaParams& p = *c.p;
+  const int dim = p.head_dim, b = p.block_size;
+  const int r0 = i * b, r1 = std::min(p.seq_q, r0 + b);
+  std::vector<float> qbar(dim, 0.0f);
+  for (int r = r0; r < r1; ++r) {
+    const int64_t off = n * p.q_stride_b + h * p.q_stride_h + r * p.q_stride_s;
+    for (int d = 0; d < dim; ++d) qbar[d] += load_elem(p.q, off + d, p.dtype);
+  }
+  for (int d = 0; d < dim; ++d) qbar[d] /= static_cast<float>(r1 - r0);
+  const float* kb = &c.kbar[((static_cast<size_t>(n) * p.heads_kv + h / c.group) * c.nk) * dim];
+  float mx = -INFINITY;
+  for (int k = 0; k < c.nk; ++k) {
+    if (!vis[k]) continue;
+    float dot = 0.0f;
+    for (int d = 0; d < dim; ++d) dot += qbar[d] * kb[static_cast<size_t>(k) * dim + d];
+    prob[k] = p.scale * dot;
+    mx = std::max(mx, prob[k]);
+  }
+  float sum = 0.0f;
+  for (int k = 0; k < c.nk; ++k) {
+    prob[k] = vis[k] ? std::exp(prob[k] - mx) : 0.0f;
+    sum += prob[k];
+  }
+  for (int k = 0; k < c.nk; ++k) prob[k] = vis[k] ? prob[k] / sum : 0.0f;
+}
+
+bool is_forced(const AsaParams& p, int k, int ci) {
+  if (k < p.sink_blocks) return true;
+  if (p.causal) return ci - p.local_blocks < k && k <= ci;
+  return std::abs(k - ci) < p.local_blocks;
+}
+
+// Selection walk of SPEC.md for one list: writes ascending indices (-1 padded) and the count.
+void select_blocks(const RouterCtx& c, int i, const uint8_t* vis, const float* prob, float tau,
+                   int32_t* out_idx, int32_t* out_count) {
+  const AsaParams& p = *c.p;
+  const int last_pos = std::min(p.seq_q, (i + 1) * p.block_size) - 1 + p.seq_kv - p.seq_q;
+  const int ci = std::max(0, std::min(c.nk - 1, last_pos >= 0 ? last_pos / p.block_size : 0));
+  std::vector<uint8_t> kept(c.nk, 0);
+  if (tau >= 1.0f) {
+    for (int k = 0; k < c.nk; ++k) kept[k] = vis[k];
+  } else {
+    std::vector<int> order;
+    std::vector<int> rest;
+    for (int k = 0; k < c.nk; ++k) {
+      if (!vis[k]) continue;
+      (is_forced(p, k, ci) ? order : rest).push_back(k);
+    }
+    const size_t nforced = order.size();
+    std::stable_sort(rest.begin(), rest.end(),
+                     [&](int a, int b) { return prob[a] > prob[b]; });
+    order.insert(order.end(), rest.begin(), rest.end());
+    float acc = 0.0f;
+    for (size_t t = 0; t < order.size(); ++t) {
+      const int k = order[t];
+      if (t >= nforced && !(acc < tau)) break;
+      kept[k] = 1;
+      acc += prob[k];
+    }
+  }
+  int cnt = 0;
+  for (int k = 0; k < c.nk; ++k)
+    if (kept[k]) out_idx[cnt++] = k;
+  for (int k = cnt; k < c.nk; ++k) out_idx[k] = -1;
+  *out_count = cnt;
+}
+
+// Router for one (batch, selection head): every query block.
+void route_one(void* user, size_t task) {
+  RouterCtx& c = *static_cast<RouterCtx*>(user);
+  const AsaParams& p = *c.p;
+  const int n = static_cast<int>(task / c.hsel), hs = static_cast<int>(task % c.hsel);
+  const int h_first = p.select_per ? hs * c.group : hs;
+  const int h_count = p.select_per ? c.group : 1;
+  std::vector<float> prob(c.nk), acc(c.nk);
+  for (int i = 0; i < c.nq; ++i) {
+    const uint8_t* vis = &c.vis[(static_cast<size_t>(n) * c.nq + i) * c.nk];
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    float tau = 0.0f;
+    for (int h = h_first; h < h_first + h_count; ++h)
+      tau = std::max(tau, p.head_thresholds ? p.head_thresholds[h] : p.threshold);
+    // τ >= 1 keeps every visible block: probabilities are not needed (nor pooled).
+    for (int h = h_first; tau < 1.0f && h < h_first + h_count; ++h) {
+      head_probs(c, n, h, i, vis, prob.data());
+      for (int k = 0; k < c.nk; ++k) acc[k] += prob[k];
+    }
+    if (h_count > 1)
+      for (int k = 0; k < c.nk; ++k) acc[k] /= static_cast<float>(h_count);
+    const size_t slot = (static_cast<size_t>(n) * c.hsel + hs) * c.nq + i;
+    select_blocks(c, i, vis, acc.data(), tau, c.indices + slot * c.nk, c.counts + slot);
+  }
+}
+
+void pool_one(void* user, size_t task) {
+  RouterCtx& c = *static_cast<RouterCtx*>(user);
+  pool_keys(c, static_cast<int>(task / c.p->heads_kv), static_cast<int>(task % c.p->heads_kv));
+}
+
+int route(const AsaParams& p, const uint8_t* keep, const TaskPool& tp, int num_threads) {
+  RouterCtx c;
+  c.p = &p;
+  c.keep = keep;
+  c.nq = num_query_blocks(p);
+  c.nk = num_key_blocks(p);
+  c.hsel = num_select_heads(p);
+  c.group = p.heads_q / p.heads_kv;
+  c.indices = p.block_indices;
+  c.counts = p.block_counts;
+  c.vis.assign(static_cast<size_t>(p.batch) * c.nq * c.nk, 0);
+  for (int n = 0; n < p.batch; ++n) block_visibility(c, n);
+  // τ >= 1 everywhere keeps every visible block: no need to pool.
+  bool dense = !p.head_thresholds && p.threshold >= 1.0f;
+  if (!dense) {
+    c.kbar.assign(static_cast<size_t>(p.batch) * p.heads_kv * c.nk * p.head_dim, 0.0f);
+    run_parallel(tp, num_threads, static_cast<size_t>(p.batch) * p.heads_kv, pool_one, &c);
+  }
+  run_parallel(tp, num_threads, static_cast<size_t>(p.batch) * c.hsel, route_one, &c);
+  return ASA_OK;
+}
+
+// ---------------------------------------------------------------- attention
+
+struct AttnCtx {
+  const AsaParams* p;
+  const uint8_t* keep;
+  TileFn fn;
+  int nq, nk, hsel, group;
+  std::vector<int64_t> order;  // tile ids, most kept blocks first (load balance)
+};
+
+float* thread_scratch(int64_t floats) {
+  thread_local std::vector<float> buf;
+  if (static_cast<int64_t>(buf.size()) < floats) buf.resize(floats);
+  return buf.data();
+}
+
+void attend_one(void* user, size_t task) {
+  const AttnCtx& c = *static_cast<const AttnCtx*>(user);
+  const AsaParams& p = *c.p;
+  const int64_t tile = c.order[task];
+  const int i = static_cast<int>(tile % c.nq);
+  const int h = static_cast<int>((tile / c.nq) % p.heads_q);
+  const int n = static_cast<int>(tile / (static_cast<int64_t>(c.nq) * p.heads_q));
+  const int hs = p.select_per ? h / c.group : h;
+  const size_t slot = (static_cast<size_t>(n) * c.hsel + hs) * c.nq + i;
+  TileJob job;
+  job.p = &p;
+  job.keep = c.keep ? c.keep + static_cast<size_t>(n) * p.seq_kv : nullptr;
+  job.blocks = p.block_indices + slot * c.nk;
+  job.num_blocks = std::max(0, std::min(p.block_counts[slot], c.nk));
+  job.n = n;
+  job.h = h;
+  job.i = i;
+  job.scratch = thread_scratch(tile_scratch_floats(p));
+  c.fn(job);
+}
+
+int attend(const AsaParams& p, const uint8_t* keep, const TaskPool& tp, int num_threads) {
+  AttnCtx c;
+  c.p = &p;
+  c.keep = keep;
+  c.fn = pick_isa().fn;
+  c.nq = num_query_blocks(p);
+  c.nk = num_key_blocks(p);
+  c.hsel = num_select_heads(p);
+  c.group = p.heads_q / p.heads_kv;
+  const int64_t tiles = static_cast<int64_t>(p.batch) * p.heads_q * c.nq;
+  c.order.resize(tiles);
+  std::vector<int32_t> cost(tiles);
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int i = static_cast<int>(t % c.nq), h = static_cast<int>((t / c.nq) % p.heads_q);
+    const int n = static_cast<int>(t / (static_cast<int64_t>(c.nq) * p.heads_q));
+    const int hs = p.select_per ? h / c.group : h;
+    cost[t] = p.block_counts[(static_cast<size_t>(n) * c.hsel + hs) * c.nq + i];
+    c.order[t] = t;
+  }
+  std::stable_sort(c.order.begin(), c.order.end(),
+                   [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+  run_parallel(tp, num_threads, static_cast<size_t>(tiles), attend_one, &c);
+  return ASA_OK;
+}
+
+bool check_lists(const AsaParams& p) {
+  if (!p.block_indices || !p.block_counts) {
+    set_last_error("ASA: block_indices and block_counts must be set");
+    return false;
+  }
+  return true;
+}
+
+// Runs `body`, turning C++ exceptions (allocation, threads) into ASA_ERR_BACKEND.
+template <typename F>
+int guarded(F&& body) {
+  try {
+    return body();
+  } catch (const std::bad_alloc&) {
+    set_last_error("ASA CPU: out of memory");
+  } catch (const std::exception& e) {
+    set_last_error("ASA CPU: %s", e.what());
+  } catch (...) {
+    set_last_error("ASA CPU: unknown error");
+  }
+  return ASA_ERR_BACKEND;
+}
+
+int forward(const AsaParams* params, const TaskPool& tp, int num_threads) {
+  if (!params) {
+    set_last_error("ASA: params is NULL");
+    return ASA_ERR_INVALID_ARGUMENT;
+  }
+  if (!validate_params(*params)) return ASA_ERR_INVALID_ARGUMENT;
+  return guarded([&]() {
+    AsaParams p = *params;
+    std::vector<int32_t> idx, cnt;
+    if (!p.block_indices || !p.block_counts) {
+      const size_t lists = static_cast<size_t>(p.batch) * num_select_heads(p) * num_query_blocks(p);
+      idx.resize(lists * num_key_blocks(p));
+      cnt.resize(lists);
+      p.block_indices = idx.data();
+      p.block_counts = cnt.data();
+    }
+    const std::vector<uint8_t> keep = keep_bytes(p);
+    const uint8_t* kp = keep.empty() ? nullptr : keep.data();
+    int rc = route(p, kp, tp, num_threads);
+    if (rc == ASA_OK) rc = attend(p, kp, tp, num_threads);
+    return rc;
+  });
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace asa
+
+extern "C" {
+
+int asa_cpu_route(const AsaParams* params, int num_threads) {
+  using namespace asa;
+  if (!params) {
+    set_last_error("ASA: params is NULL");
+    return ASA_ERR_INVALID_ARGUMENT;
+  }
+  if (!validate_params(*params) || !cpu::check_lists(*params)) return ASA_ERR_INVALID_ARGUMENT;
+  return cpu::guarded([&]() {
+    const std::vector<uint8_t> keep = cpu::keep_bytes(*params);
+    return cpu::route(*params, keep.empty() ? nullptr : keep.data(), cpu::TaskPool{nullptr, nullptr},
+                      num_threads);
+  });
+}
+
+int asa_cpu_attention(const AsaParams* params, int num_threads) {
+  using namespace asa;
+  if (!params) {
+    set_last_error("ASA: params is NULL");
+    return ASA_ERR_INVALID_ARGUMENT;
+  }
+  if (!validate_params(*params) || !cpu::check_lists(*params)) return ASA_ERR_INVALID_ARGUMENT;
+  return cpu::guarded([&]() {
+    const std::vector<uint8_t> keep = cpu::keep_bytes(*params);
+    return cpu::attend(*params, keep.empty() ? nullptr : keep.data(),
+                       cpu::TaskPool{nullptr, nullptr}, num_threads);
+  });
+}
+
+int asa_cpu_forward(const AsaParams* params, int num_threads) {
+  return asa::cpu::forward(params, asa::cpu::TaskPool{nullptr, nullptr}, num_threads);
+}
+
+int asa_cpu_forward_with(const AsaParams* params, AsaParallelFor parallel_for, void* pool) {
+  return asa::cpu::forward(params, asa::cpu::TaskPool{parallel_for, pool}, 0);
+}
+
+const char* asa_cpu_isa(void) { return asa::cpu::pick_isa().name; }
+
+}  // extern "C"

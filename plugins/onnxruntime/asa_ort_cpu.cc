@@ -1,0 +1,81 @@
+// AdaptiveSparseAttention for ONNX Runtime's CPU execution provider: validate, fill AsaParams,
+// call the CPU kernel core on ONNX Runtime's intra-op thread pool.
+#include "asa_ort_cpu.h"
+
+#include <exception>
+#include <string>
+
+#include "asa/asa_cpu.h"
+#include "asa_cpu_ext.h"
+
+namespace asa {
+namespace ort {
+namespace {
+
+// AsaParallelFor over the kernel context's intra-op pool (sequential when the session has one
+// thread).
+void ort_parallel_for(void* pool, size_t total, void (*fn)(void*, size_t), void* user) {
+  auto* ctx = static_cast<const OrtKernelContext*>(pool);
+  Ort::ThrowOnError(Ort::GetApi().KernelContext_ParallelFor(ctx, fn, total, 0, user));
+}
+
+OrtStatusPtr to_status(const char* text, OrtErrorCode code) {
+  return Ort::GetApi().CreateStatus(code, text);
+}
+
+}  // namespace
+
+CpuKernel::CpuKernel(const OrtApi& api, const OrtKernelInfo* info)
+    : attrs_(read_attributes(api, info)) {}
+
+OrtStatusPtr CpuKernel::ComputeV2(OrtKernelContext* context) {
+  try {
+    Ort::KernelContext ctx(context);
+    AsaParams params;
+    Scratch scratch;
+    if (!prepare(attrs_, ctx, params, scratch)) return nullptr;
+    const int rc = asa_cpu_forward_with(&params, ort_parallel_for, context);
+    if (rc != ASA_OK) {
+      const std::string text = "asa::AdaptiveSparseAttention node '" + attrs_.node_name +
+                               "': CPU kernel failed: " + asa_last_error();
+      return to_status(text.c_str(), rc == ASA_ERR_INVALID_ARGUMENT ? ORT_INVALID_ARGUMENT : ORT_FAIL);
+    }
+    return nullptr;
+  } catch (const Ort::Exception& e) {
+    return to_status(e.what(), e.GetOrtErrorCode());
+  } catch (const std::exception& e) {
+    return to_status(e.what(), ORT_FAIL);
+  }
+}
+
+OrtStatusPtr CpuOp::CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info,
+                                   void** kernel) const {
+  try {
+    *kernel = new CpuKernel(api, info);
+    return nullptr;
+  } catch (const Ort::Exception& e) {
+    return to_status(e.what(), e.GetOrtErrorCode());
+  } catch (const std::exception& e) {
+    return to_status(e.what(), ORT_FAIL);
+  }
+}
+
+ONNXTensorElementDataType CpuOp::GetInputType(size_t index) const {
+  // head_thresholds is float32; the others are checked in prepare() with a clear message.
+  return index == 5 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+}
+
+ONNXTensorElementDataType CpuOp::GetOutputType(size_t index) const {
+  return index == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+}
+
+OrtCustomOpInputOutputCharacteristic CpuOp::GetInputCharacteristic(size_t index) const {
+  return index < 3 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+}
+
+OrtCustomOpInputOutputCharacteristic CpuOp::GetOutputCharacteristic(size_t index) const {
+  return index < 1 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+}
+
+}  // namespace ort
+}  // namespace asa

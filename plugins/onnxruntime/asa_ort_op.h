@@ -1,0 +1,65 @@
+// ONNX Runtime adapter of the ASA kernel core: attribute parsing, input validation and the
+// AsaParams fill shared by the execution-provider kernels (CPU now; CUDA in asa_ort_cuda.cc).
+// No math here: the kernel core does it (SPEC: asa_export/contract/SPEC.md).
+#ifndef ASA_ORT_OP_H_
+#define ASA_ORT_OP_H_
+
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#undef ORT_API_MANUAL_INIT
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "asa/asa_core.h"
+
+namespace asa {
+namespace ort {
+
+constexpr const char* kDomain = "asa";
+constexpr const char* kOpName = "AdaptiveSparseAttention";
+constexpr int kNumInputs = 6;   // query, key, value, key_padding_mask, attn_bias, head_thresholds
+constexpr int kNumOutputs = 4;  // output, block_indices, block_counts, visible_counts
+
+// Node attributes of contract v1 (defaults of SPEC.md for the ones a node leaves out).
+struct Attributes {
+  float scale = 0.0f;
+  int64_t causal = 0;
+  int64_t block_size = 64;
+  float threshold = 1.0f;
+  int64_t sink_blocks = 1;
+  int64_t local_blocks = 1;
+  int64_t window = -1;
+  float softcap = 0.0f;
+  int64_t select_per = 0;
+  std::string plugin_namespace;  // accepted, unused
+  std::string plugin_version;    // accepted, unused
+  std::string node_name;         // for error messages
+};
+
+// Reads the attributes; throws Ort::Exception on a value the contract forbids.
+Attributes read_attributes(const OrtApi& api, const OrtKernelInfo* info);
+
+// Telemetry buffers the core writes when the node does not ask for those outputs.
+struct Scratch {
+  std::vector<int32_t> block_indices;
+  std::vector<int32_t> block_counts;
+};
+
+// Validates the inputs of one call, allocates the outputs and fills `params`.
+// Returns false when there is nothing to compute (an empty dimension; outputs are allocated and,
+// where the contract defines them, filled). Throws Ort::Exception with a readable message on a
+// shape or type error.
+bool prepare(const Attributes& attrs, Ort::KernelContext& ctx, AsaParams& params,
+             Scratch& scratch);
+
+// OrtCustomOp::InferOutputShapeFn: output 0 takes the query's element type and
+// [B, Hq, Sq, Dv]; telemetry outputs are int32 with their contract shapes (dims the model leaves
+// symbolic stay unknown). Shape errors are left to the kernel, which reports them clearly.
+OrtStatusPtr infer_output_shapes(OrtShapeInferContext* context);
+
+}  // namespace ort
+}  // namespace asa
+
+#endif  // ASA_ORT_OP_H_
