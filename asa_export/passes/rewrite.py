@@ -34,6 +34,13 @@ def _materialize(graph: ir.Graph, source: KeySource, before: ir.Node, name: str)
     return out
 
 
+def _concat_past(graph, past: ir.Value, new: ir.Value, before: ir.Node, name: str) -> ir.Value:
+    node = ir.node("Concat", [past, new], {"axis": 2}, name=name)
+    graph.insert_before(before, node)
+    node.outputs[0].dtype = new.dtype
+    return node.outputs[0]
+
+
 def site_attributes(match: Match, options) -> AsaAttributes:
     """Contract attributes of a site: what the match proved plus the router options."""
     return AsaAttributes(
@@ -59,6 +66,14 @@ def rewrite_site(model: ir.Model, match: Match, attrs: AsaAttributes, name: str)
     before = match.insert_before
     key = _materialize(graph, match.key, before, f"{name}/key_transpose")
     value = _materialize(graph, match.value, before, f"{name}/value_transpose")
+    if match.past is not None:
+        past_key, past_value, presents = match.past
+        key = _concat_past(graph, past_key, key, before, f"{name}/present_key")
+        value = _concat_past(graph, past_value, value, before, f"{name}/present_value")
+        for old, new in zip(presents, (key, value)):
+            if old is not None:
+                new.shape = old.shape
+                ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
     inputs = [match.query, key, value]
     if match.mask.padding is not None:
         inputs.append(match.mask.padding)

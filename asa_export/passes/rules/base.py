@@ -50,6 +50,9 @@ class Match:
     head_dim_v: int | None
     past_kv: bool = False
     notes: list[str] = dataclasses.field(default_factory=list)
+    # (past_key, past_value, [present_key, present_value]) when the op itself appends a KV cache:
+    # the rewrite concatenates the past in front of key / value and routes the presents to it.
+    past: tuple | None = None
 
 
 def peel_scalar_scale(value: ir.Value) -> tuple[ir.Value, float]:
