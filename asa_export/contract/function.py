@@ -122,8 +122,11 @@ def make_node(inputs: list[str], outputs: list[str], attrs: AsaAttributes, name:
     optional = list(inputs[3:]) + [""] * (len(INPUTS) - len(inputs))
     present = tuple(bool(x) for x in optional)
     num_outputs = max(i for i, o in enumerate(outputs) if o) + 1
+    # The function declares inputs up to the last present one; ONNX Runtime rejects a call
+    # with more actual than formal inputs, so trailing empty names are dropped.
+    num_inputs = 3 + max([i + 1 for i, p in enumerate(present) if p], default=0)
     node = helper.make_node(
-        OP_TYPE, list(inputs), list(outputs[:num_outputs]), name=name, domain=DOMAIN,
+        OP_TYPE, list(inputs[:num_inputs]), list(outputs[:num_outputs]), name=name, domain=DOMAIN,
         plugin_namespace=PLUGIN_NAMESPACE, plugin_version=PLUGIN_VERSION,
         **attrs.as_onnx_attributes())
     node.overload = function_overload(attrs, present, num_outputs, dtype)

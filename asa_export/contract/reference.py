@@ -196,7 +196,9 @@ def asa_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, attrs: AsaAttribu
     group = heads_q // heads_kv
     kk = np.repeat(k.astype(dtype), group, axis=1)
     vv = np.repeat(v.astype(dtype), group, axis=1)
-    scores = dtype(attrs.resolved_scale(dim)) * np.matmul(q.astype(dtype), np.swapaxes(kk, -1, -2))
+    # Contiguous operands let numpy's matmul use BLAS (a strided view takes a slow loop).
+    k_t = np.ascontiguousarray(np.swapaxes(kk, -1, -2))
+    scores = dtype(attrs.resolved_scale(dim)) * np.matmul(q.astype(dtype), k_t)
     if attrs.softcap > 0.0:
         cap = dtype(attrs.softcap)
         scores = cap * np.tanh(scores / cap)
