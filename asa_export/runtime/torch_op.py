@@ -1,0 +1,318 @@
+"""Torch binding of the CUDA kernel core: the custom op ``asa::sparse_attention``.
+
+The op calls the core's C ABI (plugins/core/include/asa/asa_cuda.h) through ctypes with tensor
+pointers and the current CUDA stream, so no torch extension has to be compiled against the torch
+of the machine that runs it (the CPU and GPU machines run different torch versions). The shared
+library is found through ``$ASA_CUDA_LIB`` or under ``plugins/build/``; ``build_cuda_library``
+builds it with CMake.
+
+    out, block_indices, block_counts, visible_counts = torch.ops.asa.sparse_attention(
+        q, k, v, key_padding_mask, attn_bias, head_thresholds,
+        scale, causal, block_size, threshold, sink_blocks, local_blocks, window, softcap,
+        select_per)
+
+Semantics: asa_export/contract/SPEC.md. torch is imported lazily by the functions that need it;
+importing this module imports torch (it registers the op).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pathlib
+import shutil
+import subprocess
+from typing import Optional
+
+import torch
+
+from asa_export.contract import AsaAttributes, num_blocks
+from asa_export.errors import AsaExportError
+
+_REPO = pathlib.Path(__file__).resolve().parents[2]
+_DEFAULT_BUILD = _REPO / "plugins" / "build" / "cuda"
+_LIB_NAME = "libasa_cuda.so"
+_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_MASK_DTYPES = {torch.bool: 1, torch.uint8: 1, torch.int32: 2, torch.int64: 3}
+
+
+class AsaParams(ctypes.Structure):
+    """Mirror of ``AsaParams`` in plugins/core/include/asa/asa_core.h (field order matters)."""
+
+    _fields_ = [
+        ("batch", ctypes.c_int32), ("heads_q", ctypes.c_int32), ("heads_kv", ctypes.c_int32),
+        ("seq_q", ctypes.c_int32), ("seq_kv", ctypes.c_int32), ("head_dim", ctypes.c_int32),
+        ("head_dim_v", ctypes.c_int32), ("dtype", ctypes.c_int32),
+        ("q", ctypes.c_void_p), ("q_stride_b", ctypes.c_int64), ("q_stride_h", ctypes.c_int64),
+        ("q_stride_s", ctypes.c_int64),
+        ("k", ctypes.c_void_p), ("k_stride_b", ctypes.c_int64), ("k_stride_h", ctypes.c_int64),
+        ("k_stride_s", ctypes.c_int64),
+        ("v", ctypes.c_void_p), ("v_stride_b", ctypes.c_int64), ("v_stride_h", ctypes.c_int64),
+        ("v_stride_s", ctypes.c_int64),
+        ("out", ctypes.c_void_p), ("o_stride_b", ctypes.c_int64), ("o_stride_h", ctypes.c_int64),
+        ("o_stride_s", ctypes.c_int64),
+        ("key_padding_mask", ctypes.c_void_p), ("mask_dtype", ctypes.c_int32),
+        ("mask_stride_b", ctypes.c_int64),
+        ("bias", ctypes.c_void_p), ("bias_stride_b", ctypes.c_int64),
+        ("bias_stride_h", ctypes.c_int64), ("bias_stride_q", ctypes.c_int64),
+        ("bias_stride_k", ctypes.c_int64),
+        ("head_thresholds", ctypes.c_void_p),
+        ("scale", ctypes.c_float), ("causal", ctypes.c_int32), ("block_size", ctypes.c_int32),
+        ("threshold", ctypes.c_float), ("sink_blocks", ctypes.c_int32),
+        ("local_blocks", ctypes.c_int32), ("window", ctypes.c_int32), ("softcap", ctypes.c_float),
+        ("select_per", ctypes.c_int32),
+        ("block_indices", ctypes.c_void_p), ("block_counts", ctypes.c_void_p),
+        ("visible_counts", ctypes.c_void_p),
+    ]
+
+
+def build_cuda_library(build_dir: Optional[os.PathLike] = None, archs: str = "90a;80",
+                       jobs: int = 2) -> pathlib.Path:
+    """Configure and build libasa_cuda.so with CMake (nvcc must be on PATH).
+
+    Args:
+        build_dir: CMake build folder; default plugins/build/cuda (git-ignored).
+        archs: CMAKE_CUDA_ARCHITECTURES, e.g. "90a;80" or "90a".
+        jobs: parallel compile jobs.
+
+    Returns:
+        Path of the built shared library.
+    """
+    if shutil.which("nvcc") is None or shutil.which("cmake") is None:
+        raise AsaExportError("building libasa_cuda.so needs nvcc and cmake on PATH")
+    build = pathlib.Path(build_dir) if build_dir else _DEFAULT_BUILD
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    subprocess.run(["cmake", "-S", str(_REPO / "plugins"), "-B", str(build), *generator,
+                    "-DASA_WITH_CUDA=ON", "-DASA_WITH_CPU=OFF",
+                    f"-DCMAKE_CUDA_ARCHITECTURES={archs}"], check=True)
+    subprocess.run(["cmake", "--build", str(build), "-j", str(jobs)], check=True)
+    return build / "core" / "cuda" / _LIB_NAME
+
+
+def find_cuda_library() -> pathlib.Path:
+    """Locate libasa_cuda.so: $ASA_CUDA_LIB, then the default build folders.
+
+    Returns:
+        Path of the library.
+    """
+    env = os.environ.get("ASA_CUDA_LIB")
+    candidates = [pathlib.Path(env)] if env else []
+    candidates += [_DEFAULT_BUILD / "core" / "cuda" / _LIB_NAME,
+                   _REPO / "plugins" / "build" / "core" / "cuda" / _LIB_NAME]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise AsaExportError(
+        "libasa_cuda.so not found: set ASA_CUDA_LIB or build it with "
+        "asa_export.runtime.torch_op.build_cuda_library()")
+
+
+_LIB = None
+
+
+def _library() -> ctypes.CDLL:
+    global _LIB
+    if _LIB is None:
+        lib = ctypes.CDLL(str(find_cuda_library()))
+        lib.asa_cuda_workspace_size.restype = ctypes.c_size_t
+        lib.asa_cuda_workspace_size.argtypes = [ctypes.POINTER(AsaParams)]
+        for name in ("asa_cuda_route", "asa_cuda_attention", "asa_cuda_forward"):
+            fn = getattr(lib, name)
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ctypes.POINTER(AsaParams), ctypes.c_void_p, ctypes.c_size_t,
+                           ctypes.c_void_p]
+        lib.asa_last_error.restype = ctypes.c_char_p
+        _LIB = lib
+    return _LIB
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _inner_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def make_params(q, k, v, out, telemetry, attrs: AsaAttributes, key_padding_mask=None,
+                attn_bias=None, head_thresholds=None) -> tuple[AsaParams, list]:
+    """Fill AsaParams from tensors (validated by the core).
+
+    Args:
+        q, k, v, out: [B, H, S, D] CUDA tensors, head-dim stride 1.
+        telemetry: (block_indices, block_counts, visible_counts) int32 tensors.
+        attrs: the node's attributes.
+        key_padding_mask, attn_bias, head_thresholds: optional inputs (SPEC.md).
+
+    Returns:
+        (params, keep_alive) where keep_alive holds tensors the params point into.
+    """
+    batch, heads_q, seq_q, dim = q.shape
+    heads_kv, seq_kv, dim_v = v.shape[1], k.shape[2], v.shape[3]
+    p = AsaParams(batch=batch, heads_q=heads_q, heads_kv=heads_kv, seq_q=seq_q, seq_kv=seq_kv,
+                  head_dim=dim, head_dim_v=dim_v, dtype=_DTYPES[q.dtype])
+    for name, t in (("q", q), ("k", k), ("v", v), ("o", out)):
+        setattr(p, "out" if name == "o" else name, t.data_ptr())
+        sb, sh, ss = _strides(t)
+        setattr(p, f"{name}_stride_b", sb)
+        setattr(p, f"{name}_stride_h", sh)
+        setattr(p, f"{name}_stride_s", ss)
+    keep = []
+    if key_padding_mask is not None:
+        mask = key_padding_mask.contiguous()
+        if mask.dtype not in _MASK_DTYPES:
+            raise AsaExportError(f"key_padding_mask must be bool/int32/int64, got {mask.dtype}")
+        p.key_padding_mask, p.mask_dtype = mask.data_ptr(), _MASK_DTYPES[mask.dtype]
+        p.mask_stride_b = mask.stride(0)
+        keep.append(mask)
+    if attn_bias is not None:
+        bias = attn_bias.to(q.dtype)
+        while bias.dim() < 4:
+            bias = bias.unsqueeze(0)
+        bias = bias.expand(batch, heads_q, seq_q, seq_kv)
+        p.bias = bias.data_ptr()
+        p.bias_stride_b, p.bias_stride_h, p.bias_stride_q, p.bias_stride_k = bias.stride()
+        keep.append(bias)
+    if head_thresholds is not None:
+        tau = head_thresholds.to(torch.float32).contiguous()
+        p.head_thresholds = tau.data_ptr()
+        keep.append(tau)
+    p.scale = attrs.resolved_scale(dim)
+    p.causal, p.block_size, p.threshold = int(attrs.causal), attrs.block_size, attrs.threshold
+    p.sink_blocks, p.local_blocks = attrs.sink_blocks, attrs.local_blocks
+    p.window, p.softcap, p.select_per = attrs.window, attrs.softcap, attrs.select_per
+    p.block_indices, p.block_counts, p.visible_counts = (t.data_ptr() for t in telemetry)
+    return p, keep
+
+
+def run_core(entry: str, params: AsaParams, device: torch.device) -> None:
+    """Call one C entry point (asa_cuda_route / _attention / _forward) on the current stream.
+
+    Args:
+        entry: name of the entry point.
+        params: filled AsaParams.
+        device: CUDA device of the tensors.
+    """
+    lib = _library()
+    size = lib.asa_cuda_workspace_size(ctypes.byref(params))
+    if size == 0 and lib.asa_last_error():
+        raise AsaExportError(lib.asa_last_error().decode())
+    workspace = torch.empty(max(size, 1), dtype=torch.uint8, device=device)
+    stream = torch.cuda.current_stream(device).cuda_stream
+    err = getattr(lib, entry)(ctypes.byref(params), ctypes.c_void_p(workspace.data_ptr()),
+                              ctypes.c_size_t(size), ctypes.c_void_p(stream))
+    if err != 0:
+        raise AsaExportError(f"{entry} returned CUDA error {err}: "
+                             f"{lib.asa_last_error().decode()}")
+
+
+def telemetry_shapes(q: torch.Tensor, k: torch.Tensor, attrs: AsaAttributes):
+    """Shapes of block_indices, block_counts, visible_counts (SPEC.md "Outputs")."""
+    batch, heads_q, seq_q, _ = q.shape
+    hsel = k.shape[1] if attrs.select_per else heads_q
+    nq, nk = num_blocks(seq_q, attrs.block_size), num_blocks(k.shape[2], attrs.block_size)
+    return (batch, hsel, nq, nk), (batch, hsel, nq), (batch, nq)
+
+
+def _attrs(scale, causal, block_size, threshold, sink_blocks, local_blocks, window, softcap,
+           select_per) -> AsaAttributes:
+    try:
+        return AsaAttributes(scale=scale, causal=bool(causal), block_size=block_size,
+                             threshold=threshold, sink_blocks=sink_blocks,
+                             local_blocks=local_blocks, window=window, softcap=softcap,
+                             select_per=select_per)
+    except ValueError as exc:
+        raise AsaExportError(str(exc)) from exc
+
+
+@torch.library.custom_op("asa::sparse_attention", mutates_args=())
+def sparse_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        key_padding_mask: Optional[torch.Tensor],
+                        attn_bias: Optional[torch.Tensor],
+                        head_thresholds: Optional[torch.Tensor],
+                        scale: float, causal: bool, block_size: int, threshold: float,
+                        sink_blocks: int, local_blocks: int, window: int, softcap: float,
+                        select_per: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                  torch.Tensor]:
+    """ASA op on CUDA tensors: router + block-sparse attention (contract v1)."""
+    attrs = _attrs(scale, causal, block_size, threshold, sink_blocks, local_blocks, window,
+                   softcap, select_per)
+    if not query.is_cuda:
+        raise AsaExportError("asa::sparse_attention runs on CUDA tensors only")
+    q, k, v = (_inner_contiguous(t) for t in (query, key, value))
+    out = torch.empty(*q.shape[:3], v.shape[3], dtype=q.dtype, device=q.device)
+    shapes = telemetry_shapes(q, k, attrs)
+    telemetry = [torch.empty(s, dtype=torch.int32, device=q.device) for s in shapes]
+    params, _keep = make_params(q, k, v, out, telemetry, attrs, key_padding_mask, attn_bias,
+                                head_thresholds)
+    run_core("asa_cuda_forward", params, q.device)
+    return (out, *telemetry)
+
+
+@sparse_attention_op.register_fake
+def _(query, key, value, key_padding_mask, attn_bias, head_thresholds, scale, causal,
+      block_size, threshold, sink_blocks, local_blocks, window, softcap, select_per):
+    attrs = _attrs(scale, causal, block_size, threshold, sink_blocks, local_blocks, window,
+                   softcap, select_per)
+    out = query.new_empty(*query.shape[:3], value.shape[3])
+    shapes = telemetry_shapes(query, key, attrs)
+    return (out, *(query.new_empty(s, dtype=torch.int32) for s in shapes))
+
+
+def sparse_attention(query, key, value, attrs: AsaAttributes = AsaAttributes(),
+                     key_padding_mask=None, attn_bias=None, head_thresholds=None):
+    """Convenience wrapper of ``torch.ops.asa.sparse_attention`` taking an AsaAttributes.
+
+    Args:
+        query: [B, Hq, Sq, D]; key: [B, Hkv, Skv, D]; value: [B, Hkv, Skv, Dv] (CUDA tensors).
+        attrs: the node's attributes.
+        key_padding_mask: optional [B, Skv] bool/int32/int64, nonzero = keep.
+        attn_bias: optional, broadcastable to [B, Hq, Sq, Skv].
+        head_thresholds: optional float32 [Hq].
+
+    Returns:
+        (out, block_indices, block_counts, visible_counts).
+    """
+    return torch.ops.asa.sparse_attention(
+        query, key, value, key_padding_mask, attn_bias, head_thresholds, float(attrs.scale),
+        bool(attrs.causal), int(attrs.block_size), float(attrs.threshold),
+        int(attrs.sink_blocks), int(attrs.local_blocks), int(attrs.window),
+        float(attrs.softcap), int(attrs.select_per))
+
+
+def route(query, key, attrs: AsaAttributes = AsaAttributes(), key_padding_mask=None,
+          head_thresholds=None):
+    """Router only (for timing and tests): the block lists without the attention.
+
+    Args:
+        query, key: as in `sparse_attention` (value is not read).
+        attrs, key_padding_mask, head_thresholds: as in `sparse_attention`.
+
+    Returns:
+        (block_indices, block_counts, visible_counts).
+    """
+    shapes = telemetry_shapes(query, key, attrs)
+    telemetry = [torch.empty(s, dtype=torch.int32, device=query.device) for s in shapes]
+    out = torch.empty(1, dtype=query.dtype, device=query.device)
+    params, _keep = make_params(query, key, key, out, telemetry, attrs, key_padding_mask, None,
+                                head_thresholds)
+    run_core("asa_cuda_route", params, query.device)
+    return tuple(telemetry)
+
+
+def dense_flops(batch: int, heads_q: int, seq_q: int, seq_kv: int, head_dim: int,
+                causal: bool) -> float:
+    """Dense attention FLOPs, the convention of the FlashAttention benchmarks:
+    4 * B * Hq * Sq * Skv * D (two matmuls of 2 flops per multiply-add), halved when causal
+    (for Sq == Skv).
+
+    Returns:
+        FLOP count as a float.
+    """
+    flops = 4.0 * batch * heads_q * seq_q * seq_kv * head_dim
+    return flops / 2 if causal else flops
+
+
+__all__ = ["AsaParams", "build_cuda_library", "find_cuda_library", "make_params", "route",
+           "run_core", "sparse_attention", "sparse_attention_op", "dense_flops",
+           "telemetry_shapes"]

@@ -1,0 +1,340 @@
+"""GPU tests of the CUDA kernel core through the torch binding (asa_export/runtime/torch_op.py).
+
+Held against the numpy reference (asa_export/contract/reference.py): block selection must match
+it (up to near-ties in float32 rounding, bounded below), and the attention output's error
+against a float64 computation on the same kept blocks must stay within 2x the error of torch
+SDPA run in the same precision on the same mask. Outputs are poisoned before each run.
+Skipped without a CUDA GPU; the library comes from $ASA_CUDA_LIB or is built with CMake.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+from asa_export.contract import AsaAttributes, num_blocks  # noqa: E402
+from asa_export.contract import reference as ref  # noqa: E402
+
+POISON = float("nan")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@pytest.fixture(scope="module")
+def op():
+    from asa_export.runtime import torch_op
+    try:
+        torch_op.find_cuda_library()
+    except Exception:  # noqa: BLE001 - build on first use when nothing is built yet
+        torch_op.build_cuda_library(archs="90a" if torch.cuda.get_device_capability()[0] == 9
+                                    else "80", jobs=8)
+    return torch_op
+
+
+@dataclasses.dataclass
+class Case:
+    batch: int
+    heads_q: int
+    heads_kv: int
+    seq_q: int
+    seq_kv: int
+    dim: int
+    dtype: str
+    attrs: AsaAttributes
+    padding: bool = False
+    bias: bool = False
+
+
+def make_inputs(case: Case, seed: int):
+    """Fresh random q/k/v with a block-constant component so the router has real structure."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dt = DTYPES[case.dtype]
+
+    def rand(h, s):
+        x = torch.randn(case.batch, h, s, case.dim, generator=g, device="cuda")
+        nb = num_blocks(s, case.attrs.block_size)
+        blk = torch.randn(case.batch, h, nb, case.dim, generator=g, device="cuda")
+        x += 0.7 * blk.repeat_interleave(case.attrs.block_size, dim=2)[:, :, :s]
+        return x.to(dt)
+
+    q, k = rand(case.heads_q, case.seq_q), rand(case.heads_kv, case.seq_kv)
+    v = torch.randn(case.batch, case.heads_kv, case.seq_kv, case.dim, generator=g,
+                    device="cuda").to(dt)
+    mask = bias = None
+    if case.padding:
+        lengths = torch.randint(1, case.seq_kv + 1, (case.batch,), generator=g, device="cuda")
+        lengths[0] = case.seq_kv  # one full row, the others shorter
+        mask = torch.arange(case.seq_kv, device="cuda")[None] < lengths[:, None]
+    if case.bias:
+        bias = torch.randn(case.batch, 1, case.seq_q, case.seq_kv, generator=g,
+                           device="cuda").to(dt)
+    return q, k, v, mask, bias
+
+
+def run_poisoned(op, q, k, v, attrs, mask=None, bias=None, thresholds=None):
+    """Run asa_cuda_forward on NaN-poisoned outputs (telemetry poisoned with -7)."""
+    out = torch.full((*q.shape[:3], v.shape[3]), POISON, dtype=q.dtype, device="cuda")
+    tele = [torch.full(s, -7, dtype=torch.int32, device="cuda")
+            for s in op.telemetry_shapes(q, k, attrs)]
+    params, _keep = op.make_params(q, k, v, out, tele, attrs, mask, bias, thresholds)
+    op.run_core("asa_cuda_forward", params, q.device)
+    torch.cuda.synchronize()
+    return out, tele
+
+
+def keep_from_indices(indices: np.ndarray) -> np.ndarray:
+    nk = indices.shape[-1]
+    keep = np.zeros(indices.shape, dtype=bool)
+    rows = np.nonzero(indices >= 0)
+    keep[(*rows[:-1], indices[rows])] = True
+    assert keep.sum() == (indices >= 0).sum()
+    del nk
+    return keep
+
+
+def element_mask(keep, visible_elem, heads_q, b):
+    """bool [B, Hq, Sq, Skv]: visible keys in kept blocks (keep [B, Hsel, NQ, NK])."""
+    per_head = np.repeat(keep, heads_q // keep.shape[1], axis=1)
+    seq_q, seq_kv = visible_elem.shape[1:]
+    per_elem = per_head[:, :, np.arange(seq_q) // b][:, :, :, np.arange(seq_kv) // b]
+    return per_elem & visible_elem[:, None]
+
+
+def attention64(q, k, v, mask, attrs, bias=None):
+    """Float64 masked attention on the GPU; rows with no key give zeros."""
+    g = q.shape[1] // k.shape[1]
+    qd, kd, vd = q.double(), k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+    s = attrs.resolved_scale(q.shape[-1]) * qd @ kd.transpose(-1, -2)
+    if attrs.softcap > 0:
+        s = attrs.softcap * torch.tanh(s / attrs.softcap)
+    if bias is not None:
+        s = s + bias.double()
+    s = s.masked_fill(~mask, float("-inf"))
+    w = torch.softmax(s, -1).nan_to_num(0.0)
+    return w @ vd
+
+
+def sdpa_same_precision(q, k, v, mask, attrs, bias=None):
+    """torch SDPA in the inputs' precision on the same element mask (baseline error)."""
+    g = q.shape[1] // k.shape[1]
+    kk, vv = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    add = torch.zeros(mask.shape, dtype=q.dtype, device="cuda")
+    add = add.masked_fill(~mask, float("-inf"))
+    if bias is not None:
+        add = add + bias
+    if attrs.softcap > 0:  # SDPA has no softcap: compute the scores in the same precision
+        s = (attrs.resolved_scale(q.shape[-1]) * (q @ kk.transpose(-1, -2)).float())
+        s = attrs.softcap * torch.tanh(s / attrs.softcap)
+        s = (s + add.float()).to(q.dtype).float()
+        return (torch.softmax(s, -1).to(q.dtype) @ vv)
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, kk, vv, attn_mask=add, scale=attrs.resolved_scale(q.shape[-1]))
+
+
+def walk_margins(probs, keep_ref, visible, attrs, seq_q, seq_kv, tau):
+    """Per block: |running sum before/after it - tau| in the reference walk order (float32)."""
+    forced = ref._forced_blocks(attrs, seq_q, seq_kv)[None, None] & visible[:, None]
+    vis = np.broadcast_to(visible[:, None], probs.shape)
+    index = np.broadcast_to(np.arange(probs.shape[-1]), probs.shape)
+    group = np.where(forced, 0, np.where(vis, 1, 2))
+    order = np.lexsort((index, np.where(group == 1, -probs, 0), group), axis=-1)
+    p_sorted = np.take_along_axis(np.where(vis, probs, 0).astype(np.float32), order, axis=-1)
+    after = np.cumsum(p_sorted, axis=-1, dtype=np.float32)
+    before = after - p_sorted
+    margin_sorted = np.minimum(np.abs(before - tau), np.abs(after - tau))
+    margin = np.empty_like(margin_sorted)
+    np.put_along_axis(margin, order, margin_sorted, axis=-1)
+    return margin
+
+
+def check_selection(ours, ref_keep, probs, visible, attrs, seq_q, seq_kv):
+    """Selections must agree; a differing row is tolerated only at a float32 near-tie."""
+    diff = ours != ref_keep
+    rows = np.argwhere(diff.any(-1))
+    if len(rows) == 0:
+        return 0
+    margin = walk_margins(probs, ref_keep, visible, attrs, seq_q, seq_kv, np.float32(
+        attrs.threshold))
+    for row in map(tuple, rows):
+        blocks = np.nonzero(diff[row])[0]
+        p = probs[row]
+        for kb in blocks:
+            near_sum = margin[row][kb] < 2e-5
+            near_tie = any(abs(p[kb] - p[m]) <= 1e-6 * max(p[kb], p[m]) + 1e-12
+                           for m in blocks if m != kb)
+            assert near_sum or near_tie, (
+                f"block {kb} of row {row} differs from the reference: P={p[kb]}, "
+                f"walk margin {margin[row][kb]}")
+    assert len(rows) <= max(1, 0.01 * np.prod(diff.shape[:-1])), f"{len(rows)} rows differ"
+    return len(rows)
+
+
+def check_case(op, case: Case, seed: int = 0):
+    q, k, v, mask, bias = make_inputs(case, seed)
+    attrs = case.attrs
+    out, (indices, counts, vis_counts) = run_poisoned(op, q, k, v, attrs, mask, bias)
+    assert not torch.isnan(out).any(), "output not fully written (NaN poison left)"
+
+    # Router against the reference (float32 on the CPU, from the same rounded inputs).
+    mask_np = None if mask is None else mask.cpu().numpy()
+    qn, kn = q.float().cpu().numpy(), k.float().cpu().numpy()
+    probs, visible = ref.router_probs(qn, kn, attrs, mask_np)
+    ref_keep = ref.select_blocks(probs, visible, attrs, case.seq_q, case.seq_kv)
+    ref_idx, ref_counts, ref_vis = ref.telemetry(ref_keep, visible)
+    np.testing.assert_array_equal(vis_counts.cpu().numpy(), ref_vis)
+    ours = keep_from_indices(indices.cpu().numpy())
+    np.testing.assert_array_equal(counts.cpu().numpy(), ours.sum(-1))
+    idx = indices.cpu().numpy()
+    valid = idx >= 0
+    assert (valid[..., :-1] >= valid[..., 1:]).all(), "padding -1 must follow the indices"
+    assert (np.diff(np.where(valid, idx, 1 << 30), axis=-1)[valid[..., 1:]] > 0).all()
+    check_selection(ours, ref_keep, probs, visible, attrs, case.seq_q, case.seq_kv)
+
+    # Attention against float64 on our kept blocks; bound by SDPA's error in the same precision.
+    elem_vis = ref.visibility(case.batch, case.seq_q, case.seq_kv, attrs, mask_np)
+    emask = torch.from_numpy(element_mask(ours, elem_vis, case.heads_q,
+                                          attrs.block_size)).cuda()
+    gold = attention64(q, k, v, emask, attrs, bias)
+    has_key = emask.any(-1)
+    err = (out.double() - gold).abs()
+    assert (out[~has_key] == 0).all(), "rows without a visible key must be zeros"
+    base = sdpa_same_precision(q, k, v, emask, attrs, bias)
+    base_err = (base.double() - gold).abs()[has_key].max().item() if has_key.any() else 0.0
+    ours_err = err[has_key].max().item() if has_key.any() else 0.0
+    assert ours_err <= 2 * base_err + 1e-6, f"max error {ours_err:.3g} vs SDPA {base_err:.3g}"
+    return ours_err, base_err
+
+
+def A(**kw):
+    return AsaAttributes(**kw)
+
+
+CASES = {
+    "s97_d64_g1_bf16_causal": Case(2, 8, 8, 97, 97, 64, "bf16",
+                                   A(causal=True, threshold=0.6)),
+    "s1025_d128_g3_fp16_full_b128_group": Case(1, 12, 4, 1025, 1025, 128, "fp16",
+                                               A(threshold=0.5, block_size=128, select_per=1)),
+    "s1025_d64_g4_bf16_window": Case(1, 8, 2, 1025, 1025, 64, "bf16",
+                                     A(causal=True, window=300, threshold=0.7)),
+    "s4099_d128_g8_bf16_causal_group": Case(1, 8, 1, 4099, 4099, 128, "bf16",
+                                            A(causal=True, threshold=0.5, block_size=128,
+                                              select_per=1)),
+    "s4099_d64_g3_fp32_causal": Case(1, 3, 1, 4099, 4099, 64, "fp32",
+                                     A(causal=True, threshold=0.5)),
+    "s1025_d128_g4_fp32_full_window": Case(1, 4, 1, 1025, 1025, 128, "fp32",
+                                           A(window=200, threshold=0.8, local_blocks=2)),
+    "sq97_skv1025_d128_bf16_causal": Case(2, 4, 4, 97, 1025, 128, "bf16",
+                                          A(causal=True, threshold=0.5, sink_blocks=2)),
+    "s1025_d64_fp16_softcap_bias_padding": Case(2, 4, 2, 1025, 1025, 64, "fp16",
+                                                A(causal=True, threshold=0.6, softcap=5.0),
+                                                padding=True, bias=True),
+    "s1025_d128_bf16_padding_full": Case(3, 4, 1, 1025, 1025, 128, "bf16",
+                                         A(threshold=0.4, block_size=128), padding=True),
+    "decode1_kv4099_d128_bf16_group": Case(2, 8, 2, 1, 4099, 128, "bf16",
+                                           A(causal=True, threshold=0.5, select_per=1)),
+    "decode16_kv4099_d64_fp16_padding": Case(2, 8, 8, 16, 4099, 64, "fp16",
+                                             A(causal=True, threshold=0.3), padding=True),
+    "decode4_kv1025_d128_bf16_dense": Case(1, 8, 1, 4, 1025, 128, "bf16",
+                                           A(causal=True, threshold=1.0, block_size=128)),
+    "s97_d96_bf16_simple_path": Case(1, 4, 2, 97, 97, 96, "bf16", A(causal=True, threshold=0.7)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference(op, name):
+    check_case(op, CASES[name], seed=hash(name) % 1000)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_tau_one_is_dense_attention(op, dtype):
+    """tau = 1 keeps every visible block: the output is plain causal attention."""
+    case = Case(1, 8, 2, 1025, 1025, 128, dtype, A(causal=True, threshold=1.0))
+    q, k, v, _, _ = make_inputs(case, 7)
+    out, (_, counts, vis_counts) = run_poisoned(op, q, k, v, case.attrs)
+    assert (counts == vis_counts[:, None]).all()
+    gold = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double().repeat_interleave(4, 1), v.double().repeat_interleave(4, 1),
+        is_causal=True)
+    base = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), is_causal=True)
+    ours_err = (out.double() - gold).abs().max().item()
+    base_err = (base.double() - gold).abs().max().item()
+    assert ours_err <= 2 * base_err + 1e-6, (ours_err, base_err)
+
+
+def test_rows_without_visible_keys_are_zero(op):
+    """A batch whose keys are all padded, and causal rows before the first key, give zeros."""
+    attrs = A(causal=True, threshold=0.5)
+    case = Case(2, 4, 2, 200, 130, 64, "bf16", attrs)  # Sq > Skv: rows 0..69 see no key
+    q, k, v, _, _ = make_inputs(case, 3)
+    mask = torch.ones(2, 130, dtype=torch.bool, device="cuda")
+    mask[1] = False
+    out, _ = run_poisoned(op, q, k, v, attrs, mask)
+    assert (out[1] == 0).all()
+    assert (out[0, :, :70] == 0).all()
+    assert (out[0, :, 70:].abs().sum(-1) > 0).all()
+
+
+def test_selection_exact_on_exact_scores(op):
+    """With block-constant integer inputs every float32 router step is exact up to exp, so the
+    kept sets must equal the reference's exactly."""
+    attrs = A(causal=False, threshold=0.55, block_size=64, sink_blocks=1, local_blocks=1)
+    g = torch.Generator().manual_seed(11)
+    b, nq, nk, d = 2, 5, 17, 64
+    qb = torch.randint(-3, 4, (b, 4, nq, d), generator=g).float() / 8
+    kb = torch.randint(-3, 4, (b, 2, nk, d), generator=g).float() / 8
+    q = qb.repeat_interleave(64, 2).cuda().to(torch.bfloat16)
+    k = kb.repeat_interleave(64, 2).cuda().to(torch.bfloat16)
+    for select_per in (0, 1):
+        a = dataclasses.replace(attrs, select_per=select_per)
+        _, (indices, counts, _) = run_poisoned(op, q, k, k, a)
+        probs, visible = ref.router_probs(q.float().cpu().numpy(), k.float().cpu().numpy(), a)
+        ref_idx, ref_counts, _ = ref.telemetry(
+            ref.select_blocks(probs, visible, a, nq * 64, nk * 64), visible)
+        np.testing.assert_array_equal(indices.cpu().numpy(), ref_idx)
+        np.testing.assert_array_equal(counts.cpu().numpy(), ref_counts)
+
+
+def test_head_thresholds(op):
+    """Per-head tau replaces the attribute; a group uses the max of its heads."""
+    case = Case(1, 4, 2, 513, 513, 64, "bf16", A(causal=True, threshold=0.9))
+    q, k, v, _, _ = make_inputs(case, 5)
+    tau = torch.tensor([0.2, 1.0, 0.4, 0.3], device="cuda")
+    for select_per in (0, 1):
+        a = dataclasses.replace(case.attrs, select_per=select_per)
+        _, (indices, counts, vis) = run_poisoned(op, q, k, v, a, thresholds=tau)
+        probs, visible = ref.router_probs(q.float().cpu().numpy(), k.float().cpu().numpy(), a)
+        keep = ref.select_blocks(probs, visible, a, 513, 513, tau.cpu().numpy())
+        ours = keep_from_indices(indices.cpu().numpy())
+        assert (ours != keep).any(-1).sum() <= 1
+        if select_per == 0:
+            assert (counts[0, 1] == vis[0]).all()  # tau = 1 on head 1: dense
+
+
+def test_custom_op_and_fake(op):
+    """torch.ops.asa.sparse_attention runs, and its fake impl gives the same shapes."""
+    case = Case(1, 4, 2, 97, 97, 64, "bf16", A(causal=True, threshold=0.5))
+    q, k, v, _, _ = make_inputs(case, 9)
+    real = op.sparse_attention(q, k, v, case.attrs)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+        fake = op.sparse_attention(fq, fk, fv, case.attrs)
+    assert [tuple(t.shape) for t in real] == [tuple(t.shape) for t in fake]
+    assert [t.dtype for t in real] == [t.dtype for t in fake]
+
+
+def test_invalid_params_raise(op):
+    from asa_export.errors import AsaExportError
+    q = torch.randn(1, 3, 64, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 2, 64, 64, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(AsaExportError, match="multiple"):
+        op.sparse_attention(q, k, k, A())

@@ -1,0 +1,268 @@
+"""Benchmark of the CUDA kernel core against torch SDPA (cuDNN, flash) and FlexAttention.
+
+One run on one GPU; the table is printed last (and written as JSON with --json).
+
+    python tools/bench_kernels.py --seqs 4096 8192 32768 131072 --json $OUT/bench.json
+
+Effective TFLOP/s = dense FLOPs / time, with dense FLOPs = 4 * B * Hq * Sq * Skv * D, halved for
+causal (the FlashAttention benchmark convention), for dense and sparse runs alike. Sparse timings
+include the router (asa_cuda_forward). Each density's threshold tau is found by bisection on the
+router alone; FlexAttention gets the same kept blocks through BlockMask.from_kv_blocks (full
+blocks plus causal partial diagonal blocks), never through a dense mask.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import json
+import math
+import pathlib
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from asa_export.contract import AsaAttributes  # noqa: E402
+from asa_export.runtime import torch_op  # noqa: E402
+
+
+def time_ms(fn, budget_s: float = 0.6, min_reps: int = 3, max_reps: int = 30) -> float:
+    """Median of CUDA-event timings after one warm-up; repetitions fit the time budget."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    first = start.elapsed_time(end)
+    reps = int(min(max_reps, max(min_reps, budget_s * 1e3 / max(first, 1e-3))))
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+class AsaRunner:
+    """Pre-allocated ASA call (params, workspace, outputs) so timing sees only the kernels."""
+
+    def __init__(self, q, k, v, attrs: AsaAttributes):
+        self.q, self.k, self.v, self.attrs = q, k, v, attrs
+        self.out = torch.empty_like(q[..., : v.shape[-1]])
+        self.tele = [torch.empty(s, dtype=torch.int32, device=q.device)
+                     for s in torch_op.telemetry_shapes(q, k, attrs)]
+        self.params, self._keep = torch_op.make_params(q, k, v, self.out, self.tele, attrs)
+        self.lib = torch_op._library()
+        size = self.lib.asa_cuda_workspace_size(ctypes.byref(self.params))
+        self.ws = torch.empty(max(size, 1), dtype=torch.uint8, device=q.device)
+        self.size = size
+
+    def call(self, entry: str = "asa_cuda_forward"):
+        stream = torch.cuda.current_stream().cuda_stream
+        err = getattr(self.lib, entry)(ctypes.byref(self.params), ctypes.c_void_p(
+            self.ws.data_ptr()), ctypes.c_size_t(self.size), ctypes.c_void_p(stream))
+        if err:
+            raise RuntimeError(self.lib.asa_last_error().decode())
+
+    def density(self) -> float:
+        counts, vis = self.tele[1], self.tele[2]
+        return counts.sum().item() / (vis.sum().item() * counts.shape[1])
+
+
+def find_tau(q, k, v, attrs: AsaAttributes, target: float, steps: int = 10):
+    """Bisection on tau so the router's density lands near `target` (router only)."""
+    if target >= 1.0:
+        return 1.0
+    lo, hi = 1e-4, 0.9999
+    best = (float("inf"), hi)
+    for _ in range(steps):
+        mid = 0.5 * (lo + hi)
+        runner = AsaRunner(q, k, v, _with(attrs, threshold=mid))
+        runner.call("asa_cuda_route")
+        d = runner.density()
+        best = min(best, (abs(d - target), mid))
+        if d < target:
+            lo = mid
+        else:
+            hi = mid
+    return best[1]
+
+
+def _with(attrs: AsaAttributes, **kw) -> AsaAttributes:
+    return dataclasses.replace(attrs, **kw)
+
+
+def sdpa_ms(q, kk, vv, causal: bool, backend) -> float:
+    from torch.nn.attention import sdpa_kernel
+    fn = torch.nn.functional.scaled_dot_product_attention
+    try:
+        with sdpa_kernel(backend):
+            return time_ms(lambda: fn(q, kk, vv, is_causal=causal))
+    except RuntimeError as exc:
+        print(f"  SDPA {backend} failed: {str(exc)[:120]}")
+        return float("nan")
+
+
+def flex_block_mask(indices, counts, causal: bool, seq: int, block: int):
+    """BlockMask from ASA's kept lists: diagonal blocks partial (causal), the rest full."""
+    from torch.nn.attention.flex_attention import BlockMask
+    nq = counts.shape[-1]
+    nk = indices.shape[-1]
+    kept = torch.zeros(*indices.shape[:-1], nk + 1, dtype=torch.bool, device=indices.device)
+    kept.scatter_(-1, torch.where(indices >= 0, indices, nk).long(), True)
+    kept = kept[..., :nk]
+    diag = torch.zeros_like(kept)
+    if causal:
+        ar = torch.arange(min(nq, nk), device=kept.device)
+        diag[..., ar, ar] = kept[..., ar, ar]
+    full = kept & ~diag
+
+    def lists(m):
+        num = m.sum(-1).to(torch.int32)
+        idx = torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return num, idx
+
+    num_p, idx_p = lists(diag)
+    num_f, idx_f = lists(full)
+
+    def causal_mod(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    return BlockMask.from_kv_blocks(num_p, idx_p, num_f, idx_f, BLOCK_SIZE=block,
+                                    mask_mod=causal_mod if causal else None)
+
+
+_FLEX = None
+
+
+def flex_ms(q, k, v, block_mask) -> float:
+    global _FLEX
+    from torch.nn.attention.flex_attention import flex_attention
+    if _FLEX is None:
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+    try:
+        return time_ms(lambda: _FLEX(q, k, v, block_mask=block_mask, enable_gqa=True))
+    except Exception as exc:  # noqa: BLE001 - report and go on with the other columns
+        print(f"  FlexAttention failed: {str(exc)[:160]}")
+        return float("nan")
+
+
+def bench_prefill(args, seq: int, causal: bool, rows: list):
+    from torch.nn.attention import SDPBackend
+    B, Hq, Hkv, D = 1, args.heads_q, args.heads_kv, 128
+    g = torch.Generator(device="cuda").manual_seed(seq)
+    q = torch.randn(B, Hq, seq, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(B, Hkv, seq, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(B, Hkv, seq, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    kk, vv = k.repeat_interleave(Hq // Hkv, 1), v.repeat_interleave(Hq // Hkv, 1)
+    flops = torch_op.dense_flops(B, Hq, seq, seq, D, causal)
+    cudnn = sdpa_ms(q, kk, vv, causal, SDPBackend.CUDNN_ATTENTION)
+    flash = sdpa_ms(q, kk, vv, causal, SDPBackend.FLASH_ATTENTION)
+    del kk, vv
+    base = AsaAttributes(causal=causal, block_size=args.block_size, sink_blocks=1,
+                         local_blocks=1)
+    use_flex = args.flex and seq in args.flex_seqs
+    for target in args.densities:
+        tau = find_tau(q, k, v, base, target)
+        runner = AsaRunner(q, k, v, _with(base, threshold=tau))
+        asa = time_ms(runner.call)
+        router = time_ms(lambda: runner.call("asa_cuda_route"))
+        density = runner.density()
+        fx = float("nan")
+        if use_flex:
+            bm = flex_block_mask(runner.tele[0], runner.tele[1], causal, seq, args.block_size)
+            fx = flex_ms(q, k, v, bm)
+            del bm
+        rows.append(dict(kind="prefill", seq=seq, causal=causal, target=target, tau=tau,
+                         density=density, asa_ms=asa, tflops=flops / asa / 1e9,
+                         cudnn_ms=cudnn, flash_ms=flash, flex_ms=fx, router_ms=router,
+                         router_pct=100 * router / cudnn))
+        print(json.dumps(rows[-1]), flush=True)
+        del runner
+
+
+def bench_decode(args, kv: int, rows: list):
+    from torch.nn.attention import SDPBackend
+    B, Hq, Hkv, D = args.decode_batch, args.heads_q, args.heads_kv, 128
+    g = torch.Generator(device="cuda").manual_seed(kv + 1)
+    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(B, Hkv, kv, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(B, Hkv, kv, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    kk, vv = k.repeat_interleave(Hq // Hkv, 1), v.repeat_interleave(Hq // Hkv, 1)
+    dense = {}
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("flash", SDPBackend.FLASH_ATTENTION)):
+        dense[name] = sdpa_ms(q, kk, vv, False, backend)
+    del kk, vv
+    base = AsaAttributes(causal=True, block_size=args.block_size, select_per=1)
+    for target in args.densities:
+        tau = find_tau(q, k, v, base, target)
+        runner = AsaRunner(q, k, v, _with(base, threshold=tau))
+        ms = time_ms(runner.call)
+        best_dense = min(x for x in dense.values() if not math.isnan(x))
+        rows.append(dict(kind="decode", seq=kv, target=target, tau=tau,
+                         density=runner.density(), asa_ms=ms, tok_s=B / ms * 1e3,
+                         dense_tok_s=B / best_dense * 1e3, cudnn_ms=dense["cudnn"],
+                         flash_ms=dense["flash"], speedup=best_dense / ms))
+        print(json.dumps(rows[-1]), flush=True)
+
+
+def print_table(rows: list, gpu: str):
+    print(f"\nGPU: {gpu}; torch {torch.__version__}; B=1 Hq=32 Hkv=8 D=128 bf16")
+    print("TFLOP/s = 4*B*Hq*S*S*D (/2 causal) / time; x-columns = baseline time / ASA time")
+    print(f"{'S':>7} {'mode':>6} {'dens':>5} {'ASA ms':>9} {'TFLOP/s':>8} {'xcuDNN':>7} "
+          f"{'xflash':>7} {'xFlex':>6} {'rout ms':>8} {'rout%':>6}")
+    for r in rows:
+        if r["kind"] != "prefill":
+            continue
+        print(f"{r['seq']:>7} {'causal' if r['causal'] else 'full':>6} {r['density']:>5.2f} "
+              f"{r['asa_ms']:>9.3f} {r['tflops']:>8.1f} {r['cudnn_ms'] / r['asa_ms']:>7.2f} "
+              f"{r['flash_ms'] / r['asa_ms']:>7.2f} {r['flex_ms'] / r['asa_ms']:>6.2f} "
+              f"{r['router_ms']:>8.3f} {r['router_pct']:>6.2f}")
+    dec = [r for r in rows if r["kind"] == "decode"]
+    if dec:
+        print(f"\n{'KV':>7} {'dens':>5} {'ASA ms':>8} {'tok/s':>9} {'dense tok/s':>11} "
+              f"{'speedup':>7}")
+        for r in dec:
+            print(f"{r['seq']:>7} {r['density']:>5.2f} {r['asa_ms']:>8.3f} {r['tok_s']:>9.0f} "
+                  f"{r['dense_tok_s']:>11.0f} {r['speedup']:>7.2f}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seqs", type=int, nargs="+", default=[4096, 8192, 32768, 131072])
+    parser.add_argument("--modes", nargs="+", default=["causal", "full"])
+    parser.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.4, 0.1])
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--heads-q", type=int, default=32)
+    parser.add_argument("--heads-kv", type=int, default=8)
+    parser.add_argument("--flex", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--flex-seqs", type=int, nargs="+", default=[8192, 32768, 131072])
+    parser.add_argument("--decode-kv", type=int, nargs="*", default=[32768, 131072])
+    parser.add_argument("--decode-batch", type=int, default=1)
+    parser.add_argument("--json", type=pathlib.Path)
+    args = parser.parse_args(argv)
+    gpu = torch.cuda.get_device_name()
+    rows: list = []
+    for seq in args.seqs:
+        for mode in args.modes:
+            bench_prefill(args, seq, mode == "causal", rows)
+            torch.cuda.empty_cache()
+    for kv in args.decode_kv:
+        bench_decode(args, kv, rows)
+    if args.json:
+        args.json.write_text(json.dumps(dict(gpu=gpu, torch=torch.__version__, rows=rows),
+                                        indent=1))
+    print_table(rows, gpu)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+#!/bin/bash
+# One device call for the CUDA kernel core: build libasa_cuda.so (sm_90a + sm_80), run the GPU
+# tests, run the kernel benchmark. Logs land under $OUT (the device tool brings them back).
+#   tools/gpu_session.sh [all|test|bench] [extra bench_kernels.py args...]
+set -o pipefail
+OUT=${OUT:-/tmp/asa_gpu_out}
+mkdir -p "$OUT"
+MODE=${1:-all}
+shift || true
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu \
+  --format=csv | tee "$OUT/gpu.txt"
+BUILD=plugins/build/cuda
+start=$(date +%s)
+if ! { cmake -S plugins -B $BUILD -G Ninja -DASA_WITH_CUDA=ON -DASA_WITH_CPU=OFF \
+        -DCMAKE_CUDA_ARCHITECTURES="${ASA_ARCHS:-90a;80}" && cmake --build $BUILD -j 16; } \
+        > "$OUT/build.log" 2>&1; then
+  tail -60 "$OUT/build.log"
+  exit 1
+fi
+echo "build: $(( $(date +%s) - start )) s"
+export ASA_CUDA_LIB=$PWD/$BUILD/core/cuda/libasa_cuda.so
+if [ "$MODE" = all ] || [ "$MODE" = test ]; then
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -rf tests/plugins/test_cuda_kernels.py \
+    2>&1 | tee "$OUT/tests.log" | tail -40
+fi
+if [ "$MODE" = all ] || [ "$MODE" = bench ]; then
+  python3 tools/bench_kernels.py --json "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.log" \
+    | grep -v '^{'
+fi
