@@ -70,21 +70,24 @@ def _visibility(term: MaskTerm, array: np.ndarray) -> np.ndarray:
     return visible
 
 
-def _to_rows(visible: np.ndarray, batch: int, sq: int, skv: int) -> np.ndarray:
-    """Broadcast a visibility tensor to [B, H?, Sq, Skv] and require the same mask on every head."""
-    if visible.ndim < 2 or visible.ndim > 4:
-        raise MaskError(f"mask of rank {visible.ndim} is not broadcastable to [B, H, Sq, Skv]")
-    while visible.ndim < 4:
-        visible = visible[None]
+def _to_rows(visible: list[np.ndarray]) -> np.ndarray:
+    """Intersect the terms' visibilities as [B, Sq, Skv]; the mask must be the same on every head.
+
+    Sizes are read off the evaluated mask itself (a dim of 1 broadcasts), so the probe does not
+    need to know how the model names its sequence dimensions.
+    """
+    terms = []
+    for v in visible:
+        if v.ndim < 2 or v.ndim > 4:
+            raise MaskError(f"mask of rank {v.ndim} is not broadcastable to [B, H, Sq, Skv]")
+        terms.append(v.reshape((1,) * (4 - v.ndim) + v.shape))
     try:
-        visible = np.broadcast_to(visible, (batch, visible.shape[1], sq, skv))
+        combined = np.logical_and.reduce(np.broadcast_arrays(*terms))
     except ValueError as exc:
-        raise MaskError(
-            f"mask of shape {visible.shape} does not fit [B={batch}, H, Sq={sq}, Skv={skv}]"
-        ) from exc
-    if visible.shape[1] > 1 and not np.all(visible == visible[:, :1]):
+        raise MaskError(f"mask terms of shapes {[t.shape for t in terms]} do not broadcast") from exc
+    if combined.shape[1] > 1 and not np.all(combined == combined[:, :1]):
         raise MaskError("the mask differs between heads; not expressible by the contract")
-    return visible[:, 0]
+    return combined[:, 0]
 
 
 def hypothesis(batch, sq, skv, causal, window, padding) -> np.ndarray:
@@ -189,14 +192,20 @@ def analyze(model: ir.Model, terms: list[MaskTerm]) -> MaskSpec:
             arrays = probe.run(feeds)
         except ProbeError as exc:
             raise MaskError(f"the mask could not be evaluated: {exc}") from exc
-        batch, sq, skv = plan["batch"], plan["seq"], plan["seq"] + plan["past"]
-        visible = np.ones((batch, sq, skv), dtype=bool)
-        for term, array in zip(terms, arrays):
-            visible &= _to_rows(_visibility(term, np.asarray(array)), batch, sq, skv)
+        visible = _to_rows([_visibility(t, np.asarray(a)) for t, a in zip(terms, arrays)])
+        pad = feeds[padding.name] != 0 if padding is not None else None
+        if pad is not None:
+            visible = np.broadcast_to(visible, (pad.shape[0],) + visible.shape[1:])
+        if visible.shape[1] == 1 and plan["seq"] > 1:  # rows broadcast: the same for every query
+            visible = np.broadcast_to(visible, (visible.shape[0], plan["seq"], visible.shape[2]))
+        batch, sq, skv = visible.shape
+        if pad is not None and pad.shape[1] != skv:
+            raise MaskError(
+                f"the padding input {padding.name!r} has {pad.shape[1]} keys, the mask {skv}"
+            )
         if spec is None or (spec.window < 0 and _fit(visible, sq, skv)[1] > 0):
             causal, window = _fit(visible, sq, skv)
             spec = MaskSpec(causal=causal, window=window, padding=padding)
-        pad = feeds[padding.name] != 0 if padding is not None else None
         expected = hypothesis(batch, sq, skv, spec.causal, spec.window, pad)
         rows = expected.any(axis=-1)
         if not np.array_equal(visible[rows], expected[rows]):

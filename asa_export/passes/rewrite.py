@@ -72,8 +72,7 @@ def rewrite_site(model: ir.Model, match: Match, attrs: AsaAttributes, name: str)
         value = _concat_past(graph, past_value, value, before, f"{name}/present_value")
         for old, new in zip(presents, (key, value)):
             if old is not None:
-                new.shape = old.shape
-                ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+                _replace(old, new, new.name)
     inputs = [match.query, key, value]
     if match.mask.padding is not None:
         inputs.append(match.mask.padding)
@@ -86,12 +85,21 @@ def rewrite_site(model: ir.Model, match: Match, attrs: AsaAttributes, name: str)
         num_outputs=1,
     )
     graph.insert_before(before, node)
-    out = node.outputs[0]
-    out.name = f"{name}/output"
-    out.dtype = match.output.dtype
-    out.shape = match.output.shape
-    ir.convenience.replace_all_uses_with(match.output, out, replace_graph_outputs=True)
+    _replace(match.output, node.outputs[0], f"{name}/output")
     return node
+
+
+def _replace(old: ir.Value, new: ir.Value, name: str) -> None:
+    """Route every use of `old` to `new`; a model output keeps its name (services bind by name)."""
+    new.dtype = old.dtype
+    new.shape = old.shape
+    if old.is_graph_output():
+        kept = old.name
+        old.name = f"{kept}/replaced"
+        new.name = kept
+    else:
+        new.name = name
+    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
 
 
 def _node_attributes(attrs: AsaAttributes) -> list[ir.Attr]:
