@@ -63,6 +63,8 @@ def export(
             raise AsaExportError("the report path and the output path are the same file")
 
     model = _timed(f"loading {input_path}", io.load_model, input_path)
+    # Now the input's external data files are known: none of them may be overwritten either.
+    io.check_output_path(output_path, inputs=io.model_files(model))
     report = _timed("matching and rewriting attention", rewrite_model, model, options)
     report.model = os.fspath(input_path)
     report.options = dataclasses.asdict(options)

@@ -125,6 +125,7 @@ def check_output_path(path: str | os.PathLike, *, inputs: list[str] = ()) -> Non
         raise AsaExportError(f"the output's parent {out_dir} is not a directory")
     if not os.access(out_dir, os.W_OK | os.X_OK):
         raise AsaExportError(f"cannot write to the output directory {out_dir}: permission denied")
+    _probe_writable(out_dir)
 
 
 def model_files(model: ir.Model) -> list[str]:
@@ -168,6 +169,18 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(out_dir)
+
+
+def _probe_writable(out_dir: str) -> None:
+    """Create and remove a temporary file: access() says yes to root on read-only filesystems."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".asa-export-probe.", suffix=".tmp")
+    except OSError as err:
+        raise AsaExportError(
+            f"cannot write to the output directory {out_dir}: {err.strerror or err}"
+        ) from err
+    os.close(fd)
+    os.unlink(probe)
 
 
 # -- loading ---------------------------------------------------------------------------------

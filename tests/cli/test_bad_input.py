@@ -1,0 +1,161 @@
+"""Every bad input through the real console script: one clear message, exit 1, nothing written,
+the input untouched (issue "Bad input")."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from cli.helpers import digest, listing, mlp_model, run_cli
+
+
+def assert_clean_failure(result, workdir, before, inputs, expect: str):
+    """Exit 1, one error message naming the problem, no traceback, no file added or changed."""
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("asa-export: error:")]
+    assert len(errors) == 1, result.stderr
+    assert expect in result.stderr, result.stderr
+    assert listing(workdir) == before
+    for path, sha in inputs.items():
+        assert digest(path) == sha
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    return tmp_path
+
+
+def snapshot(workdir, *paths):
+    return listing(workdir), {p: digest(p) for p in paths}
+
+
+def test_not_an_onnx_file(workdir):
+    bad = workdir / "notes.onnx"
+    bad.write_text("this is a text file, not a model\n" * 20)
+    before, inputs = snapshot(workdir, bad)
+    result = run_cli(bad, "--out", workdir / "out.onnx")
+    assert_clean_failure(result, workdir, before, inputs, "not a readable ONNX model")
+
+
+def test_truncated_protobuf(workdir):
+    good = mlp_model(workdir / "good.onnx")
+    data = open(good, "rb").read()
+    bad = workdir / "truncated.onnx"
+    bad.write_bytes(data[: len(data) // 2])
+    os.unlink(good)
+    before, inputs = snapshot(workdir, bad)
+    result = run_cli(bad, "--out", workdir / "out.onnx")
+    assert_clean_failure(result, workdir, before, inputs, "truncated")
+
+
+def test_empty_file(workdir):
+    bad = workdir / "empty.onnx"
+    bad.write_bytes(b"")
+    before, inputs = snapshot(workdir, bad)
+    result = run_cli("inspect", bad)
+    assert_clean_failure(result, workdir, before, inputs, "not an ONNX model")
+
+
+def test_missing_external_data_file(workdir):
+    model = mlp_model(workdir / "ext.onnx", external=True)
+    os.unlink(workdir / "ext.onnx.data")
+    before, inputs = snapshot(workdir, model)
+    result = run_cli(model, "--out", workdir / "out.onnx")
+    assert_clean_failure(result, workdir, before, inputs, "ext.onnx.data")
+    assert "missing" in result.stderr
+
+
+def test_missing_input_and_directory_input(workdir):
+    before, inputs = snapshot(workdir)
+    result = run_cli(workdir / "nope.onnx", "--out", workdir / "out.onnx")
+    assert_clean_failure(result, workdir, before, inputs, "no such file")
+    result = run_cli(workdir, "--out", workdir / "out.onnx")
+    assert_clean_failure(result, workdir, before, inputs, "is a directory")
+
+
+def test_model_without_attention(workdir):
+    model = mlp_model(workdir / "mlp.onnx")
+    before, inputs = snapshot(workdir, model)
+    result = run_cli(model, "--out", workdir / "out.onnx", "--report", workdir / "r.json")
+    assert_clean_failure(result, workdir, before, inputs, "no attention site found")
+
+
+def test_output_equal_to_input(workdir):
+    model = mlp_model(workdir / "m.onnx")
+    before, inputs = snapshot(workdir, model)
+    result = run_cli(model, "--out", model)
+    assert_clean_failure(result, workdir, before, inputs, "is the input file")
+    # The same file through another spelling and through a symbolic link.
+    link = workdir / "link.onnx"
+    os.symlink(model, link)
+    before, inputs = snapshot(workdir, model)
+    result = run_cli(model, "--out", workdir / "." / "m.onnx")
+    assert_clean_failure(result, workdir, before, inputs, "is the input file")
+    result = run_cli(model, "--out", link)
+    assert_clean_failure(result, workdir, before, inputs, "is the input file")
+
+
+def test_output_equal_to_input_external_data(workdir):
+    model = mlp_model(workdir / "ext.onnx", external=True)
+    data = workdir / "ext.onnx.data"
+    before, inputs = snapshot(workdir, model, data)
+    result = run_cli(model, "--out", data)
+    assert_clean_failure(result, workdir, before, inputs, "is the input file")
+
+
+def unwritable_directory(tmp_path):
+    """A directory this process cannot write (root ignores permission bits: use /sys)."""
+    if os.geteuid() == 0:
+        return "/sys"
+    directory = tmp_path / "readonly"
+    directory.mkdir()
+    directory.chmod(0o500)
+    return directory
+
+
+def test_unwritable_output_directory(workdir):
+    model = mlp_model(workdir / "m.onnx")
+    target = unwritable_directory(workdir)
+    before, inputs = snapshot(workdir, model)
+    before_target = sorted(os.listdir(target))
+    result = run_cli(model, "--out", os.path.join(target, "out.onnx"))
+    assert_clean_failure(result, workdir, before, inputs, os.fspath(target))
+    assert sorted(os.listdir(target)) == before_target
+
+
+def test_output_directory_missing_or_a_file(workdir):
+    model = mlp_model(workdir / "m.onnx")
+    blocker = workdir / "afile"
+    blocker.write_text("x")
+    before, inputs = snapshot(workdir, model, blocker)
+    result = run_cli(model, "--out", workdir / "no" / "such" / "out.onnx")
+    assert_clean_failure(result, workdir, before, inputs, "does not exist")
+    result = run_cli(model, "--out", blocker / "out.onnx")
+    assert_clean_failure(result, workdir, before, inputs, "not a directory")
+
+
+def test_engine_output_is_refused_with_what_works(workdir):
+    model = mlp_model(workdir / "m.onnx")
+    before, inputs = snapshot(workdir, model)
+    result = run_cli(model, "--out", workdir / "engine.plan")
+    assert_clean_failure(result, workdir, before, inputs, "--out model.asa.onnx")
+    assert "TensorRT" in result.stderr
+
+
+def test_invalid_router_option(workdir):
+    model = mlp_model(workdir / "m.onnx")
+    before, inputs = snapshot(workdir, model)
+    result = run_cli(model, "--out", workdir / "out.onnx", "--threshold", "0")
+    assert_clean_failure(result, workdir, before, inputs, "threshold")
+
+
+def test_bad_command_line_is_usage_error(workdir):
+    result = run_cli()
+    assert result.returncode == 2
+    result = run_cli(workdir / "m.onnx")  # no --out
+    assert result.returncode == 2
+    assert "--out" in result.stderr
+    assert "Traceback" not in result.stderr
