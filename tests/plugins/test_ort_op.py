@@ -1,0 +1,224 @@
+"""The ONNX Runtime custom op (plugins/onnxruntime, libasa_ort.so) on one-node models: parity
+with the contract reference and with the model-local function, and clear errors on bad inputs.
+
+Build first: `python tools/build_plugins.py` (or set ASA_ORT_LIB).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from asa_export.contract import AsaAttributes, INPUTS, OUTPUTS
+from asa_export.contract import reference as ref
+from asa_export.contract.function import build_function, make_node
+from asa_export.runtime import ort as asa_ort
+
+ort = pytest.importorskip("onnxruntime")
+LIB = asa_ort.library_path()
+if LIB is None or not LIB.is_file():
+    pytest.skip("ASA ONNX Runtime library not built: run tools/build_plugins.py",
+                allow_module_level=True)
+
+OPSET = 18
+_NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
+               np.dtype(bool): TensorProto.BOOL, np.dtype(np.int32): TensorProto.INT32,
+               np.dtype(np.int64): TensorProto.INT64}
+
+
+def one_node_model(attrs: AsaAttributes, feeds: dict[str, np.ndarray], num_outputs: int = 4,
+                   with_function: bool = True, node=None) -> bytes:
+    """A model with one ASA node over `feeds` (contract input names; missing = absent)."""
+    inputs = [name if name in feeds else "" for name in INPUTS]
+    while not inputs[-1]:
+        inputs.pop()
+    outputs = list(OUTPUTS[:num_outputs])
+    present = tuple(name in feeds for name in INPUTS[3:])
+    if node is None:
+        node = make_node(inputs, outputs, attrs, "asa_0")
+    out_type = _NP_TO_ONNX[feeds["query"].dtype]
+    graph = helper.make_graph(
+        [node], "one_asa",
+        [helper.make_tensor_value_info(n, _NP_TO_ONNX[a.dtype], list(a.shape))
+         for n, a in feeds.items()],
+        [helper.make_tensor_value_info(o, out_type if i == 0 else TensorProto.INT32, None)
+         for i, o in enumerate(outputs)])
+    functions = [build_function(attrs, OPSET, present, num_outputs)] if with_function else []
+    model = helper.make_model(graph, functions=functions, ir_version=10, opset_imports=[
+        helper.make_opsetid("", OPSET), helper.make_opsetid("asa", 1)])
+    return model.SerializeToString()
+
+
+def lib_session(model: bytes):
+    return asa_ort.session(model, library=LIB)
+
+
+def function_session(model: bytes):
+    return asa_ort.session(model, library=False)
+
+
+def _feeds(rng, b_, hq, hkv, sq, skv, d, *, mask=None, bias=None, thresholds=None,
+           dtype=np.float32):
+    q = rng.standard_normal((b_, hq, sq, d)).astype(np.float32)
+    k = rng.standard_normal((b_, hkv, skv, d)).astype(np.float32)
+    drift = np.linspace(0, 2, skv, dtype=np.float32)[None, None, :, None] * rng.standard_normal(
+        (1, 1, 1, d)).astype(np.float32)
+    feeds = {"query": (q + 0.5 * drift.mean(axis=2, keepdims=True)).astype(dtype),
+             "key": (k + drift).astype(dtype),
+             "value": rng.standard_normal((b_, hkv, skv, d)).astype(dtype)}
+    if mask is not None:
+        m = np.ones((b_, skv), dtype=mask)
+        m[:, : skv // 5] = 0
+        m[-1, -3:] = 0
+        feeds["key_padding_mask"] = m
+    if bias is not None:
+        feeds["attn_bias"] = rng.standard_normal(bias).astype(dtype)
+    if thresholds is not None:
+        feeds["head_thresholds"] = np.asarray(thresholds, dtype=np.float32)
+    return feeds
+
+
+def _reference(attrs, feeds):
+    return ref.asa_attention(feeds["query"], feeds["key"], feeds["value"], attrs,
+                             feeds.get("key_padding_mask"), feeds.get("attn_bias"),
+                             feeds.get("head_thresholds"))
+
+
+CASES = [
+    ("causal_gqa_tau1", (1, 6, 2, 161, 161, 32), dict(causal=True), {}),
+    ("full_tau05_group", (2, 4, 2, 97, 200, 32), dict(threshold=0.5, select_per=1,
+                                                      sink_blocks=0, local_blocks=0), {}),
+    ("causal_pad_window", (2, 4, 1, 200, 200, 16), dict(causal=True, window=90, threshold=0.7),
+     {"mask": np.int64}),
+    ("softcap_bias_bool_mask", (2, 4, 2, 97, 161, 32), dict(softcap=4.0, threshold=0.6),
+     {"mask": np.bool_, "bias": (2, 1, 97, 161)}),
+    ("head_thresholds", (1, 4, 2, 200, 200, 32), dict(causal=True, local_blocks=0),
+     {"thresholds": [0.4, 1.0, 0.6, 0.3]}),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_library_matches_reference_and_function(case):
+    _, shape, overrides, extras = case
+    attrs = AsaAttributes(**overrides)
+    feeds = _feeds(np.random.default_rng(len(case[0])), *shape, **extras)
+    model = one_node_model(attrs, feeds)
+    lib = lib_session(model).run(None, feeds)
+    fn = function_session(model).run(None, feeds)
+    expect = _reference(attrs, feeds)
+    same = (lib[1] == expect[1]).all(axis=-1) & (lib[2] == expect[2])
+    assert same.mean() >= 0.98, f"{(~same).sum()} of {same.size} block lists differ"
+    np.testing.assert_array_equal(lib[3], expect[3])
+    rows = np.repeat(np.repeat(same, shape[1] // same.shape[1], axis=1), attrs.block_size,
+                     axis=2)[:, :, : shape[3]]
+    np.testing.assert_allclose(lib[0][rows], expect[0][rows], rtol=1e-4, atol=3e-5)
+    # Library vs function body: same selection (up to router rounding), same output.
+    same_fn = (lib[1] == fn[1]).all(axis=-1) & (lib[2] == fn[2])
+    assert same_fn.mean() >= 0.98
+    rows = np.repeat(np.repeat(same_fn, shape[1] // same.shape[1], axis=1), attrs.block_size,
+                     axis=2)[:, :, : shape[3]]
+    np.testing.assert_allclose(lib[0][rows], fn[0][rows], rtol=1e-4, atol=3e-5)
+
+
+def test_library_runs_instead_of_the_function():
+    """With the library registered the node must not be inlined: profile shows our kernel."""
+    attrs = AsaAttributes(causal=True)
+    feeds = _feeds(np.random.default_rng(0), 1, 2, 1, 64, 64, 16)
+    model = one_node_model(attrs, feeds)
+    sess = lib_session(model)
+    # The function body has dozens of nodes; the library keeps the single custom node.
+    opts2, _ = asa_ort.session_options(LIB)
+    opts2.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts2.enable_profiling = True
+    prof = ort.InferenceSession(model, opts2, providers=["CPUExecutionProvider"])
+    prof.run(None, feeds)
+    trace = open(prof.end_profiling()).read()
+    assert '"op_name" : "AdaptiveSparseAttention"' in trace
+    assert '"op_name" : "MatMul"' not in trace
+    assert sess.run(None, feeds)[0].shape == (1, 2, 64, 16)
+
+
+@pytest.mark.parametrize("num_outputs", [1, 2, 3])
+def test_optional_outputs(num_outputs):
+    attrs = AsaAttributes(causal=True, threshold=0.5)
+    feeds = _feeds(np.random.default_rng(1), 1, 4, 2, 161, 161, 32)
+    full = lib_session(one_node_model(attrs, feeds)).run(None, feeds)
+    part = lib_session(one_node_model(attrs, feeds, num_outputs)).run(None, feeds)
+    assert len(part) == num_outputs
+    for a, b in zip(part, full):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_float16_inputs():
+    attrs = AsaAttributes(causal=True, threshold=0.7)
+    feeds = _feeds(np.random.default_rng(2), 1, 4, 2, 161, 161, 64, dtype=np.float16)
+    out, idx, cnt, vis = lib_session(one_node_model(attrs, feeds)).run(None, feeds)
+    assert out.dtype == np.float16
+    r_out, r_idx, r_cnt, _ = _reference(attrs, feeds)
+    same = (idx == r_idx).all(axis=-1) & (cnt == r_cnt)
+    assert same.mean() >= 0.98
+    rows = np.repeat(same, 64, axis=2)[:, :, :161]
+    np.testing.assert_allclose(out[rows].astype(np.float64), r_out[rows], atol=4e-3, rtol=0)
+
+
+def test_empty_key_padding_rows_are_zero():
+    attrs = AsaAttributes(causal=True)
+    feeds = _feeds(np.random.default_rng(4), 2, 2, 1, 97, 97, 16, mask=np.int32)
+    feeds["key_padding_mask"][0] = 0
+    out = lib_session(one_node_model(attrs, feeds)).run(None, feeds)[0]
+    assert np.isfinite(out).all() and not out[0].any()
+
+
+# ---------------------------------------------------------------- errors
+
+
+def _run_expect_error(model: bytes, feeds, needle: str):
+    with pytest.raises(Exception) as info:
+        lib_session(model).run(None, feeds)
+    assert needle in str(info.value), str(info.value)
+
+
+def test_heads_that_do_not_divide():
+    attrs = AsaAttributes()
+    feeds = _feeds(np.random.default_rng(0), 1, 4, 3, 64, 64, 16)
+    _run_expect_error(one_node_model(attrs, feeds, with_function=False), feeds,
+                      "query heads (4) must be a multiple of key/value heads (3)")
+
+
+def test_wrong_rank():
+    attrs = AsaAttributes()
+    feeds = _feeds(np.random.default_rng(0), 1, 2, 1, 64, 64, 16)
+    feeds["query"] = feeds["query"][0]
+    _run_expect_error(one_node_model(attrs, feeds, with_function=False), feeds,
+                      "query must be 4-D [B, H, S, D], got rank 3")
+
+
+def test_bad_block_size_attribute():
+    attrs = AsaAttributes()
+    feeds = _feeds(np.random.default_rng(0), 1, 2, 1, 64, 64, 16)
+    node = helper.make_node("AdaptiveSparseAttention", ["query", "key", "value"],
+                            list(OUTPUTS), domain="asa", block_size=32,
+                            plugin_namespace="asa", plugin_version="1")
+    _run_expect_error(one_node_model(attrs, feeds, with_function=False, node=node), feeds,
+                      "block_size must be 64 or 128, got 32")
+
+
+@pytest.mark.parametrize("tamper,needle", [
+    (lambda f: f.update(key_padding_mask=np.ones((1, 63), np.int64)),
+     "key_padding_mask must have shape [B, Skv] = [1, 64]"),
+    (lambda f: f.update(attn_bias=np.zeros((1, 2, 64, 3), np.float32)),
+     "attn_bias shape [1, 2, 64, 3] is not broadcastable"),
+    (lambda f: f.update(head_thresholds=np.ones(3, np.float32)),
+     "head_thresholds must have shape [Hq] = [2]"),
+    (lambda f: f.update(key=f["key"].astype(np.float16)), "key has type float16"),
+    (lambda f: f.update(key_padding_mask=np.ones((1, 64), np.float32)),
+     "key_padding_mask must be bool, int32 or int64"),
+])
+def test_bad_optional_inputs(tamper, needle):
+    attrs = AsaAttributes()
+    feeds = _feeds(np.random.default_rng(0), 1, 2, 1, 64, 64, 16,
+                   mask=np.int64, bias=(1, 1, 1, 64), thresholds=[1.0, 1.0])
+    tamper(feeds)
+    _run_expect_error(one_node_model(attrs, feeds, with_function=False), feeds, needle)
