@@ -121,6 +121,7 @@ def check(
     seed: int = 0,
     feeds: list[dict[str, np.ndarray]] | None = None,
     density: bool = True,
+    library: bool | str | None = None,
 ) -> CheckResult:
     """Compare `rewritten` with `original` in ONNX Runtime (CPU) through Polygraphy.
 
@@ -133,6 +134,9 @@ def check(
         seed: seed of the generated inputs.
         feeds: use these input dicts instead of generated ones.
         density: also measure attention density per layer of the rewritten model.
+        library: how the rewritten model's ASA nodes run: None = the native ONNX Runtime
+            library when built, else the model-local function; False = always the function;
+            True = the library (error when not built); a path = that library.
 
     Returns:
         A CheckResult.
@@ -152,9 +156,9 @@ def check(
         feeds = [_generate(original_model, config, seed + i) for i, config in enumerate(configs)]
     else:
         configs = [_config_of(feed) for feed in feeds]
-    result = _compare(original, rewritten, feeds, configs, geometry, atol, rtol)
+    result = _compare(original, rewritten, feeds, configs, geometry, atol, rtol, library)
     if density:
-        _measure_density(rewritten_model, feeds, result)
+        _measure_density(rewritten_model, feeds, result, library)
     return result
 
 
@@ -185,23 +189,21 @@ def iteration_configs(
 # -- comparison ------------------------------------------------------------------------------
 
 
-def _compare(original, rewritten, feeds, configs, geometry, atol, rtol) -> CheckResult:
+def _compare(original, rewritten, feeds, configs, geometry, atol, rtol, library) -> CheckResult:
     logger.info("running %d input set(s) through both models ...", len(feeds))
     with _quiet_polygraphy():
         from polygraphy.backend.onnxrt import OnnxrtRunner
-        from polygraphy.comparator import Comparator, CompareFunc
+        from polygraphy.comparator import Comparator
 
         # The rewritten model first: Polygraphy divides by the second runner's output.
         runners = [
-            OnnxrtRunner(_rewritten_session(rewritten), name="rewritten"),
+            OnnxrtRunner(_rewritten_session(rewritten, library), name="rewritten"),
             OnnxrtRunner(_plain_session(original), name="original"),
         ]
         results = Comparator.run(runners, data_loader=feeds)
         row_masks = [_visible_rows(feed, config, geometry) for feed, config in zip(feeds, configs)]
         stats = _mask_and_measure(results, configs, row_masks, atol)
-        verdict = Comparator.compare_accuracy(
-            results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol, check_shapes=True)
-        )
+        verdict = Comparator.compare_accuracy(results, compare_func=_compare_func(atol, rtol))
     _apply_verdicts(stats, verdict)
     return CheckResult(
         passed=bool(verdict) and all(s.passed for s in stats.values()),
@@ -210,6 +212,15 @@ def _compare(original, rewritten, feeds, configs, geometry, atol, rtol) -> Check
         iterations=configs,
         outputs=list(stats.values()),
     )
+
+
+def _compare_func(atol: float, rtol: float):
+    """Polygraphy's elementwise comparison (SimpleCompareFunc from 0.50, CompareFunc.simple before)."""
+    from polygraphy import comparator
+
+    if hasattr(comparator, "SimpleCompareFunc"):
+        return comparator.SimpleCompareFunc(atol=atol, rtol=rtol, check_shapes=True)
+    return comparator.CompareFunc.simple(atol=atol, rtol=rtol, check_shapes=True)
 
 
 def _mask_and_measure(results, configs, row_masks, atol) -> dict[str, OutputStats]:
@@ -361,7 +372,7 @@ def _expand(positions: np.ndarray, axis: int, rank: int) -> np.ndarray:
 # -- density ---------------------------------------------------------------------------------
 
 
-def _measure_density(model: ir.Model, feeds, result: CheckResult) -> None:
+def _measure_density(model: ir.Model, feeds, result: CheckResult, library) -> None:
     nodes = list(_asa_nodes(model))
     if not nodes:
         result.density_error = "the rewritten model has no AdaptiveSparseAttention node"
@@ -373,7 +384,7 @@ def _measure_density(model: ir.Model, feeds, result: CheckResult) -> None:
 
             path = os.path.join(tmp, "density.onnx")
             io.save_model(model, path)
-            session = _rewritten_session(path)
+            session = _rewritten_session(path, library)
             totals = {name: [0, 0] for name, _, _ in telemetry}
             for feed in feeds:
                 outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
@@ -470,14 +481,14 @@ def _plain_session(path: str):
         raise AsaExportError(f"ONNX Runtime cannot load {path}: {err}") from err
 
 
-def _rewritten_session(path: str):
-    """A session that can run ASA nodes (our runtime helper when present, else the function)."""
+def _rewritten_session(path: str, library=None):
+    """A session that runs ASA nodes natively (library) or through their model-local function."""
     try:
         from asa_export.runtime import ort as asa_ort
     except ImportError:
         return _plain_session(path)
     try:
-        return asa_ort.session(path, providers=["CPUExecutionProvider"])
+        return asa_ort.session(path, providers=["CPUExecutionProvider"], library=library)
     except AsaExportError:
         raise
     except Exception as err:

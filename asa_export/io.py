@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 # messages over 2 GiB, and the graph itself needs headroom below that.
 EXTERNAL_DATA_THRESHOLD = int(1.5 * 2**30)
 # With external data, tensors at most this big stay inline (shapes, scalars): readable graphs.
-INLINE_TENSOR_BYTES = 1024
+INLINE_TENSOR_BYTES = 256
 # Key in `Model.meta` (not serialized) holding the absolute path the model was loaded from.
 SOURCE_KEY = "asa_export.source_path"
 

@@ -32,6 +32,9 @@ def add_check_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0, help="seed of the generated inputs")
     group.add_argument("--no-density", action="store_true",
                        help="skip the attention density measurement")
+    group.add_argument("--runtime", choices=("auto", "function", "library"), default="auto",
+                       help="how ASA nodes run in ONNX Runtime: the native library when built "
+                       "(auto), the model-local function, or the library (error when missing)")
 
 
 def check_kwargs(args: argparse.Namespace) -> dict:
@@ -39,6 +42,7 @@ def check_kwargs(args: argparse.Namespace) -> dict:
     return {
         "atol": args.atol, "rtol": args.rtol, "batch": args.batch, "seq": args.seq,
         "past": args.past, "seed": args.seed, "density": not args.no_density,
+        "library": {"auto": None, "function": False, "library": True}[args.runtime],
     }
 
 

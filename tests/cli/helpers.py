@@ -14,7 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 ASA_EXPORT = shutil.which("asa-export")
 
 
-def mlp_model(path, *, scale: float = 1.0, external: bool = False, seed: int = 0) -> str:
+def mlp_model(path, *, scale: float = 1.0, external: bool = False, seed: int = 0,
+              location: str | None = None) -> str:
     """x [B, S, 16], attention_mask [B, S] -> Relu(x @ W) * mask: no attention anywhere."""
     rng = np.random.default_rng(seed)
     weight = (rng.standard_normal((16, 16)) * scale).astype(np.float32)
@@ -37,7 +38,7 @@ def mlp_model(path, *, scale: float = 1.0, external: bool = False, seed: int = 0
     path = os.fspath(path)
     if external:
         onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=os.path.basename(path) + ".data", size_threshold=0)
+                  location=location or os.path.basename(path) + ".data", size_threshold=512)
     else:
         onnx.save(model, path)
     return path
