@@ -133,6 +133,41 @@ def make_node(inputs: list[str], outputs: list[str], attrs: AsaAttributes, name:
     return node
 
 
+def selection_model(attrs: AsaAttributes, opset: int, has_thresholds: bool) -> onnx.ModelProto:
+    """The function's selection step alone, as a model (tests compare it with
+    `reference.select_blocks` on hand-made scores, ties included).
+
+    Args:
+        attrs: the node's attributes.
+        opset: default-domain opset (14..25).
+        has_thresholds: whether a `head_thresholds` [Hq] input is given.
+
+    Returns:
+        Model with inputs query [B, Hq, Sq, 1], key [B, Hkv, Skv, 1] (only their shapes are
+        read), probs float32 [B, Hsel, NQ, NK], visible bool [B, NQ, NK] (and head_thresholds);
+        output keep bool [B, Hsel, NQ, NK].
+    """
+    _check_args(opset, (False, False, has_thresholds), 1, TensorProto.FLOAT)
+    g = _Body(opset)
+    g.add("Identity", ["key"], ["value"])
+    d = _Dims(g, attrs.block_size)
+    keep = _select(g, d, attrs, "probs", "visible", has_thresholds)
+    g.add("Identity", [keep], ["keep"])
+    f32, boolean = TensorProto.FLOAT, TensorProto.BOOL
+    inputs = [helper.make_tensor_value_info("query", f32, ["B", "Hq", "Sq", 1]),
+              helper.make_tensor_value_info("key", f32, ["B", "Hkv", "Skv", 1]),
+              helper.make_tensor_value_info("probs", f32, ["B", "Hsel", "NQ", "NK"]),
+              helper.make_tensor_value_info("visible", boolean, ["B", "NQ", "NK"])]
+    if has_thresholds:
+        inputs.append(helper.make_tensor_value_info("head_thresholds", f32, ["Hq"]))
+    output = helper.make_tensor_value_info("keep", boolean, ["B", "Hsel", "NQ", "NK"])
+    graph = helper.make_graph(g.nodes, "asa_selection", inputs, [output])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = max(MIN_IR_VERSION, helper.find_min_ir_version_for(
+        [helper.make_opsetid("", opset)]))
+    return model
+
+
 # ---------------------------------------------------------------- graph building
 
 

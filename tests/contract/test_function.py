@@ -162,7 +162,9 @@ def test_dynamic_shapes_in_one_session():
     attrs = AsaAttributes(causal=True, threshold=0.8, select_per=1)
     present = (True, True, False)
     sess = session(attrs, 18, present)
-    for sq, skv in ((97, 97), (1, 200), (16, 200), (97, 161), (64, 64), (3, 5)):
+    # 129 and 65 keys leave a last key block of one key.
+    for sq, skv in ((97, 97), (1, 200), (16, 200), (97, 161), (64, 64), (3, 5), (70, 129),
+                    (5, 65)):
         feeds = make_inputs(seeded(sq, skv), 2, 6, 2, sq, skv, 16, present)
         assert_matches(sess.run(None, feeds), reference_outputs(feeds, attrs))
 
@@ -175,6 +177,8 @@ def test_integer_padding_masks(mask_dtype):
     feeds = make_inputs(seeded("mask", onnx_type), 2, 4, 2, 97, 161, 16, present,
                         mask_dtype=mask_dtype)
     feeds["key_padding_mask"][0, :40] *= 7  # any nonzero keeps the key
+    feeds["key_padding_mask"][1, 64:128] = 0  # a key block with a single kept key
+    feeds["key_padding_mask"][1, 100] = 1
     got = session(attrs, 18, present, mask_type=onnx_type).run(None, feeds)
     assert_matches(got, reference_outputs(feeds, attrs))
 
@@ -320,6 +324,56 @@ def test_two_nodes_with_different_attributes_in_one_model():
         np.testing.assert_allclose(got[2 * i], expected[0], rtol=1e-4, atol=2e-5)
         np.testing.assert_array_equal(got[2 * i + 1], expected[2])
     assert (got[3] < got[1]).any()  # the sparse node really dropped blocks
+
+
+# ---------------------------------------------------------------- selection step alone
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("select_per", [0, 1])
+def test_selection_step_matches_reference_on_tied_scores(causal, select_per):
+    """Identical scores in, identical selection out: ties, forced blocks, crossing blocks."""
+    attrs = AsaAttributes(causal=causal, sink_blocks=1, local_blocks=2, select_per=select_per,
+                          threshold=0.5)
+    batch, hq, hsel, nq, nk = 3, 4, (4 if select_per == 0 else 2), 5, 9
+    sq, skv = nq * 64 - 10, nk * 64 - 30
+    rng = seeded("select", causal, select_per)
+    raw = rng.integers(0, 4, size=(batch, hsel, nq, nk)).astype(np.float32)
+    raw[0, 0, 0] = [1, 0, 0, 0, 0, 0, 0, 8, 0]  # forced sum small, one dominant block
+    visible = rng.random((batch, nq, nk)) > 0.2
+    visible[0, 0] = True
+    raw = np.where(visible[:, None], raw, 0)
+    probs = (raw / np.maximum(raw.sum(-1, keepdims=True), 1)).astype(np.float32)
+    thr = rng.choice(np.array([0.05, 0.3, 0.5, 0.75, 0.9, 1.0], np.float32), size=hq)
+    feeds = {"query": np.zeros((batch, hq, sq, 1), np.float32),
+             "key": np.zeros((batch, 2, skv, 1), np.float32),
+             "probs": probs, "visible": visible}
+    for has_thr in (False, True):
+        model = fn.selection_model(attrs, 18, has_thr)
+        onnx.checker.check_model(model, full_check=True)
+        sess = ort.InferenceSession(model.SerializeToString(),
+                                    providers=["CPUExecutionProvider"])
+        if has_thr:
+            feeds["head_thresholds"] = thr
+        (keep,) = sess.run(None, feeds)
+        expected = ref.select_blocks(probs, visible, attrs, sq, skv,
+                                     thr if has_thr else None)
+        np.testing.assert_array_equal(keep, expected)
+
+
+def test_selection_step_forced_blocks_come_first():
+    """Forced blocks exhaust tau before a dominant non-forced block is reached."""
+    attrs = AsaAttributes(causal=True, sink_blocks=1, local_blocks=1, threshold=0.3)
+    probs = np.array([0.2, 0.7, 0.1], np.float32).reshape(1, 1, 1, 3)
+    feeds = {"query": np.zeros((1, 1, 64, 1), np.float32),
+             "key": np.zeros((1, 1, 192, 1), np.float32),
+             "probs": probs, "visible": np.ones((1, 1, 3), bool)}
+    model = fn.selection_model(attrs, 18, False)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (keep,) = sess.run(None, feeds)
+    # Sink 0 and local 2 are forced: 0.2 + 0.1 = 0.3 is not below 0.3, so block 1 is dropped.
+    assert keep[0, 0, 0].tolist() == [True, False, True]
+    np.testing.assert_array_equal(keep, ref.select_blocks(probs, feeds["visible"], attrs, 64, 192))
 
 
 # ---------------------------------------------------------------- ORT facts the function needs
