@@ -300,7 +300,8 @@ def _check_mask(mask: np.ndarray, batch: int, seq_kv: int) -> np.ndarray:
     mask = np.asarray(mask)
     if mask.shape != (batch, seq_kv):
         raise AsaExportError(
-            f"key_padding_mask must have shape [B, Skv] = {[batch, seq_kv]}, got {list(mask.shape)}")
+            f"key_padding_mask must have shape [B, Skv] = {[batch, seq_kv]}, "
+            f"got {list(mask.shape)}")
     return mask != 0
 
 
@@ -318,5 +319,6 @@ def _check_shapes(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
     if k.shape[3] != q.shape[3]:
         raise AsaExportError(f"query and key head dims differ: {q.shape[3]} vs {k.shape[3]}")
     if v.shape[1:3] != k.shape[1:3]:
-        raise AsaExportError(f"key {list(k.shape)} and value {list(v.shape)} disagree on [Hkv, Skv]")
+        raise AsaExportError(
+            f"key {list(k.shape)} and value {list(v.shape)} disagree on [Hkv, Skv]")
     _check_heads(q.shape[1], k.shape[1])

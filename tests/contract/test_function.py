@@ -23,7 +23,6 @@ from asa_export.errors import AsaExportError
 
 ort = pytest.importorskip("onnxruntime")
 
-_NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
 
 
 def _value_info(name, elem_type, dims):
@@ -61,7 +60,8 @@ def build_model(attrs: AsaAttributes, opset: int, present, num_outputs: int = 4,
         inputs.append(_value_info("attn_bias", io_type, list(bias_dims)))
     if present[2]:
         inputs.append(_value_info("head_thresholds", TensorProto.FLOAT, ["Hq"]))
-    out_dims = [["B", "Hq", "Sq", "Dv"], ["B", "Hsel", "NQ", "NK"], ["B", "Hsel", "NQ"], ["B", "NQ"]]
+    out_dims = [["B", "Hq", "Sq", "Dv"], ["B", "Hsel", "NQ", "NK"], ["B", "Hsel", "NQ"],
+                ["B", "NQ"]]
     graph_outputs = [_value_info(name, io_type if i == 0 else TensorProto.INT32, out_dims[i])
                      for i, name in enumerate(outputs) if name]
     graph = helper.make_graph(nodes, "asa_function_test", inputs, graph_outputs)
@@ -131,14 +131,17 @@ CASES = [
      (False, False, False)),
     (18, 2, 6, 2, 97, 161, 16, dict(causal=True, threshold=0.5, window=100), (True, False, False)),
     (18, 1, 12, 3, 97, 200, 64, dict(causal=True, threshold=0.9, select_per=1), (True, True, True)),
-    (17, 2, 4, 1, 97, 200, 16, dict(causal=False, threshold=0.5, softcap=2.5), (False, True, False)),
+    (17, 2, 4, 1, 97, 200, 16, dict(causal=False, threshold=0.5, softcap=2.5),
+     (False, True, False)),
     (17, 1, 8, 2, 97, 161, 64, dict(causal=False, threshold=1.0, window=50), (True, True, False)),
     (23, 2, 6, 2, 97, 200, 16, dict(causal=True, threshold=0.9, softcap=5.0, sink_blocks=0,
                                     local_blocks=2, select_per=1), (True, False, True)),
-    (23, 1, 3, 1, 97, 161, 16, dict(causal=True, threshold=1.0, block_size=128), (False, True, True)),
+    (23, 1, 3, 1, 97, 161, 16, dict(causal=True, threshold=1.0, block_size=128),
+     (False, True, True)),
     (23, 2, 4, 4, 130, 70, 16, dict(causal=True, threshold=0.5, scale=0.2, sink_blocks=0,
                                     local_blocks=0), (False, False, False)),
-    (18, 2, 4, 2, 16, 200, 16, dict(causal=True, threshold=0.5, sink_blocks=2), (True, False, True)),
+    (18, 2, 4, 2, 16, 200, 16, dict(causal=True, threshold=0.5, sink_blocks=2),
+     (True, False, True)),
     (18, 1, 8, 2, 97, 200, 16, dict(causal=False, threshold=0.9, window=80, local_blocks=2,
                                     select_per=1, block_size=128), (True, True, True)),
     (25, 1, 4, 2, 97, 161, 16, dict(causal=True, threshold=0.9), (True, True, True)),
@@ -393,7 +396,8 @@ def test_ort_topk_breaks_ties_by_lower_index():
     x = rng.integers(0, 3, size=(64, 37)).astype(np.float32)
     x[:, ::4] = 2.0
     node = helper.make_node("TopK", ["x", "k"], ["y0", "y1"], axis=-1, largest=1, sorted=1)
-    inputs = [_value_info("x", TensorProto.FLOAT, [64, 37]), _value_info("k", TensorProto.INT64, [1])]
+    inputs = [_value_info("x", TensorProto.FLOAT, [64, 37]),
+              _value_info("k", TensorProto.INT64, [1])]
     _, idx = _run_single(node, inputs, {"x": x, "k": np.array([37])},
                          [TensorProto.FLOAT, TensorProto.INT64])
     np.testing.assert_array_equal(idx, np.argsort(-x, axis=-1, kind="stable"))

@@ -307,8 +307,10 @@ def test_select_per_group_one_list_per_group(rng):
     keep_thr = ref.select_blocks(p1, vis, attrs1, 200, 200, thr)
     attrs_hi = AsaAttributes(causal=True, threshold=float(np.float32(0.99)), select_per=1)
     attrs_lo = AsaAttributes(causal=True, threshold=float(np.float32(0.2)), select_per=1)
-    np.testing.assert_array_equal(keep_thr[:, 0], ref.select_blocks(p1, vis, attrs_hi, 200, 200)[:, 0])
-    np.testing.assert_array_equal(keep_thr[:, 1], ref.select_blocks(p1, vis, attrs_lo, 200, 200)[:, 1])
+    np.testing.assert_array_equal(keep_thr[:, 0],
+                                  ref.select_blocks(p1, vis, attrs_hi, 200, 200)[:, 0])
+    np.testing.assert_array_equal(keep_thr[:, 1],
+                                  ref.select_blocks(p1, vis, attrs_lo, 200, 200)[:, 1])
 
 
 def test_router_probs_match_block_means(rng):
