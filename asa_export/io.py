@@ -95,7 +95,7 @@ def save_model(
         for item in written:
             _fsync_file(os.path.join(tmp, item))
         _move_into_place(tmp, out_dir, written)
-    logger.info("wrote %s%s", path, f" (+ {data_name})" if use_external else "")
+    logger.debug("wrote %s%s", path, f" (+ {data_name})" if use_external else "")
 
 
 def check_output_path(path: str | os.PathLike, *, inputs: list[str] = ()) -> None:
