@@ -191,21 +191,17 @@ def asa_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, attrs: AsaAttribu
     dtype = np.dtype(dtype).type
     probs, visible = router_probs(q, k, attrs, key_padding_mask)
     keep = select_blocks(probs, visible, attrs, seq_q, seq_kv, head_thresholds)
-    mask = visibility(batch, seq_q, seq_kv, attrs, key_padding_mask)[:, None]
-    mask = mask & _expand_keep(keep, heads_q, seq_q, seq_kv, attrs.block_size)
+    vis = visibility(batch, seq_q, seq_kv, attrs, key_padding_mask)
     group = heads_q // heads_kv
-    kk = np.repeat(k.astype(dtype), group, axis=1)
-    vv = np.repeat(v.astype(dtype), group, axis=1)
-    # Contiguous operands let numpy's matmul use BLAS (a strided view takes a slow loop).
-    k_t = np.ascontiguousarray(np.swapaxes(kk, -1, -2))
-    scores = dtype(attrs.resolved_scale(dim)) * np.matmul(q.astype(dtype), k_t)
-    if attrs.softcap > 0.0:
-        cap = dtype(attrs.softcap)
-        scores = cap * np.tanh(scores / cap)
-    if attn_bias is not None:
-        scores = scores + np.broadcast_to(np.asarray(attn_bias).astype(dtype), scores.shape)
-    weights = _masked_softmax(scores, mask)
-    out = np.matmul(weights, vv).astype(dtype)
+    bias = None if attn_bias is None else np.broadcast_to(
+        np.asarray(attn_bias), (batch, heads_q, seq_q, seq_kv))
+    out = np.zeros((batch, heads_q, seq_q, v.shape[3]), dtype=dtype)
+    # One query head at a time keeps memory at B * Sq * Skv (long sequences in kernel tests).
+    for h in range(heads_q):
+        keep_h = keep[:, h // (heads_q // keep.shape[1])]
+        mask = vis & _expand_blocks(keep_h, seq_q, seq_kv, attrs.block_size)
+        out[:, h] = _attend(q[:, h], k[:, h // group], v[:, h // group], mask, attrs,
+                            None if bias is None else bias[:, h], dtype)
     return (out, *telemetry(keep, visible))
 
 
@@ -252,14 +248,30 @@ def _masked_softmax_f32(logits: np.ndarray, visible: np.ndarray) -> np.ndarray:
     return np.where(vis, e / np.where(total > 0, total, _F32(1.0)), _F32(0.0)).astype(_F32)
 
 
+def _attend(q, k, v, mask, attrs: AsaAttributes, bias, dtype) -> np.ndarray:
+    """One head: q [B, Sq, D], k [B, Skv, D], v [B, Skv, Dv], mask [B, Sq, Skv] -> [B, Sq, Dv]."""
+    # Contiguous operands let numpy's matmul use BLAS (a strided view takes a slow loop).
+    k_t = np.ascontiguousarray(np.swapaxes(k.astype(dtype), -1, -2))
+    scores = dtype(attrs.resolved_scale(q.shape[-1])) * np.matmul(q.astype(dtype), k_t)
+    if attrs.softcap > 0.0:
+        cap = dtype(attrs.softcap)
+        scores = cap * np.tanh(scores / cap)
+    if bias is not None:
+        scores = scores + bias.astype(dtype)
+    return np.matmul(_masked_softmax(scores, mask), v.astype(dtype)).astype(dtype)
+
+
 def _masked_softmax(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Softmax over the last axis restricted to `mask`; rows with no key give zeros, not NaN."""
-    mask = np.broadcast_to(mask, scores.shape)
-    top = np.max(np.where(mask, scores, -np.inf), axis=-1, keepdims=True)
-    top = np.where(np.isfinite(top), top, 0.0)
-    e = np.where(mask, np.exp(np.where(mask, scores - top, 0.0)), 0.0)
+    masked = np.where(mask, scores, -np.inf)
+    top = np.max(masked, axis=-1, keepdims=True)
+    top[~np.isfinite(top)] = 0.0
+    masked -= top
+    e = np.exp(masked, out=masked)  # exp(-inf) = 0 drops the masked keys
     total = e.sum(axis=-1, keepdims=True)
-    return e / np.where(total > 0, total, 1.0)
+    total[total == 0] = 1.0
+    e /= total
+    return e
 
 
 def _forced_blocks(attrs: AsaAttributes, seq_q: int, seq_kv: int) -> np.ndarray:
@@ -288,12 +300,11 @@ def _thresholds(attrs: AsaAttributes, hsel: int, head_thresholds) -> np.ndarray:
     return tau.reshape(hsel, -1).max(axis=1)
 
 
-def _expand_keep(keep: np.ndarray, heads_q: int, seq_q: int, seq_kv: int, b: int) -> np.ndarray:
-    """Kept blocks [B, Hsel, NQ, NK] as an element mask [B, Hq, Sq, Skv]."""
-    per_head = np.repeat(keep, heads_q // keep.shape[1], axis=1)
+def _expand_blocks(keep: np.ndarray, seq_q: int, seq_kv: int, b: int) -> np.ndarray:
+    """Kept blocks [B, NQ, NK] of one head as an element mask [B, Sq, Skv]."""
     rows = np.arange(seq_q) // b
     cols = np.arange(seq_kv) // b
-    return per_head[:, :, rows][:, :, :, cols]
+    return keep[:, rows][:, :, cols]
 
 
 def _check_mask(mask: np.ndarray, batch: int, seq_kv: int) -> np.ndarray:

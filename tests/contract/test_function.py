@@ -24,7 +24,6 @@ from asa_export.errors import AsaExportError
 ort = pytest.importorskip("onnxruntime")
 
 
-
 def _value_info(name, elem_type, dims):
     return helper.make_tensor_value_info(name, elem_type, dims)
 
