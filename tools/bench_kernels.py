@@ -207,11 +207,12 @@ def bench_decode(args, kv: int, rows: list):
         tau = find_tau(q, k, v, base, target)
         runner = AsaRunner(q, k, v, _with(base, threshold=tau))
         ms = time_ms(runner.call)
+        router = time_ms(lambda: runner.call("asa_cuda_route"))
         best_dense = min(x for x in dense.values() if not math.isnan(x))
         rows.append(dict(kind="decode", seq=kv, target=target, tau=tau,
                          density=runner.density(), asa_ms=ms, tok_s=B / ms * 1e3,
                          dense_tok_s=B / best_dense * 1e3, cudnn_ms=dense["cudnn"],
-                         flash_ms=dense["flash"], speedup=best_dense / ms))
+                         flash_ms=dense["flash"], speedup=best_dense / ms, router_ms=router))
         print(json.dumps(rows[-1]), flush=True)
 
 
@@ -229,10 +230,11 @@ def print_table(rows: list, gpu: str):
               f"{r['router_ms']:>8.3f} {r['router_pct']:>6.2f}")
     dec = [r for r in rows if r["kind"] == "decode"]
     if dec:
-        print(f"\n{'KV':>7} {'dens':>5} {'ASA ms':>8} {'tok/s':>9} {'dense tok/s':>11} "
-              f"{'speedup':>7}")
+        print(f"\n{'KV':>7} {'dens':>5} {'ASA ms':>8} {'rout ms':>8} {'tok/s':>9} "
+              f"{'dense tok/s':>11} {'speedup':>7}")
         for r in dec:
-            print(f"{r['seq']:>7} {r['density']:>5.2f} {r['asa_ms']:>8.3f} {r['tok_s']:>9.0f} "
+            print(f"{r['seq']:>7} {r['density']:>5.2f} {r['asa_ms']:>8.3f} {r['router_ms']:>8.3f} "
+                  f"{r['tok_s']:>9.0f} "
                   f"{r['dense_tok_s']:>11.0f} {r['speedup']:>7.2f}")
 
 

@@ -1,7 +1,8 @@
 // Block-sparse flash attention forward on tensor cores (mma.sync m16n8k16, fp16/bf16 in,
 // fp32 accumulate), SPEC.md "Attention".
 //
-// One CTA = 4 warps = 64 query rows of one (batch, query head); each warp owns 16 rows. The CTA
+// One CTA = 4 warps = 64 * MT query rows of one (batch, query head); each warp owns 16 * MT
+// rows (MT = 2 when the router block is 128 rows, so K/V fragments are reused twice). The CTA
 // walks the kept key blocks of its query block (ws.block_indices) in 64-key tiles, K/V tiles
 // double-buffered in shared memory with cp.async. Scores are kept in the log2 domain
 // (x = s * log2 e) so the online softmax uses exp2. Tiles that every row sees completely take a
@@ -137,14 +138,16 @@ struct TileCursor {
   }
 };
 
-template <typename T, int D>
+template <typename T, int D, int MT>
 __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Workspace ws) {
+  // MT m16 row tiles per warp: a K/V fragment read from shared memory feeds MT mma's.
+  constexpr int kRows = kBM * MT;  // query rows per CTA
   constexpr int kPitch = D + 8;
   constexpr int kTile = kBN * kPitch;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sq = reinterpret_cast<T*>(smem_raw);
-  T* sk = sq + kBM * kPitch;  // [2][kBN][kPitch]
-  T* sv = sk + 2 * kTile;     // [2][kBN][kPitch]
+  T* sk = sq + kRows * kPitch;  // [2][kBN][kPitch]
+  T* sv = sk + 2 * kTile;       // [2][kBN][kPitch]
 
   const int qt = blockIdx.x, h = blockIdx.y;
   const int n = blockIdx.z / ws.splits, split = blockIdx.z % ws.splits;
@@ -153,7 +156,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
   const int G = p.heads_q / p.heads_kv, hkv = h / G;
   const int bs = p.block_size;
   const int nq = cdiv(p.seq_q, bs), nk = cdiv(p.seq_kv, bs);
-  const int q0 = qt * kBM;
+  const int q0 = qt * kRows;
   const int hsel = p.select_per ? hkv : h;
   const int hsel_count = p.select_per ? p.heads_kv : p.heads_q;
   const int64_t row = (static_cast<int64_t>(n) * hsel_count + hsel) * nq + q0 / bs;
@@ -168,14 +171,17 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
   cur.end = b1 * cur.sub;
   const int shift = p.seq_kv - p.seq_q;
   cur.pos_lo = q0 + shift;
-  cur.pos_hi = min(q0 + kBM, p.seq_q) - 1 + shift;
+  cur.pos_hi = min(q0 + kRows, p.seq_q) - 1 + shift;
   cur.generic = p.mask_dtype != ASA_MASK_NONE || p.bias != nullptr || p.softcap > 0.f;
 
   const T* qg = static_cast<const T*>(p.q) + n * p.q_stride_b + h * p.q_stride_h;
   const T* kg = static_cast<const T*>(p.k) + n * p.k_stride_b + hkv * p.k_stride_h;
   const T* vg = static_cast<const T*>(p.v) + n * p.v_stride_b + hkv * p.v_stride_h;
 
-  load_tile<T, D>(sq, qg, p.q_stride_s, q0, p.seq_q);
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    load_tile<T, D>(sq + mt * kTile, qg, p.q_stride_s, q0 + mt * kBN, p.seq_q);
+  }
   int kind = kSkip, j0 = 0;
   int t = cur.next(p, b0 * cur.sub, &kind, &j0);
   int stage = 0;
@@ -187,17 +193,21 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
   cp_async_wait<0>();
   __syncthreads();
 
-  uint32_t qf[D / 16][4];
+  // Warp w owns rows [w * 16 * MT, (w + 1) * 16 * MT) of the CTA; m-tile mt = 16 of them.
+  const int wrow = warp * 16 * MT;
+  float o[MT][D / 8][4];
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    ldmatrix_x4(qf[kk], sq + (warp * 16 + lane % 16) * kPitch + kk * 16 + (lane / 16) * 8);
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) o[mt][dt][0] = o[mt][dt][1] = o[mt][dt][2] = o[mt][dt][3] = 0.f;
   }
-  float o[D / 8][4];
+  float m[MT][2], l[MT][2];
 #pragma unroll
-  for (int dt = 0; dt < D / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  for (int mt = 0; mt < MT; ++mt) {
+    m[mt][0] = m[mt][1] = -INFINITY;
+    l[mt][0] = l[mt][1] = 0.f;
+  }
   const float scale_log2 = p.scale * kLog2e;
-  const int r_base = q0 + warp * 16 + g;
 
   while (t < cur.end) {
     int kind_n = kSkip, j0_n = 0;
@@ -212,99 +222,120 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
 
     const T* kt = sk + stage * kTile;
     const T* vt = sv + stage * kTile;
-    float s[8][4];
+    float s[MT][8][4];
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
+    }
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t qf[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        ldmatrix_x4(qf[mt], sq + (wrow + mt * 16 + lane % 16) * kPitch + kk * 16 + (lane / 16) * 8);
+      }
 #pragma unroll
       for (int nb = 0; nb < 4; ++nb) {
         uint32_t b[4];
         ldmatrix_x4(b, kt + (nb * 16 + (lane / 16) * 8 + lane % 8) * kPitch + kk * 16 +
                            ((lane / 8) % 2) * 8);
-        Mma<T>::run(s[2 * nb], qf[kk], b[0], b[1]);
-        Mma<T>::run(s[2 * nb + 1], qf[kk], b[2], b[3]);
-      }
-    }
-
-    // Scores to the log2 domain, masked where needed.
-    if (kind == kFull) {
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[nt][e] *= scale_log2;
-      }
-    } else {
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = r_base + (e >= 2 ? 8 : 0);
-          const int j = j0 + nt * 8 + 2 * tq + (e & 1);
-          float x = s[nt][e] * p.scale;
-          bool vis = r < p.seq_q && j < p.seq_kv && position_visible(p, r + shift, j);
-          if (vis && p.mask_dtype != ASA_MASK_NONE) vis = key_kept(p, n, j);
-          if (p.softcap > 0.f) x = p.softcap * tanhf(x / p.softcap);
-          if (vis && p.bias != nullptr) {
-            const T* bias = static_cast<const T*>(p.bias);
-            x += to_float(bias[n * p.bias_stride_b + h * p.bias_stride_h + r * p.bias_stride_q +
-                               j * p.bias_stride_k]);
-          }
-          s[nt][e] = vis ? x * kLog2e : -INFINITY;
+        for (int mt = 0; mt < MT; ++mt) {
+          Mma<T>::run(s[mt][2 * nb], qf[mt], b[0], b[1]);
+          Mma<T>::run(s[mt][2 * nb + 1], qf[mt], b[2], b[3]);
         }
       }
     }
 
-    // Online softmax; each row lives in the 4 threads of a quad.
-    float mx[2] = {m[0], m[1]};
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-      mx[0] = fmaxf(mx[0], fmaxf(s[nt][0], s[nt][1]));
-      mx[1] = fmaxf(mx[1], fmaxf(s[nt][2], s[nt][3]));
-    }
-    float alpha[2], mu[2];
+    for (int mt = 0; mt < MT; ++mt) {
+      const int r_base = q0 + wrow + mt * 16 + g;
+      // Scores to the log2 domain, masked where needed.
+      if (kind == kFull) {
 #pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 1));
-      mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 2));
-      alpha[rr] = m[rr] == -INFINITY ? 0.f : exp2f(m[rr] - mx[rr]);
-      mu[rr] = mx[rr] == -INFINITY ? 0.f : mx[rr];
-      m[rr] = mx[rr];
-    }
-    float rs[2] = {0.f, 0.f};
+        for (int nt = 0; nt < 8; ++nt) {
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
+          for (int e = 0; e < 4; ++e) s[mt][nt][e] *= scale_log2;
+        }
+      } else {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[nt][e] = exp2f(s[nt][e] - mu[e >> 1]);
-        rs[e >> 1] += s[nt][e];
+        for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int r = r_base + (e >= 2 ? 8 : 0);
+            const int j = j0 + nt * 8 + 2 * tq + (e & 1);
+            float x = s[mt][nt][e] * p.scale;
+            bool vis = r < p.seq_q && j < p.seq_kv && position_visible(p, r + shift, j);
+            if (vis && p.mask_dtype != ASA_MASK_NONE) vis = key_kept(p, n, j);
+            if (p.softcap > 0.f) x = p.softcap * tanhf(x / p.softcap);
+            if (vis && p.bias != nullptr) {
+              const T* bias = static_cast<const T*>(p.bias);
+              x += to_float(bias[n * p.bias_stride_b + h * p.bias_stride_h +
+                                 r * p.bias_stride_q + j * p.bias_stride_k]);
+            }
+            s[mt][nt][e] = vis ? x * kLog2e : -INFINITY;
+          }
+        }
+      }
+
+      // Online softmax; each row lives in the 4 threads of a quad.
+      float mx[2] = {m[mt][0], m[mt][1]};
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        mx[0] = fmaxf(mx[0], fmaxf(s[mt][nt][0], s[mt][nt][1]));
+        mx[1] = fmaxf(mx[1], fmaxf(s[mt][nt][2], s[mt][nt][3]));
+      }
+      float alpha[2], mu[2];
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 1));
+        mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 2));
+        alpha[rr] = m[mt][rr] == -INFINITY ? 0.f : exp2f(m[mt][rr] - mx[rr]);
+        mu[rr] = mx[rr] == -INFINITY ? 0.f : mx[rr];
+        m[mt][rr] = mx[rr];
+      }
+      float rs[2] = {0.f, 0.f};
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[mt][nt][e] = exp2f(s[mt][nt][e] - mu[e >> 1]);
+          rs[e >> 1] += s[mt][nt][e];
+        }
+      }
+      l[mt][0] = l[mt][0] * alpha[0] + rs[0];
+      l[mt][1] = l[mt][1] * alpha[1] + rs[1];
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        o[mt][dt][0] *= alpha[0];
+        o[mt][dt][1] *= alpha[0];
+        o[mt][dt][2] *= alpha[1];
+        o[mt][dt][3] *= alpha[1];
       }
     }
-    l[0] = l[0] * alpha[0] + rs[0];
-    l[1] = l[1] * alpha[1] + rs[1];
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      o[dt][0] *= alpha[0];
-      o[dt][1] *= alpha[0];
-      o[dt][2] *= alpha[1];
-      o[dt][3] *= alpha[1];
-    }
 
-    // O += P V.
+    // O += P V; a V fragment serves every m-tile.
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      uint32_t a[4];
-      a[0] = Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        a[mt][0] = Mma<T>::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        a[mt][1] = Mma<T>::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        a[mt][2] = Mma<T>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        a[mt][3] = Mma<T>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
         uint32_t b[4];
         ldmatrix_x4_trans(b, vt + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * kPitch +
                                  dp * 16 + (lane / 16) * 8);
-        Mma<T>::run(o[2 * dp], a, b[0], b[1]);
-        Mma<T>::run(o[2 * dp + 1], a, b[2], b[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          Mma<T>::run(o[mt][2 * dp], a[mt], b[0], b[1]);
+          Mma<T>::run(o[mt][2 * dp + 1], a[mt], b[2], b[3]);
+        }
       }
     }
     __syncthreads();  // the next iteration's prefetch overwrites this stage
@@ -315,34 +346,35 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
   }
 
 #pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    l[rr] += __shfl_xor_sync(0xffffffffu, l[rr], 1);
-    l[rr] += __shfl_xor_sync(0xffffffffu, l[rr], 2);
-  }
+  for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    const int r = r_base + rr * 8;
-    if (r >= p.seq_q) continue;
-    const float inv = l[rr] > 0.f ? 1.f / l[rr] : 0.f;
-    if (ws.splits == 1) {
-      T* out = static_cast<T*>(p.out) + n * p.o_stride_b + h * p.o_stride_h + r * p.o_stride_s;
+    for (int rr = 0; rr < 2; ++rr) {
+      float lsum = l[mt][rr];
+      lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
+      lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
+      const int r = q0 + wrow + mt * 16 + g + rr * 8;
+      if (r >= p.seq_q) continue;
+      const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+      if (ws.splits == 1) {
+        T* out = static_cast<T*>(p.out) + n * p.o_stride_b + h * p.o_stride_h + r * p.o_stride_s;
 #pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        const int d = dt * 8 + 2 * tq;
-        out[d] = from_float<T>(o[dt][2 * rr] * inv);
-        out[d + 1] = from_float<T>(o[dt][2 * rr + 1] * inv);
+        for (int dt = 0; dt < D / 8; ++dt) {
+          const int d = dt * 8 + 2 * tq;
+          out[d] = from_float<T>(o[mt][dt][2 * rr] * inv);
+          out[d + 1] = from_float<T>(o[mt][dt][2 * rr + 1] * inv);
+        }
+      } else {
+        const int64_t prow =
+            ((static_cast<int64_t>(split) * p.batch + n) * p.heads_q + h) * p.seq_q + r;
+        float* po = ws.part_o + prow * p.head_dim_v;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt) {
+          const int d = dt * 8 + 2 * tq;
+          po[d] = o[mt][dt][2 * rr] * inv;
+          po[d + 1] = o[mt][dt][2 * rr + 1] * inv;
+        }
+        if (tq == 0) ws.part_lse[prow] = lsum > 0.f ? m[mt][rr] + log2f(lsum) : -INFINITY;
       }
-    } else {
-      const int64_t prow =
-          ((static_cast<int64_t>(split) * p.batch + n) * p.heads_q + h) * p.seq_q + r;
-      float* po = ws.part_o + prow * p.head_dim_v;
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        const int d = dt * 8 + 2 * tq;
-        po[d] = o[dt][2 * rr] * inv;
-        po[d + 1] = o[dt][2 * rr + 1] * inv;
-      }
-      if (tq == 0) ws.part_lse[prow] = l[rr] > 0.f ? m[rr] + log2f(l[rr]) : -INFINITY;
     }
   }
 }
@@ -372,24 +404,30 @@ __global__ void merge_kernel(AsaParams p, Workspace ws) {
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, int MT>
 cudaError_t launch_mma(const AsaParams& p, const Workspace& ws, cudaStream_t stream) {
-  const size_t smem = static_cast<size_t>(5) * kBN * (D + 8) * sizeof(T);
-  cudaError_t err = cudaFuncSetAttribute(attn_mma_kernel<T, D>,
+  const size_t smem = static_cast<size_t>(4 + MT) * kBN * (D + 8) * sizeof(T);
+  cudaError_t err = cudaFuncSetAttribute(attn_mma_kernel<T, D, MT>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  const dim3 grid(cdiv(p.seq_q, kBM), p.heads_q, p.batch * ws.splits);
-  attn_mma_kernel<T, D><<<grid, kThreads, smem, stream>>>(p, ws);
+  const dim3 grid(cdiv(p.seq_q, kBM * MT), p.heads_q, p.batch * ws.splits);
+  attn_mma_kernel<T, D, MT><<<grid, kThreads, smem, stream>>>(p, ws);
   err = cudaGetLastError();
   if (err != cudaSuccess || ws.splits == 1) return err;
   merge_kernel<T><<<dim3(p.seq_q, p.heads_q, p.batch), 128, 0, stream>>>(p, ws);
   return cudaGetLastError();
 }
 
+// Query tile = the router's query block when b = 128 (two m-tiles per warp), 64 rows when
+// b = 64 or when decoding (a 128-row tile would be mostly empty rows).
 template <typename T>
 cudaError_t launch_mma_dtype(const AsaParams& p, const Workspace& ws, cudaStream_t stream) {
-  return p.head_dim == 64 ? launch_mma<T, 64>(p, ws, stream) : launch_mma<T, 128>(p, ws, stream);
+  const bool two = p.block_size == 128 && p.seq_q > 16;
+  if (p.head_dim == 64) {
+    return two ? launch_mma<T, 64, 2>(p, ws, stream) : launch_mma<T, 64, 1>(p, ws, stream);
+  }
+  return two ? launch_mma<T, 128, 2>(p, ws, stream) : launch_mma<T, 128, 1>(p, ws, stream);
 }
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }

@@ -51,7 +51,52 @@ __device__ __forceinline__ int kept_in_range(const AsaParams& p, const int32_t* 
   return row[b + 1] - row[a];
 }
 
-// q̄ = mean of the query rows of block i (float32, rows summed in order).
+// Sum of rows [r0, r1) of a [S, D] slice (rows kept by `keep_row`), times `inv`, into out[D].
+// 16-byte loads: thread t reads chunk t % cpr of rows r0 + t / cpr, r0 + t / cpr + rows_par...;
+// the row groups are then added in order through shared memory.
+template <typename T, typename Keep>
+__device__ void pool_rows(const T* base, int64_t stride, int r0, int r1, int D, float inv,
+                          Keep keep_row, float* out) {
+  constexpr int kVec = 16 / sizeof(T);
+  __shared__ float partial[kPoolThreads * kVec];
+  const bool vec_ok = D % kVec == 0 && D / kVec <= kPoolThreads &&
+                      (reinterpret_cast<uintptr_t>(base) & 15) == 0 && (stride % kVec) == 0;
+  if (!vec_ok) {
+    for (int d = threadIdx.x; d < D; d += kPoolThreads) {
+      float s = 0.f;
+      for (int r = r0; r < r1; ++r) {
+        if (keep_row(r)) s += to_float(base[r * stride + d]);
+      }
+      out[d] = s * inv;
+    }
+    return;
+  }
+  const int cpr = D / kVec, rows_par = kPoolThreads / cpr;
+  const int c = threadIdx.x % cpr, rg = threadIdx.x / cpr;
+  float acc[kVec];
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) acc[e] = 0.f;
+  if (rg < rows_par) {
+    for (int r = r0 + rg; r < r1; r += rows_par) {
+      if (!keep_row(r)) continue;
+      const uint4 raw = *reinterpret_cast<const uint4*>(base + r * stride + c * kVec);
+      const T* x = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) acc[e] += to_float(x[e]);
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) partial[threadIdx.x * kVec + e] = acc[e];
+  __syncthreads();
+  for (int d = threadIdx.x; d < D; d += kPoolThreads) {
+    const int cc = d / kVec, e = d % kVec;
+    float s = 0.f;
+    for (int g = 0; g < rows_par; ++g) s += partial[(g * cpr + cc) * kVec + e];
+    out[d] = s * inv;
+  }
+}
+
+// q̄ = mean of the query rows of block i (float32).
 template <typename T>
 __global__ void pool_q_kernel(AsaParams p, float* qbar) {
   const int i = blockIdx.x, h = blockIdx.y, n = blockIdx.z;
@@ -60,12 +105,8 @@ __global__ void pool_q_kernel(AsaParams p, float* qbar) {
   const int r1 = min(r0 + p.block_size, p.seq_q);
   const T* q = static_cast<const T*>(p.q) + n * p.q_stride_b + h * p.q_stride_h;
   float* out = qbar + ((static_cast<int64_t>(n) * p.heads_q + h) * nq + i) * p.head_dim;
-  const float inv = 1.f / static_cast<float>(r1 - r0);
-  for (int d = threadIdx.x; d < p.head_dim; d += kPoolThreads) {
-    float s = 0.f;
-    for (int r = r0; r < r1; ++r) s += to_float(q[r * p.q_stride_s + d]);
-    out[d] = s * inv;
-  }
+  pool_rows(q, p.q_stride_s, r0, r1, p.head_dim, 1.f / static_cast<float>(r1 - r0),
+            [](int) { return true; }, out);
 }
 
 // k̄ = mean of the kept keys of block k (zeros when none is kept: such a block is invisible).
@@ -77,16 +118,14 @@ __global__ void pool_k_kernel(AsaParams p, float* kbar) {
   const int j1 = min(j0 + p.block_size, p.seq_kv);
   const T* key = static_cast<const T*>(p.k) + n * p.k_stride_b + h * p.k_stride_h;
   float* out = kbar + ((static_cast<int64_t>(n) * p.heads_kv + h) * nk + k) * p.head_dim;
-  int count = 0;
-  for (int j = j0; j < j1; ++j) count += key_kept(p, n, j);
-  const float inv = count > 0 ? 1.f / static_cast<float>(count) : 0.f;
-  for (int d = threadIdx.x; d < p.head_dim; d += kPoolThreads) {
-    float s = 0.f;
-    for (int j = j0; j < j1; ++j) {
-      if (key_kept(p, n, j)) s += to_float(key[j * p.k_stride_s + d]);
-    }
-    out[d] = s * inv;
+  int count = j1 - j0;
+  if (p.mask_dtype != ASA_MASK_NONE) {
+    count = 0;
+    for (int j = j0; j < j1; ++j) count += key_kept(p, n, j);
   }
+  const float inv = count > 0 ? 1.f / static_cast<float>(count) : 0.f;
+  pool_rows(key, p.k_stride_s, j0, j1, p.head_dim, inv,
+            [&p, n](int j) { return key_kept(p, n, j); }, out);
 }
 
 enum : uint8_t { kVisible = 1, kForced = 2, kKept = 4 };
