@@ -88,9 +88,11 @@ def build_function(attrs: AsaAttributes, opset: int, present_inputs: tuple[bool,
     outputs = _emit(body, attrs, present, num_outputs, dtype)
     for name, value in zip(OUTPUTS, outputs):
         body.add("Identity", [value], [name])
-    last = max([i for i, p in enumerate(present) if p], default=-1)
+    # All six inputs are declared (the body reads only the present ones), so a call node may
+    # spell missing trailing inputs as "" or drop them: ONNX Runtime rejects only more actual
+    # than formal inputs.
     return helper.make_function(
-        DOMAIN, OP_TYPE, list(INPUTS[:4 + last]), list(OUTPUTS[:num_outputs]), body.nodes,
+        DOMAIN, OP_TYPE, list(INPUTS), list(OUTPUTS[:num_outputs]), body.nodes,
         [helper.make_opsetid("", opset)], attributes=function_attributes(attrs),
         overload=function_overload(attrs, present, num_outputs, dtype),
         doc_string="AdaptiveSparseAttention contract v1 reference semantics; "
@@ -122,8 +124,7 @@ def make_node(inputs: list[str], outputs: list[str], attrs: AsaAttributes, name:
     optional = list(inputs[3:]) + [""] * (len(INPUTS) - len(inputs))
     present = tuple(bool(x) for x in optional)
     num_outputs = max(i for i, o in enumerate(outputs) if o) + 1
-    # The function declares inputs up to the last present one; ONNX Runtime rejects a call
-    # with more actual than formal inputs, so trailing empty names are dropped.
+    # Trailing empty names carry nothing; they are dropped (the ONNX convention).
     num_inputs = 3 + max([i + 1 for i, p in enumerate(present) if p], default=0)
     node = helper.make_node(
         OP_TYPE, list(inputs[:num_inputs]), list(outputs[:num_outputs]), name=name, domain=DOMAIN,
