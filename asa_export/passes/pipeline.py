@@ -15,7 +15,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from asa_export.passes import rewrite
 from asa_export.passes.canonicalize import infer_shapes
-from asa_export.passes.rules import onnx_attention, softmax_attention
+from asa_export.passes.rules import ms_attention, onnx_attention, softmax_attention
 from asa_export.passes.rules.base import Match, NoMatch
 from asa_export.report import Rejection, Report, Site
 
@@ -39,7 +39,7 @@ class RewriteOptions:
     select_per: int = 0
 
 
-RULES = (softmax_attention, onnx_attention)
+RULES = (softmax_attention, onnx_attention, ms_attention)
 
 
 def _match_all(model: ir.Model) -> tuple[list[Match], list[Rejection]]:

@@ -64,8 +64,14 @@ def rewrite_site(model: ir.Model, match: Match, attrs: AsaAttributes, name: str)
     """
     graph = model.graph
     before = match.insert_before
+    query = match.query
     key = _materialize(graph, match.key, before, f"{name}/key_transpose")
     value = _materialize(graph, match.value, before, f"{name}/value_transpose")
+    if match.packed_heads is not None:
+        hq, hkv = match.packed_heads
+        query = _split_heads(graph, query, hq, before, f"{name}/query")
+        key = _split_heads(graph, key, hkv, before, f"{name}/key")
+        value = _split_heads(graph, value, hkv, before, f"{name}/value")
     if match.past is not None:
         past_key, past_value, presents = match.past
         key = _concat_past(graph, past_key, key, before, f"{name}/present_key")
@@ -73,7 +79,7 @@ def rewrite_site(model: ir.Model, match: Match, attrs: AsaAttributes, name: str)
         for old, new in zip(presents, (key, value)):
             if old is not None:
                 _replace(old, new, new.name)
-    inputs = [match.query, key, value]
+    inputs = [query, key, value]
     if match.mask.padding is not None:
         inputs.append(match.mask.padding)
     node = ir.Node(
@@ -85,8 +91,39 @@ def rewrite_site(model: ir.Model, match: Match, attrs: AsaAttributes, name: str)
         num_outputs=1,
     )
     graph.insert_before(before, node)
-    _replace(match.output, node.outputs[0], f"{name}/output")
+    out = node.outputs[0]
+    out.dtype = match.output.dtype
+    if match.packed_heads is not None:
+        out = _merge_heads(graph, out, before, f"{name}/merge_heads")
+    _replace(match.output, out, f"{name}/output")
     return node
+
+
+def _split_heads(graph, value: ir.Value, heads: int, before: ir.Node, name: str) -> ir.Value:
+    """[B, S, H·D] -> [B, H, S, D] (a 4-D value is already split)."""
+    if g.rank(value) == 4:
+        return value
+    shape = ir.tensor([0, 0, heads, -1], dtype=ir.DataType.INT64, name=f"{name}/split_shape")
+    const = ir.node("Constant", [], {"value": shape}, name=f"{name}/split_shape")
+    reshape = ir.node("Reshape", [value, const.outputs[0]], name=f"{name}/split_heads")
+    trans = ir.node("Transpose", [reshape.outputs[0]], {"perm": [0, 2, 1, 3]},
+                    name=f"{name}/to_bhsd")
+    for node in (const, reshape, trans):
+        graph.insert_before(before, node)
+    trans.outputs[0].dtype = value.dtype
+    return trans.outputs[0]
+
+
+def _merge_heads(graph, value: ir.Value, before: ir.Node, name: str) -> ir.Value:
+    """[B, H, S, D] -> [B, S, H·D]."""
+    trans = ir.node("Transpose", [value], {"perm": [0, 2, 1, 3]}, name=f"{name}/to_bshd")
+    shape = ir.tensor([0, 0, -1], dtype=ir.DataType.INT64, name=f"{name}/merge_shape")
+    const = ir.node("Constant", [], {"value": shape}, name=f"{name}/merge_shape")
+    reshape = ir.node("Reshape", [trans.outputs[0], const.outputs[0]], name=name)
+    for node in (trans, const, reshape):
+        graph.insert_before(before, node)
+    reshape.outputs[0].dtype = value.dtype
+    return reshape.outputs[0]
 
 
 def _replace(old: ir.Value, new: ir.Value, name: str) -> None:

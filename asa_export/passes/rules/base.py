@@ -53,6 +53,9 @@ class Match:
     # (past_key, past_value, [present_key, present_value]) when the op itself appends a KV cache:
     # the rewrite concatenates the past in front of key / value and routes the presents to it.
     past: tuple | None = None
+    # (Hq, Hkv) when Q / K / V and the output are packed [B, S, H·D] (3-D op forms): the rewrite
+    # splits heads before the ASA node and merges them after it.
+    packed_heads: tuple[int, int] | None = None
 
 
 def peel_scalar_scale(value: ir.Value) -> tuple[ir.Value, float]:

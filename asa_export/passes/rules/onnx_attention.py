@@ -37,8 +37,14 @@ def _mask_terms(mask: ir.Value | None) -> list[masks.MaskTerm]:
 def match(model: ir.Model, node: ir.Node) -> Match:
     """Prove that the Attention node's semantics fit the contract."""
     q, k, v = node.inputs[0], node.inputs[1], node.inputs[2]
-    if any(g.rank(x) != 4 for x in (q, k, v)):
-        raise NoMatch("only the 4-D [B, H, S, D] form of Attention is rewritten (3-D inputs given)")
+    ranks = [g.rank(x) for x in (q, k, v)]
+    packed = None
+    if ranks == [3, 3, 3]:
+        packed = (g.int_attr(node, "q_num_heads"), g.int_attr(node, "kv_num_heads"))
+        if not all(packed):
+            raise NoMatch("3-D Attention inputs without q_num_heads / kv_num_heads")
+    elif ranks != [4, 4, 4]:
+        raise NoMatch(f"Q, K, V ranks {ranks}: only all 4-D [B, H, S, D] or all 3-D are expressible")
     if _input(node, 6) is not None:
         raise NoMatch("nonpad_kv_seqlen is not supported yet")
     if len(node.outputs) > 3 and node.outputs[3] is not None and node.outputs[3].uses():
@@ -47,7 +53,8 @@ def match(model: ir.Model, node: ir.Node) -> Match:
     if (past_key is None) != (past_value is None):
         raise NoMatch("past_key and past_value must be given together")
     causal_attr = g.int_attr(node, "is_causal", 0) == 1
-    if causal_attr and not g.same_dim(g.dims(q)[2], g.dims(k)[2]):
+    seq_axis = 1 if packed else 2
+    if causal_attr and not g.same_dim(g.dims(q)[seq_axis], g.dims(k)[seq_axis]):
         raise NoMatch("is_causal with query and new-key lengths not provably equal")
     try:
         mask = masks.analyze(model, _mask_terms(_input(node, 3)))
@@ -56,19 +63,31 @@ def match(model: ir.Model, node: ir.Node) -> Match:
     if causal_attr:  # the causal frontier intersects the mask: still a contract mask
         mask = masks.MaskSpec(causal=True, window=mask.window, padding=mask.padding)
     key, value = KeySource(k), KeySource(v)
-    key_kv, g_k = peel_repeat_kv(key)
-    value_kv, g_v = peel_repeat_kv(value)
-    if g_k == g_v and g_k > 1 and past_key is None:
-        key, value = key_kv, value_kv
-    q_dims, k_dims = g.dims(q), g.dims(key.value)
-    scale = g.float_attr(node, "scale", 0.0) or 0.0
+    if not packed:
+        key_kv, g_k = peel_repeat_kv(key)
+        value_kv, g_v = peel_repeat_kv(value)
+        if g_k == g_v and g_k > 1 and past_key is None:
+            key, value = key_kv, value_kv
+    q_heads, kv_heads, head_dim, head_dim_v = _sizes(q, key.value, v, packed)
     return Match(
         rule=NAME, anchor=node, insert_before=node, query=q, key=key, value=value,
-        output=node.outputs[0], scale=scale, softcap=g.float_attr(node, "softcap", 0.0) or 0.0,
-        mask=mask, q_heads=q_dims[1] if isinstance(q_dims[1], int) else None,
-        kv_heads=k_dims[1] if isinstance(k_dims[1], int) else None,
-        head_dim=q_dims[3] if isinstance(q_dims[3], int) else None,
-        head_dim_v=g.dims(v)[3] if isinstance(g.dims(v)[3], int) else None,
+        output=node.outputs[0], scale=g.float_attr(node, "scale", 0.0) or 0.0,
+        softcap=g.float_attr(node, "softcap", 0.0) or 0.0, mask=mask, q_heads=q_heads,
+        kv_heads=kv_heads, head_dim=head_dim, head_dim_v=head_dim_v,
         past_kv=past_key is not None,
         past=(past_key, past_value, node.outputs[1:3]) if past_key is not None else None,
+        packed_heads=packed,
     )
+
+
+def _sizes(q, k, v, packed):
+    """(Hq, Hkv, D, Dv) where static."""
+    def dim(value, axis):
+        d = g.dims(value)
+        return d[axis] if d is not None and isinstance(d[axis], int) else None
+
+    if packed:
+        hq, hkv = packed
+        hidden_q, hidden_v = dim(q, 2), dim(v, 2)
+        return hq, hkv, hidden_q // hq if hidden_q else None, hidden_v // hkv if hidden_v else None
+    return dim(q, 1), dim(k, 1), dim(q, 3), dim(v, 3)

@@ -116,8 +116,18 @@ def test_attention_op_rewrites_with_parity(causal, mask, past):
             np.testing.assert_allclose(a, e, atol=1e-4, rtol=1e-3)
 
 
+def test_packed_3d_attention_op_rewrites_with_parity():
+    model = _model(causal=1, three_d=True)
+    rewritten, report = _rewrite(model)
+    assert "Attention" not in [n.op_type for n in rewritten.graph.node]
+    assert (report.sites[0].q_heads, report.sites[0].kv_heads) == (HQ, HKV)
+    rng = np.random.default_rng(1)
+    feeds = {n: rng.standard_normal((2, 97, h * D)).astype(np.float32)
+             for n, h in (("q", HQ), ("k", HKV), ("v", HKV))}
+    np.testing.assert_allclose(_run(rewritten, feeds)[0], _run(model, feeds)[0], atol=1e-4, rtol=1e-3)
+
+
 @pytest.mark.parametrize("kwargs,reason", [
-    (dict(three_d=True), "4-D"),
     (dict(mask="input4d"), "model input"),
 ])
 def test_attention_op_rejections(kwargs, reason):
