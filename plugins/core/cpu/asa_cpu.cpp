@@ -58,10 +58,12 @@ void run_parallel(const TaskPool& tp, int num_threads, size_t total, void (*fn)(
 // ---------------------------------------------------------------- ISA dispatch
 
 typedef void (*TileFn)(const TileJob&);
+typedef void (*PackFn)(const AsaParams&, int, int, int, float*, float*);
 
 struct Isa {
   const char* name;
   TileFn fn;
+  PackFn pack;
 };
 
 bool cpu_has_avx2() {
@@ -80,12 +82,12 @@ Isa pick_isa() {
   const char* cap = std::getenv("ASA_CPU_ISA");
   const int limit = !cap ? 2 : std::strcmp(cap, "base") == 0 ? 0 : std::strcmp(cap, "avx2") == 0 ? 1 : 2;
 #if defined(ASA_HAVE_AVX512)
-  if (limit >= 2 && cpu_has_avx512()) return {"avx512", avx512::attention_tile};
+  if (limit >= 2 && cpu_has_avx512()) return {"avx512", avx512::attention_tile, avx512::pack_kv};
 #endif
 #if defined(ASA_HAVE_AVX2)
-  if (limit >= 1 && cpu_has_avx2()) return {"avx2", avx2::attention_tile};
+  if (limit >= 1 && cpu_has_avx2()) return {"avx2", avx2::attention_tile, avx2::pack_kv};
 #endif
-  return {"base", base::attention_tile};
+  return {"base", base::attention_tile, base::pack_kv};
 }
 
 // ---------------------------------------------------------------- geometry
@@ -326,15 +328,36 @@ int route(const AsaParams& p, const uint8_t* keep, const TaskPool& tp, int num_t
 struct AttnCtx {
   const AsaParams* p;
   const uint8_t* keep;
-  TileFn fn;
+  Isa isa;
   int nq, nk, hsel, group;
-  std::vector<int64_t> order;  // tile ids, most kept blocks first (load balance)
+  std::vector<int64_t> order;   // tile ids, most kept blocks first (load balance)
+  std::vector<uint8_t> used;    // [B][Hkv][NK] key block kept by some tile
+  std::vector<float> kt;        // [B][Hkv][NK][D][b] packed keys
+  std::vector<float> v;         // [B][Hkv][NK*b][dvp] packed values (unless read in place)
+  std::vector<int64_t> packs;   // (n, hkv, kb) ids of the blocks to pack
 };
 
 float* thread_scratch(int64_t floats) {
   thread_local std::vector<float> buf;
   if (static_cast<int64_t>(buf.size()) < floats) buf.resize(floats);
   return buf.data();
+}
+
+int64_t kv_slot(const AttnCtx& c, int n, int hkv) {
+  return static_cast<int64_t>(n) * c.p->heads_kv + hkv;
+}
+
+void pack_one(void* user, size_t task) {
+  AttnCtx& c = *static_cast<AttnCtx*>(user);
+  const AsaParams& p = *c.p;
+  const int64_t id = c.packs[task];
+  const int kb = static_cast<int>(id % c.nk);
+  const int64_t slot = id / c.nk;
+  const int n = static_cast<int>(slot / p.heads_kv), hkv = static_cast<int>(slot % p.heads_kv);
+  float* kt = c.kt.data() + id * packed_key_block_floats(p);
+  float* v = c.v.empty() ? nullptr
+                         : c.v.data() + id * p.block_size * packed_value_row_floats(p);
+  c.isa.pack(p, n, hkv, kb, kt, v);
 }
 
 void attend_one(void* user, size_t task) {
@@ -345,6 +368,7 @@ void attend_one(void* user, size_t task) {
   const int h = static_cast<int>((tile / c.nq) % p.heads_q);
   const int n = static_cast<int>(tile / (static_cast<int64_t>(c.nq) * p.heads_q));
   const int hs = p.select_per ? h / c.group : h;
+  const int hkv = h / c.group;
   const size_t slot = (static_cast<size_t>(n) * c.hsel + hs) * c.nq + i;
   TileJob job;
   job.p = &p;
@@ -354,32 +378,62 @@ void attend_one(void* user, size_t task) {
   job.n = n;
   job.h = h;
   job.i = i;
+  job.kt = c.kt.data() + kv_slot(c, n, hkv) * c.nk * packed_key_block_floats(p);
+  if (c.v.empty()) {
+    job.v = static_cast<const float*>(p.v) + n * p.v_stride_b + hkv * p.v_stride_h;
+    job.v_ld = p.v_stride_s;
+  } else {
+    job.v_ld = packed_value_row_floats(p);
+    job.v = c.v.data() + kv_slot(c, n, hkv) * c.nk * p.block_size * job.v_ld;
+  }
   job.scratch = thread_scratch(tile_scratch_floats(p));
-  c.fn(job);
+  c.isa.fn(job);
+}
+
+// Orders tiles by cost and marks the key blocks some tile keeps (only those are packed).
+void plan_tiles(AttnCtx& c) {
+  const AsaParams& p = *c.p;
+  const int64_t tiles = static_cast<int64_t>(p.batch) * p.heads_q * c.nq;
+  c.order.resize(tiles);
+  c.used.assign(static_cast<size_t>(p.batch) * p.heads_kv * c.nk, 0);
+  std::vector<int32_t> cost(tiles);
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int i = static_cast<int>(t % c.nq), h = static_cast<int>((t / c.nq) % p.heads_q);
+    const int n = static_cast<int>(t / (static_cast<int64_t>(c.nq) * p.heads_q));
+    const int hs = p.select_per ? h / c.group : h;
+    const size_t slot = (static_cast<size_t>(n) * c.hsel + hs) * c.nq + i;
+    const int cnt = std::max(0, std::min(p.block_counts[slot], c.nk));
+    uint8_t* used = &c.used[kv_slot(c, n, h / c.group) * c.nk];
+    for (int x = 0; x < cnt; ++x) {
+      const int kb = p.block_indices[slot * c.nk + x];
+      if (kb >= 0 && kb < c.nk) used[kb] = 1;
+    }
+    cost[t] = cnt;
+    c.order[t] = t;
+  }
+  std::stable_sort(c.order.begin(), c.order.end(),
+                   [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+  for (size_t id = 0; id < c.used.size(); ++id)
+    if (c.used[id]) c.packs.push_back(static_cast<int64_t>(id));
 }
 
 int attend(const AsaParams& p, const uint8_t* keep, const TaskPool& tp, int num_threads) {
   AttnCtx c;
   c.p = &p;
   c.keep = keep;
-  c.fn = pick_isa().fn;
+  c.isa = pick_isa();
   c.nq = num_query_blocks(p);
   c.nk = num_key_blocks(p);
   c.hsel = num_select_heads(p);
   c.group = p.heads_q / p.heads_kv;
-  const int64_t tiles = static_cast<int64_t>(p.batch) * p.heads_q * c.nq;
-  c.order.resize(tiles);
-  std::vector<int32_t> cost(tiles);
-  for (int64_t t = 0; t < tiles; ++t) {
-    const int i = static_cast<int>(t % c.nq), h = static_cast<int>((t / c.nq) % p.heads_q);
-    const int n = static_cast<int>(t / (static_cast<int64_t>(c.nq) * p.heads_q));
-    const int hs = p.select_per ? h / c.group : h;
-    cost[t] = p.block_counts[(static_cast<size_t>(n) * c.hsel + hs) * c.nq + i];
-    c.order[t] = t;
-  }
-  std::stable_sort(c.order.begin(), c.order.end(),
-                   [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
-  run_parallel(tp, num_threads, static_cast<size_t>(tiles), attend_one, &c);
+  plan_tiles(c);
+  const size_t blocks = static_cast<size_t>(p.batch) * p.heads_kv * c.nk;
+  // Unused blocks stay uninitialised: no tile reads them.
+  c.kt.resize(blocks * packed_key_block_floats(p));
+  if (!values_usable_in_place(p) || p.v_stride_s % kVec != 0)
+    c.v.resize(blocks * p.block_size * packed_value_row_floats(p));
+  run_parallel(tp, num_threads, c.packs.size(), pack_one, &c);
+  run_parallel(tp, num_threads, c.order.size(), attend_one, &c);
   return ASA_OK;
 }
 

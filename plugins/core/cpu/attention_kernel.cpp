@@ -16,37 +16,46 @@
 #ifndef ASA_ROWS
 #define ASA_ROWS 4  // query rows per micro-kernel step (register blocking)
 #endif
+#ifndef ASA_VBYTES
+#define ASA_VBYTES 16  // bytes of one native vector register
+#endif
 
 namespace asa {
 namespace cpu {
 namespace ASA_ISA_NS {
 namespace {
 
-// 16 lanes: two ymm on AVX2, one zmm on AVX-512, four xmm on the baseline.
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
+// One native vector: xmm on the baseline, ymm on AVX2, zmm on AVX-512 (CMake sets ASA_VBYTES).
+// A chunk of kVec = 16 keys or value columns is NV such vectors.
+typedef float vf __attribute__((vector_size(ASA_VBYTES)));
+typedef int32_t vi __attribute__((vector_size(ASA_VBYTES)));
+constexpr int VW = ASA_VBYTES / 4;
+constexpr int NV = kVec / VW;
+static_assert(kVec % VW == 0, "chunk must be whole vectors");
+
+#define ASA_INLINE inline __attribute__((always_inline))
 
 constexpr float kNegInf = -__builtin_inff();
 
-inline vf load(const float* p) {
+ASA_INLINE vf load(const float* p) {
   vf v;
   memcpy(&v, p, sizeof(v));
   return v;
 }
-inline void store(float* p, vf v) { memcpy(p, &v, sizeof(v)); }
-inline vf splat(float x) { return vf{} + x; }
-inline vf as_vf(vi x) {
+ASA_INLINE void store(float* p, vf v) { memcpy(p, &v, sizeof(v)); }
+ASA_INLINE vf splat(float x) { return vf{} + x; }
+ASA_INLINE vf as_vf(vi x) {
   vf r;
   memcpy(&r, &x, sizeof(r));
   return r;
 }
 
 // exp(x) to about 1 ulp for x <= 88; exactly 0 below -87.3 (masked scores are -inf).
-inline vf vexp(vf x) {
-  const vf lo = splat(-87.3f), hi = splat(88.3f);
+ASA_INLINE vf vexp(vf x) {
+  // Callers pass x <= 0 (scores minus the running max), so only underflow needs a clamp.
+  const vf lo = splat(-87.3f);
   const auto underflow = x < lo;
   x = x < lo ? lo : x;
-  x = x > hi ? hi : x;
   // Round x·log2(e) to nearest with the 1.5·2^23 trick (no floor instruction needed).
   const vf magic = splat(12582912.0f);
   vf n = (x * 1.44269504088896341f + magic) - magic;
@@ -66,10 +75,10 @@ inline vf vexp(vf x) {
 }
 
 // c·tanh(s/c) through exp(-2|y|), accurate to a few ulp.
-inline vf vsoftcap(vf s, float c) {
+ASA_INLINE vf vsoftcap(vf s, float c) {
   const vf y = s * (1.0f / c);
   const vf ay = y < 0.0f ? -y : y;
-  const vf e = vexp(ay * -2.0f);
+  const vf e = vexp(ay * -2.0f);  // argument <= 0, as vexp wants
   const vf t = (1.0f - e) / (1.0f + e);
   return (y < 0.0f ? -t : t) * c;
 }
@@ -163,8 +172,6 @@ inline int imax(int a, int b) { return a > b ? a : b; }
 // Pointers into one thread's scratch, sized by tile_scratch_floats.
 struct Scratch {
   float* q;   // [b][dp]  query rows, pre-multiplied by scale
-  float* kt;  // [dp][b]  key block transposed
-  float* v;   // [b][dvp] value block
   float* s;   // [b][b]   scores, then probabilities
   float* o;   // [b][dvp] output accumulator
   float* m;   // [b] running max
@@ -178,19 +185,37 @@ inline float* align64(float* p) {
 }
 
 Scratch carve(float* base, int dp, int dvp) {
-  const int b = kMaxBlock;
+  const int b = kMaxBlock, rows = kMaxBlock + kMaxRows;
   Scratch sc;
   float* p = align64(base);
-  sc.q = p;  p += b * dp;
-  sc.kt = p; p += dp * b;
-  sc.v = p;  p += b * dvp;
-  sc.s = p;  p += b * b;
-  sc.o = p;  p += b * dvp;
+  sc.q = p;  p += rows * dp;
+  sc.s = p;  p += rows * b;
+  sc.o = p;  p += rows * dvp;
   sc.m = p;  p += b;
   sc.l = p;  p += b;
   sc.lo = reinterpret_cast<int*>(p); p += b;
   sc.hi = reinterpret_cast<int*>(p);
   return sc;
+}
+
+// Horizontal max / sum of one vector by log2(VW) rotations.
+ASA_INLINE float hmax(vf x) {
+  for (int w = VW / 2; w >= 1; w /= 2) {
+    vi idx;
+    for (int t = 0; t < VW; ++t) idx[t] = (t + w) % VW;
+    const vf y = __builtin_shuffle(x, idx);
+    x = y > x ? y : x;
+  }
+  return x[0];
+}
+
+ASA_INLINE float hsum(vf x) {
+  for (int w = VW / 2; w >= 1; w /= 2) {
+    vi idx;
+    for (int t = 0; t < VW; ++t) idx[t] = (t + w) % VW;
+    x += __builtin_shuffle(x, idx);
+  }
+  return x[0];
 }
 
 // Visible key interval [lo, hi) of each row from causal / window geometry (padding aside).
@@ -208,69 +233,52 @@ void row_intervals(const AsaParams& p, int r0, int nr, int* lo, int* hi) {
   }
 }
 
-// S[r][0..nkp) = (scale·q_r)·k_j for rows in groups of ASA_ROWS and keys in 16-lane chunks.
-void qk_block(const Scratch& sc, int nr_pad, int nkp, int dim, int dp) {
+// S[r][0..nkp) = (scale·q_r)·k_j for rows in groups of ASA_ROWS and keys in chunks of kVec;
+// the ASA_ROWS × NV accumulators stay in registers over the whole head dimension.
+void qk_block(const Scratch& sc, const float* kt, int ldk, int nr_pad, int nkp, int dim, int dp) {
   const int b = kMaxBlock;
   for (int r0 = 0; r0 < nr_pad; r0 += ASA_ROWS) {
     const float* qr = sc.q + r0 * dp;
     for (int jc = 0; jc < nkp; jc += kVec) {
-      vf acc[ASA_ROWS];
-      for (int x = 0; x < ASA_ROWS; ++x) acc[x] = splat(0.0f);
-      const float* kc = sc.kt + jc;
+      vf acc[ASA_ROWS][NV];
+      for (int x = 0; x < ASA_ROWS; ++x)
+        for (int u = 0; u < NV; ++u) acc[x][u] = splat(0.0f);
+      const float* kc = kt + jc;
       for (int d = 0; d < dim; ++d) {
-        const vf kv = load(kc + d * b);
-        for (int x = 0; x < ASA_ROWS; ++x) acc[x] += qr[x * dp + d] * kv;
+        vf kv[NV];
+        for (int u = 0; u < NV; ++u) kv[u] = load(kc + d * ldk + u * VW);
+        for (int x = 0; x < ASA_ROWS; ++x) {
+          const float qs = qr[x * dp + d];
+          for (int u = 0; u < NV; ++u) acc[x][u] += qs * kv[u];
+        }
       }
-      for (int x = 0; x < ASA_ROWS; ++x) store(sc.s + (r0 + x) * b + jc, acc[x]);
+      for (int x = 0; x < ASA_ROWS; ++x)
+        for (int u = 0; u < NV; ++u) store(sc.s + (r0 + x) * b + jc + u * VW, acc[x][u]);
     }
   }
 }
 
-// O[r] += Σ_j P[r][j]·V[j] over the block's nk keys.
-void pv_block(const Scratch& sc, int nr_pad, int nk, int dvp) {
+// O[r] += Σ_j P[r][j]·V[j] over the block's nk keys, ASA_ROWS rows × kVec columns at a time.
+void pv_block(const Scratch& sc, const float* v, int64_t ldv, int nr_pad, int nk, int dvp) {
   const int b = kMaxBlock;
   for (int r0 = 0; r0 < nr_pad; r0 += ASA_ROWS) {
     const float* pr = sc.s + r0 * b;
     for (int dc = 0; dc < dvp; dc += kVec) {
-      vf acc[ASA_ROWS];
-      for (int x = 0; x < ASA_ROWS; ++x) acc[x] = load(sc.o + (r0 + x) * dvp + dc);
-      const float* vc = sc.v + dc;
+      vf acc[ASA_ROWS][NV];
+      for (int x = 0; x < ASA_ROWS; ++x)
+        for (int u = 0; u < NV; ++u) acc[x][u] = load(sc.o + (r0 + x) * dvp + dc + u * VW);
+      const float* vc = v + dc;
       for (int j = 0; j < nk; ++j) {
-        const vf vv = load(vc + j * dvp);
-        for (int x = 0; x < ASA_ROWS; ++x) acc[x] += pr[x * b + j] * vv;
+        vf vv[NV];
+        for (int u = 0; u < NV; ++u) vv[u] = load(vc + j * ldv + u * VW);
+        for (int x = 0; x < ASA_ROWS; ++x) {
+          const float ps = pr[x * b + j];
+          for (int u = 0; u < NV; ++u) acc[x][u] += ps * vv[u];
+        }
       }
-      for (int x = 0; x < ASA_ROWS; ++x) store(sc.o + (r0 + x) * dvp + dc, acc[x]);
+      for (int x = 0; x < ASA_ROWS; ++x)
+        for (int u = 0; u < NV; ++u) store(sc.o + (r0 + x) * dvp + dc + u * VW, acc[x][u]);
     }
-  }
-}
-
-// Loads key block [j0, j0+nk) transposed into kt and value block into v (fp32, zero padded).
-void load_kv(const AsaParams& p, int n, int hkv, int j0, int nk, int nkp, const Scratch& sc,
-             int dp, int dvp) {
-  const int b = kMaxBlock;
-  float row[1024 + kVec];
-  const int64_t kbase = n * p.k_stride_b + hkv * p.k_stride_h;
-  for (int j = 0; j < nk; ++j) {
-    const int64_t off = kbase + (j0 + j) * p.k_stride_s;
-    if (p.dtype == ASA_FLOAT32) {
-      const float* src = static_cast<const float*>(p.k) + off;
-      for (int d = 0; d < p.head_dim; ++d) sc.kt[d * b + j] = src[d];
-    } else {
-      for (int d0 = 0; d0 < p.head_dim; d0 += 1024) {
-        const int cnt = imin(1024, p.head_dim - d0);
-        load_row(p.k, off + d0, cnt, p.dtype, row);
-        for (int d = 0; d < cnt; ++d) sc.kt[(d0 + d) * b + j] = row[d];
-      }
-    }
-  }
-  for (int d = 0; d < p.head_dim; ++d)
-    for (int j = nk; j < nkp; ++j) sc.kt[d * b + j] = 0.0f;
-  (void)dp;
-  const int64_t vbase = n * p.v_stride_b + hkv * p.v_stride_h;
-  for (int j = 0; j < nk; ++j) {
-    float* dst = sc.v + j * dvp;
-    load_row(p.v, vbase + (j0 + j) * p.v_stride_s, p.head_dim_v, p.dtype, dst);
-    for (int c = p.head_dim_v; c < dvp; ++c) dst[c] = 0.0f;
   }
 }
 
@@ -291,7 +299,7 @@ void transform_scores(const AsaParams& p, const TileJob& job, const Scratch& sc,
   const int b = kMaxBlock;
   if (p.softcap > 0.0f) {
     for (int r = 0; r < nr; ++r)
-      for (int jc = 0; jc < nkp; jc += kVec)
+      for (int jc = 0; jc < nkp; jc += VW)
         store(sc.s + r * b + jc, vsoftcap(load(sc.s + r * b + jc), p.softcap));
   }
   if (p.bias) {
@@ -329,12 +337,11 @@ void softmax_update(const Scratch& sc, int nr, int nr_pad, int nkp, int dvp) {
   for (int r = 0; r < nr; ++r) {
     float* srow = sc.s + r * b;
     vf mx = load(srow);
-    for (int jc = kVec; jc < nkp; jc += kVec) {
+    for (int jc = VW; jc < nkp; jc += VW) {
       const vf x = load(srow + jc);
       mx = x > mx ? x : mx;
     }
-    float bmax = mx[0];
-    for (int t = 1; t < kVec; ++t) bmax = mx[t] > bmax ? mx[t] : bmax;
+    const float bmax = hmax(mx);
     if (bmax == kNegInf) {
       memset(srow, 0, sizeof(float) * nkp);
       continue;
@@ -343,13 +350,12 @@ void softmax_update(const Scratch& sc, int nr, int nr_pad, int nkp, int dvp) {
     const float m_new = bmax > m_old ? bmax : m_old;
     const vf mv = splat(m_new);
     vf sum = splat(0.0f);
-    for (int jc = 0; jc < nkp; jc += kVec) {
+    for (int jc = 0; jc < nkp; jc += VW) {
       const vf e = vexp(load(srow + jc) - mv);
       store(srow + jc, e);
       sum += e;
     }
-    float bsum = 0.0f;
-    for (int t = 0; t < kVec; ++t) bsum += sum[t];
+    const float bsum = hsum(sum);
     if (m_new != m_old) {
       const float alpha = m_old == kNegInf ? 0.0f : expf(m_old - m_new);
       sc.l[r] *= alpha;
@@ -364,11 +370,34 @@ void softmax_update(const Scratch& sc, int nr, int nr_pad, int nkp, int dvp) {
 
 }  // namespace
 
+void pack_kv(const AsaParams& p, int n, int hkv, int kb, float* kt_dst, float* v_dst) {
+  const int bs = p.block_size, j0 = kb * bs;
+  const int nk = imin(bs, p.seq_kv - j0);
+  float row[256];
+  const int64_t kbase = n * p.k_stride_b + hkv * p.k_stride_h;
+  for (int j = 0; j < nk; ++j) {
+    const int64_t off = kbase + (j0 + j) * p.k_stride_s;
+    for (int d0 = 0; d0 < p.head_dim; d0 += 256) {
+      const int cnt = imin(256, p.head_dim - d0);
+      load_row(p.k, off + d0, cnt, p.dtype, row);
+      for (int d = 0; d < cnt; ++d) kt_dst[(d0 + d) * bs + j] = row[d];
+    }
+  }
+  for (int d = 0; d < p.head_dim; ++d)
+    for (int j = nk; j < bs; ++j) kt_dst[d * bs + j] = 0.0f;  // keys past Skv score 0, masked
+  if (!v_dst) return;
+  const int dvp = static_cast<int>(round_up(p.head_dim_v, kVec));
+  const int64_t vbase = n * p.v_stride_b + hkv * p.v_stride_h;
+  for (int j = 0; j < nk; ++j) {
+    float* dst = v_dst + static_cast<int64_t>(j) * dvp;
+    load_row(p.v, vbase + (j0 + j) * p.v_stride_s, p.head_dim_v, p.dtype, dst);
+    for (int c = p.head_dim_v; c < dvp; ++c) dst[c] = 0.0f;
+  }
+}
+
 void attention_tile(const TileJob& job) {
   const AsaParams& p = *job.p;
   const int bs = p.block_size;
-  const int group = p.heads_q / p.heads_kv;
-  const int hkv = job.h / group;
   const int r0 = job.i * bs;
   const int nr = imin(bs, p.seq_q - r0);
   const int nr_pad = static_cast<int>(round_up(nr, ASA_ROWS));
@@ -395,11 +424,11 @@ void attention_tile(const TileJob& job) {
     if (j0 < 0 || j0 >= p.seq_kv) continue;
     const int nk = imin(bs, p.seq_kv - j0);
     const int nkp = static_cast<int>(round_up(nk, kVec));
-    load_kv(p, job.n, hkv, j0, nk, nkp, sc, dp, dvp);
-    qk_block(sc, nr_pad, nkp, p.head_dim, dp);
+    const float* kt = job.kt + static_cast<int64_t>(job.blocks[t]) * p.head_dim * bs;
+    qk_block(sc, kt, bs, nr_pad, nkp, p.head_dim, dp);
     transform_scores(p, job, sc, r0, nr, j0, nk, nkp);
     softmax_update(sc, nr, nr_pad, nkp, dvp);
-    pv_block(sc, nr_pad, nk, dvp);
+    pv_block(sc, job.v + j0 * job.v_ld, job.v_ld, nr_pad, nk, dvp);
   }
 
   const int64_t obase = job.n * p.o_stride_b + job.h * p.o_stride_h;
