@@ -1,0 +1,96 @@
+"""The subcommands through the real console script, on tiny models and the default model."""
+
+from __future__ import annotations
+
+import json
+import re
+import os
+
+import onnx
+import pytest
+
+from asa_export.contract import OP_TYPE
+from cli.helpers import listing, mlp_model, run_cli
+
+
+def op_types(path) -> list[str]:
+    return [n.op_type for n in onnx.load(os.fspath(path), load_external_data=False).graph.node]
+
+
+def test_check_identical_models_pass(tmp_path):
+    a, b = mlp_model(tmp_path / "a.onnx"), mlp_model(tmp_path / "b.onnx")
+    result = run_cli("check", a, b)
+    assert result.returncode == 0, result.stderr
+    assert "PASSED" in result.stdout
+    assert "out" in result.stdout and "max abs" in result.stdout
+
+
+def test_check_perturbed_model_fails(tmp_path):
+    a = mlp_model(tmp_path / "a.onnx")
+    b = mlp_model(tmp_path / "b.onnx", scale=1.01)
+    result = run_cli("check", a, b)
+    assert result.returncode == 1
+    assert "FAILED" in result.stdout and "MISMATCH" in result.stdout
+    assert "Traceback" not in result.stderr
+    loose = run_cli("check", a, b, "--atol", "10", "--batch", "1", "--seq", "5")
+    assert loose.returncode == 0, loose.stdout + loose.stderr
+    assert "batch 1 seq 5" in loose.stdout
+
+
+def test_help_and_version():
+    for args in (["--help"], ["inspect", "--help"], ["check", "--help"], ["demo", "--help"]):
+        result = run_cli(*args)
+        assert result.returncode == 0 and "usage: asa-export" in result.stdout
+    assert "--out" in run_cli("export", "--help").stdout
+    assert run_cli("--version").stdout.startswith("asa-export ")
+
+
+def test_bare_form_and_export_alias(tmp_path, default_model):
+    bare = run_cli(default_model, "--out", tmp_path / "a.onnx", "--report", tmp_path / "a.json",
+                   "--threshold", "0.8", "--block-size", "128", "--select-per", "group")
+    assert bare.returncode == 0, bare.stderr
+    alias = run_cli("export", default_model, "--out", tmp_path / "b.onnx", "--threshold", "0.8",
+                    "--block-size", "128", "--select-per", "group")
+    assert alias.returncode == 0, alias.stderr
+    assert op_types(tmp_path / "a.onnx") == op_types(tmp_path / "b.onnx")
+    assert OP_TYPE in op_types(tmp_path / "a.onnx")
+    report = json.loads((tmp_path / "a.json").read_text())
+    assert report["options"] == {"block_size": 128, "threshold": 0.8, "sink_blocks": 1,
+                                 "local_blocks": 1, "select_per": 1}
+    assert report["sites"] and report["counts_per_rule"]
+    assert "attention site(s)" in bare.stdout
+    assert "matching and rewriting" in bare.stderr  # progress goes to stderr
+    assert not [n for n in listing(tmp_path) if n.startswith(".")]
+
+
+def test_inspect_table(tmp_path, default_model):
+    result = run_cli("inspect", default_model)
+    assert result.returncode == 0, result.stderr
+    header = next(line for line in result.stdout.splitlines() if line.startswith("layer"))
+    for column in ("rule", "q heads", "kv heads", "head dim", "causal", "window", "softcap",
+                   "mask", "past KV"):
+        assert column in header
+    as_json = json.loads(run_cli("inspect", default_model, "--json").stdout)
+    rows = [line for line in result.stdout.splitlines() if re.match(r"\d+  ", line)]
+    assert len(rows) == len(as_json["sites"]) > 0
+    assert listing(tmp_path) == []
+
+
+def test_check_dense_rewrite_passes_with_density(tmp_path, default_model):
+    out = tmp_path / "dense.onnx"
+    assert run_cli(default_model, "--out", out, "--threshold", "1").returncode == 0
+    result = run_cli("check", default_model, out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "PASSED" in result.stdout
+    assert "overall density: 1.000" in result.stdout
+
+
+@pytest.mark.slow
+def test_demo(tmp_path):
+    result = run_cli("demo", "--workdir", tmp_path / "demo")
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert report["export"]["sites"]
+    assert report["dense_check"]["passed"] is True
+    assert report["check"]["density"]
+    assert "attention site(s)" in result.stdout and "PASSED" in result.stdout
