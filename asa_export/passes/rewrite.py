@@ -158,7 +158,9 @@ def add_functions(model: ir.Model, nodes: list[ir.Node]) -> None:
         present = tuple(
             len(node.inputs) > i and node.inputs[i] is not None for i in (3, 4, 5)
         )
-        proto = build_function(attrs, opset, present, len(node.outputs))
+        dtype = node.inputs[0].dtype
+        proto = build_function(attrs, opset, present, len(node.outputs),
+                               dtype=int(dtype) if dtype is not None else None)
         overload = proto.overload or proto.name
         proto.name, proto.overload = contract.OP_TYPE, overload
         node.overload = overload
