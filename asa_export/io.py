@@ -19,6 +19,7 @@ from collections.abc import Iterator
 
 import onnx
 import onnx_ir as ir
+from google.protobuf.message import EncodeError
 
 from asa_export.errors import AsaExportError
 
@@ -280,18 +281,17 @@ def _write(model: ir.Model, tmp_model: str, data_name: str | None) -> None:
             ir.save(
                 model, tmp_model, external_data=data_name, size_threshold_bytes=INLINE_TENSOR_BYTES
             )
-    except ValueError as err:
-        if "2GB" in str(err) or "2 GB" in str(err) or "exceeds maximum" in str(err):
+    except (ValueError, EncodeError) as err:
+        if isinstance(err, EncodeError) or "2GB" in str(err) or "exceeds maximum" in str(err):
             raise AsaExportError(
-                f"the model is too large for one protobuf file ({err}); save it with external "
-                "data"
+                f"the model is too large for one protobuf file ({type(err).__name__}: {err}); "
+                "save it with external data"
             ) from err
         raise
     except OSError as err:
-        raise AsaExportError(
-            f"cannot write {os.path.basename(tmp_model)} to {os.path.dirname(os.path.dirname(tmp_model))}: "
-            f"{err.strerror or err}"
-        ) from err
+        out_dir = os.path.dirname(os.path.dirname(tmp_model))
+        name = os.path.basename(tmp_model)
+        raise AsaExportError(f"cannot write {name} in {out_dir}: {err.strerror or err}") from err
 
 
 @contextlib.contextmanager

@@ -107,6 +107,20 @@ def test_failed_save_leaves_nothing_and_keeps_an_existing_output(tmp_path, monke
     assert (tmp_path / "out.onnx").read_bytes() == b"previous output"
 
 
+def test_too_large_for_one_protobuf_is_a_clear_error(tmp_path, monkeypatch):
+    from google.protobuf.message import EncodeError
+
+    model = io.load_model(mlp_model(tmp_path / "in.onnx"))
+
+    def too_large(model, path, **kwargs):
+        raise EncodeError("Failed to serialize proto")
+
+    monkeypatch.setattr(ir, "save", too_large)
+    with pytest.raises(AsaExportError, match="too large for one protobuf file"):
+        io.save_model(model, tmp_path / "out.onnx", external_data=False)
+    assert listing(tmp_path) == ["in.onnx"]
+
+
 def test_failed_rename_takes_back_the_data_file(tmp_path, monkeypatch):
     src = mlp_model(tmp_path / "in.onnx", external=True)
     model = io.load_model(src)
