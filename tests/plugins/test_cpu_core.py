@@ -138,6 +138,8 @@ def run_core(q, k, v, attrs: AsaAttributes, mask=None, bias=None, thresholds=Non
             idx.ctypes.data, cnt.ctypes.data, vis.ctypes.data)
     if entry == "forward":
         rc = LIB.asa_cpu_forward(ctypes.byref(p), threads)
+    elif entry == "route_only":
+        rc = LIB.asa_cpu_route(ctypes.byref(p), threads)
     else:
         rc = LIB.asa_cpu_route(ctypes.byref(p), threads)
         if rc == ASA_OK:

@@ -122,7 +122,7 @@ def test_library_matches_reference_and_function(case):
     np.testing.assert_allclose(lib[0][rows], fn[0][rows], rtol=1e-4, atol=3e-5)
 
 
-def test_library_runs_instead_of_the_function():
+def test_library_runs_instead_of_the_function(tmp_path):
     """With the library registered the node must not be inlined: profile shows our kernel."""
     attrs = AsaAttributes(causal=True)
     feeds = _feeds(np.random.default_rng(0), 1, 2, 1, 64, 64, 16)
@@ -132,6 +132,7 @@ def test_library_runs_instead_of_the_function():
     opts2, _ = asa_ort.session_options(LIB)
     opts2.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts2.enable_profiling = True
+    opts2.profile_file_prefix = str(tmp_path / "asa_profile")
     prof = ort.InferenceSession(model, opts2, providers=["CPUExecutionProvider"])
     prof.run(None, feeds)
     trace = open(prof.end_profiling()).read()

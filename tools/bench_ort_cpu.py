@@ -1,0 +1,272 @@
+#!/usr/bin/env python3
+"""Attention-only microbenchmark of the ASA op on ONNX Runtime's CPU execution provider.
+
+One attention layer of SmolLM2-135M's shape (Hq 9, Hkv 3, head dim 64, batch 1, causal prefill)
+at contexts 1K / 2K / 4K, each a one-node (or one-subgraph) ONNX model run by ONNX Runtime with
+2 intra-op threads:
+
+    dense-onnx     MatMul(Q, Kᵀ)·scale + causal mask → Softmax → MatMul(P, V), K/V expanded to
+                   the query heads (the shape of a plain export's attention)
+    asa-function   the ASA node without our library: ONNX Runtime runs its model-local function
+    asa-lib τ=1    the ASA node with libasa_ort.so, every visible block kept (dense, fused)
+    asa-lib d≈0.4  the ASA node with libasa_ort.so, sparse: sink 1 block + a local band, τ tiny
+    asa-lib d≈0.2  (so the kept set is the forced blocks); density is measured from the op's
+                   block_counts / visible_counts outputs, and the router runs on every call
+
+FLOP formula (effective, what the kept blocks cost at element level):
+    4 · B · Hq · D · (S·(S+1)/2) · density      (QKᵀ and P·V, causal half, 2 FLOPs per MAC)
+
+    python tools/bench_ort_cpu.py                       # print the table
+    python tools/bench_ort_cpu.py --write BENCHMARKS.md # also update the "CPU (ONNX Runtime)"
+                                                        # section of that file
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from asa_export.contract import AsaAttributes, INPUTS  # noqa: E402
+from asa_export.contract.function import build_function, make_node  # noqa: E402
+from asa_export.runtime import ort as asa_ort  # noqa: E402
+
+HQ, HKV, D, B = 9, 3, 64, 1
+OPSET = 18
+SECTION = "CPU (ONNX Runtime)"
+
+
+def _vi(name, shape, elem=1):
+    from onnx import helper
+
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def dense_model(seq: int) -> bytes:
+    """Plain attention graph: K/V expanded to Hq heads, additive causal mask input."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = HQ // HKV
+    inits = [
+        numpy_helper.from_array(np.array([B, HKV, 1, seq, D], np.int64), "kv5"),
+        numpy_helper.from_array(np.array([B, HKV, g, seq, D], np.int64), "kvx"),
+        numpy_helper.from_array(np.array([B, HQ, seq, D], np.int64), "kv4"),
+        numpy_helper.from_array(np.array(1.0 / math.sqrt(D), np.float32), "scale"),
+    ]
+    nodes = []
+    for name in ("key", "value"):
+        nodes += [helper.make_node("Reshape", [name, "kv5"], [f"{name}5"]),
+                  helper.make_node("Expand", [f"{name}5", "kvx"], [f"{name}x"]),
+                  helper.make_node("Reshape", [f"{name}x", "kv4"], [f"{name}r"])]
+    nodes += [
+        helper.make_node("Transpose", ["keyr"], ["kt"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["query", "kt"], ["qk"]),
+        helper.make_node("Mul", ["qk", "scale"], ["qks"]),
+        helper.make_node("Add", ["qks", "mask"], ["qkm"]),
+        helper.make_node("Softmax", ["qkm"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "valuer"], ["output"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "dense_attention",
+        [_vi("query", [B, HQ, seq, D]), _vi("key", [B, HKV, seq, D]),
+         _vi("value", [B, HKV, seq, D]), _vi("mask", [1, 1, seq, seq])],
+        [_vi("output", [B, HQ, seq, D])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]).SerializeToString()
+
+
+def asa_model(seq: int, attrs: AsaAttributes) -> bytes:
+    """One ASA node with its model-local function; outputs: output, block_counts, visible_counts."""
+    from onnx import TensorProto, helper
+
+    outputs = ["output", "", "block_counts", "visible_counts"]
+    node = make_node(["query", "key", "value"], outputs, attrs, "asa_0")
+    graph = helper.make_graph(
+        [node], "asa_attention",
+        [_vi("query", [B, HQ, seq, D]), _vi("key", [B, HKV, seq, D]),
+         _vi("value", [B, HKV, seq, D])],
+        [_vi("output", None)] +
+        [helper.make_tensor_value_info(o, TensorProto.INT32, None) for o in outputs[2:]])
+    fn = build_function(attrs, OPSET, (False, False, False), 4)
+    return helper.make_model(graph, functions=[fn], ir_version=10, opset_imports=[
+        helper.make_opsetid("", OPSET), helper.make_opsetid("asa", 1)]).SerializeToString()
+
+
+def _options(threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return opts
+
+
+def _time(sess, feeds, repeats: int) -> tuple[float, list]:
+    """Median wall time (s) over `repeats` runs after one warm-up, and the last outputs."""
+    outputs = sess.run(None, feeds)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        outputs = sess.run(None, feeds)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), outputs
+
+
+def _feeds(seq: int, rng) -> dict[str, np.ndarray]:
+    return {"query": rng.standard_normal((B, HQ, seq, D)).astype(np.float32),
+            "key": rng.standard_normal((B, HKV, seq, D)).astype(np.float32),
+            "value": rng.standard_normal((B, HKV, seq, D)).astype(np.float32)}
+
+
+def _flops(seq: int, density: float) -> float:
+    return 4.0 * B * HQ * D * (seq * (seq + 1) / 2) * density
+
+
+def sparse_local_blocks(seq: int, block: int, target: float) -> int:
+    """local_blocks (with 1 sink block) whose forced set has density closest to `target`."""
+    nk = -(-seq // block)
+    visible = sum(i + 1 for i in range(nk))
+    best = min(range(1, nk), key=lambda lb: abs(
+        sum(min(i + 1, 1 + lb) for i in range(nk)) / visible - target))
+    return best
+
+
+def run(seqs, threads: int, repeats: int, function_max_seq: int, library) -> list[dict]:
+    """Measure every configuration; returns one row per (seq, config)."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for seq in seqs:
+        feeds = _feeds(seq, rng)
+        mask = np.triu(np.full((seq, seq), -np.inf, np.float32), k=1)[None, None]
+        dense = ort.InferenceSession(dense_model(seq), _options(threads),
+                                     providers=["CPUExecutionProvider"])
+        t, out = _time(dense, {**feeds, "mask": mask}, repeats)
+        ref_out = out[0]
+        rows.append(dict(seq=seq, config="dense-onnx (MatMul/Softmax/MatMul)", density=1.0, s=t))
+        configs = [("asa-lib τ=1", AsaAttributes(causal=True), library)]
+        for target in (0.4, 0.2):
+            lb = sparse_local_blocks(seq, 64, target)
+            configs.append((f"asa-lib sink 1 + local {lb}",
+                            AsaAttributes(causal=True, threshold=1e-6, sink_blocks=1,
+                                          local_blocks=lb), library))
+        if seq <= function_max_seq:
+            configs.append(("asa-function (no library) τ=1", AsaAttributes(causal=True), False))
+        for name, attrs, lib in configs:
+            sess = asa_ort.session(asa_model(seq, attrs), library=lib,
+                                   sess_options=_options(threads))
+            t, out = _time(sess, feeds, repeats)
+            density = float(out[1].sum()) / float(out[2].sum() * HQ)
+            if attrs.threshold >= 1:
+                err = float(np.abs(out[0] - ref_out).max())
+                assert err < 1e-3, f"{name} differs from dense attention by {err}"
+            rows.append(dict(seq=seq, config=name, density=density, s=t))
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| S | configuration | density | time (ms) | GFLOP/s (eff.) | vs dense-onnx | vs asa-lib τ=1 |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for row in rows:
+        base = next(r for r in rows if r["seq"] == row["seq"] and r["config"].startswith("dense"))
+        lib1 = next((r for r in rows if r["seq"] == row["seq"] and r["config"] == "asa-lib τ=1"),
+                    None)
+        gflops = _flops(row["seq"], row["density"]) / row["s"] / 1e9
+        vs_lib = f"{lib1['s'] / row['s']:.2f}×" if lib1 else "—"
+        lines.append(f"| {row['seq']} | {row['config']} | {row['density']:.3f} | "
+                     f"{row['s'] * 1e3:.1f} | {gflops:.1f} | {base['s'] / row['s']:.2f}× | {vs_lib} |")
+    return "\n".join(lines)
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        name = re.search(r"Model name:\s*(.+)", out)
+        flags = re.search(r"Flags:\s*(.+)", out)
+        isa = "AVX-512" if flags and "avx512f" in flags.group(1) else (
+            "AVX2" if flags and "avx2" in flags.group(1) else "SSE")
+        return f"{name.group(1).strip() if name else platform.processor()} ({isa}), {os.cpu_count()} logical CPUs"
+    except OSError:
+        return platform.processor() or "unknown CPU"
+
+
+def section(rows, args, command: str) -> str:
+    import onnxruntime as ort
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return "\n".join([
+        f"## {SECTION}", "",
+        "Attention-only microbenchmark: one causal prefill attention of SmolLM2-135M's shape "
+        f"(B {B}, Hq {HQ}, Hkv {HKV}, D {D}, fp32), ONNX Runtime {ort.__version__} CPU execution "
+        f"provider, {args.threads} intra-op threads, median of {args.repeats} runs after a warm-up. "
+        "Sparse rows force the kept set with 1 sink block + a local band (τ tiny) and include "
+        "the router; density is measured from the op's telemetry outputs. "
+        "Effective GFLOP/s = 4·B·Hq·D·S(S+1)/2·density / time.", "",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- CPU: {cpu_model()}; 1-min load average at the end of the run: {load:.2f}",
+        f"- kernel ISA level picked: {args.isa}",
+        f"- command: `{command}`", "",
+        table(rows), ""])
+
+
+def write_section(path: Path, text: str) -> None:
+    """Replace (or append) the '## CPU (ONNX Runtime)' section of `path`."""
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(rf"^## {re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else (
+        old.rstrip("\n") + "\n\n" + text + "\n")
+    path.write_text(new)
+
+
+def kernel_isa(library) -> str:
+    import ctypes
+
+    core = REPO / "plugins/build/core/cpu/libasa_cpu.so"
+    if not core.exists():
+        return "unknown"
+    lib = ctypes.CDLL(str(core))
+    lib.asa_cpu_isa.restype = ctypes.c_char_p
+    return lib.asa_cpu_isa().decode()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seq", type=int, nargs="+", default=[1024, 2048, 4096])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--function-max-seq", type=int, default=2048,
+                    help="largest S for the function-body row (it materialises S×S tensors)")
+    ap.add_argument("--library", type=Path, default=None, help="libasa_ort.so (default: found)")
+    ap.add_argument("--write", type=Path, help="update this markdown file's CPU section")
+    args = ap.parse_args(argv)
+    library = args.library or asa_ort.library_path()
+    if library is None:
+        print("libasa_ort.so not built: run `python tools/build_plugins.py`", file=sys.stderr)
+        return 1
+    args.isa = kernel_isa(library)
+    rows = run(args.seq, args.threads, args.repeats, args.function_max_seq, library)
+    command = "python tools/bench_ort_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = section(rows, args, command.strip())
+    print(text)
+    if args.write:
+        write_section(args.write, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
