@@ -215,7 +215,7 @@ def _compare(original, rewritten, feeds, configs, geometry, atol, rtol, library)
 
 
 def _compare_func(atol: float, rtol: float):
-    """Polygraphy's elementwise comparison (SimpleCompareFunc from 0.50, CompareFunc.simple before)."""
+    """Polygraphy's elementwise comparison (SimpleCompareFunc where it exists, else the old name)."""
     from polygraphy import comparator
 
     if hasattr(comparator, "SimpleCompareFunc"):
@@ -386,8 +386,9 @@ def _measure_density(model: ir.Model, feeds, result: CheckResult, library) -> No
             io.save_model(model, path)
             session = _rewritten_session(path, library)
             totals = {name: [0, 0] for name, _, _ in telemetry}
+            wanted = [value for _, counts, visible in telemetry for value in (counts, visible)]
             for feed in feeds:
-                outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+                outputs = dict(zip(wanted, session.run(wanted, feed)))
                 for name, counts, visible in telemetry:
                     kept = outputs[counts]
                     totals[name][0] += int(kept.sum())

@@ -4,7 +4,6 @@ the input untouched (issue "Bad input")."""
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
 
