@@ -24,6 +24,7 @@ import onnx_ir as ir
 
 from asa_export import contract
 from asa_export.errors import AsaExportError
+from asa_export.inputs import generate_feeds, input_roles, key_padding
 
 logger = logging.getLogger(__name__)
 
@@ -155,8 +156,10 @@ def check(
         configs = iteration_configs(original_model, batch=batch, seq=seq, past=past)
         feeds = [_generate(original_model, config, seed + i) for i, config in enumerate(configs)]
     else:
-        configs = [_config_of(feed) for feed in feeds]
-    result = _compare(original, rewritten, feeds, configs, geometry, atol, rtol, library)
+        configs = [_config_of(feed, original_model) for feed in feeds]
+    masks = [key_padding(feed, original_model) for feed in feeds]
+    row_masks = [_visible_rows(m, c, geometry) for m, c in zip(masks, configs)]
+    result = _compare(original, rewritten, feeds, configs, row_masks, atol, rtol, library)
     if density:
         _measure_density(rewritten_model, feeds, result, library)
     return result
@@ -189,7 +192,7 @@ def iteration_configs(
 # -- comparison ------------------------------------------------------------------------------
 
 
-def _compare(original, rewritten, feeds, configs, geometry, atol, rtol, library) -> CheckResult:
+def _compare(original, rewritten, feeds, configs, row_masks, atol, rtol, library) -> CheckResult:
     logger.info("running %d input set(s) through both models ...", len(feeds))
     with _quiet_polygraphy():
         from polygraphy.backend.onnxrt import OnnxrtRunner
@@ -201,7 +204,6 @@ def _compare(original, rewritten, feeds, configs, geometry, atol, rtol, library)
             OnnxrtRunner(_plain_session(original), name="original"),
         ]
         results = Comparator.run(runners, data_loader=feeds)
-        row_masks = [_visible_rows(feed, config, geometry) for feed, config in zip(feeds, configs)]
         stats = _mask_and_measure(results, configs, row_masks, atol)
         verdict = Comparator.compare_accuracy(results, compare_func=_compare_func(atol, rtol))
     _apply_verdicts(stats, verdict)
@@ -310,21 +312,14 @@ def _mask_geometry(model: ir.Model) -> dict:
     return {"causal": causal, "window": window}
 
 
-def _padding_mask(feed: dict[str, np.ndarray]) -> np.ndarray | None:
-    """The [B, past + seq] key padding mask among the feeds (HF: `attention_mask`)."""
-    candidates = [
-        name for name, value in feed.items()
-        if "mask" in name.lower() and value.ndim == 2
-    ]
-    if not candidates:
-        return None
-    preferred = [name for name in candidates if name == "attention_mask"]
-    return feed[(preferred or candidates)[0]] != 0
+def _visible_rows(keys: np.ndarray | None, config, geometry) -> np.ndarray | None:
+    """[B, seq] bool: query rows with at least one visible key (None: every row).
 
-
-def _visible_rows(feed, config, geometry) -> np.ndarray | None:
-    """[B, seq] bool: query rows with at least one visible key (None: every row)."""
-    keys = _padding_mask(feed)
+    Args:
+        keys: the [B, past + seq] key padding mask of the feed (nonzero = keep), or None.
+        config: the feed's sizes (seq).
+        geometry: causal and window of the ASA nodes (see _mask_geometry).
+    """
     if keys is None:
         return None
     batch, total = keys.shape
@@ -497,8 +492,6 @@ def _rewritten_session(path: str, library=None):
 
 
 def _generate(model: ir.Model, config: dict, seed: int) -> dict[str, np.ndarray]:
-    from asa_export.inputs import generate_feeds
-
     return generate_feeds(
         model,
         batch=config["batch"],
@@ -509,9 +502,9 @@ def _generate(model: ir.Model, config: dict, seed: int) -> dict[str, np.ndarray]
     )
 
 
-def _config_of(feed: dict[str, np.ndarray]) -> dict:
+def _config_of(feed: dict[str, np.ndarray], model: ir.Model) -> dict:
     """Sizes of a user-given feed: batch and length from its padding mask or first input."""
-    mask = _padding_mask(feed)
+    mask = key_padding(feed, model)
     sample = mask if mask is not None else next(iter(feed.values()))
     batch = int(sample.shape[0]) if sample.ndim else 1
     seq = int(sample.shape[1]) if sample.ndim > 1 else 1
@@ -519,7 +512,7 @@ def _config_of(feed: dict[str, np.ndarray]) -> dict:
 
 
 def _has_past_inputs(model: ir.Model) -> bool:
-    return any("past" in (value.name or "").lower() for value in model.graph.inputs)
+    return any(role.role == "past" for role in input_roles(model))
 
 
 def _check_same_inputs(original: ir.Model, rewritten: ir.Model) -> None:

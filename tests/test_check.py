@@ -141,7 +141,7 @@ def test_models_with_different_inputs_are_refused(tmp_path):
 def test_visible_rows(causal, window, past, expected):
     mask = np.array([[0, 0, 1, 1, 1]]) if past else np.array([[0, 0, 1]])
     rows = check_module._visible_rows(
-        {"attention_mask": mask}, {"seq": 3, "past": past},
+        mask != 0, {"seq": 3, "past": past},
         {"causal": causal, "window": window})
     np.testing.assert_array_equal(rows, np.array(expected))
 
@@ -153,3 +153,15 @@ def test_element_mask_finds_the_sequence_axis():
     # present key cache [B, H, past + seq, D]: past positions are inputs, always compared.
     present = check_module._element_mask((1, 4, 5, 8), rows, {"past": 2})
     np.testing.assert_array_equal(present[0, 0, :, 0], [True, True, False, True, True])
+
+
+def test_kv_cache_models_get_a_past_iteration(tmp_path):
+    from asa_export import io
+
+    mlp = io.load_model(mlp_model(tmp_path / "a.onnx"))
+    assert all(c["past"] == 0 for c in check_module.iteration_configs(mlp))
+    # Rank-4 float inputs are what a KV cache looks like to the feed generator.
+    cached = io.load_model(asa_model(tmp_path / "b.onnx", 1.0))
+    configs = check_module.iteration_configs(cached)
+    assert any(c["past"] > 0 for c in configs)
+    assert {c["past"] for c in check_module.iteration_configs(cached, past=5)} == {5}
