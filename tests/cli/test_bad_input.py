@@ -158,3 +158,16 @@ def test_bad_command_line_is_usage_error(workdir):
     assert result.returncode == 2
     assert "--out" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_check_and_inspect_report_bad_models_cleanly(workdir):
+    good = mlp_model(workdir / "good.onnx")
+    bad = workdir / "bad.onnx"
+    bad.write_text("not a model\n")
+    before, inputs = snapshot(workdir, good, bad)
+    result = run_cli("check", good, bad)
+    assert_clean_failure(result, workdir, before, inputs, "bad.onnx")
+    result = run_cli("check", workdir / "absent.onnx", good)
+    assert_clean_failure(result, workdir, before, inputs, "no such file")
+    result = run_cli("inspect", bad)
+    assert_clean_failure(result, workdir, before, inputs, "bad.onnx")
