@@ -143,14 +143,14 @@ def check(
         A CheckResult.
 
     Raises:
-        AsaExportError: a model cannot be loaded, or the two models' inputs differ.
+        AsaExportError: a model cannot be loaded, or the models' input or output names differ.
     """
     from asa_export import io
 
     original, rewritten = os.fspath(original), os.fspath(rewritten)
     original_model = io.load_model(original)
     rewritten_model = io.load_model(rewritten)
-    _check_same_inputs(original_model, rewritten_model)
+    _check_same_interface(original_model, rewritten_model)
     geometry = _mask_geometry(rewritten_model)
     if feeds is None:
         configs = iteration_configs(original_model, batch=batch, seq=seq, past=past)
@@ -515,14 +515,16 @@ def _has_past_inputs(model: ir.Model) -> bool:
     return any(role.role == "past" for role in input_roles(model))
 
 
-def _check_same_inputs(original: ir.Model, rewritten: ir.Model) -> None:
-    names = [v.name for v in original.graph.inputs]
-    new_names = [v.name for v in rewritten.graph.inputs]
-    if sorted(names) != sorted(new_names):
-        raise AsaExportError(
-            f"the models have different inputs: original {names}, rewritten {new_names}; "
-            "is the second model a rewrite of the first?"
-        )
+def _check_same_interface(original: ir.Model, rewritten: ir.Model) -> None:
+    """A rewrite keeps the graph's input and output names; anything else is another model."""
+    for kind in ("inputs", "outputs"):
+        names = [v.name for v in getattr(original.graph, kind)]
+        new_names = [v.name for v in getattr(rewritten.graph, kind)]
+        if sorted(names) != sorted(new_names):
+            raise AsaExportError(
+                f"the models have different {kind}: original {names}, rewritten {new_names}; "
+                "is the second model a rewrite of the first?"
+            )
 
 
 @contextlib.contextmanager

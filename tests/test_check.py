@@ -165,3 +165,13 @@ def test_kv_cache_models_get_a_past_iteration(tmp_path):
     configs = check_module.iteration_configs(cached)
     assert any(c["past"] > 0 for c in configs)
     assert {c["past"] for c in check_module.iteration_configs(cached, past=5)} == {5}
+
+
+def test_models_with_different_outputs_are_refused(tmp_path):
+    a = mlp_model(tmp_path / "a.onnx")
+    proto = onnx.load(a)
+    proto.graph.output[0].name = "renamed"
+    proto.graph.node[-1].output[0] = "renamed"
+    onnx.save(proto, tmp_path / "b.onnx")
+    with pytest.raises(AsaExportError, match="different outputs"):
+        check(a, tmp_path / "b.onnx")
