@@ -216,6 +216,16 @@ def bench_decode(args, kv: int, rows: list):
         print(json.dumps(rows[-1]), flush=True)
 
 
+def profile_once():
+    """One forward of decode (KV 128K, select_per 1) and prefill (32K causal), tau 0.3."""
+    for sq, skv, sel in ((1, 131072, 1), (32768, 32768, 0)):
+        q = torch.randn(1, 32, sq, 128, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, 8, skv, 128, device="cuda", dtype=torch.bfloat16)
+        attrs = AsaAttributes(causal=True, block_size=128, threshold=0.3, select_per=sel)
+        AsaRunner(q, k, k, attrs).call()
+    torch.cuda.synchronize()
+
+
 def print_table(rows: list, gpu: str):
     print(f"\nGPU: {gpu}; torch {torch.__version__}; B=1 Hq=32 Hkv=8 D=128 bf16")
     print("TFLOP/s = 4*B*Hq*S*S*D (/2 causal) / time; x-columns = baseline time / ASA time")
@@ -251,7 +261,12 @@ def main(argv=None):
     parser.add_argument("--decode-kv", type=int, nargs="*", default=[32768, 131072])
     parser.add_argument("--decode-batch", type=int, default=1)
     parser.add_argument("--json", type=pathlib.Path)
+    parser.add_argument("--profile-router", action="store_true",
+                        help="one forward each of decode 128K and prefill 32K (for ncu), no table")
     args = parser.parse_args(argv)
+    if args.profile_router:
+        profile_once()
+        return
     gpu = torch.cuda.get_device_name()
     rows: list = []
     for seq in args.seqs:

@@ -4,6 +4,7 @@
     python tools/build_plugins.py                  # CPU core + ONNX Runtime library
     python tools/build_plugins.py --no-ort         # CPU core only
     python tools/build_plugins.py --cuda           # also the CUDA core (needs nvcc)
+    python tools/build_plugins.py --cuda --cuda-archs 80   # one architecture (faster, CI)
 
 Fetches build-time dependencies into the build folder and caches them there (idempotent: a
 second run only rebuilds what changed):
@@ -14,6 +15,7 @@ second run only rebuilds what changed):
 
 Outputs (default build folder plugins/build):
     core/cpu/libasa_cpu.so         C ABI of asa_cpu.h (ctypes tests)
+    core/cuda/libasa_cuda.so       C ABI of asa_cuda.h (with --cuda); libasa_ort.so dlopens it
     onnxruntime/libasa_ort.so      ONNX Runtime custom-op library (RegisterCustomOps)
 """
 
@@ -106,7 +108,7 @@ def fetch_ort_headers(deps: Path) -> Path:
 
 
 def configure_and_build(build: Path, ort_include: Path | None, cuda: bool, jobs: int,
-                        build_type: str) -> None:
+                        build_type: str, cuda_archs: str | None = None) -> None:
     """Run CMake configure (once, or when options change) and build."""
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
     if (build / "CMakeCache.txt").exists():
@@ -119,6 +121,8 @@ def configure_and_build(build: Path, ort_include: Path | None, cuda: bool, jobs:
            f"-DASA_WITH_CUDA={'ON' if cuda else 'OFF'}"]
     if ort_include:
         cmd.append(f"-DORT_INCLUDE_DIR={ort_include}")
+    if cuda and cuda_archs:
+        cmd.append(f"-DCMAKE_CUDA_ARCHITECTURES={cuda_archs}")
     if _run(cmd).returncode != 0:
         raise BuildError("CMake configure failed (see above)")
     if _run(["cmake", "--build", str(build), "-j", str(jobs)]).returncode != 0:
@@ -131,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime library")
     ap.add_argument("--ort-include", type=Path, help="use these ONNX Runtime headers instead")
     ap.add_argument("--cuda", action="store_true", help="also build the CUDA kernel core")
+    ap.add_argument("--cuda-archs", help='CUDA architectures, e.g. "80" (default: the core\'s own)')
     ap.add_argument("--jobs", "-j", type=int, default=2)
     ap.add_argument("--build-type", default="Release")
     args = ap.parse_args(argv)
@@ -140,11 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         ort_include = None
         if not args.no_ort:
             ort_include = args.ort_include or fetch_ort_headers(build / "_deps")
-        configure_and_build(build, ort_include, args.cuda, args.jobs, args.build_type)
+        configure_and_build(build, ort_include, args.cuda, args.jobs, args.build_type,
+                            args.cuda_archs)
     except BuildError as e:
         print(f"build_plugins: error: {e}", file=sys.stderr)
         return 1
-    for lib in ("core/cpu/libasa_cpu.so", "onnxruntime/libasa_ort.so"):
+    for lib in ("core/cpu/libasa_cpu.so", "core/cuda/libasa_cuda.so", "onnxruntime/libasa_ort.so"):
         if (build / lib).exists():
             print(f"built {build / lib}")
     return 0

@@ -51,6 +51,7 @@ class Case:
     attrs: AsaAttributes
     padding: bool = False
     bias: bool = False
+    bias_per_head: bool = False
 
 
 def make_inputs(case: Case, seed: int):
@@ -74,7 +75,8 @@ def make_inputs(case: Case, seed: int):
         lengths[0] = case.seq_kv  # one full row, the others shorter
         mask = torch.arange(case.seq_kv, device="cuda")[None] < lengths[:, None]
     if case.bias:
-        bias = torch.randn(case.batch, 1, case.seq_q, case.seq_kv, generator=g,
+        heads = case.heads_q if case.bias_per_head else 1
+        bias = torch.randn(case.batch, heads, case.seq_q, case.seq_kv, generator=g,
                            device="cuda").to(dt)
     return q, k, v, mask, bias
 
@@ -244,6 +246,11 @@ CASES = {
                                              A(causal=True, threshold=0.3), padding=True),
     "decode4_kv1025_d128_bf16_dense": Case(1, 8, 1, 4, 1025, 128, "bf16",
                                            A(causal=True, threshold=1.0, block_size=128)),
+    "decode16_packed_kv1025_d64_fp16_softcap_bias_padding": Case(
+        2, 8, 2, 16, 1025, 64, "fp16", A(causal=True, threshold=0.5, select_per=1, softcap=20.0),
+        padding=True, bias=True, bias_per_head=True),
+    "decode2_packed_kv4099_d128_bf16_window": Case(
+        1, 32, 8, 2, 4099, 128, "bf16", A(causal=True, threshold=0.6, select_per=1, window=2000)),
     "s97_d96_bf16_simple_path": Case(1, 4, 2, 97, 97, 96, "bf16", A(causal=True, threshold=0.7)),
 }
 

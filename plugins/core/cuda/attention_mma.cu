@@ -138,8 +138,11 @@ struct TileCursor {
   }
 };
 
-template <typename T, int D, int MT>
+template <typename T, int D, int MT, bool packed>
 __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Workspace ws) {
+  // packed (decode, select_per 1): the CTA serves a whole KV group; its rows are the G heads'
+  // Sq <= 16 query rows (row rho = head (rho / Sq) of the group, query row rho % Sq), so each
+  // K/V tile is loaded once per group.
   // MT m16 row tiles per warp: a K/V fragment read from shared memory feeds MT mma's.
   constexpr int kRows = kBM * MT;  // query rows per CTA
   constexpr int kPitch = D + 8;
@@ -149,14 +152,21 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
   T* sk = sq + kRows * kPitch;  // [2][kBN][kPitch]
   T* sv = sk + 2 * kTile;       // [2][kBN][kPitch]
 
-  const int qt = blockIdx.x, h = blockIdx.y;
+  const int qt = blockIdx.x;
   const int n = blockIdx.z / ws.splits, split = blockIdx.z % ws.splits;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, tq = lane % 4;
-  const int G = p.heads_q / p.heads_kv, hkv = h / G;
+  const int q0 = qt * kRows;
+  const int G = p.heads_q / p.heads_kv;
+  const int h = packed ? blockIdx.y * G : blockIdx.y;  // first query head of the CTA
+  const int hkv = h / G;
+  const int packed_rows = packed ? G * p.seq_q : 0;
+  // Query head and query row of CTA row rho.
+  auto row_head = [&](int rho) { return packed ? h + rho / p.seq_q : h; };
+  auto row_index = [&](int rho) { return packed ? rho % p.seq_q : q0 + rho; };
+  auto row_valid = [&](int rho) { return packed ? rho < packed_rows : q0 + rho < p.seq_q; };
   const int bs = p.block_size;
   const int nq = cdiv(p.seq_q, bs), nk = cdiv(p.seq_kv, bs);
-  const int q0 = qt * kRows;
   const int hsel = p.select_per ? hkv : h;
   const int hsel_count = p.select_per ? p.heads_kv : p.heads_q;
   const int64_t row = (static_cast<int64_t>(n) * hsel_count + hsel) * nq + q0 / bs;
@@ -178,9 +188,21 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
   const T* kg = static_cast<const T*>(p.k) + n * p.k_stride_b + hkv * p.k_stride_h;
   const T* vg = static_cast<const T*>(p.v) + n * p.v_stride_b + hkv * p.v_stride_h;
 
+  if constexpr (packed) {
+    const T* qn = static_cast<const T*>(p.q) + n * p.q_stride_b;
+    for (int c = threadIdx.x; c < kBN * (D / 8); c += kThreads) {
+      const int rho = c / (D / 8), cc = c % (D / 8);
+      const bool ok = rho < packed_rows;
+      const T* src = ok ? qn + row_head(rho) * p.q_stride_h +
+                              static_cast<int64_t>(row_index(rho)) * p.q_stride_s + cc * 8
+                        : qn;
+      cp_async16(sq + rho * kPitch + cc * 8, src, ok ? 16 : 0);
+    }
+  } else {
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    load_tile<T, D>(sq + mt * kTile, qg, p.q_stride_s, q0 + mt * kBN, p.seq_q);
+    for (int mt = 0; mt < MT; ++mt) {
+      load_tile<T, D>(sq + mt * kTile, qg, p.q_stride_s, q0 + mt * kBN, p.seq_q);
+    }
   }
   int kind = kSkip, j0 = 0;
   int t = cur.next(p, b0 * cur.sub, &kind, &j0);
@@ -250,7 +272,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
 
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-      const int r_base = q0 + wrow + mt * 16 + g;
+      const int rho_base = wrow + mt * 16 + g;
       // Scores to the log2 domain, masked where needed.
       if (kind == kFull) {
 #pragma unroll
@@ -263,15 +285,16 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
         for (int nt = 0; nt < 8; ++nt) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const int r = r_base + (e >= 2 ? 8 : 0);
+            const int rho = rho_base + (e >= 2 ? 8 : 0);
+            const int r = row_index(rho);
             const int j = j0 + nt * 8 + 2 * tq + (e & 1);
             float x = s[mt][nt][e] * p.scale;
-            bool vis = r < p.seq_q && j < p.seq_kv && position_visible(p, r + shift, j);
+            bool vis = row_valid(rho) && j < p.seq_kv && position_visible(p, r + shift, j);
             if (vis && p.mask_dtype != ASA_MASK_NONE) vis = key_kept(p, n, j);
             if (p.softcap > 0.f) x = p.softcap * tanhf(x / p.softcap);
             if (vis && p.bias != nullptr) {
               const T* bias = static_cast<const T*>(p.bias);
-              x += to_float(bias[n * p.bias_stride_b + h * p.bias_stride_h +
+              x += to_float(bias[n * p.bias_stride_b + row_head(rho) * p.bias_stride_h +
                                  r * p.bias_stride_q + j * p.bias_stride_k]);
             }
             s[mt][nt][e] = vis ? x * kLog2e : -INFINITY;
@@ -352,11 +375,12 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
       float lsum = l[mt][rr];
       lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
       lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
-      const int r = q0 + wrow + mt * 16 + g + rr * 8;
-      if (r >= p.seq_q) continue;
+      const int rho = wrow + mt * 16 + g + rr * 8;
+      if (!row_valid(rho)) continue;
+      const int r = row_index(rho), hr = row_head(rho);
       const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
       if (ws.splits == 1) {
-        T* out = static_cast<T*>(p.out) + n * p.o_stride_b + h * p.o_stride_h + r * p.o_stride_s;
+        T* out = static_cast<T*>(p.out) + n * p.o_stride_b + hr * p.o_stride_h + r * p.o_stride_s;
 #pragma unroll
         for (int dt = 0; dt < D / 8; ++dt) {
           const int d = dt * 8 + 2 * tq;
@@ -365,7 +389,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
         }
       } else {
         const int64_t prow =
-            ((static_cast<int64_t>(split) * p.batch + n) * p.heads_q + h) * p.seq_q + r;
+            ((static_cast<int64_t>(split) * p.batch + n) * p.heads_q + hr) * p.seq_q + r;
         float* po = ws.part_o + prow * p.head_dim_v;
 #pragma unroll
         for (int dt = 0; dt < D / 8; ++dt) {
@@ -404,15 +428,33 @@ __global__ void merge_kernel(AsaParams p, Workspace ws) {
   }
 }
 
-template <typename T, int D, int MT>
+// Decode with one list per KV group: pack the group's query rows into one 64-row tile.
+bool decode_packed(const AsaParams& p) {
+  const int G = p.heads_q / p.heads_kv;
+  return p.select_per == 1 && p.seq_q <= 16 && G > 1 && G * p.seq_q <= kBM;
+}
+
+int sm_count() {
+  static int sms = 0;
+  if (sms == 0) {
+    int device = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (sms <= 0) sms = 108;
+  }
+  return sms;
+}
+
+template <typename T, int D, int MT, bool packed>
 cudaError_t launch_mma(const AsaParams& p, const Workspace& ws, cudaStream_t stream) {
   const size_t smem = static_cast<size_t>(4 + MT) * kBN * (D + 8) * sizeof(T);
-  cudaError_t err = cudaFuncSetAttribute(attn_mma_kernel<T, D, MT>,
+  cudaError_t err = cudaFuncSetAttribute(attn_mma_kernel<T, D, MT, packed>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  const dim3 grid(cdiv(p.seq_q, kBM * MT), p.heads_q, p.batch * ws.splits);
-  attn_mma_kernel<T, D, MT><<<grid, kThreads, smem, stream>>>(p, ws);
+  const dim3 grid(packed ? 1 : cdiv(p.seq_q, kBM * MT), packed ? p.heads_kv : p.heads_q,
+                  p.batch * ws.splits);
+  attn_mma_kernel<T, D, MT, packed><<<grid, kThreads, smem, stream>>>(p, ws);
   err = cudaGetLastError();
   if (err != cudaSuccess || ws.splits == 1) return err;
   merge_kernel<T><<<dim3(p.seq_q, p.heads_q, p.batch), 128, 0, stream>>>(p, ws);
@@ -423,11 +465,19 @@ cudaError_t launch_mma(const AsaParams& p, const Workspace& ws, cudaStream_t str
 // b = 64 or when decoding (a 128-row tile would be mostly empty rows).
 template <typename T>
 cudaError_t launch_mma_dtype(const AsaParams& p, const Workspace& ws, cudaStream_t stream) {
-  const bool two = p.block_size == 128 && p.seq_q > 16;
+  // Two m-tiles per warp halve the shared-memory reads per mma, but halve the CTA count too:
+  // only worth it when there are enough CTAs to fill the GPU several times.
+  const int ctas_two = p.batch * p.heads_q * cdiv(p.seq_q, 2 * kBM);
+  const bool two = p.block_size == 128 && p.seq_q > 16 && ctas_two >= 8 * sm_count();
+  const bool packed = decode_packed(p);
   if (p.head_dim == 64) {
-    return two ? launch_mma<T, 64, 2>(p, ws, stream) : launch_mma<T, 64, 1>(p, ws, stream);
+    if (packed) return launch_mma<T, 64, 1, true>(p, ws, stream);
+    return two ? launch_mma<T, 64, 2, false>(p, ws, stream)
+               : launch_mma<T, 64, 1, false>(p, ws, stream);
   }
-  return two ? launch_mma<T, 128, 2>(p, ws, stream) : launch_mma<T, 128, 1>(p, ws, stream);
+  if (packed) return launch_mma<T, 128, 1, true>(p, ws, stream);
+  return two ? launch_mma<T, 128, 2, false>(p, ws, stream)
+             : launch_mma<T, 128, 1, false>(p, ws, stream);
 }
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
@@ -452,14 +502,9 @@ bool mma_path_supported(const AsaParams& p) {
 
 int choose_splits(const AsaParams& p) {
   if (!mma_path_supported(p) || p.seq_q > 16) return 1;
-  static int sms = 0;
-  if (sms == 0) {
-    int device = 0;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    if (sms <= 0) sms = 108;
-  }
-  const int ctas = p.batch * p.heads_q;  // one query tile per head when Sq <= 16
+  const int sms = sm_count();
+  // One query tile per head when Sq <= 16, one per KV group when packed.
+  const int ctas = p.batch * (decode_packed(p) ? p.heads_kv : p.heads_q);
   const int nk = cdiv(p.seq_kv, p.block_size);
   int splits = cdiv(2 * sms, ctas);
   splits = min(splits, min(nk, 64));

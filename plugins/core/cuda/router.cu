@@ -77,6 +77,7 @@ __device__ void pool_rows(const T* base, int64_t stride, int r0, int r1, int D, 
 #pragma unroll
   for (int e = 0; e < kVec; ++e) acc[e] = 0.f;
   if (rg < rows_par) {
+#pragma unroll 4
     for (int r = r0 + rg; r < r1; r += rows_par) {
       if (!keep_row(r)) continue;
       const uint4 raw = *reinterpret_cast<const uint4*>(base + r * stride + c * kVec);
@@ -229,13 +230,15 @@ __device__ void select_and_write(const AsaParams& p, const Workspace& ws, const 
     __syncthreads();
     bitonic_sort(sm.keys, nk_pow2);
     if (threadIdx.x == 0) {
+      // The key holds ~bits(P) above the index: no second shared-memory read per step.
       float acc = forced_acc;
+      uint64_t key = sm.keys[0];
       for (int t = 0; t < nk; ++t) {
-        const uint64_t key = sm.keys[t];
+        const uint64_t next = t + 1 < nk ? sm.keys[t + 1] : ~0ull;
         if (key == ~0ull || !(acc < tau)) break;
-        const int k = static_cast<int>(key & 0xffffffffu);
-        sm.flags[k] |= kKept;
-        acc += prob[k];
+        sm.flags[static_cast<int>(key & 0xffffffffu)] |= kKept;
+        acc += __uint_as_float(~static_cast<uint32_t>(key >> 32));
+        key = next;
       }
     }
     __syncthreads();
