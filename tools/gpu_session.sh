@@ -31,12 +31,12 @@ fi
 if [ "$MODE" = diag ]; then
   # Memory and race checks of the core's kernels on small tests, then per-kernel router times.
   for tool in memcheck racecheck; do
-    timeout 240 compute-sanitizer --tool $tool --kernel-regex kns=asa --print-limit 20 \
+    timeout 150 compute-sanitizer --tool $tool --kernel-regex kns=asa --print-limit 20 \
       python3 -m pytest -q -p no:cacheprovider tests/plugins/test_cuda_kernels.py \
       -k "head_thresholds or s97_d64 or decode16_packed" 2>&1 | tee "$OUT/sanitizer_$tool.log" \
       | grep -E "ERROR SUMMARY|passed|failed|Error|Race|hazard" | head -20
   done
-  timeout 240 ncu --clock-control none --kernel-name regex:"pool|select|prefix|attn|merge" \
+  timeout 150 ncu --clock-control none --kernel-name regex:"pool|select|prefix|attn|merge" \
     --metrics gpu__time_duration.sum python3 tools/bench_kernels.py --profile-router \
     > "$OUT/ncu_router.log" 2>&1
   grep -E "pool|select|attn|merge|gpu__time" "$OUT/ncu_router.log" | head -60
