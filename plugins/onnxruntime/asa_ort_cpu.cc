@@ -33,7 +33,7 @@ OrtStatusPtr CpuKernel::ComputeV2(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
     AsaParams params;
     Scratch scratch;
-    if (!prepare(attrs_, ctx, params, scratch)) return nullptr;
+    if (!prepare(attrs_, ctx, params, &scratch)) return nullptr;
     const int rc = asa_cpu_forward_with(&params, ort_parallel_for, context);
     if (rc != ASA_OK) {
       const std::string text = "asa::AdaptiveSparseAttention node '" + attrs_.node_name +

@@ -212,14 +212,15 @@ void set_bias(const Attributes& a, const TensorView& bias, const TensorView& q, 
   p.bias_stride_k = strides[3];
 }
 
-void set_thresholds(const Attributes& a, const TensorView& t, AsaParams& p) {
+// `on_host`: the values can be read here (CPU); device thresholds are checked by the core.
+void set_thresholds(const Attributes& a, const TensorView& t, AsaParams& p, bool on_host) {
   if (t.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
     fail(a, "head_thresholds must be float32, got %s", type_name(t.type));
   if (t.shape.size() != 1 || t.shape[0] != p.heads_q)
     fail(a, "head_thresholds must have shape [Hq] = [%d], got %s", p.heads_q,
          shape_text(t.shape).c_str());
   const float* tau = static_cast<const float*>(t.data);
-  for (int h = 0; h < p.heads_q; ++h)
+  for (int h = 0; on_host && h < p.heads_q; ++h)
     if (!(tau[h] > 0.0f) || !std::isfinite(tau[h]))
       fail(a, "head_thresholds[%d] must be finite and > 0, got %g", h, tau[h]);
   p.head_thresholds = tau;
@@ -357,7 +358,7 @@ Attributes read_attributes(const OrtApi& api, const OrtKernelInfo* info) {
   return a;
 }
 
-bool prepare(const Attributes& a, Ort::KernelContext& ctx, AsaParams& p, Scratch& scratch) {
+bool prepare(const Attributes& a, Ort::KernelContext& ctx, AsaParams& p, Scratch* scratch) {
   TensorView q, k, v, mask, bias, thr;
   if (!view_input(ctx, 0, q) || !view_input(ctx, 1, k) || !view_input(ctx, 2, v))
     fail(a, "query, key and value are required inputs");
@@ -365,7 +366,7 @@ bool prepare(const Attributes& a, Ort::KernelContext& ctx, AsaParams& p, Scratch
   fill_sizes(a, q, k, v, p);
   if (view_input(ctx, 3, mask)) set_mask(a, mask, p);
   if (view_input(ctx, 4, bias)) set_bias(a, bias, q, p);
-  if (view_input(ctx, 5, thr)) set_thresholds(a, thr, p);
+  if (view_input(ctx, 5, thr)) set_thresholds(a, thr, p, scratch != nullptr);
 
   const int64_t nq = (p.seq_q + p.block_size - 1) / p.block_size;
   const int64_t nk = (p.seq_kv + p.block_size - 1) / p.block_size;
@@ -377,7 +378,9 @@ bool prepare(const Attributes& a, Ort::KernelContext& ctx, AsaParams& p, Scratch
   p.block_counts = int_output(ctx, 2, {p.batch, hsel, nq});
   p.visible_counts = int_output(ctx, 3, {p.batch, nq});
 
-  if (numel(out_dims) == 0 || p.seq_kv == 0) {
+  if (numel(out_dims) == 0) return false;
+  if (p.seq_kv == 0) {
+    if (!scratch) fail(a, "key length 0 is not supported on this execution provider");
     // Nothing to attend: rows with no key are zeros; telemetry counts are zero.
     const size_t elem = p.dtype == ASA_FLOAT32 ? 4 : 2;
     if (p.out) std::memset(p.out, 0, numel(out_dims) * elem);
@@ -385,13 +388,14 @@ bool prepare(const Attributes& a, Ort::KernelContext& ctx, AsaParams& p, Scratch
     if (p.visible_counts) std::fill(p.visible_counts, p.visible_counts + p.batch * nq, 0);
     return false;
   }
+  if (!scratch) return true;
   if (!p.block_indices) {
-    scratch.block_indices.resize(p.batch * hsel * nq * nk);
-    p.block_indices = scratch.block_indices.data();
+    scratch->block_indices.resize(p.batch * hsel * nq * nk);
+    p.block_indices = scratch->block_indices.data();
   }
   if (!p.block_counts) {
-    scratch.block_counts.resize(p.batch * hsel * nq);
-    p.block_counts = scratch.block_counts.data();
+    scratch->block_counts.resize(p.batch * hsel * nq);
+    p.block_counts = scratch->block_counts.data();
   }
   return true;
 }

@@ -51,8 +51,11 @@ struct Scratch {
 // Returns false when there is nothing to compute (an empty dimension; outputs are allocated and,
 // where the contract defines them, filled). Throws Ort::Exception with a readable message on a
 // shape or type error.
+// `host_scratch` (CPU execution provider): telemetry buffers for outputs the node does not ask
+// for. NULL (device execution providers): such pointers stay NULL (the CUDA core keeps the lists
+// in its workspace) and nothing is written from the host.
 bool prepare(const Attributes& attrs, Ort::KernelContext& ctx, AsaParams& params,
-             Scratch& scratch);
+             Scratch* host_scratch);
 
 // OrtCustomOp::InferOutputShapeFn: output 0 takes the query's element type and
 // [B, Hq, Sq, Dv]; telemetry outputs are int32 with their contract shapes (dims the model leaves
