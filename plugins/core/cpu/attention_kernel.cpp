@@ -198,24 +198,39 @@ Scratch carve(float* base, int dp, int dvp) {
   return sc;
 }
 
-// Horizontal max / sum of one vector by log2(VW) rotations.
+// Horizontal max / sum: fold the vector in halves (constant extracts, no index vectors).
+typedef float vf4 __attribute__((vector_size(16)));
+typedef float vf8 __attribute__((vector_size(32)));
+
+ASA_INLINE vf4 fold_to_4(vf x, bool is_max) {
+#if ASA_VBYTES == 64
+  vf8 a, b;
+  memcpy(&a, &x, 32);
+  memcpy(&b, reinterpret_cast<const char*>(&x) + 32, 32);
+  const vf8 y = is_max ? (a > b ? a : b) : a + b;
+#elif ASA_VBYTES == 32
+  const vf8 y = x;
+#endif
+#if ASA_VBYTES >= 32
+  vf4 c, d;
+  memcpy(&c, &y, 16);
+  memcpy(&d, reinterpret_cast<const char*>(&y) + 16, 16);
+  return is_max ? (c > d ? c : d) : c + d;
+#else
+  (void)is_max;
+  return x;
+#endif
+}
+
 ASA_INLINE float hmax(vf x) {
-  for (int w = VW / 2; w >= 1; w /= 2) {
-    vi idx;
-    for (int t = 0; t < VW; ++t) idx[t] = (t + w) % VW;
-    const vf y = __builtin_shuffle(x, idx);
-    x = y > x ? y : x;
-  }
-  return x[0];
+  const vf4 v = fold_to_4(x, true);
+  const float a = v[0] > v[1] ? v[0] : v[1], b = v[2] > v[3] ? v[2] : v[3];
+  return a > b ? a : b;
 }
 
 ASA_INLINE float hsum(vf x) {
-  for (int w = VW / 2; w >= 1; w /= 2) {
-    vi idx;
-    for (int t = 0; t < VW; ++t) idx[t] = (t + w) % VW;
-    x += __builtin_shuffle(x, idx);
-  }
-  return x[0];
+  const vf4 v = fold_to_4(x, false);
+  return (v[0] + v[1]) + (v[2] + v[3]);
 }
 
 // Visible key interval [lo, hi) of each row from causal / window geometry (padding aside).
