@@ -204,17 +204,15 @@ typedef float vf8 __attribute__((vector_size(32)));
 
 ASA_INLINE vf4 fold_to_4(vf x, bool is_max) {
 #if ASA_VBYTES == 64
-  vf8 a, b;
-  memcpy(&a, &x, 32);
-  memcpy(&b, reinterpret_cast<const char*>(&x) + 32, 32);
+  const vf8 a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7);
+  const vf8 b = __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
   const vf8 y = is_max ? (a > b ? a : b) : a + b;
 #elif ASA_VBYTES == 32
   const vf8 y = x;
 #endif
 #if ASA_VBYTES >= 32
-  vf4 c, d;
-  memcpy(&c, &y, 16);
-  memcpy(&d, reinterpret_cast<const char*>(&y) + 16, 16);
+  const vf4 c = __builtin_shufflevector(y, y, 0, 1, 2, 3);
+  const vf4 d = __builtin_shufflevector(y, y, 4, 5, 6, 7);
   return is_max ? (c > d ? c : d) : c + d;
 #else
   (void)is_max;
