@@ -66,16 +66,20 @@ struct Isa {
   PackFn pack;
 };
 
+#if defined(ASA_HAVE_AVX2)
 bool cpu_has_avx2() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
          __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2");
 }
+#endif
 
+#if defined(ASA_HAVE_AVX512)
 bool cpu_has_avx512() {
   return cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
          __builtin_cpu_supports("avx512vl");
 }
+#endif
 
 // Highest level the CPU supports, capped by ASA_CPU_ISA (read on every call: tests switch it).
 Isa pick_isa() {
