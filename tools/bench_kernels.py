@@ -269,12 +269,12 @@ def main(argv=None):
         return
     gpu = torch.cuda.get_device_name()
     rows: list = []
+    for kv in args.decode_kv:
+        bench_decode(args, kv, rows)
     for seq in args.seqs:
         for mode in args.modes:
             bench_prefill(args, seq, mode == "causal", rows)
             torch.cuda.empty_cache()
-    for kv in args.decode_kv:
-        bench_decode(args, kv, rows)
     if args.json:
         args.json.write_text(json.dumps(dict(gpu=gpu, torch=torch.__version__, rows=rows),
                                         indent=1))

@@ -27,6 +27,7 @@ size_t layout_workspace(const AsaParams& p, unsigned char* base, Workspace* ws) 
   Workspace w{};
   w.qbar = reinterpret_cast<float*>(take(B * p.heads_q * nq * p.head_dim * sizeof(float)));
   w.kbar = reinterpret_cast<float*>(take(B * p.heads_kv * nk * p.head_dim * sizeof(float)));
+  w.logits = reinterpret_cast<float*>(take(B * p.heads_q * nq * nk * sizeof(float)));
   if (p.mask_dtype != ASA_MASK_NONE) {
     w.kept_prefix = reinterpret_cast<int32_t*>(take(B * (p.seq_kv + 1) * sizeof(int32_t)));
   }

@@ -17,6 +17,7 @@ namespace cuda {
 struct Workspace {
   float* qbar;             // [B, Hq, NQ, D] block means of the query rows
   float* kbar;             // [B, Hkv, NK, D] block means of the kept keys
+  float* logits;           // [B, Hq, NQ, NK] router logits scale * q̄ . k̄
   int32_t* kept_prefix;    // [B, Skv + 1] running count of kept keys (only with a padding mask)
   int32_t* block_indices;  // params.block_indices, or scratch when the caller passed NULL
   int32_t* block_counts;

@@ -3,11 +3,12 @@
 // Three steps, all in float32:
 //   1. pool: q̄ per (batch, query head, query block), k̄ per (batch, KV head, key block) over the
 //      kept keys; with a padding mask also a running count of kept keys per batch;
-//   2. select: one CTA per (batch, KV head, query block) scores every key block for the group's
-//      query heads (k̄ read once per group), softmaxes over visible blocks, and walks the
+//   2. logits: a batched float32 GEMM q̄ . k̄ (scaled) into the workspace;
+//   3. select: one CTA per (batch, selection head, query block) softmaxes over visible blocks
+//      (averaging the group's heads for select_per 1), and walks the
 //      contract's order (forced blocks, then descending probability, ties to the lower index)
 //      with a sequential float32 running sum so that the kept set matches the reference;
-//   3. write the ascending kept lists (padded with -1), their counts and the visible counts.
+//   4. write the ascending kept lists (padded with -1), their counts and the visible counts.
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
@@ -132,9 +133,8 @@ __global__ void pool_k_kernel(AsaParams p, float* kbar) {
 enum : uint8_t { kVisible = 1, kForced = 2, kKept = 4 };
 
 struct SelectSmem {
-  float* qs;       // [hc][D]
-  float* logits;   // [hc][NK] logits, then probabilities
-  float* pavg;     // [NK] group-averaged probabilities (select_per 1)
+  float* prob;     // [NK] probabilities of the current head
+  float* pavg;     // [NK] group-summed probabilities (select_per 1)
   uint64_t* keys;  // [nk_pow2] sort keys
   uint8_t* flags;  // [NK]
 };
@@ -265,18 +265,62 @@ __device__ void select_and_write(const AsaParams& p, const Workspace& ws, const 
   __syncthreads();
 }
 
-__global__ void select_kernel(AsaParams p, Workspace ws, int hc, int nk_pow2) {
+// logits[n, h, i, k] = scale * q̄[n, h, i] . k̄[n, h / G, k]: a batched float32 GEMM in 32x32
+// tiles, one (batch, query head) per grid z. Spread over many CTAs so that decode (one query
+// block) does not serialize on a handful of selection CTAs.
+constexpr int kLogitTile = 32;
+
+__global__ void logits_kernel(AsaParams p, const float* qbar, const float* kbar, float* logits) {
+  __shared__ float qs[kLogitTile][kLogitTile + 1];
+  __shared__ float ks[kLogitTile][kLogitTile + 1];
+  const int nq = cdiv(p.seq_q, p.block_size), nk = cdiv(p.seq_kv, p.block_size);
+  const int G = p.heads_q / p.heads_kv;
+  const int nh = blockIdx.z, n = nh / p.heads_q, h = nh % p.heads_q;
+  const int i0 = blockIdx.y * kLogitTile, k0 = blockIdx.x * kLogitTile;
+  const int D = p.head_dim;
+  const float* qb = qbar + (static_cast<int64_t>(n) * p.heads_q + h) * nq * D;
+  const float* kb = kbar + (static_cast<int64_t>(n) * p.heads_kv + h / G) * nk * D;
+  const int tx = threadIdx.x % kLogitTile, ty = threadIdx.x / kLogitTile;  // 32 x 8 threads
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int d0 = 0; d0 < D; d0 += kLogitTile) {
+    for (int r = ty; r < kLogitTile; r += 8) {
+      const int d = d0 + tx;
+      qs[r][tx] = (i0 + r < nq && d < D) ? qb[(i0 + r) * D + d] : 0.f;
+      ks[r][tx] = (k0 + r < nk && d < D) ? kb[(k0 + r) * D + d] : 0.f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = ty + 8 * e;
+      float s = 0.f;
+#pragma unroll 8
+      for (int dd = 0; dd < kLogitTile; ++dd) s += qs[r][dd] * ks[tx][dd];
+      acc[e] += s;
+    }
+    __syncthreads();
+  }
+  float* out = logits + (static_cast<int64_t>(n) * p.heads_q + h) * nq * nk;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int i = i0 + ty + 8 * e, k = k0 + tx;
+    if (i < nq && k < nk) out[static_cast<int64_t>(i) * nk + k] = p.scale * acc[e];
+  }
+}
+
+// One CTA per (batch, selection head, query block): softmax of the logits row(s) over the visible
+// blocks, the group average for select_per 1, then the contract's walk.
+__global__ void select_kernel(AsaParams p, Workspace ws, const float* logits, int nk_pow2) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int i = blockIdx.x, hkv = blockIdx.y, n = blockIdx.z;
+  const int i = blockIdx.x, hs = blockIdx.y, n = blockIdx.z;
   const int nq = gridDim.x;
   const int nk = cdiv(p.seq_kv, p.block_size);
   const int G = p.heads_q / p.heads_kv;
-  const int D = p.head_dim;
+  const int heads = p.select_per ? G : 1;       // query heads behind this list
+  const int h_first = p.select_per ? hs * G : hs;
   SelectSmem sm;
   sm.keys = reinterpret_cast<uint64_t*>(smem_raw);
-  sm.qs = reinterpret_cast<float*>(sm.keys + nk_pow2);
-  sm.logits = sm.qs + hc * D;
-  sm.pavg = sm.logits + hc * nk;
+  sm.prob = reinterpret_cast<float*>(sm.keys + nk_pow2);
+  sm.pavg = sm.prob + nk;
   sm.flags = reinterpret_cast<uint8_t*>(sm.pavg + nk);
 
   // Visibility and forced flags of every key block for this query block.
@@ -303,55 +347,32 @@ __global__ void select_kernel(AsaParams p, Workspace ws, int hc, int nk_pow2) {
     nvis_local += vis;
   }
   const float nvis = block_sum(static_cast<float>(nvis_local));
-  if (hkv == 0 && threadIdx.x == 0 && ws.visible_counts) {
+  if (hs == 0 && threadIdx.x == 0 && ws.visible_counts) {
     ws.visible_counts[static_cast<int64_t>(n) * nq + i] = static_cast<int32_t>(nvis);
   }
-  __syncthreads();
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int nwarps = kSelectThreads / 32;
-  const float* kb = ws.kbar + (static_cast<int64_t>(n) * p.heads_kv + hkv) * nk * D;
-  float tau_group = 0.f;
-  for (int h0 = 0; h0 < G; h0 += hc) {
-    const int hn = min(hc, G - h0);
-    for (int t = threadIdx.x; t < hn * D; t += kSelectThreads) {
-      const int hh = t / D, d = t % D;
-      const int h = hkv * G + h0 + hh;
-      sm.qs[t] = ws.qbar[((static_cast<int64_t>(n) * p.heads_q + h) * nq + i) * D + d];
-    }
+  float tau = 0.f;
+  for (int hh = 0; hh < heads; ++hh) {
+    const int h = h_first + hh;
+    const float* row = logits + ((static_cast<int64_t>(n) * p.heads_q + h) * nq + i) * nk;
+    for (int k = threadIdx.x; k < nk; k += kSelectThreads) sm.prob[k] = row[k];
     __syncthreads();
-    for (int k = warp; k < nk; k += nwarps) {
-      if (!(sm.flags[k] & kVisible)) continue;
-      for (int hh = 0; hh < hn; ++hh) {
-        float s = 0.f;
-        for (int d = lane; d < D; d += 32) s += sm.qs[hh * D + d] * kb[k * D + d];
-        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-        if (lane == 0) sm.logits[hh * nk + k] = p.scale * s;
-      }
-    }
-    __syncthreads();
-    for (int hh = 0; hh < hn; ++hh) {
-      const int h = hkv * G + h0 + hh;
-      float* prob = sm.logits + hh * nk;
-      softmax_visible(prob, sm.flags, nk);
-      const float tau = p.head_thresholds ? p.head_thresholds[h] : p.threshold;
-      if (p.select_per == 0) {
-        const int64_t row = (static_cast<int64_t>(n) * p.heads_q + h) * nq + i;
-        select_and_write(p, ws, sm, prob, tau, nk, nk_pow2, row);
-      } else {
-        tau_group = fmaxf(tau_group, tau);
-        // Heads are added in order h = 0..G-1 so the float32 sum is the reference's.
-        for (int k = threadIdx.x; k < nk; k += kSelectThreads) sm.pavg[k] += prob[k];
-        __syncthreads();
-      }
+    softmax_visible(sm.prob, sm.flags, nk);
+    tau = fmaxf(tau, p.head_thresholds ? p.head_thresholds[h] : p.threshold);
+    if (heads > 1) {
+      // Heads are added in order h = 0..G-1, as the reference sums them.
+      for (int k = threadIdx.x; k < nk; k += kSelectThreads) sm.pavg[k] += sm.prob[k];
+      __syncthreads();
     }
   }
-  if (p.select_per == 1) {
+  const float* prob = sm.prob;
+  if (heads > 1) {
     for (int k = threadIdx.x; k < nk; k += kSelectThreads) sm.pavg[k] /= static_cast<float>(G);
     __syncthreads();
-    const int64_t row = (static_cast<int64_t>(n) * p.heads_kv + hkv) * nq + i;
-    select_and_write(p, ws, sm, sm.pavg, tau_group, nk, nk_pow2, row);
+    prob = sm.pavg;
   }
+  const int64_t row = (static_cast<int64_t>(n) * gridDim.y + hs) * nq + i;
+  select_and_write(p, ws, sm, prob, tau, nk, nk_pow2, row);
 }
 
 template <typename T>
@@ -369,24 +390,19 @@ int next_pow2(int x) {
   return v;
 }
 
-size_t select_smem_bytes(const AsaParams& p, int hc) {
+size_t select_smem_bytes(const AsaParams& p) {
   const int nk = cdiv(p.seq_kv, p.block_size);
-  return static_cast<size_t>(next_pow2(nk)) * 8 + static_cast<size_t>(hc) * p.head_dim * 4 +
-         static_cast<size_t>(hc) * nk * 4 + static_cast<size_t>(nk) * 4 + nk + 16;
+  return static_cast<size_t>(next_pow2(nk)) * 8 + static_cast<size_t>(nk) * 9 + 16;
 }
 
 cudaError_t launch_route(const AsaParams& p, const Workspace& ws, cudaStream_t stream) {
   const int nq = cdiv(p.seq_q, p.block_size), nk = cdiv(p.seq_kv, p.block_size);
-  const int G = p.heads_q / p.heads_kv;
   int device = 0, smem_limit = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   // Keep some room for cub's static shared memory.
-  const size_t budget = static_cast<size_t>(smem_limit) - 4096;
-  int hc = G;
-  while (hc > 1 && select_smem_bytes(p, hc) > budget) --hc;
-  const size_t smem = select_smem_bytes(p, hc);
-  if (smem > budget) return cudaErrorInvalidConfiguration;  // NK too large for one CTA
+  const size_t smem = select_smem_bytes(p);
+  if (smem + 4096 > static_cast<size_t>(smem_limit)) return cudaErrorInvalidConfiguration;
 
   if (p.mask_dtype != ASA_MASK_NONE) {
     prefix_kernel<<<p.batch, kPrefixThreads, 0, stream>>>(p, ws.kept_prefix);
@@ -396,13 +412,15 @@ cudaError_t launch_route(const AsaParams& p, const Workspace& ws, cudaStream_t s
     case ASA_FLOAT16: launch_pool<__half>(p, ws, stream); break;
     default: launch_pool<__nv_bfloat16>(p, ws, stream); break;
   }
+  const dim3 lgrid(cdiv(nk, kLogitTile), cdiv(nq, kLogitTile), p.batch * p.heads_q);
+  logits_kernel<<<lgrid, 256, 0, stream>>>(p, ws.qbar, ws.kbar, ws.logits);
   cudaError_t err = cudaFuncSetAttribute(select_kernel,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  select_kernel<<<dim3(nq, p.heads_kv, p.batch), kSelectThreads, smem, stream>>>(
-      p, ws, hc, next_pow2(nk));
-  (void)nk;
+  const int hsel = p.select_per ? p.heads_kv : p.heads_q;
+  select_kernel<<<dim3(nq, hsel, p.batch), kSelectThreads, smem, stream>>>(
+      p, ws, ws.logits, next_pow2(nk));
   return cudaGetLastError();
 }
 
