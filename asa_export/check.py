@@ -485,7 +485,12 @@ def _rewritten_session(path: str, library=None):
         return _plain_session(path)
     try:
         return asa_ort.session(path, providers=["CPUExecutionProvider"], library=library)
-    except AsaExportError:
+    except AsaExportError as err:
+        if library is None:  # the library was picked automatically: say how to do without it
+            raise AsaExportError(
+                f"{err}\n(to run the ASA nodes through their model-local function instead, pass "
+                "library=False; on the command line: --runtime function)"
+            ) from err
         raise
     except Exception as err:
         raise AsaExportError(f"ONNX Runtime cannot load {path}: {err}") from err
