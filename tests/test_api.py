@@ -129,3 +129,14 @@ def test_dense_rewrite_has_parity(tmp_path, default_model):
     result = api.check(default_model, out, library=False)
     assert result.passed, result.outputs
     assert result.density and all(layer.density == 1.0 for layer in result.density)
+
+
+def test_library_imports_neither_cli_nor_heavy_dependencies():
+    import subprocess
+    import sys
+
+    code = ("import sys, asa_export.api, asa_export.check, asa_export.io; "
+            "print(sorted(m for m in ('asa_export.cli', 'torch', 'tensorrt', 'transformers') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
