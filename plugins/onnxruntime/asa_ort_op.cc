@@ -291,13 +291,33 @@ Dim blocks_of(const Dim& length, int64_t block_size) {
   return Dim((length.AsInt() + block_size - 1) / block_size);
 }
 
-void set_optional_output(Ort::ShapeInferContext& ctx, size_t index,
-                         const Ort::ShapeInferContext::Shape& shape) {
-  try {
-    Ort::Status st = ctx.SetOutputShape(index, shape, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32);
-    (void)st;  // the node may not have this output
-  } catch (const Ort::Exception&) {
+// Sets one output's type and shape through the C API. (The C++ wrapper of the 1.21 headers
+// marks symbolic dims with -2, which newer runtimes reject; -1 + a name works everywhere.)
+OrtStatus* set_output(OrtShapeInferContext* context, size_t index,
+                      const Ort::ShapeInferContext::Shape& shape, ONNXTensorElementDataType type) {
+  const OrtApi& api = Ort::GetApi();
+  std::vector<int64_t> dims;
+  std::vector<const char*> names;
+  for (const Dim& d : shape) {
+    const bool named = !d.IsInt() && d.AsSym() && d.AsSym()[0] != '\0';
+    dims.push_back(named ? -1 : (d.IsInt() && d.AsInt() >= 0 ? d.AsInt() : -1));
+    names.push_back(named ? d.AsSym() : "");
   }
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  OrtStatus* st = api.CreateTensorTypeAndShapeInfo(&info);
+  if (!st) st = api.SetTensorElementType(info, type);
+  if (!st) st = api.SetDimensions(info, dims.data(), dims.size());
+  if (!st) st = api.SetSymbolicDimensions(info, names.data(), names.size());
+  if (!st) st = api.ShapeInferContext_SetOutputTypeShape(context, index, info);
+  if (info) api.ReleaseTensorTypeAndShapeInfo(info);
+  return st;
+}
+
+void set_optional_output(OrtShapeInferContext* context, size_t index,
+                         const Ort::ShapeInferContext::Shape& shape) {
+  // The node may not have this output: that is not an error.
+  if (OrtStatus* st = set_output(context, index, shape, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32))
+    Ort::GetApi().ReleaseStatus(st);
 }
 
 }  // namespace
@@ -319,19 +339,17 @@ OrtStatusPtr infer_output_shapes(OrtShapeInferContext* context) {
     }
     if (q.size() != 4 || k.size() != 4 || v.size() != 4) {
       // Wrong ranks: the kernel reports them; give the output its type so the graph resolves.
-      Ort::Status s = ctx.SetOutputShape(0, {unknown, unknown, unknown, unknown}, type);
-      return s.release();
+      return set_output(context, 0, {unknown, unknown, unknown, unknown}, type);
     }
     const int64_t b = attr_or(ctx, "block_size", 64);
     const bool per_group = attr_or(ctx, "select_per", 0) == 1;
     const Dim nq = (b == 64 || b == 128) ? blocks_of(q[2], b) : unknown;
     const Dim nk = (b == 64 || b == 128) ? blocks_of(k[2], b) : unknown;
     const Dim hsel = per_group ? k[1] : q[1];
-    Ort::Status s = ctx.SetOutputShape(0, {q[0], q[1], q[2], v[3]}, type);
-    if (!s.IsOK()) return s.release();
-    set_optional_output(ctx, 1, {q[0], hsel, nq, nk});
-    set_optional_output(ctx, 2, {q[0], hsel, nq});
-    set_optional_output(ctx, 3, {q[0], nq});
+    if (OrtStatus* st = set_output(context, 0, {q[0], q[1], q[2], v[3]}, type)) return st;
+    set_optional_output(context, 1, {q[0], hsel, nq, nk});
+    set_optional_output(context, 2, {q[0], hsel, nq});
+    set_optional_output(context, 3, {q[0], nq});
     return nullptr;
   } catch (const Ort::Exception& e) {
     return api.CreateStatus(e.GetOrtErrorCode(), e.what());

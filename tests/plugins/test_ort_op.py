@@ -172,6 +172,34 @@ def test_empty_key_padding_rows_are_zero():
     assert np.isfinite(out).all() and not out[0].any()
 
 
+def test_symbolic_shapes_feed_downstream_nodes():
+    """Exports have symbolic dims and the output feeds other nodes: the inferred output type must
+    follow the query (float), not the last dynamically typed input (the int64 mask)."""
+    attrs = AsaAttributes(causal=True, threshold=0.5)
+    node = make_node(["query", "key", "value", "key_padding_mask"], ["o", "", "counts"], attrs,
+                     "asa_0")
+    sym = lambda name, heads: helper.make_tensor_value_info(  # noqa: E731
+        name, TensorProto.FLOAT, ["batch", heads, "seq", 32])
+    graph = helper.make_graph(
+        [node, helper.make_node("Relu", ["o"], ["y"])], "g",
+        [sym("query", 8), sym("key", 2), sym("value", 2),
+         helper.make_tensor_value_info("key_padding_mask", TensorProto.INT64, ["batch", "seq"])],
+        [sym("y", 8), helper.make_tensor_value_info("counts", TensorProto.INT32, None)],
+        value_info=[sym("o", 8)])
+    model = helper.make_model(
+        graph, ir_version=10, opset_imports=[helper.make_opsetid("", OPSET),
+                                             helper.make_opsetid("asa", 1)],
+        functions=[build_function(attrs, OPSET, (True, False, False), 3)])
+    feeds = _feeds(np.random.default_rng(5), 2, 8, 2, 150, 150, 32, mask=np.int64)
+    y, counts = lib_session(model.SerializeToString()).run(None, feeds)
+    expect = _reference(attrs, feeds)
+    assert y.dtype == np.float32 and counts.shape == (2, 8, 3)
+    same = counts == expect[2]
+    assert same.mean() >= 0.98
+    rows = np.repeat(same, 64, axis=2)[:, :, :150]
+    np.testing.assert_allclose(y[rows], np.maximum(expect[0], 0)[rows], rtol=1e-4, atol=3e-5)
+
+
 # ---------------------------------------------------------------- errors
 
 
