@@ -221,6 +221,11 @@ CASES = [
     ("pad_bool_mask_group", (2, 6, 2, 97, 161, 32, 32), dict(threshold=0.6, select_per=1),
      {"mask": bool}),
     ("more_queries_than_keys", (1, 2, 1, 150, 97, 32, 32), dict(causal=True), {}),
+    ("decode_one_row_group", (2, 6, 2, 1, 333, 64, 64),
+     dict(causal=True, threshold=0.5, sink_blocks=0, local_blocks=1, select_per=1),
+     {"mask": True}),
+    ("odd_head_dims", (1, 3, 1, 97, 130, 59, 23), dict(threshold=0.7, sink_blocks=0,
+                                                        local_blocks=0), {}),
 ]
 
 
