@@ -17,7 +17,7 @@ compute capability without a GPU (SM75-SM121, not SM90): that is how CI proves p
 build on a CPU machine. Engines for Hopper need TensorRT itself on a Hopper machine.
 
 The plugin library is found through `plugin_library_path()`: the argument, else $ASA_TRT_PLUGIN,
-else the build folder of `python tools/build_trt_plugin.py` (plugins/build-trt/tensorrt/).
+else the build folder of `python tools/build_trt_plugin.py` (plugins/tensorrt/build/tensorrt/).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ LIBRARY_NAME = "libasa_trt.so"
 _REPO = Path(__file__).resolve().parents[2]
 _DEFAULT_LOCATIONS = (
     Path(__file__).resolve().parent / LIBRARY_NAME,
-    _REPO / "plugins" / "build-trt" / "tensorrt" / LIBRARY_NAME,
+    _REPO / "plugins" / "tensorrt" / "build" / "tensorrt" / LIBRARY_NAME,
 )
 BACKENDS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx_bindings"}
 INSTALL_HINT = {
@@ -178,7 +178,7 @@ def load_plugin(trt, library: Path):
         AsaExportError: the library does not load, or registers no AdaptiveSparseAttention
             creator of namespace "asa" and version "1" (a wrong or stale library).
     """
-    key = (trt.__name__, str(library))
+    key = (trt.__name__, str(Path(library).resolve()))
     if key in _LOADED:
         return _LOADED[key]
     registry = trt.get_plugin_registry()
@@ -188,7 +188,7 @@ def load_plugin(trt, library: Path):
         raise AsaExportError(f"TensorRT could not load the plugin library {library}: {exc}") from None
     creator = registry.get_creator(contract.OP_TYPE, contract.PLUGIN_VERSION,
                                    contract.PLUGIN_NAMESPACE)
-    if handle is None or creator is None:
+    if creator is None:
         raise AsaExportError(
             f"{library} registers no {contract.OP_TYPE} plugin (namespace "
             f"{contract.PLUGIN_NAMESPACE!r}, version {contract.PLUGIN_VERSION!r}); rebuild it with "
@@ -234,10 +234,10 @@ def prepare_for_engine(model: ir.Model, precision: str = "fp16") -> int:
         )
     for key in [k for k in model.functions if k[0] == contract.DOMAIN]:
         del model.functions[key]
+    convert_precision(model, precision)  # before the slots move: it reads contract positions
     for node in nodes:
         node.overload = ""
         _explicit_slots(node)
-    convert_precision(model, precision)
     return len(nodes)
 
 
