@@ -57,6 +57,13 @@ struct Mma<__nv_bfloat16> {
   }
 };
 
+// 2^x on the special-function unit (about 2 ulp; the inputs are rounded to 16 bits afterwards).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
 }
@@ -152,7 +159,9 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
   T* sk = sq + kRows * kPitch;  // [2][kBN][kPitch]
   T* sv = sk + 2 * kTile;       // [2][kBN][kPitch]
 
-  const int qt = blockIdx.x;
+  // Last query tiles first: under a causal mask they hold the most work, so the tail of the
+  // grid is made of short CTAs.
+  const int qt = gridDim.x - 1 - blockIdx.x;
   const int n = blockIdx.z / ws.splits, split = blockIdx.z % ws.splits;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, tq = lane % 4;
@@ -182,7 +191,10 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
   const int shift = p.seq_kv - p.seq_q;
   cur.pos_lo = q0 + shift;
   cur.pos_hi = min(q0 + kRows, p.seq_q) - 1 + shift;
-  cur.generic = p.mask_dtype != ASA_MASK_NONE || p.bias != nullptr || p.softcap > 0.f;
+  // MT = 2 is launched only without padding mask, bias and softcap: its code leaves them out,
+  // which keeps it within the register file.
+  constexpr bool kLean = MT == 2;
+  cur.generic = !kLean && (p.mask_dtype != ASA_MASK_NONE || p.bias != nullptr || p.softcap > 0.f);
 
   const T* qg = static_cast<const T*>(p.q) + n * p.q_stride_b + h * p.q_stride_h;
   const T* kg = static_cast<const T*>(p.k) + n * p.k_stride_b + hkv * p.k_stride_h;
@@ -290,12 +302,14 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
             const int j = j0 + nt * 8 + 2 * tq + (e & 1);
             float x = s[mt][nt][e] * p.scale;
             bool vis = row_valid(rho) && j < p.seq_kv && position_visible(p, r + shift, j);
-            if (vis && p.mask_dtype != ASA_MASK_NONE) vis = key_kept(p, n, j);
-            if (p.softcap > 0.f) x = p.softcap * tanhf(x / p.softcap);
-            if (vis && p.bias != nullptr) {
-              const T* bias = static_cast<const T*>(p.bias);
-              x += to_float(bias[n * p.bias_stride_b + row_head(rho) * p.bias_stride_h +
-                                 r * p.bias_stride_q + j * p.bias_stride_k]);
+            if constexpr (!kLean) {
+              if (vis && p.mask_dtype != ASA_MASK_NONE) vis = key_kept(p, n, j);
+              if (p.softcap > 0.f) x = p.softcap * tanhf(x / p.softcap);
+              if (vis && p.bias != nullptr) {
+                const T* bias = static_cast<const T*>(p.bias);
+                x += to_float(bias[n * p.bias_stride_b + row_head(rho) * p.bias_stride_h +
+                                   r * p.bias_stride_q + j * p.bias_stride_k]);
+              }
             }
             s[mt][nt][e] = vis ? x * kLog2e : -INFINITY;
           }
@@ -314,7 +328,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
       for (int rr = 0; rr < 2; ++rr) {
         mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 1));
         mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 2));
-        alpha[rr] = m[mt][rr] == -INFINITY ? 0.f : exp2f(m[mt][rr] - mx[rr]);
+        alpha[rr] = m[mt][rr] == -INFINITY ? 0.f : fast_exp2(m[mt][rr] - mx[rr]);
         mu[rr] = mx[rr] == -INFINITY ? 0.f : mx[rr];
         m[mt][rr] = mx[rr];
       }
@@ -323,7 +337,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
       for (int nt = 0; nt < 8; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          s[mt][nt][e] = exp2f(s[mt][nt][e] - mu[e >> 1]);
+          s[mt][nt][e] = fast_exp2(s[mt][nt][e] - mu[e >> 1]);
           rs[e >> 1] += s[mt][nt][e];
         }
       }
@@ -468,7 +482,9 @@ cudaError_t launch_mma_dtype(const AsaParams& p, const Workspace& ws, cudaStream
   // Two m-tiles per warp halve the shared-memory reads per mma, but halve the CTA count too:
   // only worth it when there are enough CTAs to fill the GPU several times.
   const int ctas_two = p.batch * p.heads_q * cdiv(p.seq_q, 2 * kBM);
-  const bool two = p.block_size == 128 && p.seq_q > 16 && ctas_two >= 8 * sm_count();
+  const bool generic = p.mask_dtype != ASA_MASK_NONE || p.bias != nullptr || p.softcap > 0.f;
+  const bool two = p.block_size == 128 && p.seq_q > 16 && !generic &&
+                   ctas_two >= 4 * sm_count();
   const bool packed = decode_packed(p);
   if (p.head_dim == 64) {
     if (packed) return launch_mma<T, 64, 1, true>(p, ws, stream);
