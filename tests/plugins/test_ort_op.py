@@ -164,6 +164,40 @@ def test_float16_inputs():
     np.testing.assert_allclose(out[rows].astype(np.float64), r_out[rows], atol=4e-3, rtol=0)
 
 
+def test_bfloat16_inputs():
+    """bfloat16 through OrtValues (numpy has no bfloat16; ml_dtypes comes with onnx)."""
+    import ctypes
+
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    attrs = AsaAttributes(causal=True, threshold=0.7)
+    f32 = _feeds(np.random.default_rng(6), 1, 4, 2, 161, 161, 32)
+    bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in f32.items()}
+    inputs = [helper.make_tensor_value_info(k, TensorProto.BFLOAT16, list(v.shape))
+              for k, v in bf16.items()]
+    node = make_node(["query", "key", "value"], ["output", "block_indices", "block_counts"],
+                     attrs, "asa_0")
+    graph = helper.make_graph([node], "g", inputs, [
+        helper.make_tensor_value_info("output", TensorProto.BFLOAT16, None),
+        helper.make_tensor_value_info("block_indices", TensorProto.INT32, None),
+        helper.make_tensor_value_info("block_counts", TensorProto.INT32, None)])
+    model = helper.make_model(graph, ir_version=10, opset_imports=[
+        helper.make_opsetid("", OPSET), helper.make_opsetid("asa", 1)])
+    values = {k: ort.OrtValue.ortvalue_from_numpy_with_onnx_type(v.view(np.uint16),
+                                                                 TensorProto.BFLOAT16)
+              for k, v in bf16.items()}
+    out, idx, cnt = lib_session(model.SerializeToString()).run_with_ort_values(None, values)
+    assert out.data_type() == "tensor(bfloat16)"
+    n = int(np.prod(out.shape()))
+    raw = np.ctypeslib.as_array((ctypes.c_uint16 * n).from_address(out.data_ptr())).copy()
+    got = raw.view(ml_dtypes.bfloat16).reshape(out.shape()).astype(np.float32)
+    r_out, r_idx, r_cnt, _ = ref.asa_attention(
+        *(bf16[k].astype(np.float32) for k in ("query", "key", "value")), attrs)
+    same = (idx.numpy() == r_idx).all(axis=-1) & (cnt.numpy() == r_cnt)
+    assert same.mean() >= 0.98
+    rows = np.repeat(same, 64, axis=2)[:, :, :161]
+    np.testing.assert_allclose(got[rows], r_out[rows], atol=1.6e-2, rtol=0)
+
+
 def test_empty_key_padding_rows_are_zero():
     attrs = AsaAttributes(causal=True)
     feeds = _feeds(np.random.default_rng(4), 2, 2, 1, 97, 97, 16, mask=np.int32)
