@@ -37,25 +37,31 @@ def rewritten(work: Path) -> Path:
     return path
 
 
-def bias_without_mask(work: Path) -> Path:
-    """An ASA node whose mask slot is empty and whose bias slot is set (a gap in the inputs)."""
-    attrs = contract.AsaAttributes(causal=True, threshold=0.9).as_onnx_attributes()
-    node = helper.make_node(contract.OP_TYPE, ["q", "k", "v", "", "bias"], ["out"], name="asa0",
+def single_node(work: Path, name: str, inputs: list[str], outputs: list[str], **attrs) -> Path:
+    """A model of one hand-written ASA node: q [B,4,S,16], k/v [B,2,S,16], bias [1,4,S,S]."""
+    values = contract.AsaAttributes(causal=True, threshold=0.9).as_onnx_attributes()
+    values.update(attrs)
+    node = helper.make_node(contract.OP_TYPE, inputs, outputs, name="asa0",
                             domain=contract.DOMAIN, plugin_namespace="asa", plugin_version="1",
-                            **attrs)
-    f = TensorProto.FLOAT
+                            **values)
+    f, i32 = TensorProto.FLOAT, TensorProto.INT32
+    shapes = {"q": ["B", 4, "S", 16], "k": ["B", 2, "S", 16], "v": ["B", 2, "S", 16],
+              "bias": [1, 4, "S", "S"]}
+    out_types = {"out": (f, ["B", 4, "S", 16]), "idx": (i32, None), "cnt": (i32, None),
+                 "vis": (i32, None)}
     graph = helper.make_graph(
-        [node], "g",
-        [helper.make_tensor_value_info("q", f, ["B", 4, "S", 16]),
-         helper.make_tensor_value_info("k", f, ["B", 2, "S", 16]),
-         helper.make_tensor_value_info("v", f, ["B", 2, "S", 16]),
-         helper.make_tensor_value_info("bias", f, [1, 4, "S", "S"])],
-        [helper.make_tensor_value_info("out", f, ["B", 4, "S", 16])])
+        [node], "g", [helper.make_tensor_value_info(n, f, shapes[n]) for n in inputs if n],
+        [helper.make_tensor_value_info(n, *out_types[n]) for n in outputs if n])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
                                                     helper.make_opsetid("asa", 1)])
-    path = work / "bias.asa.onnx"
+    path = work / f"{name}.asa.onnx"
     onnx.save(model, path)
     return path
+
+
+def bias_without_mask(work: Path) -> Path:
+    """An ASA node whose mask slot is empty and whose bias slot is set (a gap in the inputs)."""
+    return single_node(work, "bias", ["q", "k", "v", "", "bias"], ["out"])
 
 
 def parse(trt, path: Path) -> dict:
@@ -65,7 +71,9 @@ def parse(trt, path: Path) -> dict:
     ok = parser.parse_from_file(str(path))
     layers = [network.get_layer(i) for i in range(network.num_layers)]
     plugins = [l for l in layers if l.type == trt.LayerType.PLUGIN_V3]
+    outputs = [network.get_output(i) for i in range(network.num_outputs)]
     return {
+        "outputs": {t.name: [list(t.shape), str(t.dtype)] for t in outputs},
         "ok": bool(ok),
         "errors": [str(parser.get_error(i)) for i in range(parser.num_errors)],
         "plugin_layers": len(plugins),
@@ -109,6 +117,13 @@ def main() -> None:
     for precision in ("fp16", "bf16", "fp32"):
         out[f"build_{precision}"] = build_case(model, work, precision, precision=precision,
                                                plugin_library=library)
+    telemetry = single_node(work, "telemetry", ["q", "k", "v"], ["out", "idx", "cnt", "vis"],
+                            select_per=1, block_size=64)
+    out["engine_copy_telemetry"] = parse(trt, engine_copy(telemetry, work, "fp16"))
+    out["build_telemetry"] = build_case(telemetry, work, "telemetry", precision="fp16",
+                                        plugin_library=library)
+    bad = single_node(work, "bad", ["q", "k", "v"], ["out"], block_size=96)
+    out["bad_attribute"] = parse(trt, engine_copy(bad, work, "fp32"))
     out["build_gap_bf16"] = build_case(gap, work, "gap", precision="bf16", plugin_library=library)
     out["build_not_embedded"] = build_case(model, work, "bare", precision="fp16",
                                            plugin_library=library, embed_plugin=False)

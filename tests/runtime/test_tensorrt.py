@@ -195,3 +195,18 @@ def test_rtx_cannot_target_hopper_and_writes_nothing(rtx):
     assert "SM90" in rtx["build_sm90"]["error"]
     assert rtx["build_sm90"]["written"] is False
     assert rtx["build_static_too_small"]["written"] is False
+
+
+def test_rtx_telemetry_outputs_have_contract_shapes(rtx):
+    """IExprBuilder shapes: block_indices [B, Hsel, NQ, NK], counts [B, Hsel, NQ], visible
+    [B, NQ] int32; select_per=1 makes Hsel the KV head count (2)."""
+    outputs = rtx["engine_copy_telemetry"]["outputs"]
+    assert outputs["idx"] == [[-1, 2, -1, -1], "DataType.INT32"]
+    assert outputs["cnt"] == [[-1, 2, -1], "DataType.INT32"]
+    assert outputs["vis"] == [[-1, -1], "DataType.INT32"]
+    assert "error" not in rtx["build_telemetry"]
+
+
+def test_rtx_invalid_attribute_is_rejected_by_the_creator(rtx):
+    assert not rtx["bad_attribute"]["ok"]
+    assert "Could not create the plugin" in rtx["bad_attribute"]["errors"][0]
