@@ -285,3 +285,42 @@ def test_bad_optional_inputs(tamper, needle):
                    mask=np.int64, bias=(1, 1, 1, 64), thresholds=[1.0, 1.0])
     tamper(feeds)
     _run_expect_error(one_node_model(attrs, feeds, with_function=False), feeds, needle)
+
+
+# ---------------------------------------------------------------- fixture models
+
+FIXTURES = [
+    # (family, exporter, attn, kv_cache, past)
+    ("llama", "dynamo", "sdpa", True, 37),
+    ("gpt2", "torchscript", "eager", True, 0),
+    ("llama", "dynamo23", "eager", False, 0),
+]
+
+
+@pytest.mark.parametrize("fixture", FIXTURES, ids=["-".join(map(str, f[:4])) for f in FIXTURES])
+def test_fixture_models_library_matches_function(fixture, tmp_path):
+    """Exported fixture models, rewritten: every output (logits, present KV) of the library run
+    equals the function-body run on rows with a visible key."""
+    pytest.importorskip("torch")
+    import graphs
+
+    from asa_export import api
+    from asa_export.passes.pipeline import RewriteOptions
+
+    family, exporter, attn, kv_cache, past = fixture
+    original = graphs.export(family, exporter, attn=attn, kv_cache=kv_cache)
+    rewritten = tmp_path / "model.asa.onnx"
+    api.export(original, rewritten, RewriteOptions(threshold=0.9))
+    ops = [n.op_type for n in onnx.load(str(rewritten), load_external_data=False).graph.node]
+    assert ops.count("AdaptiveSparseAttention") >= 2, "the fixture should be rewritten"
+    feeds = graphs.sample_inputs(family, original, batch=2, seq=150, past=past)
+    rows = graphs.rows_to_compare(family, feeds)
+    lib_sess = lib_session(str(rewritten))
+    lib = lib_sess.run(None, feeds)
+    fn = function_session(str(rewritten)).run(None, feeds)
+    names = [o.name for o in lib_sess.get_outputs()]
+    for name, a, b in zip(names, lib, fn):
+        if a.ndim >= 3 and a.shape[:2] == rows.shape:  # logits [B, S, V]
+            np.testing.assert_allclose(a[rows], b[rows], rtol=1e-3, atol=1e-3, err_msg=name)
+        else:  # present KV: not attention outputs, equal up to float rounding
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=name)
