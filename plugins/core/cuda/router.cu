@@ -289,13 +289,13 @@ __global__ void logits_kernel(AsaParams p, const float* qbar, const float* kbar,
       ks[r][tx] = (k0 + r < nk && d < D) ? kb[(k0 + r) * D + d] : 0.f;
     }
     __syncthreads();
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int r = ty + 8 * e;
-      float s = 0.f;
+    // One ks read serves four rows (qs reads are broadcasts): shared-memory reads per FMA
+    // 1.25 instead of 2.
 #pragma unroll 8
-      for (int dd = 0; dd < kLogitTile; ++dd) s += qs[r][dd] * ks[tx][dd];
-      acc[e] += s;
+    for (int dd = 0; dd < kLogitTile; ++dd) {
+      const float kv = ks[tx][dd];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[e] += qs[ty + 8 * e][dd] * kv;
     }
     __syncthreads();
   }
@@ -304,6 +304,27 @@ __global__ void logits_kernel(AsaParams p, const float* qbar, const float* kbar,
   for (int e = 0; e < 4; ++e) {
     const int i = i0 + ty + 8 * e, k = k0 + tx;
     if (i < nq && k < nk) out[static_cast<int64_t>(i) * nk + k] = p.scale * acc[e];
+  }
+}
+
+// Few query blocks (decode): one warp per (batch, query head, key block) computes the logits of
+// every query block, reading k̄ once, coalesced.
+__global__ void logits_rows_kernel(AsaParams p, const float* qbar, const float* kbar,
+                                   float* logits) {
+  const int nq = cdiv(p.seq_q, p.block_size), nk = cdiv(p.seq_kv, p.block_size);
+  const int G = p.heads_q / p.heads_kv;
+  const int k = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int nh = blockIdx.y, n = nh / p.heads_q, h = nh % p.heads_q;
+  if (k >= nk) return;
+  const int D = p.head_dim;
+  const float* qb = qbar + (static_cast<int64_t>(n) * p.heads_q + h) * nq * D;
+  const float* kb = kbar + ((static_cast<int64_t>(n) * p.heads_kv + h / G) * nk + k) * D;
+  float* out = logits + (static_cast<int64_t>(n) * p.heads_q + h) * nq * nk + k;
+  for (int i = 0; i < nq; ++i) {
+    float s = 0.f;
+    for (int d = lane; d < D; d += 32) s += qb[i * D + d] * kb[d];
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0) out[static_cast<int64_t>(i) * nk] = p.scale * s;
   }
 }
 
@@ -412,8 +433,13 @@ cudaError_t launch_route(const AsaParams& p, const Workspace& ws, cudaStream_t s
     case ASA_FLOAT16: launch_pool<__half>(p, ws, stream); break;
     default: launch_pool<__nv_bfloat16>(p, ws, stream); break;
   }
-  const dim3 lgrid(cdiv(nk, kLogitTile), cdiv(nq, kLogitTile), p.batch * p.heads_q);
-  logits_kernel<<<lgrid, 256, 0, stream>>>(p, ws.qbar, ws.kbar, ws.logits);
+  if (nq < 8) {
+    logits_rows_kernel<<<dim3(cdiv(nk, 8), p.batch * p.heads_q), 256, 0, stream>>>(
+        p, ws.qbar, ws.kbar, ws.logits);
+  } else {
+    const dim3 lgrid(cdiv(nk, kLogitTile), cdiv(nq, kLogitTile), p.batch * p.heads_q);
+    logits_kernel<<<lgrid, 256, 0, stream>>>(p, ws.qbar, ws.kbar, ws.logits);
+  }
   cudaError_t err = cudaFuncSetAttribute(select_kernel,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
