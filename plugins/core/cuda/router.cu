@@ -203,7 +203,7 @@ __device__ void bitonic_sort(uint64_t* keys, int n) {
 // Marks kKept in flags by the contract's walk and writes one list row.
 __device__ void select_and_write(const AsaParams& p, const Workspace& ws, const SelectSmem& sm,
                                  const float* prob, float tau, int nk, int nk_pow2,
-                                 int64_t row) {
+                                 int64_t row, int local_lo, int local_hi) {
   __shared__ float forced_acc;
   for (int k = threadIdx.x; k < nk; k += kSelectThreads) {
     const uint8_t f = sm.flags[k] & (kVisible | kForced);
@@ -220,9 +220,14 @@ __device__ void select_and_write(const AsaParams& p, const Workspace& ws, const 
       sm.keys[t] = key;
     }
     if (threadIdx.x == 0) {
-      // Forced blocks come first in ascending index order: their sum is sequential too.
+      // Forced blocks come first in ascending index order: their sum is sequential too. They
+      // lie in [0, sink) and the local band [local_lo, local_hi]: walk only those.
       float acc = 0.f;
-      for (int k = 0; k < nk; ++k) {
+      const int sink_end = min(p.sink_blocks, nk);
+      for (int k = 0; k < sink_end; ++k) {
+        if (sm.flags[k] & kKept) acc += prob[k];
+      }
+      for (int k = max(sink_end, local_lo); k <= local_hi; ++k) {
         if (sm.flags[k] & kKept) acc += prob[k];
       }
       forced_acc = acc;
@@ -393,7 +398,9 @@ __global__ void select_kernel(AsaParams p, Workspace ws, const float* logits, in
     prob = sm.pavg;
   }
   const int64_t row = (static_cast<int64_t>(n) * gridDim.y + hs) * nq + i;
-  select_and_write(p, ws, sm, prob, tau, nk, nk_pow2, row);
+  const int local_lo = max(c - p.local_blocks + 1, 0);
+  const int local_hi = min(p.causal ? c : c + p.local_blocks - 1, nk - 1);
+  select_and_write(p, ws, sm, prob, tau, nk, nk_pow2, row, local_lo, local_hi);
 }
 
 template <typename T>
