@@ -185,7 +185,6 @@ bool AsaPlugin::supportsFormatCombination(int32_t pos, const nvinfer1::DynamicPl
   } catch (const std::exception& e) {
     log_error(name_ + ": " + e.what());
   }
-  (void)nbOutputs;
   return false;
 }
 
@@ -200,7 +199,9 @@ std::string AsaPlugin::check_shapes(const Dims* in, int32_t nbInputs) const {
   if (q.d[1] > 0 && k.d[1] > 0 && q.d[1] % k.d[1] != 0) return "query heads must be a multiple of KV heads";
   if (slot(kMask) >= 0) {
     const Dims& m = in[slot(kMask)];
-    if (m.nbDims != 2 || differ(m.d[1], k.d[2])) return "key_padding_mask must be [B, Skv]";
+    if (m.nbDims != 2 || differ(m.d[1], k.d[2]) || (m.d[0] != 1 && differ(m.d[0], q.d[0]))) {
+      return "key_padding_mask must be [B, Skv]";
+    }
   }
   if (slot(kBias) >= 0) {
     const Dims& b = in[slot(kBias)];
@@ -210,7 +211,6 @@ std::string AsaPlugin::check_shapes(const Dims* in, int32_t nbInputs) const {
     const Dims& h = in[slot(kThresholds)];
     if (h.nbDims != 1 || differ(h.d[0], q.d[1])) return "head_thresholds must be [Hq]";
   }
-  (void)nbInputs;
   return "";
 }
 
@@ -296,16 +296,16 @@ size_t AsaPlugin::getWorkspaceSize(const nvinfer1::DynamicPluginTensorDesc* inpu
     const int64_t b_hi = dims[slots[kQuery]].d[0];
     const int64_t sq_lo = std::max<int64_t>(inputs[slots[kQuery]].min.d[2], 1);
     const int64_t sq_hi = dims[slots[kQuery]].d[2];
+    AsaPlugin probe(name_, config_);
+    std::copy(slots, slots + kNumSlots, probe.slots_);
     size_t need = 0;
     for (int64_t b = std::max(b_lo, b_hi - 255); b <= b_hi; ++b) {
       for (int64_t sq : {sq_hi, std::min<int64_t>(sq_hi, std::max<int64_t>(sq_lo, 16))}) {
         std::vector<Dims> cand = dims;
-        for (auto& d : cand) {
-          if (d.nbDims >= 1 && d.d[0] != 1) d.d[0] = b;
+        for (Slot s : {kQuery, kKey, kValue, kMask}) {  // the inputs with a batch axis
+          if (slots[s] >= 0) cand[slots[s]].d[0] = b;
         }
         cand[slots[kQuery]].d[2] = sq;
-        AsaPlugin probe(name_, config_);
-        std::copy(slots, slots + kNumSlots, probe.slots_);
         need = std::max(need, probe.workspace_for(cand.data(), type, maskType));
       }
     }
