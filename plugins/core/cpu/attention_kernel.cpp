@@ -248,10 +248,13 @@ void row_intervals(const AsaParams& p, int r0, int nr, int* lo, int* hi) {
 
 // S[r][0..nkp) = (scale·q_r)·k_j for rows in groups of ASA_ROWS and keys in chunks of kVec;
 // the ASA_ROWS × NV accumulators stay in registers over the whole head dimension.
-void qk_block(const Scratch& sc, const float* kt, int ldk, int nr_pad, int nkp, int dim, int dp) {
+// lim[g]: keys of the block that row group g can see at all (causal: the rest is skipped).
+void qk_block(const Scratch& sc, const float* kt, int ldk, int nr_pad, const int* lim, int dim,
+              int dp) {
   const int b = kMaxBlock;
   for (int r0 = 0; r0 < nr_pad; r0 += ASA_ROWS) {
     const float* qr = sc.q + r0 * dp;
+    const int nkp = static_cast<int>(round_up(lim[r0 / ASA_ROWS], kVec));
     for (int jc = 0; jc < nkp; jc += kVec) {
       vf acc[ASA_ROWS][NV];
       for (int x = 0; x < ASA_ROWS; ++x)
@@ -272,10 +275,12 @@ void qk_block(const Scratch& sc, const float* kt, int ldk, int nr_pad, int nkp, 
 }
 
 // O[r] += Σ_j P[r][j]·V[j] over the block's nk keys, ASA_ROWS rows × kVec columns at a time.
-void pv_block(const Scratch& sc, const float* v, int64_t ldv, int nr_pad, int nk, int dvp) {
+void pv_block(const Scratch& sc, const float* v, int64_t ldv, int nr_pad, const int* lim,
+              int dvp) {
   const int b = kMaxBlock;
   for (int r0 = 0; r0 < nr_pad; r0 += ASA_ROWS) {
     const float* pr = sc.s + r0 * b;
+    const int nk = lim[r0 / ASA_ROWS];
     for (int dc = 0; dc < dvp; dc += kVec) {
       vf acc[ASA_ROWS][NV];
       for (int x = 0; x < ASA_ROWS; ++x)
@@ -438,10 +443,18 @@ void attention_tile(const TileJob& job) {
     const int nk = imin(bs, p.seq_kv - j0);
     const int nkp = static_cast<int>(round_up(nk, kVec));
     const float* kt = job.kt + static_cast<int64_t>(job.blocks[t]) * p.head_dim * bs;
-    qk_block(sc, kt, bs, nr_pad, nkp, p.head_dim, dp);
+    // Keys past the last row's horizon (causal diagonal) are neither scored nor summed; the
+    // element mask turns whatever their score slots hold into -inf.
+    int lim[kMaxBlock / ASA_ROWS + 1];
+    for (int g = 0; g * ASA_ROWS < nr; ++g) {
+      int far = 0;
+      for (int r = g * ASA_ROWS; r < imin(nr, (g + 1) * ASA_ROWS); ++r) far = imax(far, sc.hi[r] - j0);
+      lim[g] = imax(0, imin(nk, far));
+    }
+    qk_block(sc, kt, bs, nr_pad, lim, p.head_dim, dp);
     transform_scores(p, job, sc, r0, nr, j0, nk, nkp);
     softmax_update(sc, nr, nr_pad, nkp, dvp);
-    pv_block(sc, job.v + j0 * job.v_ld, job.v_ld, nr_pad, nk, dvp);
+    pv_block(sc, job.v + j0 * job.v_ld, job.v_ld, nr_pad, lim, dvp);
   }
 
   const int64_t obase = job.n * p.o_stride_b + job.h * p.o_stride_h;
