@@ -124,7 +124,13 @@ def cached_build(cache_root: str | os.PathLike = REPO / ".cache" / "asa_trt", *,
     """
     folder = Path(cache_root) / source_hash(archs)
     library = folder / "tensorrt" / "libasa_trt.so"
-    return library if library.is_file() else build(folder, archs=archs)
+    if library.is_file():
+        return library
+    library = build(folder, archs=archs)
+    for stale in Path(cache_root).iterdir():  # builds of older trees
+        if stale.is_dir() and stale != folder:
+            shutil.rmtree(stale, ignore_errors=True)
+    return library
 
 
 def _run(cmd: list[str], step: str) -> None:

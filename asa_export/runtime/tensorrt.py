@@ -375,7 +375,7 @@ def check_shapes_in_profile(profiles: dict, shapes: dict[str, tuple[int, ...]]) 
 
 # ------------------------------------------------------------------------------------ build
 
-def _logger(trt, progress: Callable[[str], None] | None):
+def _logger(trt):
     import logging
 
     log = logging.getLogger(__name__)
@@ -501,7 +501,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     profiles = make_profiles(model, min_shapes=min_shapes, opt_shapes=opt_shapes,
                              max_shapes=max_shapes, max_seq=max_seq, max_batch=max_batch)
     handle = load_plugin(trt, library)  # noqa: F841 -- keeps the library registered
-    logger = _logger(trt, progress)
+    logger = _logger(trt)
     with tempfile.TemporaryDirectory(prefix="asa_trt_") as tmp:
         copy = Path(tmp) / "engine_copy.onnx"
         io.save_model(model, copy)
@@ -580,7 +580,7 @@ def load_engine(engine_path: str | os.PathLike, *, plugin_library=None, backend=
         AsaExportError: TensorRT missing, or the engine does not deserialize here.
     """
     trt = import_tensorrt(backend)
-    logger = _logger(trt, None)
+    logger = _logger(trt)
     runtime = trt.Runtime(logger)
     try:
         library = plugin_library_path(plugin_library)

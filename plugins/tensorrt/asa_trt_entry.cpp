@@ -6,6 +6,8 @@
 // The library links no TensorRT library, so the same binary loads into TensorRT and TensorRT-RTX.
 #include <atomic>
 #include <cstdio>
+#include <exception>
+#include <string>
 
 #include "asa_trt_log.h"
 #include "asa_trt_plugin.h"
@@ -45,9 +47,15 @@ ASA_TRT_EXPORT void setLoggerFinder(nvinfer1::ILoggerFinder* finder) {
 }
 
 ASA_TRT_EXPORT nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators) {
-  // Static storage: TensorRT keeps the pointers for the lifetime of the library.
-  static asa::trt::AsaPluginCreator creator;
-  static nvinfer1::IPluginCreatorInterface* const creators[] = {&creator};
-  nbCreators = 1;
-  return creators;
+  nbCreators = 0;
+  try {
+    // Static storage: TensorRT keeps the pointers for the lifetime of the library.
+    static asa::trt::AsaPluginCreator creator;
+    static nvinfer1::IPluginCreatorInterface* const creators[] = {&creator};
+    nbCreators = 1;
+    return creators;
+  } catch (const std::exception& e) {
+    asa::trt::log_error(std::string("getCreators: ") + e.what());
+  }
+  return nullptr;
 }

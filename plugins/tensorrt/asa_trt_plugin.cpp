@@ -116,13 +116,17 @@ int32_t AsaPlugin::getNbOutputs() const noexcept { return 1 + config_.telemetry_
 
 int32_t AsaPlugin::getOutputDataTypes(DataType* outputTypes, int32_t nbOutputs,
                                       const DataType* inputTypes, int32_t nbInputs) const noexcept {
-  if (nbInputs < 3 || nbOutputs != getNbOutputs()) {
-    log_error(name_ + ": unexpected input/output count in getOutputDataTypes");
-    return -1;
+  try {
+    if (nbInputs < 3 || nbOutputs != getNbOutputs()) {
+      throw std::invalid_argument("unexpected input/output count");
+    }
+    outputTypes[0] = inputTypes[kQuery];
+    for (int32_t i = 1; i < nbOutputs; ++i) outputTypes[i] = DataType::kINT32;
+    return 0;
+  } catch (const std::exception& e) {
+    log_error(name_ + ": getOutputDataTypes: " + e.what());
   }
-  outputTypes[0] = inputTypes[kQuery];
-  for (int32_t i = 1; i < nbOutputs; ++i) outputTypes[i] = DataType::kINT32;
-  return 0;
+  return -1;
 }
 
 int32_t AsaPlugin::getOutputShapes(const nvinfer1::DimsExprs* inputs, int32_t nbInputs,
