@@ -115,18 +115,21 @@ def _options(threads: int):
     return opts
 
 
-def _time(sess, feeds, repeats: int) -> tuple[tuple[float, float], list]:
-    """(best, median) wall time in s over `repeats` runs after one warm-up, and the outputs.
+def _time_interleaved(runs: list, repeats: int) -> list[dict]:
+    """Times every (session, feeds) of `runs` `repeats` times, round-robin, after one warm-up
+    each, so that load from other processes falls on all configurations alike.
 
-    The best run is the figure least disturbed by other processes on a shared machine; the
-    median is reported beside it."""
-    outputs = sess.run(None, feeds)
-    times = []
+    Returns:
+        per run: best and median wall time (s) and the outputs of the last run.
+    """
+    outs = [sess.run(None, feeds) for sess, feeds in runs]
+    wall = [[] for _ in runs]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        outputs = sess.run(None, feeds)
-        times.append(time.perf_counter() - t0)
-    return (min(times), statistics.median(times)), outputs
+        for i, (sess, feeds) in enumerate(runs):
+            t0 = time.perf_counter()
+            outs[i] = sess.run(None, feeds)
+            wall[i].append(time.perf_counter() - t0)
+    return [dict(s=min(w), median=statistics.median(w), out=o) for w, o in zip(wall, outs)]
 
 
 def _feeds(seq: int, rng) -> dict[str, np.ndarray]:
@@ -148,6 +151,16 @@ def sparse_local_blocks(seq: int, block: int, target: float) -> int:
     return best
 
 
+def _configs(seq: int, library) -> list[tuple[str, AsaAttributes, object]]:
+    configs = [("asa-lib τ=1", AsaAttributes(causal=True), library)]
+    for target in (0.4, 0.2):
+        lb = sparse_local_blocks(seq, 64, target)
+        configs.append((f"asa-lib sink 1 + local {lb}",
+                        AsaAttributes(causal=True, threshold=1e-6, sink_blocks=1,
+                                      local_blocks=lb), library))
+    return configs
+
+
 def run(seqs, threads: int, repeats: int, function_max_seq: int, library,
         dense_max_seq: int = 4096) -> list[dict]:
     """Measure every configuration; returns one row per (seq, config)."""
@@ -157,40 +170,38 @@ def run(seqs, threads: int, repeats: int, function_max_seq: int, library,
     rows = []
     for seq in seqs:
         feeds = _feeds(seq, rng)
-        ref_out = None
+        names, runs, dens = [], [], []
         if seq <= dense_max_seq:  # it holds several [Hq, S, S] float tensors
             mask = np.triu(np.full((seq, seq), -np.inf, np.float32), k=1)[None, None]
-            dense = ort.InferenceSession(dense_model(seq), _options(threads),
-                                         providers=["CPUExecutionProvider"])
-            (t, med), out = _time(dense, {**feeds, "mask": mask}, repeats)
-            ref_out = out[0]
-            del dense
-            rows.append(dict(seq=seq, config="dense-onnx (MatMul/Softmax/MatMul)", density=1.0,
-                             s=t, median=med))
-        configs = [("asa-lib τ=1", AsaAttributes(causal=True), library)]
-        for target in (0.4, 0.2):
-            lb = sparse_local_blocks(seq, 64, target)
-            configs.append((f"asa-lib sink 1 + local {lb}",
-                            AsaAttributes(causal=True, threshold=1e-6, sink_blocks=1,
-                                          local_blocks=lb), library))
+            names.append("dense-onnx (MatMul/Softmax/MatMul)")
+            runs.append((ort.InferenceSession(dense_model(seq), _options(threads),
+                                              providers=["CPUExecutionProvider"]),
+                         {**feeds, "mask": mask}))
+            dens.append(None)
+        configs = _configs(seq, library)
         if seq <= function_max_seq:
             configs.append(("asa-function (no library) τ=1", AsaAttributes(causal=True), False))
         for name, attrs, lib in configs:
-            sess = asa_ort.session(asa_model(seq, attrs), library=lib,
-                                   sess_options=_options(threads))
-            (t, med), out = _time(sess, feeds, repeats)
-            del sess
-            density = float(out[1].sum()) / float(out[2].sum() * HQ)
-            if attrs.threshold >= 1 and ref_out is not None:
+            names.append(name)
+            runs.append((asa_ort.session(asa_model(seq, attrs), library=lib,
+                                         sess_options=_options(threads)), feeds))
+            dens.append(attrs)
+        results = _time_interleaved(runs, repeats)
+        ref_out = results[0]["out"][0] if dens[0] is None else None
+        for name, attrs, res in zip(names, dens, results):
+            out = res.pop("out")
+            density = 1.0 if attrs is None else float(out[1].sum()) / float(out[2].sum() * HQ)
+            if attrs is not None and attrs.threshold >= 1 and ref_out is not None:
                 err = float(np.abs(out[0] - ref_out).max())
                 assert err < 1e-3, f"{name} differs from dense attention by {err}"
-            rows.append(dict(seq=seq, config=name, density=density, s=t, median=med))
+            rows.append(dict(seq=seq, config=name, density=density, **res))
+        del runs
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| S | configuration | density | best (ms) | median (ms) | GFLOP/s (eff., best) | "
-             "vs dense-onnx | vs asa-lib τ=1 |",
+    lines = ["| S | configuration | density | best (ms) | median (ms) | "
+             "GFLOP/s (eff., best) | vs dense-onnx | vs asa-lib τ=1 |",
              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in rows:
         base = next((r for r in rows if r["seq"] == row["seq"] and r["config"].startswith("dense")),
@@ -226,8 +237,8 @@ def section(rows, args, command: str) -> str:
         f"## {SECTION}", "",
         "Attention-only microbenchmark: one causal prefill attention of SmolLM2-135M's shape "
         f"(B {B}, Hq {HQ}, Hkv {HKV}, D {D}, fp32), ONNX Runtime {ort.__version__} CPU execution "
-        f"provider, {args.threads} intra-op threads, best and median of {args.repeats} runs after a "
-        "warm-up (ratios use the best run). "
+        f"provider, {args.threads} intra-op threads, best and median wall time of {args.repeats} "
+        "runs after a warm-up, configurations interleaved run by run (ratios use the best run). "
         "Sparse rows force the kept set with 1 sink block + a local band (τ tiny) and include "
         "the router; density is measured from the op's telemetry outputs. "
         "Effective GFLOP/s = 4·B·Hq·D·S(S+1)/2·density / time.", "",
