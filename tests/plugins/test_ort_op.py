@@ -130,7 +130,6 @@ def test_library_runs_instead_of_the_function(tmp_path):
     sess = lib_session(model)
     # The function body has dozens of nodes; the library keeps the single custom node.
     opts2, _ = asa_ort.session_options(LIB)
-    opts2.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts2.enable_profiling = True
     opts2.profile_file_prefix = str(tmp_path / "asa_profile")
     prof = ort.InferenceSession(model, opts2, providers=["CPUExecutionProvider"])
