@@ -216,6 +216,70 @@ def bench_decode(args, kv: int, rows: list):
         print(json.dumps(rows[-1]), flush=True)
 
 
+MODEL_SHAPES = {
+    # name: (hidden, layers, heads, kv heads, head dim, intermediate, vocab)
+    "SmolLM2-135M": (576, 30, 9, 3, 64, 1536, 49152),
+    "Llama-3-8B": (4096, 32, 32, 8, 128, 14336, 128256),
+}
+_DENSITY_LOG: list = []
+
+
+def _asa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                   **kwargs):
+    """transformers attention function running the ASA op (causal, no padding)."""
+    attrs = _ASA_ATTRS[0]
+    if scaling:
+        attrs = dataclasses.replace(attrs, scale=float(scaling))
+    out, _, counts, vis = torch_op.sparse_attention(query, key, value, attrs)
+    _DENSITY_LOG.append((counts.sum(), vis.sum() * counts.shape[1]))
+    return out.transpose(1, 2).contiguous(), None
+
+
+_ASA_ATTRS = [AsaAttributes(causal=True, block_size=128)]
+
+
+def bench_models(args, rows: list):
+    """Prefill latency and peak memory of random-weight Llama-shaped models, SDPA vs ASA."""
+    from transformers import AttentionInterface, LlamaConfig, LlamaModel
+    AttentionInterface.register("asa", _asa_attention)
+    for name in args.models:
+        hidden, layers, heads, kv, hd, inter, vocab = MODEL_SHAPES[name]
+        cfg = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                          num_key_value_heads=kv, head_dim=hd, intermediate_size=inter,
+                          vocab_size=vocab, max_position_embeddings=max(args.model_seqs))
+        torch.set_default_dtype(torch.bfloat16)
+        with torch.device("cuda"):
+            model = LlamaModel(cfg).eval()
+        torch.set_default_dtype(torch.float32)
+        for seq in args.model_seqs:
+            ids = torch.randint(0, vocab, (1, seq), device="cuda")
+            for label, impl, tau in (("sdpa dense", "sdpa", None), ("asa 0.4", "asa", 0.4),
+                                     ("asa 0.1", "asa", 0.1)):
+                model.config._attn_implementation = impl
+                for layer in model.layers:
+                    layer.self_attn.config._attn_implementation = impl
+                if tau is not None:
+                    _ASA_ATTRS[0] = AsaAttributes(causal=True, block_size=128, threshold=tau)
+                _DENSITY_LOG.clear()
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                try:
+                    with torch.no_grad():
+                        ms = time_ms(lambda: model(input_ids=ids, use_cache=False),
+                                     budget_s=0.1, min_reps=2, max_reps=3)
+                except Exception as exc:  # noqa: BLE001 - keep the other rows
+                    print(f"  {name} {seq} {label} failed: {str(exc)[:200]}")
+                    ms = float("nan")
+                peak = torch.cuda.max_memory_allocated() / 2**30
+                dens = (sum(c.item() for c, _ in _DENSITY_LOG) /
+                        max(1, sum(v.item() for _, v in _DENSITY_LOG))) if _DENSITY_LOG else 1.0
+                rows.append(dict(kind="model", model=name, seq=seq, config=label, ms=ms,
+                                 peak_gib=peak, density=dens))
+                print(json.dumps(rows[-1]), flush=True)
+        del model
+        torch.cuda.empty_cache()
+
+
 def profile_once():
     """One forward of decode (KV 128K, select_per 1) and prefill (32K causal), tau 0.3."""
     for sq, skv, sel in ((1, 131072, 1), (32768, 32768, 0)):
@@ -238,6 +302,12 @@ def print_table(rows: list, gpu: str):
               f"{r['asa_ms']:>9.3f} {r['tflops']:>8.1f} {r['cudnn_ms'] / r['asa_ms']:>7.2f} "
               f"{r['flash_ms'] / r['asa_ms']:>7.2f} {r['flex_ms'] / r['asa_ms']:>6.2f} "
               f"{r['router_ms']:>8.3f} {r['router_pct']:>6.2f}")
+    models = [r for r in rows if r["kind"] == "model"]
+    if models:
+        print(f"\n{'model':>13} {'S':>7} {'config':>10} {'dens':>5} {'ms':>10} {'peak GiB':>9}")
+        for r in models:
+            print(f"{r['model']:>13} {r['seq']:>7} {r['config']:>10} {r['density']:>5.2f} "
+                  f"{r['ms']:>10.1f} {r['peak_gib']:>9.2f}")
     dec = [r for r in rows if r["kind"] == "decode"]
     if dec:
         print(f"\n{'KV':>7} {'dens':>5} {'ASA ms':>8} {'rout ms':>8} {'tok/s':>9} "
@@ -250,7 +320,7 @@ def print_table(rows: list, gpu: str):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seqs", type=int, nargs="+", default=[4096, 8192, 32768, 131072])
+    parser.add_argument("--seqs", type=int, nargs="*", default=[4096, 8192, 32768, 131072])
     parser.add_argument("--modes", nargs="+", default=["causal", "full"])
     parser.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.4, 0.1])
     parser.add_argument("--block-size", type=int, default=128)
@@ -260,6 +330,8 @@ def main(argv=None):
     parser.add_argument("--flex-seqs", type=int, nargs="+", default=[8192, 32768, 131072])
     parser.add_argument("--decode-kv", type=int, nargs="*", default=[32768, 131072])
     parser.add_argument("--decode-batch", type=int, default=1)
+    parser.add_argument("--models", nargs="*", default=[], choices=sorted(MODEL_SHAPES))
+    parser.add_argument("--model-seqs", type=int, nargs="+", default=[8192, 32768, 131072])
     parser.add_argument("--json", type=pathlib.Path)
     parser.add_argument("--profile-router", action="store_true",
                         help="one forward each of decode 128K and prefill 32K (for ncu), no table")
@@ -269,6 +341,7 @@ def main(argv=None):
         return
     gpu = torch.cuda.get_device_name()
     rows: list = []
+    bench_models(args, rows)
     for kv in args.decode_kv:
         bench_decode(args, kv, rows)
     for seq in args.seqs:
