@@ -21,29 +21,48 @@ namespace {
   throw Ort::Exception(std::move(text), ORT_INVALID_ARGUMENT);
 }
 
+// Turns the status of an attribute read into: absent (keep the default, returns false), read
+// (true), or an error for an attribute of the wrong type.
+bool attr_status(const OrtApi& api, OrtStatus* st, const char* name, const char* type,
+                 const std::string& node) {
+  if (!st) return true;
+  const std::string msg = api.GetErrorMessage(st);
+  api.ReleaseStatus(st);
+  if (msg.find("No attribute") != std::string::npos) return false;
+  throw Ort::Exception("asa::AdaptiveSparseAttention node '" + node + "': attribute " + name +
+                           " must be a " + type + " (" + msg + ")",
+                       ORT_INVALID_ARGUMENT);
+}
+
 // Reads an optional attribute: absent keeps the default, a wrong type is an error.
 template <typename T>
-void read_attr(const OrtApi& api, const OrtKernelInfo* info, const char* name, T& value);
+void read_attr(const OrtApi& api, const OrtKernelInfo* info, const char* name, T& value,
+               const std::string& node);
 
 template <>
-void read_attr<float>(const OrtApi& api, const OrtKernelInfo* info, const char* name, float& v) {
-  OrtStatus* st = api.KernelInfoGetAttribute_float(info, name, &v);
-  if (st) api.ReleaseStatus(st);
+void read_attr<float>(const OrtApi& api, const OrtKernelInfo* info, const char* name, float& v,
+                      const std::string& node) {
+  float x = 0.0f;
+  if (attr_status(api, api.KernelInfoGetAttribute_float(info, name, &x), name, "float", node))
+    v = x;
 }
 
 template <>
 void read_attr<int64_t>(const OrtApi& api, const OrtKernelInfo* info, const char* name,
-                        int64_t& v) {
-  OrtStatus* st = api.KernelInfoGetAttribute_int64(info, name, &v);
-  if (st) api.ReleaseStatus(st);
+                        int64_t& v, const std::string& node) {
+  int64_t x = 0;
+  if (attr_status(api, api.KernelInfoGetAttribute_int64(info, name, &x), name, "int", node))
+    v = x;
 }
 
 template <>
 void read_attr<std::string>(const OrtApi& api, const OrtKernelInfo* info, const char* name,
-                            std::string& v) {
+                            std::string& v, const std::string& node) {
   size_t size = 0;
   OrtStatus* st = api.KernelInfoGetAttribute_string(info, name, nullptr, &size);
   if (st) {
+    // Strings are informational (plugin_namespace / plugin_version): ignore odd types.
+    (void)node;
     api.ReleaseStatus(st);
     return;
   }
@@ -361,17 +380,17 @@ OrtStatusPtr infer_output_shapes(OrtShapeInferContext* context) {
 Attributes read_attributes(const OrtApi& api, const OrtKernelInfo* info) {
   Attributes a;
   a.node_name = node_name(api, info);
-  read_attr(api, info, "scale", a.scale);
-  read_attr(api, info, "causal", a.causal);
-  read_attr(api, info, "block_size", a.block_size);
-  read_attr(api, info, "threshold", a.threshold);
-  read_attr(api, info, "sink_blocks", a.sink_blocks);
-  read_attr(api, info, "local_blocks", a.local_blocks);
-  read_attr(api, info, "window", a.window);
-  read_attr(api, info, "softcap", a.softcap);
-  read_attr(api, info, "select_per", a.select_per);
-  read_attr(api, info, "plugin_namespace", a.plugin_namespace);
-  read_attr(api, info, "plugin_version", a.plugin_version);
+  read_attr(api, info, "scale", a.scale, a.node_name);
+  read_attr(api, info, "causal", a.causal, a.node_name);
+  read_attr(api, info, "block_size", a.block_size, a.node_name);
+  read_attr(api, info, "threshold", a.threshold, a.node_name);
+  read_attr(api, info, "sink_blocks", a.sink_blocks, a.node_name);
+  read_attr(api, info, "local_blocks", a.local_blocks, a.node_name);
+  read_attr(api, info, "window", a.window, a.node_name);
+  read_attr(api, info, "softcap", a.softcap, a.node_name);
+  read_attr(api, info, "select_per", a.select_per, a.node_name);
+  read_attr(api, info, "plugin_namespace", a.plugin_namespace, a.node_name);
+  read_attr(api, info, "plugin_version", a.plugin_version, a.node_name);
   check_attributes(a);
   return a;
 }

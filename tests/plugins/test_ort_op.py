@@ -267,6 +267,25 @@ def test_bad_block_size_attribute():
                       "block_size must be 64 or 128, got 32")
 
 
+def test_attribute_of_the_wrong_type():
+    attrs = AsaAttributes()
+    feeds = _feeds(np.random.default_rng(0), 1, 2, 1, 64, 64, 16)
+    node = helper.make_node("AdaptiveSparseAttention", ["query", "key", "value"], ["output"],
+                            domain="asa", threshold=1, causal=1)  # threshold must be a float
+    _run_expect_error(one_node_model(attrs, feeds, 1, with_function=False, node=node), feeds,
+                      "attribute threshold must be a float")
+
+
+def test_missing_attributes_take_contract_defaults():
+    feeds = _feeds(np.random.default_rng(0), 1, 2, 1, 100, 100, 16)
+    node = helper.make_node("AdaptiveSparseAttention", ["query", "key", "value"], ["output"],
+                            domain="asa")
+    out = lib_session(one_node_model(AsaAttributes(), feeds, 1, with_function=False,
+                                     node=node)).run(None, feeds)[0]
+    expect = _reference(AsaAttributes(), feeds)[0]  # dense, non-causal, 1/sqrt(D)
+    np.testing.assert_allclose(out, expect, rtol=1e-4, atol=3e-5)
+
+
 @pytest.mark.parametrize("tamper,needle", [
     (lambda f: f.update(key_padding_mask=np.ones((1, 63), np.int64)),
      "key_padding_mask must have shape [B, Skv] = [1, 64]"),
