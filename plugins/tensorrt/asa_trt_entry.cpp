@@ -4,6 +4,17 @@
 //   setLoggerFinder(finder)  -- the library hands over its logger before anything else
 //   getCreators(n)           -- the IPluginCreatorV3One instances to register
 // The library links no TensorRT library, so the same binary loads into TensorRT and TensorRT-RTX.
+//
+// Loaders that only dlopen the library (Polygraphy --plugins uses ctypes.CDLL) never call
+// getCreators; for them a load-time initializer registers the creator with the registry of a
+// TensorRT library already in the process (found with RTLD_NOLOAD: it never loads one). When
+// TensorRT then loads us through loadLibrary, getCreators first withdraws that registration so
+// TensorRT registers the creator under the library's handle, once. Only libnvinfer qualifies:
+// calling a registry means using its vtable, and TensorRT-RTX's IPluginRegistry is laid out
+// differently from TensorRT 10.14's headers (seen here: getAllCreators through those headers
+// leaves its count untouched and getCreator crashes). TensorRT-RTX loads us via loadLibrary.
+#include <dlfcn.h>
+
 #include <atomic>
 #include <cstdio>
 #include <exception>
@@ -19,6 +30,44 @@ namespace trt {
 namespace {
 
 std::atomic<nvinfer1::ILoggerFinder*> g_finder{nullptr};
+
+AsaPluginCreator& the_creator() {
+  static AsaPluginCreator creator;  // TensorRT keeps pointers for the library's lifetime
+  return creator;
+}
+
+// Registry of a TensorRT / TensorRT-RTX library already loaded in this process, or nullptr.
+nvinfer1::IPluginRegistry* loaded_registry() noexcept {
+  static const char* const kLibraries[] = {"libnvinfer.so.10", "libnvinfer.so.11"};
+  using GetRegistry = nvinfer1::IPluginRegistry* (*)();
+  for (const char* name : kLibraries) {
+    void* handle = dlopen(name, RTLD_LAZY | RTLD_NOLOAD);
+    if (handle == nullptr) continue;
+    auto get = reinterpret_cast<GetRegistry>(dlsym(handle, "getPluginRegistry"));
+    nvinfer1::IPluginRegistry* registry = get ? get() : nullptr;
+    dlclose(handle);  // drops only the reference RTLD_NOLOAD added
+    if (registry != nullptr) return registry;
+  }
+  return nullptr;
+}
+
+std::atomic<nvinfer1::IPluginRegistry*> g_self_registered{nullptr};
+
+// Runs when the library is loaded.
+__attribute__((constructor)) void register_on_load() noexcept {
+  try {
+    nvinfer1::IPluginRegistry* registry = loaded_registry();
+    if (registry == nullptr ||
+        registry->getCreator(kPluginName, kPluginVersion, kPluginNamespace) != nullptr) {
+      return;
+    }
+    if (registry->registerCreator(the_creator(), kPluginNamespace)) {
+      g_self_registered.store(registry);
+    }
+  } catch (...) {
+    // A loader that wants the plugin will call getCreators.
+  }
+}
 
 }  // namespace
 
@@ -49,9 +98,10 @@ ASA_TRT_EXPORT void setLoggerFinder(nvinfer1::ILoggerFinder* finder) {
 ASA_TRT_EXPORT nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators) {
   nbCreators = 0;
   try {
-    // Static storage: TensorRT keeps the pointers for the lifetime of the library.
-    static asa::trt::AsaPluginCreator creator;
-    static nvinfer1::IPluginCreatorInterface* const creators[] = {&creator};
+    if (nvinfer1::IPluginRegistry* registry = asa::trt::g_self_registered.exchange(nullptr)) {
+      registry->deregisterCreator(asa::trt::the_creator());
+    }
+    static nvinfer1::IPluginCreatorInterface* const creators[] = {&asa::trt::the_creator()};
     nbCreators = 1;
     return creators;
   } catch (const std::exception& e) {
