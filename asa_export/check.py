@@ -120,6 +120,7 @@ def check(
     seq: int | None = None,
     past: int | None = None,
     seed: int = 0,
+    iterations: list[dict] | None = None,
     feeds: list[dict[str, np.ndarray]] | None = None,
     density: bool = True,
     library: bool | str | None = None,
@@ -133,6 +134,8 @@ def check(
             error (to the original) exceeds rtol.
         batch, seq, past: fix these input sizes (default: a built-in mix of sizes).
         seed: seed of the generated inputs.
+        iterations: input sizes to generate, as dicts with keys batch, seq, past, pad
+            (default: `iteration_configs` with batch / seq / past applied).
         feeds: use these input dicts instead of generated ones.
         density: also measure attention density per layer of the rewritten model.
         library: how the rewritten model's ASA nodes run: None = the native ONNX Runtime
@@ -153,7 +156,8 @@ def check(
     _check_same_interface(original_model, rewritten_model)
     geometry = _mask_geometry(rewritten_model)
     if feeds is None:
-        configs = iteration_configs(original_model, batch=batch, seq=seq, past=past)
+        configs = iterations or iteration_configs(original_model, batch=batch, seq=seq, past=past)
+        configs = [{"batch": 2, "seq": 16, "past": 0, "pad": None, **c} for c in configs]
         feeds = [_generate(original_model, config, seed + i) for i, config in enumerate(configs)]
     else:
         configs = [_config_of(feed, original_model) for feed in feeds]
@@ -379,7 +383,7 @@ def _measure_density(model: ir.Model, feeds, result: CheckResult, library) -> No
 
             path = os.path.join(tmp, "density.onnx")
             io.save_model(model, path)
-            session = _rewritten_session(path, library)
+            session = _rewritten_session(path, library, quiet=True)
             totals = {name: [0, 0] for name, _, _ in telemetry}
             wanted = [value for _, counts, visible in telemetry for value in (counts, visible)]
             for feed in feeds:
@@ -414,6 +418,10 @@ def _add_telemetry_outputs(model: ir.Model, nodes) -> list[tuple[str, str, str]]
         replacement = _four_output_node(model, node, name)
         counts, visible = replacement.outputs[2], replacement.outputs[3]
         counts.name, visible.name = f"{name}__block_counts", f"{name}__visible_counts"
+        # Named free dimensions: ONNX Runtime warns about every run of an output whose declared
+        # shape it cannot match (unnamed dims inferred by the custom op's shape function).
+        counts.shape = ir.Shape([f"{name}_B", f"{name}_Hsel", f"{name}_NQ"])
+        visible.shape = ir.Shape([f"{name}_B", f"{name}_NQ"])
         for value in (counts, visible):
             value.type = ir.TensorType(ir.DataType.INT32)
             model.graph.outputs.append(value)
@@ -477,14 +485,25 @@ def _plain_session(path: str):
         raise AsaExportError(f"ONNX Runtime cannot load {path}: {err}") from err
 
 
-def _rewritten_session(path: str, library=None):
-    """A session that runs ASA nodes natively (library) or through their model-local function."""
+def _rewritten_session(path: str, library=None, quiet: bool = False):
+    """A session that runs ASA nodes natively (library) or through their model-local function.
+
+    Args:
+        quiet: ONNX Runtime logs errors only (the density copy: the library's shape function
+            leaves telemetry dims unknown, and ORT warns about that on every run).
+    """
     try:
         from asa_export.runtime import ort as asa_ort
     except ImportError:
         return _plain_session(path)
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if quiet:
+        options.log_severity_level = 3
     try:
-        return asa_ort.session(path, providers=["CPUExecutionProvider"], library=library)
+        return asa_ort.session(path, providers=["CPUExecutionProvider"], library=library,
+                               sess_options=options)
     except AsaExportError as err:
         if library is None:  # the library was picked automatically: say how to do without it
             raise AsaExportError(

@@ -3,6 +3,7 @@
     graphs.default_model (small Llama-architecture model, random weights, exported locally)
       -> export with the default router settings -> sites table
       -> check against the original: error statistics and attention density per layer
+         (default sizes plus one 1024-token input, long enough for the router to drop blocks)
       -> export again at threshold 1.0 (exactly dense) -> check parity within atol/rtol
 
 The exit status is the dense parity verdict: at threshold < 1 the rewritten model computes
@@ -23,6 +24,7 @@ from asa_export.cli.check import add_check_arguments, check_kwargs
 from asa_export.cli.export import add_router_arguments, options_from
 from asa_export.errors import AsaExportError
 
+SPARSE_SEQ = 1024
 HELP = "build the default small Llama-architecture model, rewrite it, inspect and check it"
 logger = logging.getLogger("asa_export.demo")
 
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     print(tables.report_table(report))
     print(f"\n== check: threshold {options.threshold} against the original "
           "(block-sparse by design: errors reported, not judged)")
-    sparse = api.check(original, sparse_out, **check_kwargs(args))
+    sparse = api.check(original, sparse_out, **_sparse_check_kwargs(args))
     print(tables.check_tables(sparse))
     dense_out = os.path.join(workdir, "model.dense.asa.onnx")
     api.export(original, dense_out, dataclasses.replace(options, threshold=1.0))
@@ -57,6 +59,19 @@ def run(args: argparse.Namespace) -> int:
     _write_report(report_path, report, sparse, dense)
     print(f"\nmodels and report in {workdir} (report: {report_path})")
     return 0 if dense.passed else 1
+
+
+def _sparse_check_kwargs(args: argparse.Namespace) -> dict:
+    """The check's sizes, plus one long input: with 64-key blocks, lengths up to 128 keep every
+    block (sink + local), so only a longer context shows what the router drops."""
+    kwargs = check_kwargs(args)
+    if args.batch is None and args.seq is None and args.past is None:
+        kwargs["iterations"] = [
+            {"batch": 2, "seq": 37, "pad": "left"},
+            {"batch": 2, "seq": 150, "pad": "right"},
+            {"batch": 1, "seq": SPARSE_SEQ, "pad": None},
+        ]
+    return kwargs
 
 
 def _default_model(workdir: str) -> str:
