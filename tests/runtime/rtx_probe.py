@@ -110,6 +110,12 @@ def main() -> None:
     model, gap = rewritten(work), bias_without_mask(work)
     # Before our library is registered: what the parser does with the function alone.
     out["without_plugin"] = parse(trt, model)
+    # A plain dlopen (Polygraphy --plugins) must neither crash nor touch TensorRT-RTX's registry.
+    import ctypes
+
+    ctypes.CDLL(str(library))
+    registry = trt.get_plugin_registry()
+    out["dlopen_registered"] = registry.get_creator(contract.OP_TYPE, "1", "asa") is not None
     art.load_plugin(trt, library)
     out["with_plugin_functions_kept"] = parse(trt, model)
     out["engine_copy_fp16"] = parse(trt, engine_copy(model, work, "fp16"))

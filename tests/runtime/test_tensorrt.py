@@ -163,6 +163,11 @@ def test_rtx_parser_prefers_our_plugin_over_the_function(rtx):
     assert rtx["with_plugin_functions_kept"]["plugin_layers"] == 1
 
 
+def test_rtx_plain_dlopen_leaves_the_registry_alone(rtx):
+    """Self-registration is for libnvinfer only (TensorRT-RTX's registry vtable differs)."""
+    assert rtx["dlopen_registered"] is False
+
+
 def test_rtx_parser_without_plugin_fails_loudly(rtx):
     """Without the plugin the parser tries the model-local function and rejects it: reported,
     never a silent dense engine (the engine copy has no function at all)."""
