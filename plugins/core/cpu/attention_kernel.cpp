@@ -246,55 +246,57 @@ void row_intervals(const AsaParams& p, int r0, int nr, int* lo, int* hi) {
   }
 }
 
-// S[r][0..nkp) = (scale·q_r)·k_j for rows in groups of ASA_ROWS and keys in chunks of kVec;
-// the ASA_ROWS × NV accumulators stay in registers over the whole head dimension.
+// S[r][0..nkp) = (scale·q_r)·k_j for rows in groups of R and keys in chunks of kVec;
+// the R × NV accumulators stay in registers over the whole head dimension.
 // lim[g]: keys of the block that row group g can see at all (causal: the rest is skipped).
+template <int R>
 void qk_block(const Scratch& sc, const float* kt, int ldk, int nr_pad, const int* lim, int dim,
               int dp) {
   const int b = kMaxBlock;
-  for (int r0 = 0; r0 < nr_pad; r0 += ASA_ROWS) {
+  for (int r0 = 0; r0 < nr_pad; r0 += R) {
     const float* qr = sc.q + r0 * dp;
-    const int nkp = static_cast<int>(round_up(lim[r0 / ASA_ROWS], kVec));
+    const int nkp = static_cast<int>(round_up(lim[r0 / R], kVec));
     for (int jc = 0; jc < nkp; jc += kVec) {
-      vf acc[ASA_ROWS][NV];
-      for (int x = 0; x < ASA_ROWS; ++x)
+      vf acc[R][NV];
+      for (int x = 0; x < R; ++x)
         for (int u = 0; u < NV; ++u) acc[x][u] = splat(0.0f);
       const float* kc = kt + jc;
       for (int d = 0; d < dim; ++d) {
         vf kv[NV];
         for (int u = 0; u < NV; ++u) kv[u] = load(kc + d * ldk + u * VW);
-        for (int x = 0; x < ASA_ROWS; ++x) {
+        for (int x = 0; x < R; ++x) {
           const float qs = qr[x * dp + d];
           for (int u = 0; u < NV; ++u) acc[x][u] += qs * kv[u];
         }
       }
-      for (int x = 0; x < ASA_ROWS; ++x)
+      for (int x = 0; x < R; ++x)
         for (int u = 0; u < NV; ++u) store(sc.s + (r0 + x) * b + jc + u * VW, acc[x][u]);
     }
   }
 }
 
-// O[r] += Σ_j P[r][j]·V[j] over the block's nk keys, ASA_ROWS rows × kVec columns at a time.
+// O[r] += Σ_j P[r][j]·V[j] over the block's nk keys, R rows × kVec columns at a time.
+template <int R>
 void pv_block(const Scratch& sc, const float* v, int64_t ldv, int nr_pad, const int* lim,
               int dvp) {
   const int b = kMaxBlock;
-  for (int r0 = 0; r0 < nr_pad; r0 += ASA_ROWS) {
+  for (int r0 = 0; r0 < nr_pad; r0 += R) {
     const float* pr = sc.s + r0 * b;
-    const int nk = lim[r0 / ASA_ROWS];
+    const int nk = lim[r0 / R];
     for (int dc = 0; dc < dvp; dc += kVec) {
-      vf acc[ASA_ROWS][NV];
-      for (int x = 0; x < ASA_ROWS; ++x)
+      vf acc[R][NV];
+      for (int x = 0; x < R; ++x)
         for (int u = 0; u < NV; ++u) acc[x][u] = load(sc.o + (r0 + x) * dvp + dc + u * VW);
       const float* vc = v + dc;
       for (int j = 0; j < nk; ++j) {
         vf vv[NV];
         for (int u = 0; u < NV; ++u) vv[u] = load(vc + j * ldv + u * VW);
-        for (int x = 0; x < ASA_ROWS; ++x) {
+        for (int x = 0; x < R; ++x) {
           const float ps = pr[x * b + j];
           for (int u = 0; u < NV; ++u) acc[x][u] += ps * vv[u];
         }
       }
-      for (int x = 0; x < ASA_ROWS; ++x)
+      for (int x = 0; x < R; ++x)
         for (int u = 0; u < NV; ++u) store(sc.o + (r0 + x) * dvp + dc + u * VW, acc[x][u]);
     }
   }
@@ -413,12 +415,15 @@ void pack_kv(const AsaParams& p, int n, int hkv, int kb, float* kt_dst, float* v
   }
 }
 
-void attention_tile(const TileJob& job) {
+namespace {
+
+template <int R>
+void tile_impl(const TileJob& job) {
   const AsaParams& p = *job.p;
   const int bs = p.block_size;
   const int r0 = job.i * bs;
   const int nr = imin(bs, p.seq_q - r0);
-  const int nr_pad = static_cast<int>(round_up(nr, ASA_ROWS));
+  const int nr_pad = static_cast<int>(round_up(nr, R));
   const int dp = static_cast<int>(round_up(p.head_dim, kVec));
   const int dvp = static_cast<int>(round_up(p.head_dim_v, kVec));
   const Scratch sc = carve(job.scratch, dp, dvp);
@@ -445,16 +450,16 @@ void attention_tile(const TileJob& job) {
     const float* kt = job.kt + static_cast<int64_t>(job.blocks[t]) * p.head_dim * bs;
     // Keys past the last row's horizon (causal diagonal) are neither scored nor summed; the
     // element mask turns whatever their score slots hold into -inf.
-    int lim[kMaxBlock / ASA_ROWS + 1];
-    for (int g = 0; g * ASA_ROWS < nr; ++g) {
+    int lim[kMaxBlock / R + 1];
+    for (int g = 0; g * R < nr; ++g) {
       int far = 0;
-      for (int r = g * ASA_ROWS; r < imin(nr, (g + 1) * ASA_ROWS); ++r) far = imax(far, sc.hi[r] - j0);
+      for (int r = g * R; r < imin(nr, (g + 1) * R); ++r) far = imax(far, sc.hi[r] - j0);
       lim[g] = imax(0, imin(nk, far));
     }
-    qk_block(sc, kt, bs, nr_pad, lim, p.head_dim, dp);
+    qk_block<R>(sc, kt, bs, nr_pad, lim, p.head_dim, dp);
     transform_scores(p, job, sc, r0, nr, j0, nk, nkp);
     softmax_update(sc, nr, nr_pad, nkp, dvp);
-    pv_block(sc, job.v + j0 * job.v_ld, job.v_ld, nr_pad, lim, dvp);
+    pv_block<R>(sc, job.v + j0 * job.v_ld, job.v_ld, nr_pad, lim, dvp);
   }
 
   const int64_t obase = job.n * p.o_stride_b + job.h * p.o_stride_h;
@@ -464,6 +469,18 @@ void attention_tile(const TileJob& job) {
     const float inv = sc.l[r] > 0.0f ? 1.0f / sc.l[r] : 0.0f;
     for (int c = 0; c < p.head_dim_v; ++c) orow[c] *= inv;
     store_row(p.out, obase + (r0 + r) * p.o_stride_s, p.head_dim_v, p.dtype, orow);
+  }
+}
+
+}  // namespace
+
+void attention_tile(const TileJob& job) {
+  // Tiles of a few rows (decode steps) use one-row steps instead of padding to ASA_ROWS.
+  const int nr = imin(job.p->block_size, job.p->seq_q - job.i * job.p->block_size);
+  if (ASA_ROWS > 1 && nr * 2 <= ASA_ROWS) {
+    tile_impl<1>(job);
+  } else {
+    tile_impl<ASA_ROWS>(job);
   }
 }
 
