@@ -157,7 +157,7 @@ def test_save_refuses_the_input_and_its_data(tmp_path):
     (b"", "not an ONNX model"),
     (b"\x08\x07" + b"\xff" * 40, "not a readable ONNX model"),
     ("plain text\n" * 30, "not (an|a readable) ONNX model"),
-])
+], ids=["empty", "binary", "text"])
 def test_load_rejects_non_models(tmp_path, content, message):
     path = tmp_path / "bad.onnx"
     if isinstance(content, str):
