@@ -224,6 +224,8 @@ CASES = [
     ("decode_one_row_group", (2, 6, 2, 1, 333, 64, 64),
      dict(causal=True, threshold=0.5, sink_blocks=0, local_blocks=1, select_per=1),
      {"mask": True}),
+    ("decode_rows_odd_dims", (2, 4, 2, 3, 200, 37, 20),
+     dict(causal=True, threshold=0.6, sink_blocks=0, local_blocks=0, softcap=3.0), {"mask": True}),
     ("odd_head_dims", (1, 3, 1, 97, 130, 59, 23), dict(threshold=0.7, sink_blocks=0,
                                                         local_blocks=0), {}),
 ]

@@ -358,7 +358,7 @@ void pack_one(void* user, size_t task) {
   const int kb = static_cast<int>(id % c.nk);
   const int64_t slot = id / c.nk;
   const int n = static_cast<int>(slot / p.heads_kv), hkv = static_cast<int>(slot % p.heads_kv);
-  float* kt = c.kt.data() + id * packed_key_block_floats(p);
+  float* kt = c.kt.empty() ? nullptr : c.kt.data() + id * packed_key_block_floats(p);
   float* v = c.v.empty() ? nullptr
                          : c.v.data() + id * p.block_size * packed_value_row_floats(p);
   c.isa.pack(p, n, hkv, kb, kt, v);
@@ -382,7 +382,15 @@ void attend_one(void* user, size_t task) {
   job.n = n;
   job.h = h;
   job.i = i;
-  job.kt = c.kt.data() + kv_slot(c, n, hkv) * c.nk * packed_key_block_floats(p);
+  if (c.kt.empty()) {
+    job.kt = nullptr;
+    job.k = static_cast<const float*>(p.k) + n * p.k_stride_b + hkv * p.k_stride_h;
+    job.k_ld = p.k_stride_s;
+  } else {
+    job.kt = c.kt.data() + kv_slot(c, n, hkv) * c.nk * packed_key_block_floats(p);
+    job.k = nullptr;
+    job.k_ld = 0;
+  }
   if (c.v.empty()) {
     job.v = static_cast<const float*>(p.v) + n * p.v_stride_b + hkv * p.v_stride_h;
     job.v_ld = p.v_stride_s;
@@ -433,10 +441,11 @@ int attend(const AsaParams& p, const uint8_t* keep, const TaskPool& tp, int num_
   plan_tiles(c);
   const size_t blocks = static_cast<size_t>(p.batch) * p.heads_kv * c.nk;
   // Unused blocks stay uninitialised: no tile reads them.
-  c.kt.resize(blocks * packed_key_block_floats(p));
-  if (!values_usable_in_place(p) || p.v_stride_s % kVec != 0)
-    c.v.resize(blocks * p.block_size * packed_value_row_floats(p));
-  run_parallel(tp, num_threads, c.packs.size(), pack_one, &c);
+  const bool pack_keys = !keys_read_in_place(p);
+  const bool pack_values = !values_usable_in_place(p);
+  if (pack_keys) c.kt.resize(blocks * packed_key_block_floats(p));
+  if (pack_values) c.v.resize(blocks * p.block_size * packed_value_row_floats(p));
+  if (pack_keys || pack_values) run_parallel(tp, num_threads, c.packs.size(), pack_one, &c);
   run_parallel(tp, num_threads, c.order.size(), attend_one, &c);
   return ASA_OK;
 }

@@ -302,6 +302,25 @@ void pv_block(const Scratch& sc, const float* v, int64_t ldv, int nr_pad, const 
   }
 }
 
+// Scores of the first nr rows against key rows read in place (decode calls): one dot product
+// per (row, key), keys [0, lim) of the block.
+void qk_direct(const Scratch& sc, const float* k, int64_t ldk, int nr, int lim, int dim, int dp) {
+  const int b = kMaxBlock;
+  const int dvec = dim / VW * VW;
+  for (int r = 0; r < nr; ++r) {
+    const float* qr = sc.q + r * dp;
+    float* srow = sc.s + r * b;
+    for (int j = 0; j < lim; ++j) {
+      const float* kr = k + j * ldk;
+      vf acc = splat(0.0f);
+      for (int d = 0; d < dvec; d += VW) acc += load(qr + d) * load(kr + d);
+      float tail = 0.0f;
+      for (int d = dvec; d < dim; ++d) tail += qr[d] * kr[d];
+      srow[j] = hsum(acc) + tail;
+    }
+  }
+}
+
 // True when every row sees every key of [j0, j0+nk): no element mask needed.
 bool block_fully_visible(const int* lo, const int* hi, int nr, const uint8_t* keep, int j0,
                          int nk) {
@@ -395,7 +414,7 @@ void pack_kv(const AsaParams& p, int n, int hkv, int kb, float* kt_dst, float* v
   const int nk = imin(bs, p.seq_kv - j0);
   float row[256];
   const int64_t kbase = n * p.k_stride_b + hkv * p.k_stride_h;
-  for (int j = 0; j < nk; ++j) {
+  for (int j = 0; kt_dst && j < nk; ++j) {
     const int64_t off = kbase + (j0 + j) * p.k_stride_s;
     for (int d0 = 0; d0 < p.head_dim; d0 += 256) {
       const int cnt = imin(256, p.head_dim - d0);
@@ -403,7 +422,7 @@ void pack_kv(const AsaParams& p, int n, int hkv, int kb, float* kt_dst, float* v
       for (int d = 0; d < cnt; ++d) kt_dst[(d0 + d) * bs + j] = row[d];
     }
   }
-  for (int d = 0; d < p.head_dim; ++d)
+  for (int d = 0; kt_dst && d < p.head_dim; ++d)
     for (int j = nk; j < bs; ++j) kt_dst[d * bs + j] = 0.0f;  // keys past Skv score 0, masked
   if (!v_dst) return;
   const int dvp = static_cast<int>(round_up(p.head_dim_v, kVec));
@@ -447,7 +466,8 @@ void tile_impl(const TileJob& job) {
     if (j0 < 0 || j0 >= p.seq_kv) continue;
     const int nk = imin(bs, p.seq_kv - j0);
     const int nkp = static_cast<int>(round_up(nk, kVec));
-    const float* kt = job.kt + static_cast<int64_t>(job.blocks[t]) * p.head_dim * bs;
+    const float* kt = job.kt ? job.kt + static_cast<int64_t>(job.blocks[t]) * p.head_dim * bs
+                             : nullptr;
     // Keys past the last row's horizon (causal diagonal) are neither scored nor summed; the
     // element mask turns whatever their score slots hold into -inf.
     int lim[kMaxBlock / R + 1];
@@ -456,7 +476,14 @@ void tile_impl(const TileJob& job) {
       for (int r = g * R; r < imin(nr, (g + 1) * R); ++r) far = imax(far, sc.hi[r] - j0);
       lim[g] = imax(0, imin(nk, far));
     }
-    qk_block<R>(sc, kt, bs, nr_pad, lim, p.head_dim, dp);
+    if (job.kt) {
+      qk_block<R>(sc, kt, bs, nr_pad, lim, p.head_dim, dp);
+    } else {
+      int far = 0;
+      for (int g = 0; g * R < nr; ++g) far = imax(far, lim[g]);
+      qk_direct(sc, job.k + static_cast<int64_t>(j0) * job.k_ld, job.k_ld, nr, far, p.head_dim,
+                dp);
+    }
     transform_scores(p, job, sc, r0, nr, j0, nk, nkp);
     softmax_update(sc, nr, nr_pad, nkp, dvp);
     pv_block<R>(sc, job.v + j0 * job.v_ld, job.v_ld, nr_pad, lim, dvp);

@@ -27,7 +27,10 @@ struct TileJob {
   const int32_t* blocks;      // kept key blocks of this tile, ascending
   int32_t num_blocks;
   int32_t n, h, i;            // batch, query head, query block
-  const float* kt;            // packed keys of (n, h's KV head): [NK][D][block_size], fp32
+  const float* kt;            // packed keys of (n, h's KV head): [NK][D][block_size], fp32;
+                              //   NULL: read fp32 key rows in place (k + j * k_ld), decode calls
+  const float* k;
+  int64_t k_ld;
   const float* v;             // values of (n, KV head) as fp32 rows: v + j * v_ld, j < Skv;
   int64_t v_ld;               //   rows hold >= round_up(Dv, kVec) floats (zero padded)
   float* scratch;             // tile_scratch_floats(p) floats
@@ -49,6 +52,13 @@ static inline int64_t packed_key_block_floats(const AsaParams& p) {
 static inline int64_t packed_value_row_floats(const AsaParams& p) {
   return round_up(p.head_dim_v, kVec);
 }
+// Calls with at most this many query rows read fp32 keys in place instead of packing them
+// (a decode step would spend more time packing the cache than attending to it).
+constexpr int kDirectKeyMaxRows = 4;
+static inline bool keys_read_in_place(const AsaParams& p) {
+  return p.dtype == ASA_FLOAT32 && p.seq_q <= kDirectKeyMaxRows;
+}
+
 // True when the value tensor can be read in place (fp32 rows of whole kVec chunks).
 static inline bool values_usable_in_place(const AsaParams& p) {
   return p.dtype == ASA_FLOAT32 && p.head_dim_v % kVec == 0;
@@ -56,7 +66,7 @@ static inline bool values_usable_in_place(const AsaParams& p) {
 
 // ISA levels the kernel is compiled for; each namespace holds the same function.
 // attention_tile: one tile. pack_kv: key block `kb` of (n, hkv) transposed to fp32 [D][b] at
-// kt_dst, and (when v_dst is not NULL) its value rows as fp32 [b][round_up(Dv, kVec)] at v_dst.
+// kt_dst (when not NULL), and (when v_dst is not NULL) its value rows as fp32 [b][round_up(Dv, kVec)] at v_dst.
 #define ASA_DECLARE_ISA(ns)                                                          \
   namespace ns {                                                                     \
   void attention_tile(const TileJob& job);                                           \
