@@ -152,6 +152,16 @@ float load_elem(const void* base, int64_t off, AsaDType dt) {
   return f;
 }
 
+// acc[d] += x[off + d] for d < n (per-d sums stay sequential over rows: the SPEC's fp32 order).
+void add_row(const void* x, int64_t off, int n, AsaDType dt, float* acc) {
+  if (dt == ASA_FLOAT32) {
+    const float* src = static_cast<const float*>(x) + off;
+    for (int d = 0; d < n; ++d) acc[d] += src[d];
+  } else {
+    for (int d = 0; d < n; ++d) acc[d] += load_elem(x, off + d, dt);
+  }
+}
+
 // ---------------------------------------------------------------- router
 
 struct RouterCtx {
@@ -177,7 +187,7 @@ void pool_keys(RouterCtx& c, int n, int hkv) {
     for (int j = k * b; j < std::min(p.seq_kv, (k + 1) * b); ++j) {
       if (c.keep && !c.keep[static_cast<size_t>(n) * p.seq_kv + j]) continue;
       const int64_t off = n * p.k_stride_b + hkv * p.k_stride_h + j * p.k_stride_s;
-      for (int d = 0; d < dim; ++d) acc[d] += load_elem(p.k, off + d, p.dtype);
+      add_row(p.k, off, dim, p.dtype, acc);
       ++cnt;
     }
     if (cnt > 0)
@@ -213,7 +223,7 @@ void head_probs(const RouterCtx& c, int n, int h, int i, const uint8_t* vis, flo
   std::vector<float> qbar(dim, 0.0f);
   for (int r = r0; r < r1; ++r) {
     const int64_t off = n * p.q_stride_b + h * p.q_stride_h + r * p.q_stride_s;
-    for (int d = 0; d < dim; ++d) qbar[d] += load_elem(p.q, off + d, p.dtype);
+    add_row(p.q, off, dim, p.dtype, qbar.data());
   }
   for (int d = 0; d < dim; ++d) qbar[d] /= static_cast<float>(r1 - r0);
   const float* kb = &c.kbar[((static_cast<size_t>(n) * p.heads_kv + h / c.group) * c.nk) * dim];
