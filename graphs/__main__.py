@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="output .onnx path (copied from the cache)")
     parser.add_argument("--cache-dir", help="export cache folder (default $ASA_GRAPHS_CACHE or <repo>/.cache/graphs)")
     parser.add_argument("--list", action="store_true", help="print exportable and refused variants")
+    parser.add_argument("--probe", action="store_true",
+                        help="export every candidate now (uncached) and print failures with reasons")
     return parser
 
 
@@ -64,6 +66,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.list:
         _list()
+        return 0
+    if args.probe:
+        from graphs.variants import probe
+
+        ok, refused = probe()
+        print(f"{len(ok)} exported")
+        for variant, reason in refused:
+            print("refused ", *variant, "--", reason)
         return 0
     if not args.family or not args.out:
         parser.error("--family and --out are required (or --list)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import json
 import os
 import pathlib
 import shutil
@@ -80,6 +81,21 @@ def _dequantized_dir() -> pathlib.Path:
     return default_cache_dir() / f"smollm2-fp32-{digest}"
 
 
+def _save_plain(model, folder: pathlib.Path) -> None:
+    """Save a GGUF-loaded model as a plain fp32 checkpoint.
+
+    save_pretrained refuses ("quantized with gguf and is not serializable") although the weights
+    are already dequantized fp32; dropping the gguf quantization_config and writing the tensors
+    with safetensors' shared-tensor-aware save_model gives a standard checkpoint.
+    """
+    from safetensors.torch import save_model
+
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    save_model(model, str(folder / "model.safetensors"))
+
+
 def _save_dequantized(target: pathlib.Path) -> None:
     """Dequantize the GGUF once and save model + tokenizer to `target` atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -90,7 +106,7 @@ def _save_dequantized(target: pathlib.Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
+        _save_plain(model, tmp)
         tokenizer.save_pretrained(tmp)
         try:
             os.rename(tmp, target)

@@ -21,9 +21,12 @@ onnx = pytest.importorskip("onnx")
 
 import graphs  # noqa: E402
 from asa_export.errors import AsaExportError  # noqa: E402
+from graphs.variants import failure_reason  # noqa: E402
 
-# fp32 exports of fp32 models: observed error ~3e-6 of the output's magnitude.
-RTOL = 1e-4
+# fp32 exports of fp32 models, error relative to the output's magnitude on compared rows.
+# Observed: tiny families <= 3.3e-6; SmolLM2 (30 layers) 6e-6 .. 7e-5.
+RTOL = {"smollm2": 1e-3}
+RTOL_TINY = 1e-4
 
 
 def _param(variant):
@@ -38,11 +41,11 @@ def _shapes(variant):
     return [(2, 100, 0), (3, 37, 0)]
 
 
-def _assert_close(name, got, want, where):
+def _assert_close(name, got, want, where, rtol):
     scale = float(np.abs(want[where]).max())
     err = float(np.abs(got[where] - want[where]).max())
     assert np.isfinite(got[where]).all(), f"{name}: non-finite values on compared rows"
-    assert err <= RTOL * max(scale, 1.0), f"{name}: max abs error {err:.3g} vs magnitude {scale:.3g}"
+    assert err <= rtol * max(scale, 1.0), f"{name}: max abs error {err:.3g} vs magnitude {scale:.3g}"
 
 
 @pytest.mark.parametrize("variant", [_param(v) for v in graphs.VARIANTS])
@@ -50,6 +53,7 @@ def test_variant_matches_torch(variant):
     family, exporter, attn, kv_cache = variant
     path = graphs.export(family, exporter, attn=attn, kv_cache=kv_cache)
     model, _ = graphs.build_model(family, attn)
+    rtol = RTOL.get(family, RTOL_TINY)
     for batch, seq, past in _shapes(variant):
         feeds = graphs.sample_inputs(family, path, batch=batch, seq=seq, past=past)
         got = graphs.run_onnx(path, feeds)
@@ -57,13 +61,13 @@ def test_variant_matches_torch(variant):
         assert len(got) == len(want)
         rows = graphs.rows_to_compare(family, feeds)
         assert rows.any()
-        _assert_close("output", got[0], want[0], rows)
+        _assert_close("output", got[0], want[0], rows, rtol)
         # present = past ++ new keys; new positions from rows without a visible key differ
         # between frameworks (layer >= 1), so they are left out like those rows.
         positions = np.concatenate([np.ones((batch, past), bool), rows], axis=1)
         for g, w in zip(got[1:], want[1:]):
             assert g.shape == w.shape == (batch, graphs.family_spec(family).num_kv_heads, past + seq, g.shape[-1])
-            _assert_close("present", g, w, positions[:, None, :, None].repeat(g.shape[1], 1))
+            _assert_close("present", g, w, np.broadcast_to(positions[:, None, :, None], g.shape), rtol)
 
 
 @pytest.mark.parametrize("variant,reason", [pytest.param(v, r, id="-".join(map(str, v))) for v, r in graphs.REFUSED])
@@ -71,7 +75,7 @@ def test_refused_variant_still_fails(variant, reason, tmp_path):
     family, exporter, attn, kv_cache = variant
     with pytest.raises(Exception) as info:
         graphs.export_to(tmp_path / "x.onnx", family, exporter, attn=attn, kv_cache=kv_cache)
-    assert reason.split(":")[0] in type(info.value).__name__ + ": " + str(info.value)
+    assert failure_reason(info.value) == reason
 
 
 def test_variants_cover_required_matrix():
