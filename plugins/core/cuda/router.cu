@@ -403,6 +403,166 @@ __global__ void select_kernel(AsaParams p, Workspace ws, const float* logits, in
   select_and_write(p, ws, sm, prob, tau, nk, nk_pow2, row, local_lo, local_hi);
 }
 
+// The same selection with one warp per list (key blocks <= kWarpListMax): no CTA barriers, eight
+// lists in flight per CTA. The serial parts (forced sum, walk) are latency-bound, so more lists in
+// flight per multiprocessor is what pays.
+constexpr int kWarpListMax = 512;
+constexpr int kListsPerCta = 8;
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__global__ void __launch_bounds__(32 * kListsPerCta) select_warp_kernel(
+    AsaParams p, Workspace ws, const float* logits, int nk_pow2, int num_lists) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int list = blockIdx.x * kListsPerCta + warp;
+  if (list >= num_lists) return;
+  const int nq = cdiv(p.seq_q, p.block_size), nk = cdiv(p.seq_kv, p.block_size);
+  const int hsel_count = p.select_per ? p.heads_kv : p.heads_q;
+  const int i = list % nq, hs = (list / nq) % hsel_count, n = list / (nq * hsel_count);
+  const int G = p.heads_q / p.heads_kv;
+  const int heads = p.select_per ? G : 1;
+  const int h_first = p.select_per ? hs * G : hs;
+  // Per-warp slice: keys [nk_pow2] u64, prob [nk], pavg [nk], flags [nk].
+  const size_t slice = static_cast<size_t>(nk_pow2) * 8 + static_cast<size_t>(nk) * 9 + 16;
+  unsigned char* base = smem_raw + warp * ((slice + 15) / 16 * 16);
+  uint64_t* keys = reinterpret_cast<uint64_t*>(base);
+  float* prob = reinterpret_cast<float*>(keys + nk_pow2);
+  float* pavg = prob + nk;
+  uint8_t* flags = reinterpret_cast<uint8_t*>(pavg + nk);
+
+  const int bs = p.block_size;
+  const int r1 = min((i + 1) * bs, p.seq_q) - 1;
+  const int p0 = i * bs + p.seq_kv - p.seq_q;
+  const int p1 = r1 + p.seq_kv - p.seq_q;
+  int lo, hi;
+  visible_key_range(p, p0, p1, &lo, &hi);
+  const int c = min(max(p1 >= 0 ? p1 / bs : 0, 0), nk - 1);
+  int nvis = 0;
+  for (int k = lane; k < nk; k += 32) {
+    const int a = max(lo, k * bs);
+    const int b = min(hi, min((k + 1) * bs, p.seq_kv) - 1);
+    const bool vis = kept_in_range(p, ws.kept_prefix, n, a, b) > 0;
+    bool forced = k < p.sink_blocks;
+    if (p.causal) {
+      forced = forced || (k <= c && k > c - p.local_blocks);
+    } else {
+      forced = forced || (abs(k - c) < p.local_blocks);
+    }
+    flags[k] = (vis ? kVisible : 0) | (forced ? kForced : 0);
+    pavg[k] = 0.f;
+    nvis += vis;
+  }
+  nvis = __reduce_add_sync(0xffffffffu, nvis);
+  if (hs == 0 && lane == 0 && ws.visible_counts) {
+    ws.visible_counts[static_cast<int64_t>(n) * nq + i] = nvis;
+  }
+  __syncwarp();
+
+  float tau = 0.f;
+  for (int hh = 0; hh < heads; ++hh) {
+    const int h = h_first + hh;
+    const float* row = logits + ((static_cast<int64_t>(n) * p.heads_q + h) * nq + i) * nk;
+    float mx = -INFINITY;
+    for (int k = lane; k < nk; k += 32) {
+      const float x = row[k];
+      prob[k] = x;
+      if (flags[k] & kVisible) mx = fmaxf(mx, x);
+    }
+    mx = warp_max(mx);
+    float sum = 0.f;
+    for (int k = lane; k < nk; k += 32) {
+      if (flags[k] & kVisible) sum += expf(prob[k] - mx);
+    }
+    sum = warp_sum(sum);
+    for (int k = lane; k < nk; k += 32) {
+      const float pk = (flags[k] & kVisible) ? expf(prob[k] - mx) / sum : 0.f;
+      prob[k] = pk;
+      pavg[k] += pk;  // heads added in order h = 0..G-1
+    }
+    tau = fmaxf(tau, p.head_thresholds ? p.head_thresholds[h] : p.threshold);
+  }
+  const float* pr = prob;
+  if (heads > 1) {
+    for (int k = lane; k < nk; k += 32) pavg[k] /= static_cast<float>(G);
+    pr = pavg;
+  }
+  __syncwarp();
+
+  for (int k = lane; k < nk; k += 32) {
+    const uint8_t f = flags[k] & (kVisible | kForced);
+    const bool keep = (f & kVisible) && (tau >= 1.f || (f & kForced));
+    flags[k] = f | (keep ? kKept : 0);
+  }
+  __syncwarp();
+  if (tau < 1.f) {
+    for (int t = lane; t < nk_pow2; t += 32) {
+      uint64_t key = ~0ull;
+      if (t < nk && flags[t] == kVisible) {
+        key = (static_cast<uint64_t>(~__float_as_uint(pr[t])) << 32) | static_cast<uint32_t>(t);
+      }
+      keys[t] = key;
+    }
+    __syncwarp();
+    for (int size = 2; size <= nk_pow2; size <<= 1) {
+      for (int stride = size >> 1; stride > 0; stride >>= 1) {
+        for (int t = lane; t < nk_pow2 / 2; t += 32) {
+          const int lo_i = 2 * t - (t & (stride - 1));
+          const int hi_i = lo_i + stride;
+          const bool ascending = (lo_i & size) == 0;
+          const uint64_t a = keys[lo_i], b = keys[hi_i];
+          if ((a > b) == ascending) {
+            keys[lo_i] = b;
+            keys[hi_i] = a;
+          }
+        }
+        __syncwarp();
+      }
+    }
+    if (lane == 0) {
+      float acc = 0.f;
+      const int sink_end = min(p.sink_blocks, nk);
+      const int local_lo = max(c - p.local_blocks + 1, 0);
+      const int local_hi = min(p.causal ? c : c + p.local_blocks - 1, nk - 1);
+      for (int k = 0; k < sink_end; ++k) {
+        if (flags[k] & kKept) acc += pr[k];
+      }
+      for (int k = max(sink_end, local_lo); k <= local_hi; ++k) {
+        if (flags[k] & kKept) acc += pr[k];
+      }
+      uint64_t key = keys[0];
+      for (int t = 0; t < nk; ++t) {
+        const uint64_t next = t + 1 < nk ? keys[t + 1] : ~0ull;
+        if (key == ~0ull || !(acc < tau)) break;
+        flags[static_cast<int>(key & 0xffffffffu)] |= kKept;
+        acc += __uint_as_float(~static_cast<uint32_t>(key >> 32));
+        key = next;
+      }
+    }
+    __syncwarp();
+  }
+  // Ascending compaction with ballots.
+  const int64_t lrow = (static_cast<int64_t>(n) * hsel_count + hs) * nq + i;
+  int32_t* out = ws.block_indices + lrow * nk;
+  int total = 0;
+  for (int k0 = 0; k0 < nk; k0 += 32) {
+    const int k = k0 + lane;
+    const bool kept = k < nk && (flags[k] & kKept);
+    const unsigned ballot = __ballot_sync(0xffffffffu, kept);
+    if (kept) out[total + __popc(ballot & ((1u << lane) - 1))] = k;
+    total += __popc(ballot);
+  }
+  for (int t = total + lane; t < nk; t += 32) out[t] = -1;
+  if (lane == 0) ws.block_counts[lrow] = total;
+}
+
 template <typename T>
 void launch_pool(const AsaParams& p, const Workspace& ws, cudaStream_t stream) {
   const int nq = cdiv(p.seq_q, p.block_size), nk = cdiv(p.seq_kv, p.block_size);
@@ -447,11 +607,23 @@ cudaError_t launch_route(const AsaParams& p, const Workspace& ws, cudaStream_t s
     const dim3 lgrid(cdiv(nk, kLogitTile), cdiv(nq, kLogitTile), p.batch * p.heads_q);
     logits_kernel<<<lgrid, 256, 0, stream>>>(p, ws.qbar, ws.kbar, ws.logits);
   }
+  const int hsel = p.select_per ? p.heads_kv : p.heads_q;
+  if (nk <= kWarpListMax) {
+    const size_t slice = (select_smem_bytes(p) + 15) / 16 * 16;
+    const size_t wsmem = slice * kListsPerCta;
+    cudaError_t err = cudaFuncSetAttribute(select_warp_kernel,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(wsmem));
+    if (err != cudaSuccess) return err;
+    const int lists = p.batch * hsel * nq;
+    select_warp_kernel<<<cdiv(lists, kListsPerCta), 32 * kListsPerCta, wsmem, stream>>>(
+        p, ws, ws.logits, next_pow2(nk), lists);
+    return cudaGetLastError();
+  }
   cudaError_t err = cudaFuncSetAttribute(select_kernel,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  const int hsel = p.select_per ? p.heads_kv : p.heads_q;
   select_kernel<<<dim3(nq, hsel, p.batch), kSelectThreads, smem, stream>>>(
       p, ws, ws.logits, next_pow2(nk));
   return cudaGetLastError();
