@@ -376,6 +376,7 @@ def _measure_density(model: ir.Model, feeds, result: CheckResult, library) -> No
     if not nodes:
         result.density_error = "the rewritten model has no AdaptiveSparseAttention node"
         return
+    logger.info("measuring attention density of %d ASA node(s) ...", len(nodes))
     try:
         telemetry = _add_telemetry_outputs(model, nodes)
         with tempfile.TemporaryDirectory(prefix="asa-density-") as tmp:

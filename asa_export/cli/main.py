@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 
 from asa_export import __version__
 from asa_export.cli import check, demo, export, inspect
@@ -71,6 +72,12 @@ def _setup_logging(quiet: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING if quiet else logging.INFO)
     root.propagate = False
+    # Library warnings (e.g. "ASA library not built, using the function") as one plain line.
+    warnings.showwarning = _show_warning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"asa-export: warning: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":
