@@ -1,0 +1,310 @@
+"""Router accuracy evaluation on SmolLM2-135M (real weights) and real text.
+
+    text (KJV | pydoc) --tokenize--> windows (eval: last quarter of KJV; calib: first half)
+      calibrate: dense forward on calib windows, naive + oracle threshold curves per layer/head
+                 -> curves .npz (per-head thresholds are fitted from it)
+      ppl:       one forward per (setting, window) with the torch research path
+                 (asa_export.router.research) -> one JSON per window (resumable)
+      ort:       the rewritten ONNX export in ONNX Runtime (asa_export.runtime.ort.session)
+      table:     per (text, context, setting): density, perplexity, delta vs dense
+
+Settings are strings: `dense`, `naive:tau=0.9`, `oracle:tau=0.9`, `naive:tau=0.9,sink=2,local=2`,
+`perhead:recall=0.95[,sink=1,local=1]` (per-head tau fitted on the calibration curves).
+Seeded (window choice), resumable (existing JSON files are skipped), prints wall times.
+
+Example:
+    python tools/eval_router.py calibrate --context 2048 --windows 2
+    python tools/eval_router.py ppl --context 2048 --windows 8 dense naive:tau=0.9 perhead:recall=0.95
+    python tools/eval_router.py table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from asa_export.errors import AsaExportError  # noqa: E402
+
+DEFAULT_OUT = REPO / ".cache" / "eval_router"
+
+
+# ------------------------------------------------------------------ text and windows
+
+
+def kjv_text(path: str | None) -> str:
+    """The KJV text: a file, or the Debian `bible` command (`bible "gen1:1-rev22:21"`)."""
+    if path:
+        return pathlib.Path(path).read_text()
+    exe = shutil.which("bible")
+    if exe is None:
+        raise AsaExportError("KJV text not found: pass --kjv FILE, or install Debian bible-kjv "
+                             "(`apt-get download bible-kjv bible-kjv-text && dpkg -x ...`, then "
+                             "`bible -p <dir>/usr/lib 'gen1:1-rev22:21' > kjv.txt`)")
+    return subprocess.run([exe, "gen1:1-rev22:21"], check=True, capture_output=True, text=True).stdout
+
+
+def pydoc_text() -> str:
+    """Python documentation topics shipped with CPython (pydoc_data.topics), in key order."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def segment(args, text_name: str, split: str) -> str:
+    """Evaluation text is the last quarter; calibration text the first half (disjoint)."""
+    text = kjv_text(args.kjv) if text_name == "kjv" else pydoc_text()
+    n = len(text)
+    return text[3 * n // 4:] if split == "eval" else text[: n // 2]
+
+
+def windows(tokenizer, text: str, context: int, count: int, seed: int) -> list[np.ndarray]:
+    """`count` non-overlapping windows of `context` tokens chosen with a seeded generator."""
+    ids = np.asarray(tokenizer(text).input_ids, dtype=np.int64)
+    slots = len(ids) // context
+    if slots < count:
+        raise AsaExportError(f"text has {len(ids)} tokens: only {slots} windows of {context}")
+    chosen = np.sort(np.random.default_rng(seed).choice(slots, size=count, replace=False))
+    return [ids[s * context:(s + 1) * context] for s in chosen]
+
+
+# ------------------------------------------------------------------ settings
+
+
+def parse_setting(spec: str, curves_file: pathlib.Path | None):
+    """'naive:tau=0.9,sink=1,local=1' -> RouterSetting (perhead: thresholds from the curves)."""
+    from asa_export.router import research, stats
+
+    name, _, rest = spec.partition(":")
+    kv = dict(item.split("=") for item in rest.split(",") if item)
+    sink, local = int(kv.get("sink", 1)), int(kv.get("local", 1))
+    if name in ("dense", "naive", "oracle"):
+        return research.RouterSetting(router=name, threshold=float(kv.get("tau", 1.0)),
+                                      sink_blocks=sink, local_blocks=local)
+    if name == "perhead":
+        if curves_file is None or not curves_file.is_file():
+            raise AsaExportError(f"perhead needs calibration curves: run `calibrate` first ({curves_file})")
+        curves = research.arrays_to_curves(np.load(curves_file))[("naive", sink, local)]
+        recall = float(kv["recall"])
+        taus = {i: stats.fit_head_thresholds(c, recall) for i, c in enumerate(curves)}
+        return research.RouterSetting(router="naive", threshold=1.0, sink_blocks=sink,
+                                      local_blocks=local, head_thresholds=taus)
+    raise AsaExportError(f"unknown setting {spec!r}: dense | naive:tau= | oracle:tau= | perhead:recall=")
+
+
+# ------------------------------------------------------------------ torch path
+
+
+def load(attn_name: str):
+    from graphs import smollm2
+
+    model = smollm2.load_model("sdpa")
+    model.config._attn_implementation = attn_name
+    for layer in model.model.layers:
+        layer.self_attn.config._attn_implementation = attn_name
+    return model, smollm2.load_tokenizer()
+
+
+def calib_file(args) -> pathlib.Path:
+    return pathlib.Path(args.out) / f"curves-kjv-{args.context}-w{args.calib_windows}.npz"
+
+
+def cmd_calibrate(args) -> None:
+    """Dense forwards on calibration windows; naive and oracle curves per layer and head."""
+    from asa_export.router import research
+
+    setting = research.RouterSetting(router="dense")
+    rec = research.Recorder()
+    variants = tuple(tuple(int(x) for x in v.split(",")) for v in args.variants)
+    research.register("asa_research", research.make_attention(setting, rec, capture=True,
+                                                              capture_variants=variants))
+    model, tok = load("asa_research")
+    import torch
+
+    for i, w in enumerate(windows(tok, segment(args, "kjv", "calib"), args.context, args.calib_windows, args.seed + 1)):
+        t0 = time.time()
+        research.window_nll(model, torch.from_numpy(w)[None])
+        print(f"calibrate window {i}: {time.time() - t0:.1f} s", flush=True)
+    out = calib_file(args)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, **research.curves_to_arrays(rec.curves))
+    print(f"wrote {out}")
+
+
+def cmd_ppl(args) -> None:
+    """Perplexity of each setting on each window; one JSON per (setting, window), resumable."""
+    import torch
+
+    from asa_export.router import research
+
+    holder = {}
+
+    def attention(*a, **k):  # dispatches to the current setting's function
+        return holder["fn"](*a, **k)
+
+    research.register("asa_research", attention)
+    model, tok = load("asa_research")
+    wins = windows(tok, segment(args, args.text, "eval"), args.context, args.windows, args.seed)
+    for spec in args.settings:
+        setting = parse_setting(spec, calib_file(args))
+        folder = pathlib.Path(args.out) / args.text / str(args.context) / spec.replace(":", "_")
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, w in enumerate(wins):
+            path = folder / f"w{i}.json"
+            if path.exists():
+                continue
+            rec = research.Recorder()
+            holder["fn"] = research.make_attention(setting, rec)
+            t0 = time.time()
+            nll, n = research.window_nll(model, torch.from_numpy(w)[None])
+            wall = time.time() - t0
+            row = {"setting": spec, "text": args.text, "context": args.context, "window": i,
+                   "seed": args.seed, "nll": nll, "tokens": n, "kept": rec.kept,
+                   "visible": rec.visible, "wall_s": wall}
+            path.write_text(json.dumps(row))
+            print(f"{spec:36s} w{i} ppl {np.exp(nll / n):8.4f} density {rec.density():.3f} {wall:6.1f} s", flush=True)
+
+
+# ------------------------------------------------------------------ ONNX Runtime path
+
+
+def cmd_ort(args) -> None:
+    """Rewrite the SmolLM2 export at one operating point and measure perplexity in ORT."""
+    import onnx_ir as ir
+
+    from asa_export.passes.pipeline import RewriteOptions, rewrite_model
+    from graphs import exporters, smollm2
+
+    source = exporters.export("smollm2", args.exporter, attn="sdpa")
+    tok = smollm2.load_tokenizer()
+    wins = windows(tok, segment(args, args.text, "eval"), args.context, args.windows, args.seed)
+    folder = pathlib.Path(args.out) / "ort" / args.text / str(args.context)
+    folder.mkdir(parents=True, exist_ok=True)
+    for tau in args.taus:
+        model_path = folder / f"smollm2-tau{tau}-s{args.sink}-l{args.local}.onnx"
+        if not model_path.exists():
+            model = ir.load(str(source))
+            rewrite_model(model, RewriteOptions(threshold=tau, sink_blocks=args.sink, local_blocks=args.local))
+            ir.save(model, str(model_path))
+        sess = _ort_session(model_path)
+        for i, w in enumerate(wins):
+            path = folder / f"tau{tau}-s{args.sink}-l{args.local}-w{i}.json"
+            if path.exists():
+                continue
+            t0 = time.time()
+            nll, n = _ort_nll(sess, w)
+            wall = time.time() - t0
+            row = {"setting": f"ort:tau={tau},sink={args.sink},local={args.local}", "window": i, "nll": nll,
+                   "tokens": n, "wall_s": wall, "context": args.context, "text": args.text}
+            path.write_text(json.dumps(row))
+            print(f"ort tau {tau} w{i} ppl {np.exp(nll / n):8.4f} {wall:6.1f} s", flush=True)
+
+
+def _ort_session(path):
+    try:
+        from asa_export.runtime.ort import session
+    except ImportError:
+        import onnxruntime
+
+        return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session(str(path))
+
+
+def _ort_nll(sess, ids: np.ndarray) -> tuple[float, int]:
+    feeds = {}
+    for inp in sess.get_inputs():
+        if inp.name == "input_ids":
+            feeds[inp.name] = ids[None]
+        elif inp.name == "attention_mask":
+            feeds[inp.name] = np.ones((1, len(ids)), dtype=np.int64)
+        elif inp.name == "position_ids":
+            feeds[inp.name] = np.arange(len(ids), dtype=np.int64)[None]
+        else:
+            raise AsaExportError(f"unexpected model input {inp.name}")
+    logits = sess.run([sess.get_outputs()[0].name], feeds)[0][0, :-1].astype(np.float64)
+    target = ids[1:]
+    top = logits.max(axis=-1, keepdims=True)
+    logz = np.log(np.exp(logits - top).sum(axis=-1)) + top[:, 0]
+    return float((logz - logits[np.arange(len(target)), target]).sum()), len(target)
+
+
+# ------------------------------------------------------------------ table
+
+
+def cmd_table(args) -> None:
+    """Aggregate the JSON results: density, perplexity, delta vs dense per (text, context)."""
+    rows = {}
+    for path in sorted(pathlib.Path(args.out).rglob("w*.json")) + sorted(pathlib.Path(args.out).rglob("ort/**/*.json")):
+        r = json.loads(path.read_text())
+        key = (r["text"], r["context"], r["setting"])
+        agg = rows.setdefault(key, {"nll": 0.0, "tokens": 0, "kept": 0, "visible": 0, "n": 0, "wall": 0.0, "w": set()})
+        if r["window"] in agg["w"]:
+            continue
+        agg["w"].add(r["window"])
+        for f in ("nll", "tokens"):
+            agg[f] += r[f]
+        agg["kept"] += r.get("kept", 0)
+        agg["visible"] += r.get("visible", 0)
+        agg["n"] += 1
+        agg["wall"] += r["wall_s"]
+    print("| text | context | setting | windows | density | perplexity | Δ% vs dense | s/window |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for (text, ctx, setting), a in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] != "dense", kv[0][2])):
+        dense = rows.get((text, ctx, "dense"))
+        ppl = np.exp(a["nll"] / a["tokens"])
+        delta = ""
+        if dense and dense["w"] == a["w"]:
+            delta = f"{100 * (ppl / np.exp(dense['nll'] / dense['tokens']) - 1):+.2f}"
+        dens = f"{a['kept'] / a['visible']:.3f}" if a["visible"] else "n/a"
+        print(f"| {text} | {ctx} | {setting} | {a['n']} | {dens} | {ppl:.4f} | {delta} | {a['wall'] / a['n']:.1f} |")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="results folder (resumable)")
+    parser.add_argument("--kjv", default=None, help="KJV text file (default: the `bible` command)")
+    parser.add_argument("--seed", type=int, default=0)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    cal = sub.add_parser("calibrate")
+    cal.add_argument("--variants", nargs="*", default=["1,1"], help="sink,local pairs")
+    ppl = sub.add_parser("ppl")
+    ppl.add_argument("settings", nargs="+")
+    ort = sub.add_parser("ort")
+    ort.add_argument("--taus", type=float, nargs="+", default=[1.0])
+    ort.add_argument("--sink", type=int, default=1)
+    ort.add_argument("--local", type=int, default=1)
+    ort.add_argument("--exporter", default="dynamo23")
+    sub.add_parser("table")
+    for p in (cal, ppl, ort):
+        p.add_argument("--context", type=int, default=2048)
+        p.add_argument("--windows", type=int, default=8)
+        p.add_argument("--calib-windows", type=int, default=2)
+        p.add_argument("--text", choices=("kjv", "pydoc"), default="kjv")
+    ppl.set_defaults(fn=cmd_ppl)
+    cal.set_defaults(fn=cmd_calibrate)
+    ort.set_defaults(fn=cmd_ort)
+    args = parser.parse_args(argv)
+    if args.cmd == "table":
+        cmd_table(args)
+        return 0
+    t0 = time.time()
+    try:
+        args.fn(args)
+    except AsaExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"total wall {time.time() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
