@@ -21,7 +21,7 @@ fi
 echo "build: $(( $(date +%s) - start )) s"
 export ASA_CUDA_LIB=$PWD/$BUILD/core/cuda/libasa_cuda.so
 if [ "$MODE" = all ] || [ "$MODE" = test ]; then
-  timeout 300 python3 -m pytest -q -p no:cacheprovider -rf tests/plugins/test_cuda_kernels.py \
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -rf tests/plugins/test_cuda_kernels.py tests/plugins/test_cuda_compile.py \
     2>&1 | tee "$OUT/tests.log" | tail -40
 fi
 if [ "$MODE" = all ] || [ "$MODE" = bench ]; then
@@ -32,7 +32,7 @@ if [ "$MODE" = diag ]; then
   # Memory and race checks of the core's kernels on small tests, then per-kernel router times.
   for tool in memcheck racecheck; do
     timeout 150 compute-sanitizer --tool $tool --kernel-regex kns=asa --print-limit 20 \
-      python3 -m pytest -q -p no:cacheprovider tests/plugins/test_cuda_kernels.py \
+      python3 -m pytest -q -p no:cacheprovider tests/plugins/test_cuda_kernels.py tests/plugins/test_cuda_compile.py \
       -k "head_thresholds or s97_d64 or decode16_packed" 2>&1 | tee "$OUT/sanitizer_$tool.log" \
       | grep -E "ERROR SUMMARY|passed|failed|Error|Race|hazard" | head -20
   done
