@@ -63,6 +63,14 @@ cudaError_t prepare(const AsaParams* params, void* workspace, size_t bytes, Work
                    bytes, need);
     return cudaErrorInvalidValue;
   }
+  int device = 0, smem_limit = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (select_smem_bytes(*params) + 4096 > static_cast<size_t>(smem_limit)) {
+    set_last_error("ASA: %d key blocks (Skv/block_size) exceed the CUDA router's limit of 8192",
+                   num_key_blocks(*params));
+    return cudaErrorNotSupported;
+  }
   if (!mma_path_supported(*params) &&
       (params->head_dim > 256 || params->head_dim_v > 256)) {
     set_last_error("ASA: head dims above 256 are not supported by the CUDA core (D=%d Dv=%d)",

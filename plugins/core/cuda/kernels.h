@@ -20,6 +20,9 @@ cudaError_t launch_attention(const AsaParams& p, const Workspace& ws, cudaStream
 // Whether the tensor-core kernel handles these params (dtype, head dims, alignment).
 bool mma_path_supported(const AsaParams& p);
 
+// Dynamic shared memory of the router's selection kernel for one list (bounds NK).
+size_t select_smem_bytes(const AsaParams& p);
+
 // Split-KV factor used by launch_attention (depends on sizes and the device only, never on data).
 int choose_splits(const AsaParams& p);
 
