@@ -137,6 +137,13 @@ def peel_repeat_kv(source: KeySource) -> tuple[KeySource, int]:
     if expanded is not None and len(expanded) == 5 and isinstance(expanded[2], int):
         if expanded[2] * hkv != hq:
             return source, 1
-    if not (g.same_dim(src[0], out[0]) and g.same_dim(src[2], out[2]) and g.same_dim(src[3], out[3])):
+    # Expand only broadcasts size-1 dims, so batch / length / head dim pass through unchanged;
+    # symbolic inference may still name them differently ("total" vs "past + seq").
+    if not all(_compatible(a, b) for a, b in ((src[0], out[0]), (src[2], out[2]), (src[3], out[3]))):
         return source, 1
     return KeySource(kv), hq // hkv
+
+
+def _compatible(a, b) -> bool:
+    """Not provably different: equal, or at least one side symbolic/unknown."""
+    return a == b or not (isinstance(a, int) and isinstance(b, int))
