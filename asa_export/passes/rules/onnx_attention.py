@@ -74,7 +74,7 @@ def match(model: ir.Model, node: ir.Node) -> Match:
         output=node.outputs[0], scale=g.float_attr(node, "scale", 0.0) or 0.0,
         softcap=g.float_attr(node, "softcap", 0.0) or 0.0, mask=mask, q_heads=q_heads,
         kv_heads=kv_heads, head_dim=head_dim, head_dim_v=head_dim_v,
-        past_kv=past_key is not None,
+        past_kv=past_key is not None or not g.same_dim(g.dims(q)[seq_axis], g.dims(k)[seq_axis]),
         past=(past_key, past_value, node.outputs[1:3]) if past_key is not None else None,
         packed_heads=packed,
     )
