@@ -9,7 +9,8 @@
       table:     per (text, context, setting): density, perplexity, delta vs dense
 
 Settings are strings: `dense`, `naive:tau=0.9`, `oracle:tau=0.9`, `naive:tau=0.9,sink=2,local=2`,
-`perhead:recall=0.95[,sink=1,local=1]` (per-head tau fitted on the calibration curves).
+`perhead:recall=0.95[,sink=1,local=1]` (per-head tau reaching that attention-mass recall on the
+calibration curves), `tradeoff:cost=0.2` (per-head tau maximizing recall - cost * density).
 Seeded (window choice), resumable (existing JSON files are skipped), prints wall times.
 
 Example:
@@ -68,12 +69,16 @@ def segment(args, text_name: str, split: str) -> str:
 
 
 def windows(tokenizer, text: str, context: int, count: int, seed: int) -> list[np.ndarray]:
-    """`count` non-overlapping windows of `context` tokens chosen with a seeded generator."""
+    """`count` non-overlapping windows of `context` tokens chosen with a seeded generator.
+
+    The choice is a prefix of one seeded permutation, so the first n windows are the same for
+    any count >= n (a run with more windows extends a finished one).
+    """
     ids = np.asarray(tokenizer(text).input_ids, dtype=np.int64)
     slots = len(ids) // context
     if slots < count:
         raise AsaExportError(f"text has {len(ids)} tokens: only {slots} windows of {context}")
-    chosen = np.sort(np.random.default_rng(seed).choice(slots, size=count, replace=False))
+    chosen = np.random.default_rng(seed).permutation(slots)[:count]
     return [ids[s * context:(s + 1) * context] for s in chosen]
 
 
@@ -90,15 +95,17 @@ def parse_setting(spec: str, curves_file: pathlib.Path | None):
     if name in ("dense", "naive", "oracle"):
         return research.RouterSetting(router=name, threshold=float(kv.get("tau", 1.0)),
                                       sink_blocks=sink, local_blocks=local)
-    if name == "perhead":
+    if name in ("perhead", "tradeoff"):
         if curves_file is None or not curves_file.is_file():
             raise AsaExportError(f"perhead needs calibration curves: run `calibrate` first ({curves_file})")
         curves = research.arrays_to_curves(np.load(curves_file))[("naive", sink, local)]
-        recall = float(kv["recall"])
-        taus = {i: stats.fit_head_thresholds(c, recall) for i, c in enumerate(curves)}
+        if name == "perhead":
+            taus = {i: stats.fit_head_thresholds(c, float(kv["recall"])) for i, c in enumerate(curves)}
+        else:
+            taus = {i: stats.fit_head_thresholds_tradeoff(c, float(kv["cost"])) for i, c in enumerate(curves)}
         return research.RouterSetting(router="naive", threshold=1.0, sink_blocks=sink,
                                       local_blocks=local, head_thresholds=taus)
-    raise AsaExportError(f"unknown setting {spec!r}: dense | naive:tau= | oracle:tau= | perhead:recall=")
+    raise AsaExportError(f"unknown setting {spec!r}: dense | naive:tau= | oracle:tau= | perhead:recall= | tradeoff:cost=")
 
 
 # ------------------------------------------------------------------ torch path
@@ -115,7 +122,8 @@ def load(attn_name: str):
 
 
 def calib_file(args) -> pathlib.Path:
-    return pathlib.Path(args.out) / f"curves-kjv-{args.context}-w{args.calib_windows}.npz"
+    context = args.calib_context or args.context
+    return pathlib.Path(args.out) / f"curves-kjv-{context}-w{args.calib_windows}.npz"
 
 
 def cmd_calibrate(args) -> None:
@@ -190,23 +198,58 @@ def cmd_ort(args) -> None:
     folder = pathlib.Path(args.out) / "ort" / args.text / str(args.context)
     folder.mkdir(parents=True, exist_ok=True)
     for tau in args.taus:
-        model_path = folder / f"smollm2-tau{tau}-s{args.sink}-l{args.local}.onnx"
+        tag = f"tau{tau}-s{args.sink}-l{args.local}" + (f"-recall{args.recall}" if args.recall else "")
+        model_path = folder / f"smollm2-{tag}.onnx"
         if not model_path.exists():
+            t0 = time.time()
             model = ir.load(str(source))
-            rewrite_model(model, RewriteOptions(threshold=tau, sink_blocks=args.sink, local_blocks=args.local))
+            report = rewrite_model(model, RewriteOptions(threshold=tau, sink_blocks=args.sink, local_blocks=args.local))
+            if args.recall:
+                spec = f"perhead:recall={args.recall},sink={args.sink},local={args.local}"
+                set_head_thresholds(model, report, parse_setting(spec, calib_file(args)).head_thresholds)
             ir.save(model, str(model_path))
+            print(f"rewrote {len(report.sites)} sites -> {model_path} ({time.time() - t0:.1f} s)")
         sess = _ort_session(model_path)
         for i, w in enumerate(wins):
-            path = folder / f"tau{tau}-s{args.sink}-l{args.local}-w{i}.json"
+            path = folder / f"{tag}-w{i}.json"
             if path.exists():
                 continue
             t0 = time.time()
             nll, n = _ort_nll(sess, w)
             wall = time.time() - t0
-            row = {"setting": f"ort:tau={tau},sink={args.sink},local={args.local}", "window": i, "nll": nll,
+            row = {"setting": f"ort:{tag}", "window": i, "nll": nll,
                    "tokens": n, "wall_s": wall, "context": args.context, "text": args.text}
             path.write_text(json.dumps(row))
             print(f"ort tau {tau} w{i} ppl {np.exp(nll / n):8.4f} {wall:6.1f} s", flush=True)
+
+
+def set_head_thresholds(model, report, thresholds: dict) -> None:
+    """Give each rewritten site its fitted `head_thresholds` input (contract input 5).
+
+    Args:
+        model: onnx_ir model rewritten by `rewrite_model`.
+        report: its Report (site names in layer order).
+        thresholds: {layer: float32 [Hq]}.
+    """
+    import onnx_ir as ir
+
+    from asa_export.passes import rewrite
+
+    by_name = {node.name: node for node in model.graph}
+    nodes = []
+    for site in report.sites:
+        node = by_name[site.name]
+        value = ir.Value(name=f"{site.name}_head_thresholds",
+                         const_value=ir.tensor(np.asarray(thresholds[site.layer], dtype=np.float32)))
+        model.graph.register_initializer(value)
+        if len(node.inputs) < 6:
+            node.resize_inputs(6)
+        node.replace_input_with(5, value)
+        nodes.append(node)
+    rewrite.add_functions(model, nodes)
+    used = {(n.domain, n.op_type, n.overload) for n in model.graph}
+    for key in [k for k in model.functions if k not in used]:
+        del model.functions[key]
 
 
 def _ort_session(path):
@@ -235,6 +278,31 @@ def _ort_nll(sess, ids: np.ndarray) -> tuple[float, int]:
     top = logits.max(axis=-1, keepdims=True)
     logz = np.log(np.exp(logits - top).sum(axis=-1)) + top[:, 0]
     return float((logz - logits[np.arange(len(target)), target]).sum()), len(target)
+
+
+# ------------------------------------------------------------------ curves
+
+
+def cmd_curves(args) -> None:
+    """Print the calibration proxy: density and attention-mass recall per router and tau."""
+    from asa_export.router import research, stats
+
+    curves = research.arrays_to_curves(np.load(calib_file(args)))
+    for (router, sink, local), layers in sorted(curves.items()):
+        total = layers[0]
+        for c in layers[1:]:
+            total = total + c
+        dens, rec = total.density().mean(0), total.recall().mean(0)
+        print(f"{router} sink={sink} local={local}: " + "  ".join(
+            f"tau {t:g}: d {d:.3f} r {r:.4f}" for t, d, r in zip(total.taus, dens, rec)))
+        if router == "naive":
+            for target in args.recalls:
+                pts = [stats.curve_at(c, stats.fit_head_thresholds(c, target)) for c in layers]
+                kept = sum(p[0] * c.visible.sum() for p, c in zip(pts, layers))
+                mass = sum(p[1] * c.mass_total.sum() for p, c in zip(pts, layers))
+                vis = sum(c.visible.sum() for c in layers)
+                tot = sum(c.mass_total.sum() for c in layers)
+                print(f"  perhead recall {target}: d {kept / vis:.3f} r {mass / tot:.4f}")
 
 
 # ------------------------------------------------------------------ table
@@ -283,15 +351,22 @@ def main(argv=None) -> int:
     ort.add_argument("--sink", type=int, default=1)
     ort.add_argument("--local", type=int, default=1)
     ort.add_argument("--exporter", default="dynamo23")
+    ort.add_argument("--recall", type=float, default=None,
+                     help="per-head thresholds fitted for this mass recall (needs `calibrate`)")
     sub.add_parser("table")
-    for p in (cal, ppl, ort):
+    cur = sub.add_parser("curves")
+    cur.add_argument("--recalls", type=float, nargs="+", default=[0.9, 0.95, 0.97, 0.98, 0.99])
+    for p in (cal, ppl, ort, cur):
         p.add_argument("--context", type=int, default=2048)
         p.add_argument("--windows", type=int, default=8)
         p.add_argument("--calib-windows", type=int, default=2)
+        p.add_argument("--calib-context", type=int, default=None,
+                       help="context of the calibration curves (default: --context)")
         p.add_argument("--text", choices=("kjv", "pydoc"), default="kjv")
     ppl.set_defaults(fn=cmd_ppl)
     cal.set_defaults(fn=cmd_calibrate)
     ort.set_defaults(fn=cmd_ort)
+    cur.set_defaults(fn=cmd_curves)
     args = parser.parse_args(argv)
     if args.cmd == "table":
         cmd_table(args)

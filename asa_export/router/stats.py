@@ -184,3 +184,25 @@ def curve_at(curve: ThresholdCurve, head_taus: np.ndarray) -> tuple[float, float
     kept = curve.kept[heads, index].sum()
     mass = curve.mass_kept[heads, index].sum()
     return float(kept / max(curve.visible.sum(), 1)), float(mass / max(curve.mass_total.sum(), 1e-30))
+
+
+def fit_head_thresholds_tradeoff(curve: ThresholdCurve, cost: float) -> np.ndarray:
+    """Per-head tau maximizing mass recall minus `cost` times density (a Lagrangian split).
+
+    With one `cost` shared by every site and head, this spends density where it buys the most
+    attention mass: the head-by-head optimum of total recall for a total density budget (on the
+    grid's convex hull), instead of the same recall for every head.
+
+    Args:
+        curve: calibration statistics of one site.
+        cost: recall units one unit of density is worth (>= 0; 0 gives tau = 1 everywhere).
+
+    Returns:
+        float32 [Hq] thresholds from the curve's grid.
+    """
+    if cost < 0:
+        raise AsaExportError(f"cost must be >= 0, got {cost}")
+    gain = curve.recall() - cost * curve.density()
+    # Ties (flat gain) go to the larger tau: the safer, denser choice.
+    best = gain.shape[1] - 1 - np.argmax(gain[:, ::-1], axis=1)
+    return curve.taus[best].astype(np.float32)

@@ -128,3 +128,14 @@ def test_fitted_thresholds_reach_target_on_real_selection():
     keep = ref.select_blocks(probs, visible, ATTRS, S, S, head_thresholds=taus)
     recall = np.where(keep, mass, 0).sum(axis=(0, 2, 3)) / mass.sum(axis=(0, 2, 3))
     assert np.all(recall >= 0.9 - 1e-6)
+
+
+def test_tradeoff_thresholds_follow_cost():
+    curve = _toy_curve()
+    # head 0: recall 0.96 at density 0.2 beats 0.99 at 0.5 once cost > 0.1 (a tie at 0.1 goes to 0.9)
+    np.testing.assert_array_equal(stats.fit_head_thresholds_tradeoff(curve, 0.2), np.float32([0.5, 1.0]))
+    np.testing.assert_array_equal(stats.fit_head_thresholds_tradeoff(curve, 0.1), np.float32([0.9, 1.0]))
+    np.testing.assert_array_equal(stats.fit_head_thresholds_tradeoff(curve, 0.0), np.float32([1.0, 1.0]))
+    np.testing.assert_array_equal(stats.fit_head_thresholds_tradeoff(curve, 2.0), np.float32([0.5, 0.5]))
+    with pytest.raises(AsaExportError):
+        stats.fit_head_thresholds_tradeoff(curve, -1.0)
