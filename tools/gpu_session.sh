@@ -33,7 +33,7 @@ if [ "$MODE" = diag ]; then
   for tool in memcheck racecheck; do
     timeout 150 compute-sanitizer --tool $tool --kernel-regex kns=asa --print-limit 20 \
       python3 -m pytest -q -p no:cacheprovider tests/plugins/test_cuda_kernels.py tests/plugins/test_cuda_compile.py \
-      -k "head_thresholds or s97_d64 or decode16_packed" 2>&1 | tee "$OUT/sanitizer_$tool.log" \
+      -k "${DIAG_TESTS:-head_thresholds or s97_d64 or decode16_packed}" 2>&1 | tee "$OUT/sanitizer_$tool.log" \
       | grep -E "ERROR SUMMARY|passed|failed|Error|Race|hazard" | head -20
   done
   timeout 150 ncu --clock-control none --kernel-name regex:"pool|select|prefix|attn|merge" \
