@@ -305,6 +305,85 @@ def cmd_curves(args) -> None:
                 print(f"  perhead recall {target}: d {kept / vis:.3f} r {mass / tot:.4f}")
 
 
+# ------------------------------------------------------------------ pooling study (proposal)
+
+POOLINGS = ("mean", "lse", "max", "last")
+
+
+def pooled_probs(q, k, scale: float, b: int, pooling: str) -> np.ndarray:
+    """Router block probabilities [1, Hq, NQ, NK] under alternative poolings (outside contract v1).
+
+    mean: contract v1 (softmax of scale * mean(q) . mean(k)).
+    lse:  mass of the mean query's exact attention per key block (logsumexp of scale * mean(q) . k_j
+          over the block's keys, softmax over blocks).
+    max:  softmax over blocks of max_j scale * mean(q) . k_j.
+    last: exact attention mass of the query block's last row per key block.
+    """
+    import torch
+
+    from asa_export.contract import AsaAttributes, reference
+
+    attrs = AsaAttributes(scale=scale, causal=True, block_size=b)
+    if pooling == "mean":
+        return reference.router_probs(q.numpy(), k.numpy(), attrs)[0]
+    heads, seq = q.shape[1], q.shape[2]
+    nb = -(-seq // b)
+    kk = k.float().repeat_interleave(heads // k.shape[1], dim=1)[0]
+    last = torch.clamp((torch.arange(nb) + 1) * b - 1, max=seq - 1)
+    if pooling == "last":
+        rep = q[0, :, last].float()
+    else:
+        pad = torch.nn.functional.pad(q[0].float(), (0, 0, 0, nb * b - seq))
+        count = torch.clamp(seq - torch.arange(nb) * b, max=b).float()
+        rep = pad.reshape(heads, nb, b, -1).sum(2) / count[None, :, None]
+    s = scale * rep @ kk.transpose(-1, -2)  # [H, NQ, S]
+    s = s.masked_fill(torch.arange(seq)[None, None, :] > last[None, :, None], float("-inf"))
+    s = torch.nn.functional.pad(s, (0, nb * b - seq), value=float("-inf")).reshape(heads, nb, nb, b)
+    if pooling == "max":
+        logits = s.amax(-1)
+        probs = torch.softmax(logits, -1)
+    else:
+        probs = torch.softmax(s.reshape(heads, nb, nb * b), -1).reshape(heads, nb, nb, b).sum(-1)
+    return torch.nan_to_num(probs).numpy()[None].astype(np.float32)
+
+
+def cmd_pooling(args) -> None:
+    """Recall / density proxy of alternative poolings on calibration windows (dense forward)."""
+    import torch
+
+    from asa_export.contract import AsaAttributes, reference
+    from asa_export.router import research, stats
+
+    captured = []
+
+    def capture(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+        captured.append((query.detach().clone(), key.detach().clone(), float(scaling)))
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True,
+                                                               scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+
+    research.register("asa_capture", capture)
+    model, tok = load("asa_capture")
+    totals = {}
+    wins = windows(tok, segment(args, "kjv", "calib"), args.context, args.calib_windows, args.seed + 1)
+    for w in wins:
+        captured.clear()
+        t0 = time.time()
+        research.window_nll(model, torch.from_numpy(w)[None])
+        for q, k, scale in captured:
+            seq = q.shape[2]
+            attrs = AsaAttributes(scale=scale, causal=True, block_size=64)
+            mass = research.block_mass_torch(q, k, scale, 64)
+            visible = reference.block_visibility(reference.visibility(1, seq, seq, attrs), 64)
+            for pooling in POOLINGS:
+                curve = stats.threshold_curve(pooled_probs(q, k, scale, 64, pooling), mass, visible, attrs, seq, seq)
+                totals[pooling] = totals[pooling] + curve if pooling in totals else curve
+        print(f"pooling window: {time.time() - t0:.1f} s", flush=True)
+    for pooling, curve in totals.items():
+        print(pooling + ": " + "  ".join(f"tau {t:g}: d {d:.3f} r {r:.4f}" for t, d, r in
+                                         zip(curve.taus, curve.density().mean(0), curve.recall().mean(0))))
+
+
 # ------------------------------------------------------------------ table
 
 
@@ -354,9 +433,10 @@ def main(argv=None) -> int:
     ort.add_argument("--recall", type=float, default=None,
                      help="per-head thresholds fitted for this mass recall (needs `calibrate`)")
     sub.add_parser("table")
+    pool = sub.add_parser("pooling")
     cur = sub.add_parser("curves")
     cur.add_argument("--recalls", type=float, nargs="+", default=[0.9, 0.95, 0.97, 0.98, 0.99])
-    for p in (cal, ppl, ort, cur):
+    for p in (cal, ppl, ort, cur, pool):
         p.add_argument("--context", type=int, default=2048)
         p.add_argument("--windows", type=int, default=8)
         p.add_argument("--calib-windows", type=int, default=2)
@@ -367,6 +447,7 @@ def main(argv=None) -> int:
     cal.set_defaults(fn=cmd_calibrate)
     ort.set_defaults(fn=cmd_ort)
     cur.set_defaults(fn=cmd_curves)
+    pool.set_defaults(fn=cmd_pooling)
     args = parser.parse_args(argv)
     if args.cmd == "table":
         cmd_table(args)
