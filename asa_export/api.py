@@ -10,15 +10,16 @@ Progress goes to the `asa_export` logger (the CLI prints it on stderr).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import os
+import tempfile
 import time
 
 from asa_export.contract import AsaAttributes
 from asa_export.errors import AsaExportError
 from asa_export.passes.pipeline import RewriteOptions, find_sites, rewrite_model
 from asa_export.report import Report
+from asa_export.runtime import tensorrt as trt_runtime
 
 logger = logging.getLogger("asa_export")
 
@@ -31,8 +32,12 @@ def export(
     options: RewriteOptions = RewriteOptions(),
     *,
     report_path: str | os.PathLike | None = None,
+    engine: EngineOptions | None = None,
 ) -> Report:
     """Rewrite every attention site of a model into an ASA node and write the result.
+
+    An output ending in `.plan` / `.engine` is a TensorRT engine: the rewritten model goes to a
+    temporary folder and asa_export.runtime.tensorrt.build_engine builds the engine from it.
 
     Nothing is written unless the whole rewrite succeeds; the input is never modified.
 
@@ -42,6 +47,7 @@ def export(
             `<output>.data` when the model is large or the input used external data).
         options: router settings written into every ASA node.
         report_path: where to write the JSON report (optional).
+        engine: TensorRT build settings for an engine output (defaults: EngineOptions()).
 
     Returns:
         The Report: rewritten sites, per-rule counts and regions left unchanged with reasons.
@@ -53,7 +59,11 @@ def export(
     from asa_export import io
 
     input_path, output_path = os.fspath(input_path), os.fspath(output_path)
-    _check_engine_output(output_path)
+    building_engine = output_path.lower().endswith(ENGINE_SUFFIXES)
+    if building_engine:  # fail fast, before minutes of rewriting, when TensorRT is missing
+        engine = engine or EngineOptions()
+        trt_runtime.import_tensorrt(engine.backend)
+        trt_runtime.plugin_library_path(engine.plugin_library)
     validate_options(options)
     # Refuse bad outputs before spending minutes on a large model.
     io.check_output_path(output_path, inputs=[os.path.abspath(input_path)])
@@ -73,7 +83,10 @@ def export(
     counts = ", ".join(f"{rule}: {n}" for rule, n in sorted(report.counts_per_rule().items()))
     logger.info("rewrote %d attention site(s) (%s)", len(report.sites), counts)
     report.output = os.path.abspath(output_path)
-    _timed(f"writing {output_path}", io.save_model, model, output_path)
+    if building_engine:
+        _build_engine(model, output_path, engine)
+    else:
+        _timed(f"writing {output_path}", io.save_model, model, output_path)
     if report_path is not None:
         io.write_text_atomic(report_path, report.to_json() + "\n")
         logger.info("wrote the report to %s", report_path)
@@ -146,17 +159,51 @@ def no_site_message(path: str | os.PathLike, report: Report) -> str:
     return "\n".join(lines)
 
 
-def _check_engine_output(output_path: str) -> None:
-    if not output_path.lower().endswith(ENGINE_SUFFIXES):
-        return
-    if importlib.util.find_spec("tensorrt") is None:
-        why = "TensorRT is not installed"
-    else:
-        why = "building TensorRT engines is not supported yet"
-    raise AsaExportError(
-        f"cannot write the engine {output_path}: {why}. Write an ONNX model instead, "
-        "e.g. `--out model.asa.onnx`, and run it with ONNX Runtime."
-    )
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    """TensorRT settings for `export(..., output_path="engine.plan")`.
+
+    Args:
+        precision: "fp16", "bf16" or "fp32" (the ONNX graph is converted before the build).
+        min_shapes, opt_shapes, max_shapes: explicit optimization profile, "name:1x128,..." text.
+        max_seq: largest sequence length of the default profile (dynamic dims).
+        max_batch: largest batch of the default profile.
+        plugin_library: libasa_trt.so (default: $ASA_TRT_PLUGIN or the build folder).
+        backend: "tensorrt" or "tensorrt-rtx".
+        target: ahead-of-time compute capability for TensorRT-RTX, e.g. "SM89".
+    """
+
+    precision: str = "fp16"
+    min_shapes: str | None = None
+    opt_shapes: str | None = None
+    max_shapes: str | None = None
+    max_seq: int | None = None
+    max_batch: int = 1
+    plugin_library: str | None = None
+    backend: str = "tensorrt"
+    target: str | None = None
+
+
+def _build_engine(model, output_path: str, engine: EngineOptions) -> None:
+    """Save the rewritten model to a temporary folder and build the engine from it."""
+    from asa_export import io
+
+    shapes = {name: trt_runtime.parse_shapes(text) if text else None
+              for name, text in (("min_shapes", engine.min_shapes),
+                                 ("opt_shapes", engine.opt_shapes),
+                                 ("max_shapes", engine.max_shapes))}
+    with tempfile.TemporaryDirectory(prefix="asa_export_") as tmp:
+        onnx_path = os.path.join(tmp, "model.asa.onnx")
+        _timed("writing the rewritten model", io.save_model, model, onnx_path)
+        _timed(
+            f"building {output_path}",
+            lambda: trt_runtime.build_engine(
+                onnx_path, output_path, precision=engine.precision, max_seq=engine.max_seq,
+                max_batch=engine.max_batch, plugin_library=engine.plugin_library,
+                progress=lambda message: logger.info("%s", message), backend=engine.backend,
+                target=engine.target, **shapes,
+            ),
+        )
 
 
 def _timed(what: str, func, *args):

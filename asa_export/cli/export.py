@@ -22,6 +22,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_router_arguments(parser)
     parser.add_argument("--report", metavar="FILE.json", help="also write the report as JSON")
+    add_engine_arguments(parser)
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """TensorRT settings (api.EngineOptions), used when OUT ends in .plan or .engine."""
+    defaults = api.EngineOptions()
+    group = parser.add_argument_group("TensorRT engine (OUT ending in .plan / .engine)")
+    group.add_argument("--precision", default=defaults.precision, choices=("fp16", "bf16", "fp32"),
+                       help="engine precision; the graph is converted first (default %(default)s)")
+    group.add_argument("--max-seq", type=int, metavar="N",
+                       help="largest sequence length of the default optimization profile")
+    group.add_argument("--max-batch", type=int, default=defaults.max_batch, metavar="N",
+                       help="largest batch of the default optimization profile (default %(default)s)")
+    for which in ("min", "opt", "max"):
+        group.add_argument(f"--{which}-shapes", metavar="NAME:DIMS,...",
+                           help=f"explicit {which} shapes of the profile, e.g. input_ids:1x128")
+    group.add_argument("--plugin-library", metavar="PATH",
+                       help="libasa_trt.so (default: $ASA_TRT_PLUGIN or the build folder)")
+    group.add_argument("--backend", default=defaults.backend, choices=("tensorrt", "tensorrt-rtx"),
+                       help="TensorRT or TensorRT-RTX (default %(default)s)")
+    group.add_argument("--target", metavar="SMxx",
+                       help="ahead-of-time target for TensorRT-RTX, e.g. SM89")
+
+
+def engine_options_from(args: argparse.Namespace) -> api.EngineOptions:
+    """api.EngineOptions from parsed engine arguments."""
+    return api.EngineOptions(
+        precision=args.precision, min_shapes=args.min_shapes, opt_shapes=args.opt_shapes,
+        max_shapes=args.max_shapes, max_seq=args.max_seq, max_batch=args.max_batch,
+        plugin_library=args.plugin_library, backend=args.backend, target=args.target,
+    )
 
 
 def add_router_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +83,8 @@ def options_from(args: argparse.Namespace) -> RewriteOptions:
 
 def run(args: argparse.Namespace) -> int:
     """Export, then print the sites table on stdout."""
-    report = api.export(args.model, args.out, options_from(args), report_path=args.report)
+    report = api.export(args.model, args.out, options_from(args), report_path=args.report,
+                        engine=engine_options_from(args))
     print(tables.report_table(report))
     print(f"\nwrote {report.output}")
     return 0

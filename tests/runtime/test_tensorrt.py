@@ -136,7 +136,8 @@ def test_missing_plugin_library_says_how_to_build(tmp_path):
 # -------------------------------------------------------------------- TensorRT-RTX on CPU
 
 @pytest.fixture(scope="module")
-def rtx(tmp_path_factory) -> dict:
+def rtx_setup() -> tuple[Path, dict]:
+    """(plugin library, environment with TensorRT-RTX's loader link on LD_LIBRARY_PATH)."""
     if importlib.util.find_spec("tensorrt_rtx_bindings") is None:
         pytest.skip("needs `pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings`")
     if shutil.which("nvcc") is None or importlib.util.find_spec("kernel_lens") is None:
@@ -146,9 +147,15 @@ def rtx(tmp_path_factory) -> dict:
     builder = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(builder)
     library = builder.cached_build(archs="90a")
-    work = tmp_path_factory.mktemp("rtx")
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = f"{art.rtx_loader_dir()}:{env.get('LD_LIBRARY_PATH', '')}"
+    return library, env
+
+
+@pytest.fixture(scope="module")
+def rtx(rtx_setup, tmp_path_factory) -> dict:
+    library, env = rtx_setup
+    work = tmp_path_factory.mktemp("rtx")
     result = subprocess.run([sys.executable, str(Path(__file__).with_name("rtx_probe.py")),
                              str(library), str(work)], capture_output=True, text=True, env=env,
                             timeout=300)
@@ -215,3 +222,20 @@ def test_rtx_telemetry_outputs_have_contract_shapes(rtx):
 def test_rtx_invalid_attribute_is_rejected_by_the_creator(rtx):
     assert not rtx["bad_attribute"]["ok"]
     assert "Could not create the plugin" in rtx["bad_attribute"]["errors"][0]
+
+
+def test_cli_writes_an_engine_with_tensorrt_rtx(rtx_setup, tmp_path):
+    """`asa-export model.onnx --out engine.plan` end to end: rewrite, convert, parse, build."""
+    library, env = rtx_setup
+    model = tmp_path / "m.onnx"
+    onnx.save(build(), model)
+    result = subprocess.run(
+        ["asa-export", str(model), "--out", str(tmp_path / "engine.plan"), "--backend",
+         "tensorrt-rtx", "--target", "SM89", "--max-seq", "256", "--plugin-library", str(library)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    sidecar = json.loads((tmp_path / "engine.plan.json").read_text())
+    assert sidecar["precision"] == "fp16"
+    assert (tmp_path / "engine.plan").stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine.plan", "engine.plan.json", "m.onnx"]
