@@ -23,6 +23,7 @@ from asa_export.passes.probe import Probe, ProbeError, backward_slice
 
 # Additive mask entries at or below this are "masked" (exp underflows to 0 in float32 softmax).
 MASKED_BELOW = -1.0e4
+_CACHE_KEY = "asa_export.masks.cache"
 # Longest probe: sliding windows are found when a probe is longer than the window.
 _MAX_PROBE_KEYS = 9000
 
@@ -167,6 +168,20 @@ def analyze(model: ir.Model, terms: list[MaskTerm]) -> MaskSpec:
     """
     if not terms:
         return MaskSpec()
+    # Layers share one mask: prove it once per model (results and refusals alike).
+    cache = model.meta.setdefault(_CACHE_KEY, {})
+    key = tuple((t.value.name, t.kind) for t in terms)
+    if key not in cache:
+        try:
+            cache[key] = _analyze(model, terms)
+        except MaskError as exc:
+            cache[key] = exc
+    if isinstance(cache[key], MaskError):
+        raise cache[key]
+    return cache[key]
+
+
+def _analyze(model: ir.Model, terms: list[MaskTerm]) -> MaskSpec:
     for term in terms:
         if term.value.is_graph_input():
             raise MaskError(
