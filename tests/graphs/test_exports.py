@@ -6,10 +6,11 @@ Exports are cached (graphs.export); a cold cache costs a few seconds per TorchSc
 
 from __future__ import annotations
 
-import multiprocessing
+import concurrent.futures
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -116,24 +117,35 @@ def test_export_is_cached(tmp_path):
     assert other != first
 
 
-def _export_in_child(cache_dir, queue):
-    queue.put(str(graphs.export("bert", "torchscript", cache_dir=cache_dir)))
-
-
 def test_concurrent_exports_share_one_file(tmp_path):
-    ctx = multiprocessing.get_context("fork")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_export_in_child, args=(tmp_path, queue)) for _ in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
-    paths = {queue.get(timeout=5) for _ in procs}
-    assert len(paths) == 1
-    onnx_files = [f for f in os.listdir(tmp_path) if f.endswith(".onnx") or ".tmp" in f]
-    assert onnx_files == [os.path.basename(paths.pop())]
-    onnx.checker.check_model(str(tmp_path / onnx_files[0]))
+    """Two writers of one key: the producer runs once, the other waits and reuses its file."""
+    from graphs.cache import cached_file
+
+    calls = []
+
+    def produce(path):
+        calls.append(path)
+        time.sleep(0.5)  # hold the lock while the other thread arrives
+        onnx.save(onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [])), path)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        paths = list(pool.map(lambda _: cached_file(tmp_path, "key", produce), range(2)))
+    assert paths[0] == paths[1] == tmp_path / "key.onnx"
+    assert len(calls) == 1
+    assert sorted(f for f in os.listdir(tmp_path) if not f.endswith(".lock")) == ["key.onnx"]
+    onnx.checker.check_model(str(paths[0]))
+
+
+def test_failed_export_leaves_nothing(tmp_path):
+    from graphs.cache import cached_file
+
+    def produce(path):
+        path.write_bytes(b"half")
+        raise RuntimeError("exporter failed")
+
+    with pytest.raises(RuntimeError):
+        cached_file(tmp_path, "key", produce)
+    assert [f for f in os.listdir(tmp_path) if not f.endswith(".lock")] == []
 
 
 def test_sample_inputs_padding_and_positions():
