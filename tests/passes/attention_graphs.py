@@ -34,7 +34,8 @@ def build(
 
     Args:
         mask: "none", "padding", "causal", "causal+padding".
-        form: "add" (additive -inf mask) or "where" (Where(keep, scores, -inf)).
+        form: "add" (additive -inf mask), "where" (Where(keep, scores, -inf)) or "alibi"
+            (an additive mask that also carries a distance bias).
         window: sliding window for causal masks (-1 none).
         softcap: 0 or the cap c of c·tanh(s/c).
         scale_on: "scores" (Mul after the MatMul) or "qk" (sqrt(scale) on Q and on K^T).
@@ -77,7 +78,16 @@ def build(
         inputs.append(helper.make_tensor_value_info("bias", TensorProto.FLOAT, [1, hq, "S", "S"]))
         scores = b.op("Add", [scores, "bias"])
     keep = _keep_mask(b, mask, window)
-    if keep is not None and form == "add":
+    if form == "alibi":  # additive bias -slope·(i - j) on visible keys: a bias, not a mask
+        s = b.op("Squeeze", [b.op("Shape", ["q"], start=2, end=3), b.const(np.array([0]))])
+        r = b.op("Cast", [b.op("Range", [b.const(np.array(0)), s, b.const(np.array(1))])],
+                 to=TensorProto.FLOAT)
+        dist = b.op("Sub", [b.op("Unsqueeze", [r, b.const(np.array([1]))]),
+                            b.op("Unsqueeze", [r, b.const(np.array([0]))])])
+        bias = b.op("Mul", [dist, b.const(np.array(-0.5, dtype=np.float32))])
+        additive = b.op("Where", [keep, bias, b.const(np.array(NEG_INF, dtype=np.float32))])
+        scores = b.op("Add", [scores, additive])
+    elif keep is not None and form == "add":
         additive = b.op("Where", [keep, b.const(np.array(0.0, dtype=np.float32)),
                                   b.const(np.array(NEG_INF, dtype=np.float32))])
         scores = b.op("Add", [scores, additive])

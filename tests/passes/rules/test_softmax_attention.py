@@ -87,6 +87,7 @@ REJECTIONS = {
     "probabilities are a model output": (dict(probs_output=True), "probabilities are a model output"),
     "softmax over another axis": (dict(softmax_axis=2), "last axis"),
     "bias that is a model input": (dict(extra_bias=True, mask="none"), "model input"),
+    "ALiBi-like distance bias in the mask": (dict(form="alibi", mask="causal"), "carries a bias"),
 }
 
 
