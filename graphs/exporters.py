@@ -15,7 +15,7 @@ from asa_export.errors import AsaExportError
 from graphs import cache
 from graphs.families import build_model, check_attn, check_family, family_spec
 from graphs.inputs import sample_inputs
-from graphs.wrappers import BATCH, PAST, SEQ, TOTAL, dynamic_axes, io_names, wrap
+from graphs.interface import BATCH, PAST, SEQ, TOTAL, dynamic_axes, io_names
 
 EXPORTERS = ("torchscript", "dynamo", "dynamo23")
 OPSETS = {"torchscript": 17, "dynamo": 18, "dynamo23": 23}
@@ -41,6 +41,8 @@ def wrapped_model(family: str, attn: str = "eager", kv_cache: bool = False, mode
     Returns:
         torch.nn.Module in eval mode.
     """
+    from graphs.wrappers import wrap
+
     spec = family_spec(family)
     if kv_cache and not spec.causal:
         raise AsaExportError(f"{family} is bidirectional; it has no KV-cache variant")

@@ -15,7 +15,7 @@ import numpy as np
 
 from asa_export.errors import AsaExportError
 from graphs.families import FamilySpec, check_family, family_spec
-from graphs.wrappers import io_names
+from graphs.interface import io_names
 
 
 def padding_mask(batch: int, total: int, side: str | None) -> np.ndarray:
