@@ -393,26 +393,32 @@ def cmd_table(args) -> None:
     for path in sorted(pathlib.Path(args.out).rglob("w*.json")) + sorted(pathlib.Path(args.out).rglob("ort/**/*.json")):
         r = json.loads(path.read_text())
         key = (r["text"], r["context"], r["setting"])
-        agg = rows.setdefault(key, {"nll": 0.0, "tokens": 0, "kept": 0, "visible": 0, "n": 0, "wall": 0.0, "w": set()})
+        agg = rows.setdefault(key, {"nll": 0.0, "tokens": 0, "kept": 0, "visible": 0, "n": 0, "wall": 0.0,
+                                    "w": set(), "per": {}})
         if r["window"] in agg["w"]:
             continue
         agg["w"].add(r["window"])
+        agg["per"][r["window"]] = r["nll"] / r["tokens"]
         for f in ("nll", "tokens"):
             agg[f] += r[f]
         agg["kept"] += r.get("kept", 0)
         agg["visible"] += r.get("visible", 0)
         agg["n"] += 1
         agg["wall"] += r["wall_s"]
-    print("| text | context | setting | windows | density | perplexity | Δ% vs dense | s/window |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| text | context | setting | windows | density | perplexity | Δ% vs dense | Δ% per window (min..max) | s/window |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for (text, ctx, setting), a in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] != "dense", kv[0][2])):
         dense = rows.get((text, ctx, "dense"))
         ppl = np.exp(a["nll"] / a["tokens"])
-        delta = ""
-        if dense and dense["w"] == a["w"]:
-            delta = f"{100 * (ppl / np.exp(dense['nll'] / dense['tokens']) - 1):+.2f}"
+        delta, spread = "", ""
+        if dense and a["w"] <= dense["w"]:
+            same = [dense["per"][w] for w in a["w"]]
+            dense_ppl = np.exp(np.mean(same))  # windows have equal token counts
+            delta = f"{100 * (ppl / dense_ppl - 1):+.2f}"
+            per = [100 * (np.exp(a["per"][w] - dense["per"][w]) - 1) for w in sorted(a["w"])]
+            spread = f"{min(per):+.2f}..{max(per):+.2f}"
         dens = f"{a['kept'] / a['visible']:.3f}" if a["visible"] else "n/a"
-        print(f"| {text} | {ctx} | {setting} | {a['n']} | {dens} | {ppl:.4f} | {delta} | {a['wall'] / a['n']:.1f} |")
+        print(f"| {text} | {ctx} | {setting} | {a['n']} | {dens} | {ppl:.4f} | {delta} | {spread} | {a['wall'] / a['n']:.1f} |")
 
 
 def main(argv=None) -> int:
