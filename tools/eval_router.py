@@ -192,7 +192,8 @@ def cmd_ort(args) -> None:
     from asa_export.passes.pipeline import RewriteOptions, rewrite_model
     from graphs import exporters, smollm2
 
-    source = exporters.export("smollm2", args.exporter, attn="sdpa")
+    # An explicit --model avoids a re-export (about 6 minutes here) when the graphs cache key moved.
+    source = args.model or exporters.export("smollm2", args.exporter, attn="sdpa")
     tok = smollm2.load_tokenizer()
     wins = windows(tok, segment(args, args.text, "eval"), args.context, args.windows, args.seed)
     folder = pathlib.Path(args.out) / "ort" / args.text / str(args.context)
@@ -436,6 +437,7 @@ def main(argv=None) -> int:
     ort.add_argument("--sink", type=int, default=1)
     ort.add_argument("--local", type=int, default=1)
     ort.add_argument("--exporter", default="dynamo23")
+    ort.add_argument("--model", default=None, help="an existing SmolLM2 ONNX export (default: graphs cache)")
     ort.add_argument("--recall", type=float, default=None,
                      help="per-head thresholds fitted for this mass recall (needs `calibrate`)")
     sub.add_parser("table")
