@@ -10,7 +10,9 @@
 
 Settings are strings: `dense`, `naive:tau=0.9`, `oracle:tau=0.9`, `naive:tau=0.9,sink=2,local=2`,
 `perhead:recall=0.95[,sink=1,local=1]` (per-head tau reaching that attention-mass recall on the
-calibration curves), `tradeoff:cost=0.2` (per-head tau maximizing recall - cost * density).
+calibration curves), `tradeoff:cost=0.2` (per-head tau maximizing recall - cost * density);
+`lse:tau=0.99` and `perhead:...,router=lse` are a research pooling outside contract v1
+(research.pooled_probs "lse"), measured for a contract proposal.
 Seeded (window choice), resumable (existing JSON files are skipped), prints wall times.
 
 Example:
@@ -92,18 +94,19 @@ def parse_setting(spec: str, curves_file: pathlib.Path | None):
     name, _, rest = spec.partition(":")
     kv = dict(item.split("=") for item in rest.split(",") if item)
     sink, local = int(kv.get("sink", 1)), int(kv.get("local", 1))
-    if name in ("dense", "naive", "oracle"):
+    if name in ("dense", "naive", "oracle", "lse"):
         return research.RouterSetting(router=name, threshold=float(kv.get("tau", 1.0)),
                                       sink_blocks=sink, local_blocks=local)
     if name in ("perhead", "tradeoff"):
         if curves_file is None or not curves_file.is_file():
             raise AsaExportError(f"perhead needs calibration curves: run `calibrate` first ({curves_file})")
-        curves = research.arrays_to_curves(np.load(curves_file))[("naive", sink, local)]
+        router = kv.get("router", "naive")  # "lse": research pooling, outside contract v1
+        curves = research.arrays_to_curves(np.load(curves_file))[(router, sink, local)]
         if name == "perhead":
             taus = {i: stats.fit_head_thresholds(c, float(kv["recall"])) for i, c in enumerate(curves)}
         else:
             taus = {i: stats.fit_head_thresholds_tradeoff(c, float(kv["cost"])) for i, c in enumerate(curves)}
-        return research.RouterSetting(router="naive", threshold=1.0, sink_blocks=sink,
+        return research.RouterSetting(router=router, threshold=1.0, sink_blocks=sink,
                                       local_blocks=local, head_thresholds=taus)
     raise AsaExportError(f"unknown setting {spec!r}: dense | naive:tau= | oracle:tau= | perhead:recall= | tradeoff:cost=")
 
@@ -311,43 +314,6 @@ def cmd_curves(args) -> None:
 POOLINGS = ("mean", "lse", "max", "last")
 
 
-def pooled_probs(q, k, scale: float, b: int, pooling: str) -> np.ndarray:
-    """Router block probabilities [1, Hq, NQ, NK] under alternative poolings (outside contract v1).
-
-    mean: contract v1 (softmax of scale * mean(q) . mean(k)).
-    lse:  mass of the mean query's exact attention per key block (logsumexp of scale * mean(q) . k_j
-          over the block's keys, softmax over blocks).
-    max:  softmax over blocks of max_j scale * mean(q) . k_j.
-    last: exact attention mass of the query block's last row per key block.
-    """
-    import torch
-
-    from asa_export.contract import AsaAttributes, reference
-
-    attrs = AsaAttributes(scale=scale, causal=True, block_size=b)
-    if pooling == "mean":
-        return reference.router_probs(q.numpy(), k.numpy(), attrs)[0]
-    heads, seq = q.shape[1], q.shape[2]
-    nb = -(-seq // b)
-    kk = k.float().repeat_interleave(heads // k.shape[1], dim=1)[0]
-    last = torch.clamp((torch.arange(nb) + 1) * b - 1, max=seq - 1)
-    if pooling == "last":
-        rep = q[0, :, last].float()
-    else:
-        pad = torch.nn.functional.pad(q[0].float(), (0, 0, 0, nb * b - seq))
-        count = torch.clamp(seq - torch.arange(nb) * b, max=b).float()
-        rep = pad.reshape(heads, nb, b, -1).sum(2) / count[None, :, None]
-    s = scale * rep @ kk.transpose(-1, -2)  # [H, NQ, S]
-    s = s.masked_fill(torch.arange(seq)[None, None, :] > last[None, :, None], float("-inf"))
-    s = torch.nn.functional.pad(s, (0, nb * b - seq), value=float("-inf")).reshape(heads, nb, nb, b)
-    if pooling == "max":
-        logits = s.amax(-1)
-        probs = torch.softmax(logits, -1)
-    else:
-        probs = torch.softmax(s.reshape(heads, nb, nb * b), -1).reshape(heads, nb, nb, b).sum(-1)
-    return torch.nan_to_num(probs).numpy()[None].astype(np.float32)
-
-
 def cmd_pooling(args) -> None:
     """Recall / density proxy of alternative poolings on calibration windows (dense forward)."""
     import torch
@@ -377,7 +343,7 @@ def cmd_pooling(args) -> None:
             mass = research.block_mass_torch(q, k, scale, 64)
             visible = reference.block_visibility(reference.visibility(1, seq, seq, attrs), 64)
             for pooling in POOLINGS:
-                curve = stats.threshold_curve(pooled_probs(q, k, scale, 64, pooling), mass, visible, attrs, seq, seq)
+                curve = stats.threshold_curve(research.pooled_probs(q, k, scale, 64, pooling), mass, visible, attrs, seq, seq)
                 totals[pooling] = totals[pooling] + curve if pooling in totals else curve
         print(f"pooling window: {time.time() - t0:.1f} s", flush=True)
     for pooling, curve in totals.items():

@@ -22,7 +22,7 @@ from asa_export.contract import reference
 from asa_export.errors import AsaExportError
 from asa_export.router.stats import DEFAULT_TAUS, ThresholdCurve, threshold_curve
 
-ROUTERS = ("dense", "naive", "oracle")
+ROUTERS = ("dense", "naive", "oracle", "lse")
 
 
 @dataclasses.dataclass
@@ -31,7 +31,9 @@ class RouterSetting:
 
     Args:
         router: "dense" (every visible block), "naive" (contract v1 pooled Q.K estimate) or
-            "oracle" (true block mass from the full attention: the ceiling of any router).
+            "oracle" (true block mass from the full attention: the ceiling of any router),
+            "lse" (research, outside contract v1: `pooled_probs(..., "lse")`, the mean query's
+            exact attention mass per key block).
         threshold: global tau.
         sink_blocks: contract attribute.
         local_blocks: contract attribute.
@@ -105,6 +107,43 @@ def block_mass_torch(q, k, scale: float, block_size: int, row_chunk: int = 512):
     return (out / count[None, None, :, None]).float().numpy()
 
 
+def pooled_probs(q, k, scale: float, b: int, pooling: str) -> np.ndarray:
+    """Router block probabilities [1, Hq, NQ, NK] under alternative poolings (research, NOT contract v1).
+
+    Causal self-attention, batch 1. Args: q [1, Hq, S, D], k [1, Hkv, S, D] torch; scale; b; pooling.
+
+    mean: contract v1 (softmax of scale * mean(q) . mean(k)).
+    lse:  mass of the mean query's exact attention per key block (logsumexp of scale * mean(q) . k_j
+          over the block's keys, softmax over blocks).
+    max:  softmax over blocks of max_j scale * mean(q) . k_j.
+    last: exact attention mass of the query block's last row per key block.
+    """
+    import torch
+
+    attrs = AsaAttributes(scale=scale, causal=True, block_size=b)
+    if pooling == "mean":
+        return reference.router_probs(q.numpy(), k.numpy(), attrs)[0]
+    heads, seq = q.shape[1], q.shape[2]
+    nb = -(-seq // b)
+    kk = k.float().repeat_interleave(heads // k.shape[1], dim=1)[0]
+    last = torch.clamp((torch.arange(nb) + 1) * b - 1, max=seq - 1)
+    if pooling == "last":
+        rep = q[0, :, last].float()
+    else:
+        pad = torch.nn.functional.pad(q[0].float(), (0, 0, 0, nb * b - seq))
+        count = torch.clamp(seq - torch.arange(nb) * b, max=b).float()
+        rep = pad.reshape(heads, nb, b, -1).sum(2) / count[None, :, None]
+    s = scale * rep @ kk.transpose(-1, -2)  # [H, NQ, S]
+    s = s.masked_fill(torch.arange(seq)[None, None, :] > last[None, :, None], float("-inf"))
+    s = torch.nn.functional.pad(s, (0, nb * b - seq), value=float("-inf")).reshape(heads, nb, nb, b)
+    if pooling == "max":
+        logits = s.amax(-1)
+        probs = torch.softmax(logits, -1)
+    else:
+        probs = torch.softmax(s.reshape(heads, nb, nb * b), -1).reshape(heads, nb, nb, b).sum(-1)
+    return torch.nan_to_num(probs).numpy()[None].astype(np.float32)
+
+
 def _keep_mask(keep: np.ndarray, seq: int, b: int):
     """bool torch [B, H, S, S]: kept blocks expanded to elements, and causal."""
     import torch
@@ -145,8 +184,8 @@ def make_attention(setting: RouterSetting, recorder: Recorder, capture: bool = F
         mass = None
         if setting.router == "oracle" or capture:
             mass = block_mass_torch(query, key, scale, attrs.block_size)
-        if setting.router == "oracle":
-            probs = mass
+        if setting.router in ("oracle", "lse"):
+            probs = mass if setting.router == "oracle" else pooled_probs(query, key, scale, attrs.block_size, "lse")
             visible = reference.block_visibility(reference.visibility(batch, seq, seq, attrs), attrs.block_size)
         else:
             probs, visible = reference.router_probs(q_np, k_np, attrs)
@@ -165,11 +204,15 @@ def make_attention(setting: RouterSetting, recorder: Recorder, capture: bool = F
 
 
 def _capture(recorder, layer, q_np, k_np, mass, visible, attrs, taus, variants) -> None:
+    import torch
+
     seq = q_np.shape[2]
     probs, _ = reference.router_probs(q_np, k_np, attrs)
+    lse = pooled_probs(torch.from_numpy(q_np), torch.from_numpy(k_np), attrs.resolved_scale(q_np.shape[-1]),
+                       attrs.block_size, "lse")
     for sink, local in variants:
         a = dataclasses.replace(attrs, sink_blocks=sink, local_blocks=local)
-        for name, p in (("naive", probs), ("oracle", mass)):
+        for name, p in (("naive", probs), ("oracle", mass), ("lse", lse)):
             curve = threshold_curve(p, mass, visible, a, seq, seq, taus)
             store = recorder.curves.setdefault((name, sink, local), {})
             store[layer] = store[layer] + curve if layer in store else curve

@@ -70,3 +70,12 @@ def test_curves_round_trip_through_arrays():
     back = research.arrays_to_curves(arrays)[("naive", 1, 2)]
     assert len(back) == 2
     np.testing.assert_array_equal(back[1].kept, curve.kept)
+
+
+def test_lse_pooling_is_a_distribution_over_visible_blocks():
+    q, k, _ = _qkv(4)
+    probs = research.pooled_probs(q, k, D ** -0.5, BS, "lse")
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    assert np.all(np.triu(probs[0, 0], 1) == 0)  # causally invisible blocks get nothing
+    mean = research.pooled_probs(q, k, D ** -0.5, BS, "mean")
+    np.testing.assert_allclose(mean, ref.router_probs(q.numpy(), k.numpy(), AsaAttributes(causal=True, block_size=BS))[0])
