@@ -4,7 +4,8 @@ Key = family, exporter, attention implementation, KV-cache flag, the torch / tra
 onnxscript versions, and a hash of this package's source (any builder edit invalidates it).
 Writers export into a private temporary file and `os.replace` it into place, so a reader never
 sees a half-written model; a per-key lock makes a second process wait for the first one's
-result instead of exporting again.
+result instead of exporting again. Writing a new export deletes that variant's exports made
+by other versions.
 """
 
 from __future__ import annotations
@@ -112,4 +113,16 @@ def cached_file(cache_dir: pathlib.Path, stem: str, produce) -> pathlib.Path:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+    _prune_stale(cache_dir, stem)
     return target
+
+
+def _prune_stale(cache_dir: pathlib.Path, stem: str) -> None:
+    """Delete exports of the same variant made by other versions (SmolLM2 ones are 0.5 GB each)."""
+    variant, _, digest = stem.rpartition("-")
+    if not variant:
+        return
+    for path in cache_dir.glob(f"{variant}-*"):
+        other = path.name.split(".")[0].rpartition("-")
+        if other[0] == variant and other[2] != digest and path.suffix in (".onnx", ".lock"):
+            path.unlink(missing_ok=True)

@@ -136,6 +136,17 @@ def test_concurrent_exports_share_one_file(tmp_path):
     onnx.checker.check_model(str(paths[0]))
 
 
+def test_new_export_replaces_other_versions(tmp_path):
+    from graphs.cache import cached_file
+
+    for name in ("llama-dynamo-eager-kv-000000000000.onnx", "llama-dynamo-eager-kv-000000000000.lock",
+                 "llama-dynamo23-eager-kv-000000000000.onnx"):
+        (tmp_path / name).write_bytes(b"old")
+    cached_file(tmp_path, "llama-dynamo-eager-kv-111111111111", lambda p: p.write_bytes(b"new"))
+    left = sorted(f for f in os.listdir(tmp_path) if not f.endswith(".lock"))
+    assert left == ["llama-dynamo-eager-kv-111111111111.onnx", "llama-dynamo23-eager-kv-000000000000.onnx"]
+
+
 def test_failed_export_leaves_nothing(tmp_path):
     from graphs.cache import cached_file
 
