@@ -145,7 +145,10 @@ def rtx_loader_dir() -> Path | None:
     target = Path(spec.origin).parent / "libtensorrt_rtx.so.1"
     if not target.is_file():
         return None
-    folder = Path(tempfile.gettempdir()) / f"asa_export_rtx_{os.getuid()}"
+    # One folder per installation: two environments (a venv beside the system Python) must not
+    # share a link, or the parser would load the other environment's library.
+    tag = hashlib.sha1(str(target.resolve()).encode()).hexdigest()[:10]
+    folder = Path(tempfile.gettempdir()) / f"asa_export_rtx_{os.getuid()}_{tag}"
     folder.mkdir(exist_ok=True)
     link = folder / "libtensorrt_rtx.so"
     if not link.exists():
