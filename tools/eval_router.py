@@ -309,6 +309,17 @@ def cmd_curves(args) -> None:
                 print(f"  perhead recall {target}: d {kept / vis:.3f} r {mass / tot:.4f}")
 
 
+def cmd_thresholds(args) -> None:
+    """Write fitted per-head thresholds as JSON {"layer": [tau per query head]}."""
+    setting = parse_setting(args.setting, calib_file(args))
+    if setting.head_thresholds is None:
+        raise AsaExportError("thresholds needs a perhead: or tradeoff: setting")
+    table = {str(layer): [float(t) for t in taus] for layer, taus in sorted(setting.head_thresholds.items())}
+    pathlib.Path(args.to).write_text(json.dumps({"setting": args.setting, "curves": calib_file(args).name,
+                                                 "head_thresholds": table}, indent=1))
+    print(f"wrote {args.to}")
+
+
 # ------------------------------------------------------------------ pooling study (proposal)
 
 POOLINGS = ("mean", "lse", "max", "last")
@@ -384,7 +395,7 @@ def cmd_table(args) -> None:
             delta = f"{100 * (ppl / dense_ppl - 1):+.2f}"
             per = [100 * (np.exp(a["per"][w] - dense["per"][w]) - 1) for w in sorted(a["w"])]
             spread = f"{min(per):+.2f}..{max(per):+.2f}"
-        dens = f"{a['kept'] / a['visible']:.3f}" if a["visible"] else "n/a"
+        dens = f"{a['kept'] / a['visible']:.4f}" if a["visible"] else "n/a"
         print(f"| {text} | {ctx} | {setting} | {a['n']} | {dens} | {ppl:.4f} | {delta} | {spread} | {a['wall'] / a['n']:.1f} |")
 
 
@@ -408,9 +419,12 @@ def main(argv=None) -> int:
                      help="per-head thresholds fitted for this mass recall (needs `calibrate`)")
     sub.add_parser("table")
     pool = sub.add_parser("pooling")
+    thr = sub.add_parser("thresholds")
+    thr.add_argument("setting")
+    thr.add_argument("--to", required=True)
     cur = sub.add_parser("curves")
     cur.add_argument("--recalls", type=float, nargs="+", default=[0.9, 0.95, 0.97, 0.98, 0.99])
-    for p in (cal, ppl, ort, cur, pool):
+    for p in (cal, ppl, ort, cur, pool, thr):
         p.add_argument("--context", type=int, default=2048)
         p.add_argument("--windows", type=int, default=8)
         p.add_argument("--calib-windows", type=int, default=2)
@@ -422,6 +436,7 @@ def main(argv=None) -> int:
     ort.set_defaults(fn=cmd_ort)
     cur.set_defaults(fn=cmd_curves)
     pool.set_defaults(fn=cmd_pooling)
+    thr.set_defaults(fn=cmd_thresholds)
     args = parser.parse_args(argv)
     if args.cmd == "table":
         cmd_table(args)
