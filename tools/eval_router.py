@@ -314,7 +314,7 @@ def cmd_thresholds(args) -> None:
     setting = parse_setting(args.setting, calib_file(args))
     if setting.head_thresholds is None:
         raise AsaExportError("thresholds needs a perhead: or tradeoff: setting")
-    table = {str(layer): [float(t) for t in taus] for layer, taus in sorted(setting.head_thresholds.items())}
+    table = {str(layer): [round(float(t), 6) for t in taus] for layer, taus in sorted(setting.head_thresholds.items())}
     pathlib.Path(args.to).write_text(json.dumps({"setting": args.setting, "curves": calib_file(args).name,
                                                  "head_thresholds": table}, indent=1))
     print(f"wrote {args.to}")
