@@ -351,3 +351,22 @@ def test_invalid_params_are_reported(field, value, needle):
     assert LIB.asa_cpu_forward(ctypes.byref(p), 1) == ASA_ERR_INVALID_ARGUMENT
     assert needle in LIB.asa_last_error().decode()
     assert not out.any()
+
+
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
+@pytest.mark.parametrize("seq,q_scale", [(256, 1.0), (1024, 4.0)])
+def test_fp32_error_within_twice_dense_fp32(isa, seq, q_scale, monkeypatch):
+    """FlashAttention's bar: the fused kernel's error against float64 is at most 2x that of a
+    plain dense fp32 softmax attention (the reference in float32), at τ = 1. An approximate
+    exp, fp16 intermediates or a lossy online-softmax rescale would all push it far above
+    (q_scale 4 makes the softmax peaky, scores spanning tens of units)."""
+    rng = np.random.default_rng(seq)
+    q = rng.standard_normal((1, 6, seq, 64)).astype(np.float32) * np.float32(q_scale)
+    k = rng.standard_normal((1, 2, seq, 64)).astype(np.float32)
+    v = rng.standard_normal((1, 2, seq, 64)).astype(np.float32)
+    attrs = AsaAttributes(causal=True, threshold=1.0)
+    exact = ref.asa_attention(q, k, v, attrs, dtype=np.float64)[0]
+    dense32 = np.abs(ref.asa_attention(q, k, v, attrs, dtype=np.float32)[0] - exact).max()
+    monkeypatch.setenv("ASA_CPU_ISA", isa)
+    ours = np.abs(run_core(q, k, v, attrs)[0] - exact).max()
+    assert ours <= 2.0 * dense32, f"kernel error {ours:.2e} vs dense fp32 {dense32:.2e}"
