@@ -16,9 +16,16 @@ at contexts 1K / 2K / 4K, each a one-node (or one-subgraph) ONNX model run by ON
 FLOP formula (effective, what the kept blocks cost at element level):
     4 · B · Hq · D · (S·(S+1)/2) · density      (QKᵀ and P·V, causal half, 2 FLOPs per MAC)
 
+End to end (`--e2e`): prefill latency of SmolLM2-135M (real weights, dynamo opset 18 export
+from graphs.export) for issue 5's four configurations: (a) the original export, (b) the original
+after ONNX Runtime's transformer optimizer, (c) the rewritten model with libasa_ort.so at τ = 1,
+(d) the rewritten model at a sparse operating point (`--sparse τ,sink,local`); density of (d)
+from the op's telemetry over all layers; the optimizer's fused-op counts are reported.
+
     python tools/bench_ort_cpu.py                       # print the table
     python tools/bench_ort_cpu.py --write BENCHMARKS.md # also update the "CPU (ONNX Runtime)"
                                                         # section of that file
+    python tools/bench_ort_cpu.py --e2e --seq 1024 2048 4096 --write BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -129,7 +136,7 @@ def _time_interleaved(runs: list, repeats: int) -> list[dict]:
             t0 = time.perf_counter()
             outs[i] = sess.run(None, feeds)
             wall[i].append(time.perf_counter() - t0)
-    return [dict(s=min(w), median=statistics.median(w), out=o) for w, o in zip(wall, outs)]
+    return [dict(s=min(w), median=statistics.median(w), runs=w, out=o) for w, o in zip(wall, outs)]
 
 
 def _feeds(seq: int, rng) -> dict[str, np.ndarray]:
@@ -190,6 +197,7 @@ def run(seqs, threads: int, repeats: int, function_max_seq: int, library,
         ref_out = results[0]["out"][0] if dens[0] is None else None
         for name, attrs, res in zip(names, dens, results):
             out = res.pop("out")
+            res.pop("runs")
             density = 1.0 if attrs is None else float(out[1].sum()) / float(out[2].sum() * HQ)
             if attrs is not None and attrs.threshold >= 1 and ref_out is not None:
                 err = float(np.abs(out[0] - ref_out).max())
@@ -269,6 +277,155 @@ def kernel_isa(library) -> str:
     return lib.asa_cpu_isa().decode()
 
 
+# ---------------------------------------------------------------------------------------------
+# End to end: SmolLM2-135M prefill (real weights), issue 5's four configurations.
+
+E2E_MODEL = ("smollm2", "dynamo", "sdpa")  # graphs.export(family, exporter, attn=...)
+E2E_SECTION_MARK = "### End to end: SmolLM2-135M prefill"
+
+
+def _count_ops(path) -> dict[str, int]:
+    import onnx
+
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def ort_optimized(orig: Path, out: Path, model_type: str) -> dict:
+    """ONNX Runtime's transformer optimizer on the original export (config (b)).
+
+    Returns:
+        model_type used, the fused-op counts of its report, and the attention-op counts.
+    """
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    opt = optimize_model(str(orig), model_type=model_type, num_heads=9, hidden_size=576,
+                         opt_level=0, use_gpu=False)
+    opt.save_model_to_file(str(out))
+    fused = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+    ops = _count_ops(out)
+    attention = {k: v for k, v in ops.items() if "Attention" in k}
+    return dict(model_type=model_type, fused=fused, attention_ops=attention,
+                softmax=ops.get("Softmax", 0))
+
+
+def rewritten(orig: Path, out: Path, **options) -> int:
+    """Rewrite `orig` into `out` with RewriteOptions(**options); returns the ASA node count."""
+    import onnx_ir as ir
+
+    from asa_export import io
+    from asa_export.passes.pipeline import RewriteOptions, rewrite_model
+
+    model = ir.load(str(orig))
+    rewrite_model(model, RewriteOptions(**options))
+    io.save_model(model, out)
+    return sum(1 for n in model.graph if n.op_type == "AdaptiveSparseAttention")
+
+
+def model_density(path: Path, feeds: dict, library) -> float:
+    """Kept / visible key blocks over all ASA nodes of `path` for one feed (the op's telemetry)."""
+    import types
+
+    import onnx_ir as ir
+
+    from asa_export import check
+
+    result = types.SimpleNamespace(density=[], density_error="")
+    check._measure_density(ir.load(str(path)), [feeds], result, library)
+    if result.density_error:
+        raise RuntimeError(result.density_error)
+    kept = sum(d.kept for d in result.density)
+    return kept / sum(d.visible for d in result.density)
+
+
+def run_e2e(seqs, threads: int, repeats: int, library, workdir: Path, sparse: dict,
+            model_type: str) -> dict:
+    """Prefill latency of (a) original, (b) ORT-optimized, (c) ASA τ=1, (d) ASA sparse.
+
+    Returns:
+        dict(rows=[{seq, config, median, best, runs, density}], optimizer=..., sparse=...).
+    """
+    import graphs
+    from graphs.inputs import sample_inputs
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    orig = Path(graphs.export(E2E_MODEL[0], E2E_MODEL[1], attn=E2E_MODEL[2]))
+    paths = {"(a) original": orig, "(b) ORT transformer optimizer": workdir / "ort_opt.onnx",
+             "(c) ASA library τ=1": workdir / "asa_tau1.onnx",
+             "(d) ASA library sparse": workdir / "asa_sparse.onnx"}
+    info = dict(optimizer=ort_optimized(orig, paths["(b) ORT transformer optimizer"], model_type),
+                sparse=sparse)
+    rewritten(orig, paths["(c) ASA library τ=1"], threshold=1.0)
+    rewritten(orig, paths["(d) ASA library sparse"], **sparse)
+    rows = []
+    for seq in seqs:
+        feeds = sample_inputs(E2E_MODEL[0], str(orig), batch=1, seq=seq)
+        runs, names, logits = [], [], {}
+        for name, path in paths.items():
+            lib = library if name.startswith(("(c)", "(d)")) else False
+            runs.append((asa_ort.session(str(path), library=lib, sess_options=_options(threads)),
+                         feeds))
+            names.append(name)
+        res = _time_interleaved(runs, repeats)
+        base = res[0]["out"][0]
+        for name, r in zip(names, res):
+            err = float(np.abs(r["out"][0] - base).max())
+            dens = 1.0
+            if name.startswith("(d)"):
+                dens = model_density(paths[name], feeds, library)
+            rows.append(dict(seq=seq, config=name, best=r["s"], median=r["median"],
+                             runs=r["runs"], density=dens, max_logit_diff=err))
+            print(f"S {seq} {name}: median {r['median']:.2f} s, density {dens:.3f}, "
+                  f"max |Δlogit| vs (a) {err:.2e}", flush=True)
+        del runs
+    info["rows"] = rows
+    return info
+
+
+def e2e_table(rows) -> str:
+    lines = ["| S | configuration | density | median (s) | runs (s) | vs (a) | vs (b) | "
+             "max abs Δlogits vs (a) |",
+             "| ---: | --- | ---: | ---: | --- | ---: | ---: | ---: |"]
+    for row in rows:
+        same = {r["config"][:3]: r for r in rows if r["seq"] == row["seq"]}
+        va = same["(a)"]["median"] / row["median"]
+        vb = same["(b)"]["median"] / row["median"]
+        runs = ", ".join(f"{t:.2f}" for t in row["runs"])
+        lines.append(f"| {row['seq']} | {row['config']} | {row['density']:.3f} | "
+                     f"{row['median']:.2f} | {runs} | {va:.2f}× | {vb:.2f}× | "
+                     f"{row['max_logit_diff']:.1e} |")
+    return "\n".join(lines)
+
+
+def e2e_section(info, args, command: str, load_before: float) -> str:
+    import onnxruntime as ort
+
+    load = os.getloadavg()[0]
+    opt = info["optimizer"]
+    sp = info["sparse"]
+    return "\n".join([
+        E2E_SECTION_MARK, "",
+        f"Prefill latency (one forward pass over the whole prompt, logits out), batch 1, "
+        f"SmolLM2-135M real weights, dynamo opset 18 export (sdpa path), ONNX Runtime "
+        f"{ort.__version__} CPU execution provider, {args.threads} intra-op threads, "
+        f"graph optimizations on; median of {args.e2e_repeats} runs after a warm-up, "
+        "configurations interleaved run by run.", "",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- CPU: {cpu_model()}; 1-min load average before / after: {load_before:.2f} / "
+        f"{load:.2f} (the 2 cores are shared with other jobs)",
+        f"- command: `{command}`",
+        f"- (b): `onnxruntime.transformers.optimizer.optimize_model(model_type=\"{opt['model_type']}\", "
+        f"num_heads=9, hidden_size=576, opt_level=0)`; fused operators: {opt['fused'] or 'none'}; "
+        f"attention ops after it: {opt['attention_ops'] or 'none'} (Softmax left: {opt['softmax']})",
+        f"- (d): threshold {sp['threshold']}, sink {sp['sink_blocks']}, local {sp['local_blocks']}, "
+        f"block {sp.get('block_size', 64)}; density = kept / visible key blocks over all 30 "
+        "layers and heads, measured from the op's telemetry on the same input", "",
+        e2e_table(info["rows"]), ""])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seq", type=int, nargs="+", default=[1024, 2048, 4096])
@@ -280,20 +437,54 @@ def main(argv=None) -> int:
                     help="largest S for the dense-onnx row (memory: several Hq×S×S tensors)")
     ap.add_argument("--library", type=Path, default=None, help="libasa_ort.so (default: found)")
     ap.add_argument("--write", type=Path, help="update this markdown file's CPU section")
+    ap.add_argument("--e2e", action="store_true",
+                    help="run the SmolLM2-135M end-to-end prefill benchmark instead of the "
+                         "attention-only one (--write then updates only its subsection)")
+    ap.add_argument("--e2e-repeats", type=int, default=3)
+    ap.add_argument("--e2e-dir", type=Path, default=REPO / ".cache/bench_ort_cpu")
+    ap.add_argument("--optimizer-model-type", default="gpt2",
+                    help="model_type for ONNX Runtime's transformer optimizer")
+    ap.add_argument("--sparse", default="0.9,1,1",
+                    help="(d)'s threshold,sink_blocks,local_blocks")
     args = ap.parse_args(argv)
     library = args.library or asa_ort.library_path()
     if library is None:
         print("libasa_ort.so not built: run `python tools/build_plugins.py`", file=sys.stderr)
         return 1
     args.isa = kernel_isa(library)
+    command = "python tools/bench_ort_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.e2e:
+        tau, sink, local = args.sparse.split(",")
+        sparse = dict(threshold=float(tau), sink_blocks=int(sink), local_blocks=int(local))
+        load_before = os.getloadavg()[0]
+        info = run_e2e(args.seq, args.threads, args.e2e_repeats, library, args.e2e_dir, sparse,
+                       args.optimizer_model_type)
+        text = e2e_section(info, args, command.strip(), load_before)
+        print(text)
+        if args.write:
+            write_subsection(args.write, text)
+        return 0
     rows = run(args.seq, args.threads, args.repeats, args.function_max_seq, library,
                args.dense_max_seq)
-    command = "python tools/bench_ort_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = section(rows, args, command.strip())
     print(text)
     if args.write:
         write_section(args.write, text)
     return 0
+
+
+def write_subsection(path: Path, text: str) -> None:
+    """Replace (or append at the end of the CPU section) the end-to-end subsection."""
+    old = path.read_text()
+    pattern = re.compile(rf"^{re.escape(E2E_SECTION_MARK)}.*?(?=^##? |^### |\Z)", re.S | re.M)
+    if pattern.search(old):
+        path.write_text(pattern.sub(lambda _: text + "\n", old))
+        return
+    sec = re.compile(rf"^## {re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    m = sec.search(old)
+    if not m:
+        raise SystemExit(f"no '## {SECTION}' section in {path}")
+    path.write_text(old[:m.end()].rstrip("\n") + "\n\n" + text + "\n\n" + old[m.end():])
 
 
 if __name__ == "__main__":
