@@ -11,8 +11,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-# A probe slice that reaches a weight larger than this is refused: masks depend on shapes and on
-# the padding input, never on weights, and probing must stay cheap on large models.
+# A probe slice that computes with a weight larger than this is refused: masks depend on shapes
+# and on the padding input, never on weights, and probing must stay cheap on large models. A
+# large table that the slice only indexes (the token embedding, whose output's shape and type
+# some exports read) is allowed: a Gather of a few rows costs nothing.
 _MAX_WEIGHT_ELEMENTS = 1 << 20
 
 
@@ -67,9 +69,13 @@ class Probe:
         import onnxruntime as ort
 
         nodes, inputs, initializers = backward_slice(values)
+        in_slice = {id(n) for n in nodes}
         for init in initializers:
-            if init.const_value is not None and init.const_value.size > _MAX_WEIGHT_ELEMENTS:
-                raise ProbeError(f"the probed values depend on the weight {init.name!r}")
+            if init.const_value is None or init.const_value.size <= _MAX_WEIGHT_ELEMENTS:
+                continue
+            uses = [u for u in init.uses() if id(u.node) in in_slice]
+            if not all(u.node.op_type == "Gather" and u.idx == 0 for u in uses):
+                raise ProbeError(f"the probed values compute with the weight {init.name!r}")
         view = ir.GraphView(
             inputs, values, nodes=nodes, initializers=initializers,
             opset_imports=model.graph.opset_imports,
