@@ -60,22 +60,5 @@ OrtStatusPtr CpuOp::CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info,
   }
 }
 
-ONNXTensorElementDataType CpuOp::GetInputType(size_t index) const {
-  // head_thresholds is float32; the others are checked in prepare() with a clear message.
-  return index == 5 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-}
-
-ONNXTensorElementDataType CpuOp::GetOutputType(size_t index) const {
-  return index == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
-}
-
-OrtCustomOpInputOutputCharacteristic CpuOp::GetInputCharacteristic(size_t index) const {
-  return index < 3 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
-}
-
-OrtCustomOpInputOutputCharacteristic CpuOp::GetOutputCharacteristic(size_t index) const {
-  return index < 1 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
-}
-
 }  // namespace ort
 }  // namespace asa

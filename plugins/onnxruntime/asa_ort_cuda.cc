@@ -129,21 +129,5 @@ OrtStatusPtr CudaOp::CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info
   }
 }
 
-ONNXTensorElementDataType CudaOp::GetInputType(size_t index) const {
-  return index == 5 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-}
-
-ONNXTensorElementDataType CudaOp::GetOutputType(size_t index) const {
-  return index == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
-}
-
-OrtCustomOpInputOutputCharacteristic CudaOp::GetInputCharacteristic(size_t index) const {
-  return index < 3 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
-}
-
-OrtCustomOpInputOutputCharacteristic CudaOp::GetOutputCharacteristic(size_t index) const {
-  return index < 1 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
-}
-
 }  // namespace ort
 }  // namespace asa

@@ -45,11 +45,15 @@ struct CudaOp : Ort::CustomOpBase<CudaOp, CudaKernel, /*WithStatus=*/true> {
   const char* GetName() const { return kOpName; }
   const char* GetExecutionProviderType() const { return "CUDAExecutionProvider"; }
   size_t GetInputTypeCount() const { return kNumInputs; }
-  ONNXTensorElementDataType GetInputType(size_t index) const;
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const;
+  ONNXTensorElementDataType GetInputType(size_t i) const { return contract_input_type(i); }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return contract_input_characteristic(i);
+  }
   size_t GetOutputTypeCount() const { return kNumOutputs; }
-  ONNXTensorElementDataType GetOutputType(size_t index) const;
-  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t index) const;
+  ONNXTensorElementDataType GetOutputType(size_t i) const { return contract_output_type(i); }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t i) const {
+    return contract_output_characteristic(i);
+  }
 
  private:
   const CudaCore* core_;

@@ -22,6 +22,22 @@ constexpr const char* kOpName = "AdaptiveSparseAttention";
 constexpr int kNumInputs = 6;   // query, key, value, key_padding_mask, attn_bias, head_thresholds
 constexpr int kNumOutputs = 4;  // output, block_indices, block_counts, visible_counts
 
+// The contract's input/output signature, shared by the CPU and CUDA ops. head_thresholds is
+// float32 and the telemetry outputs int32; the other types are checked in prepare() with a clear
+// message. query, key, value and output are required, the rest optional.
+inline ONNXTensorElementDataType contract_input_type(size_t index) {
+  return index == 5 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+}
+inline ONNXTensorElementDataType contract_output_type(size_t index) {
+  return index == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+}
+inline OrtCustomOpInputOutputCharacteristic contract_input_characteristic(size_t index) {
+  return index < 3 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+}
+inline OrtCustomOpInputOutputCharacteristic contract_output_characteristic(size_t index) {
+  return index < 1 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+}
+
 // Node attributes of contract v1 (defaults of SPEC.md for the ones a node leaves out).
 struct Attributes {
   float scale = 0.0f;
