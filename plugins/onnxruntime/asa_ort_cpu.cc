@@ -19,17 +19,13 @@ void ort_parallel_for(void* pool, size_t total, void (*fn)(void*, size_t), void*
   Ort::ThrowOnError(Ort::GetApi().KernelContext_ParallelFor(ctx, fn, total, 0, user));
 }
 
-OrtStatusPtr to_status(const char* text, OrtErrorCode code) {
-  return Ort::GetApi().CreateStatus(code, text);
-}
-
 }  // namespace
 
 CpuKernel::CpuKernel(const OrtApi& api, const OrtKernelInfo* info)
     : attrs_(read_attributes(api, info)) {}
 
 OrtStatusPtr CpuKernel::ComputeV2(OrtKernelContext* context) {
-  try {
+  return guarded([&]() -> OrtStatusPtr {
     Ort::KernelContext ctx(context);
     AsaParams params;
     Scratch scratch;
@@ -38,26 +34,18 @@ OrtStatusPtr CpuKernel::ComputeV2(OrtKernelContext* context) {
     if (rc != ASA_OK) {
       const std::string text = "asa::AdaptiveSparseAttention node '" + attrs_.node_name +
                                "': CPU kernel failed: " + asa_last_error();
-      return to_status(text.c_str(), rc == ASA_ERR_INVALID_ARGUMENT ? ORT_INVALID_ARGUMENT : ORT_FAIL);
+      return to_status(text, rc == ASA_ERR_INVALID_ARGUMENT ? ORT_INVALID_ARGUMENT : ORT_FAIL);
     }
     return nullptr;
-  } catch (const Ort::Exception& e) {
-    return to_status(e.what(), e.GetOrtErrorCode());
-  } catch (const std::exception& e) {
-    return to_status(e.what(), ORT_FAIL);
-  }
+  });
 }
 
 OrtStatusPtr CpuOp::CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info,
                                    void** kernel) const {
-  try {
+  return guarded([&]() -> OrtStatusPtr {
     *kernel = new CpuKernel(api, info);
     return nullptr;
-  } catch (const Ort::Exception& e) {
-    return to_status(e.what(), e.GetOrtErrorCode());
-  } catch (const std::exception& e) {
-    return to_status(e.what(), ORT_FAIL);
-  }
+  });
 }
 
 }  // namespace ort

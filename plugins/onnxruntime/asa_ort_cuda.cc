@@ -18,10 +18,6 @@ namespace asa {
 namespace ort {
 namespace {
 
-OrtStatusPtr to_status(const std::string& text, OrtErrorCode code) {
-  return Ort::GetApi().CreateStatus(code, text.c_str());
-}
-
 // Folder of this shared library (to find libasa_cuda.so beside it or in the build tree).
 std::string own_dir() {
   Dl_info info;
@@ -83,7 +79,7 @@ CudaKernel::CudaKernel(const OrtApi& api, const OrtKernelInfo* info, const CudaC
     : attrs_(read_attributes(api, info)), core_(core) {}
 
 OrtStatusPtr CudaKernel::ComputeV2(OrtKernelContext* context) {
-  try {
+  return guarded([&]() -> OrtStatusPtr {
     Ort::KernelContext ctx(context);
     AsaParams params;
     if (!prepare(attrs_, ctx, params, /*host_scratch=*/nullptr)) return nullptr;
@@ -110,23 +106,15 @@ OrtStatusPtr CudaKernel::ComputeV2(OrtKernelContext* context) {
                        ORT_FAIL);
     }
     return nullptr;
-  } catch (const Ort::Exception& e) {
-    return to_status(e.what(), e.GetOrtErrorCode());
-  } catch (const std::exception& e) {
-    return to_status(e.what(), ORT_FAIL);
-  }
+  });
 }
 
 OrtStatusPtr CudaOp::CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info,
                                     void** kernel) const {
-  try {
+  return guarded([&]() -> OrtStatusPtr {
     *kernel = new CudaKernel(api, info, core_);
     return nullptr;
-  } catch (const Ort::Exception& e) {
-    return to_status(e.what(), e.GetOrtErrorCode());
-  } catch (const std::exception& e) {
-    return to_status(e.what(), ORT_FAIL);
-  }
+  });
 }
 
 }  // namespace ort

@@ -9,6 +9,7 @@
 #undef ORT_API_MANUAL_INIT
 
 #include <cstdint>
+#include <exception>
 #include <string>
 #include <vector>
 
@@ -21,6 +22,23 @@ constexpr const char* kDomain = "asa";
 constexpr const char* kOpName = "AdaptiveSparseAttention";
 constexpr int kNumInputs = 6;   // query, key, value, key_padding_mask, attn_bias, head_thresholds
 constexpr int kNumOutputs = 4;  // output, block_indices, block_counts, visible_counts
+
+inline OrtStatusPtr to_status(const std::string& text, OrtErrorCode code) {
+  return Ort::GetApi().CreateStatus(code, text.c_str());
+}
+
+// Runs `body` (returning OrtStatusPtr) and turns any exception into an ONNX Runtime status: no
+// exception may cross the C ABI into ONNX Runtime.
+template <typename Body>
+OrtStatusPtr guarded(Body&& body) noexcept {
+  try {
+    return body();
+  } catch (const Ort::Exception& e) {
+    return to_status(e.what(), e.GetOrtErrorCode());
+  } catch (const std::exception& e) {
+    return to_status(e.what(), ORT_FAIL);
+  }
+}
 
 // The contract's input/output signature, shared by the CPU and CUDA ops. head_thresholds is
 // float32 and the telemetry outputs int32; the other types are checked in prepare() with a clear
