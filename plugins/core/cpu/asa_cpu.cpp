@@ -461,8 +461,15 @@ int attend(const AsaParams& p, const uint8_t* keep, const TaskPool& tp, int num_
   return ASA_OK;
 }
 
-bool check_lists(const AsaParams& p) {
-  if (!p.block_indices || !p.block_counts) {
+// NULL check and contract validation of an entry point's params; `need_lists` for the entry
+// points that read or write caller-owned block lists.
+bool valid_call(const AsaParams* params, bool need_lists) {
+  if (!params) {
+    set_last_error("ASA: params is NULL");
+    return false;
+  }
+  if (!validate_params(*params)) return false;
+  if (need_lists && (!params->block_indices || !params->block_counts)) {
     set_last_error("ASA: block_indices and block_counts must be set");
     return false;
   }
@@ -485,11 +492,7 @@ int guarded(F&& body) {
 }
 
 int forward(const AsaParams* params, const TaskPool& tp, int num_threads) {
-  if (!params) {
-    set_last_error("ASA: params is NULL");
-    return ASA_ERR_INVALID_ARGUMENT;
-  }
-  if (!validate_params(*params)) return ASA_ERR_INVALID_ARGUMENT;
+  if (!valid_call(params, false)) return ASA_ERR_INVALID_ARGUMENT;
   return guarded([&]() {
     AsaParams p = *params;
     std::vector<int32_t> idx, cnt;
@@ -516,11 +519,7 @@ extern "C" {
 
 int asa_cpu_route(const AsaParams* params, int num_threads) {
   using namespace asa;
-  if (!params) {
-    set_last_error("ASA: params is NULL");
-    return ASA_ERR_INVALID_ARGUMENT;
-  }
-  if (!validate_params(*params) || !cpu::check_lists(*params)) return ASA_ERR_INVALID_ARGUMENT;
+  if (!cpu::valid_call(params, true)) return ASA_ERR_INVALID_ARGUMENT;
   return cpu::guarded([&]() {
     const std::vector<uint8_t> keep = cpu::keep_bytes(*params);
     return cpu::route(*params, keep.empty() ? nullptr : keep.data(), cpu::TaskPool{nullptr, nullptr},
@@ -530,11 +529,7 @@ int asa_cpu_route(const AsaParams* params, int num_threads) {
 
 int asa_cpu_attention(const AsaParams* params, int num_threads) {
   using namespace asa;
-  if (!params) {
-    set_last_error("ASA: params is NULL");
-    return ASA_ERR_INVALID_ARGUMENT;
-  }
-  if (!validate_params(*params) || !cpu::check_lists(*params)) return ASA_ERR_INVALID_ARGUMENT;
+  if (!cpu::valid_call(params, true)) return ASA_ERR_INVALID_ARGUMENT;
   return cpu::guarded([&]() {
     const std::vector<uint8_t> keep = cpu::keep_bytes(*params);
     return cpu::attend(*params, keep.empty() ? nullptr : keep.data(),
