@@ -47,7 +47,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from asa_export.contract import AsaAttributes, INPUTS  # noqa: E402
+from asa_export.contract import AsaAttributes  # noqa: E402
 from asa_export.contract.function import build_function, make_node  # noqa: E402
 from asa_export.runtime import ort as asa_ort  # noqa: E402
 
@@ -64,7 +64,7 @@ def _vi(name, shape, elem=1):
 
 def dense_model(seq: int) -> bytes:
     """Plain attention graph: K/V expanded to Hq heads, additive causal mask input."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     g = HQ // HKV
     inits = [
@@ -363,7 +363,7 @@ def run_e2e(seqs, threads: int, repeats: int, library, workdir: Path, sparse: di
     rows = []
     for seq in seqs:
         feeds = sample_inputs(E2E_MODEL[0], str(orig), batch=1, seq=seq)
-        runs, names, logits = [], [], {}
+        runs, names = [], []
         for name, path in paths.items():
             lib = library if name.startswith(("(c)", "(d)")) else False
             runs.append((asa_ort.session(str(path), library=lib, sess_options=_options(threads)),

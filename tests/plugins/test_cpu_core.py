@@ -7,7 +7,6 @@ Build first: `python tools/build_plugins.py` (or set ASA_CPU_LIB to libasa_cpu.s
 from __future__ import annotations
 
 import ctypes
-import math
 import os
 from pathlib import Path
 
