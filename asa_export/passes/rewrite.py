@@ -63,6 +63,8 @@ def rewrite_site(model: ir.Model, match: Match, attrs: AsaAttributes, name: str)
         The new node. Its function is added by `add_functions`.
     """
     graph = model.graph
+    if match.prepare is not None:
+        match = match.prepare(graph, match, name)
     before = match.insert_before
     query = match.query
     key = _materialize(graph, match.key, before, f"{name}/key_transpose")

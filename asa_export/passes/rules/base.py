@@ -7,6 +7,7 @@ failed check raises `NoMatch(reason)`. The rewrite pass turns a Match into one A
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import onnx_ir as ir
 
@@ -56,6 +57,10 @@ class Match:
     # (Hq, Hkv) when Q / K / V and the output are packed [B, S, H·D] (3-D op forms): the rewrite
     # splits heads before the ASA node and merges them after it.
     packed_heads: tuple[int, int] | None = None
+    # Nodes a site needs before its ASA node (a packed QKV split, a key padding mask built from
+    # sequence lengths): called by the rewrite as prepare(graph, match, name) -> the Match to
+    # rewrite. Matching never changes the graph, so `inspect` stays read-only.
+    prepare: Callable[[ir.Graph, "Match", str], "Match"] | None = None
 
 
 def peel_scalar_scale(value: ir.Value) -> tuple[ir.Value, float]:
