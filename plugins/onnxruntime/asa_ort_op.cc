@@ -245,6 +245,31 @@ void set_thresholds(const Attributes& a, const TensorView& t, AsaParams& p, bool
   p.head_thresholds = tau;
 }
 
+// The learned gate (inputs 6-7): both or neither, float32, [Hq, D, Dg] and [Hkv, 3·D, Dg].
+void set_gate(const Attributes& a, bool has_q, const TensorView& wq, bool has_k,
+              const TensorView& wk, AsaParams& p) {
+  if (!has_q && !has_k) return;
+  if (has_q != has_k)
+    fail(a, "the learned gate needs both gate_q_weight (input 6) and gate_k_weight (input 7); "
+            "got only %s", has_q ? "gate_q_weight" : "gate_k_weight");
+  if (wq.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || wk.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+    fail(a, "gate_q_weight and gate_k_weight must be float32, got %s and %s", type_name(wq.type),
+         type_name(wk.type));
+  if (wq.shape.size() != 3 || wq.shape[0] != p.heads_q || wq.shape[1] != p.head_dim ||
+      wq.shape[2] < 1 || wq.shape[2] > INT32_MAX)
+    fail(a, "gate_q_weight must have shape [Hq, D, Dg] = [%d, %d, Dg >= 1], got %s", p.heads_q,
+         p.head_dim, shape_text(wq.shape).c_str());
+  const int64_t dg = wq.shape[2];
+  if (wk.shape.size() != 3 || wk.shape[0] != p.heads_kv || wk.shape[1] != 3 * int64_t{p.head_dim} ||
+      wk.shape[2] != dg)
+    fail(a, "gate_k_weight must have shape [Hkv, 3*D, Dg] = [%d, %lld, %lld] (Dg from "
+            "gate_q_weight), got %s", p.heads_kv, 3 * (long long)p.head_dim, (long long)dg,
+         shape_text(wk.shape).c_str());
+  p.gate_q_weight = static_cast<const float*>(wq.data);
+  p.gate_k_weight = static_cast<const float*>(wk.data);
+  p.gate_dim = static_cast<int32_t>(dg);
+}
+
 void fill_sizes(const Attributes& a, const TensorView& q, const TensorView& k,
                 const TensorView& v, AsaParams& p) {
   std::memset(&p, 0, sizeof(p));
@@ -396,7 +421,7 @@ Attributes read_attributes(const OrtApi& api, const OrtKernelInfo* info) {
 }
 
 bool prepare(const Attributes& a, Ort::KernelContext& ctx, AsaParams& p, Scratch* scratch) {
-  TensorView q, k, v, mask, bias, thr;
+  TensorView q, k, v, mask, bias, thr, gate_q, gate_k;
   if (!view_input(ctx, 0, q) || !view_input(ctx, 1, k) || !view_input(ctx, 2, v))
     fail(a, "query, key and value are required inputs");
   check_qkv(a, q, k, v);
@@ -404,6 +429,8 @@ bool prepare(const Attributes& a, Ort::KernelContext& ctx, AsaParams& p, Scratch
   if (view_input(ctx, 3, mask)) set_mask(a, mask, p);
   if (view_input(ctx, 4, bias)) set_bias(a, bias, q, p);
   if (view_input(ctx, 5, thr)) set_thresholds(a, thr, p, scratch != nullptr);
+  const bool has_gate_q = view_input(ctx, 6, gate_q);
+  set_gate(a, has_gate_q, gate_q, view_input(ctx, 7, gate_k), gate_k, p);
 
   const int64_t nq = (p.seq_q + p.block_size - 1) / p.block_size;
   const int64_t nk = (p.seq_kv + p.block_size - 1) / p.block_size;

@@ -20,7 +20,8 @@ namespace ort {
 
 constexpr const char* kDomain = "asa";
 constexpr const char* kOpName = "AdaptiveSparseAttention";
-constexpr int kNumInputs = 6;   // query, key, value, key_padding_mask, attn_bias, head_thresholds
+// query, key, value, key_padding_mask, attn_bias, head_thresholds, gate_q_weight, gate_k_weight
+constexpr int kNumInputs = 8;
 constexpr int kNumOutputs = 4;  // output, block_indices, block_counts, visible_counts
 
 inline OrtStatusPtr to_status(const std::string& text, OrtErrorCode code) {
@@ -40,11 +41,12 @@ OrtStatusPtr guarded(Body&& body) noexcept {
   }
 }
 
-// The contract's input/output signature, shared by the CPU and CUDA ops. head_thresholds is
-// float32 and the telemetry outputs int32; the other types are checked in prepare() with a clear
-// message. query, key, value and output are required, the rest optional.
+// The contract's input/output signature, shared by the CPU and CUDA ops. head_thresholds and
+// the gate weights (inputs 5-7) are float32 and the telemetry outputs int32; the other types are
+// checked in prepare() with a clear message. query, key, value and output are required, the rest
+// optional.
 inline ONNXTensorElementDataType contract_input_type(size_t index) {
-  return index == 5 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  return index >= 5 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
 }
 inline ONNXTensorElementDataType contract_output_type(size_t index) {
   return index == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;

@@ -49,6 +49,7 @@ class AsaParams(ctypes.Structure):
         ("sink_blocks", _i32), ("local_blocks", _i32), ("window", _i32), ("softcap", _f32),
         ("select_per", _i32),
         ("block_indices", _vp), ("block_counts", _vp), ("visible_counts", _vp),
+        ("gate_q_weight", _vp), ("gate_k_weight", _vp), ("gate_dim", _i32),
     ]
 
 
@@ -88,8 +89,8 @@ def _from_storage(x: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def run_core(q, k, v, attrs: AsaAttributes, mask=None, bias=None, thresholds=None,
-             dtype="float32", threads=2, entry="forward", telemetry=True):
-    """Run the core on numpy inputs.
+             dtype="float32", threads=2, entry="forward", telemetry=True, gate=None):
+    """Run the core on numpy inputs (`gate`: None or (gate_q_weight, gate_k_weight)).
 
     Returns:
         (out float32 [B, Hq, Sq, Dv], block_indices, block_counts, visible_counts).
@@ -128,6 +129,10 @@ def run_core(q, k, v, attrs: AsaAttributes, mask=None, bias=None, thresholds=Non
         t = np.ascontiguousarray(thresholds, dtype=np.float32)
         keep_alive.append(t)
         p.head_thresholds = t.ctypes.data
+    if gate is not None:
+        wq, wk = (np.ascontiguousarray(w, dtype=np.float32) for w in gate)
+        keep_alive += [wq, wk]
+        p.gate_q_weight, p.gate_k_weight, p.gate_dim = wq.ctypes.data, wk.ctypes.data, wq.shape[2]
     p.scale = attrs.resolved_scale(d)
     p.causal, p.block_size, p.threshold = int(attrs.causal), attrs.block_size, attrs.threshold
     p.sink_blocks, p.local_blocks, p.window = attrs.sink_blocks, attrs.local_blocks, attrs.window
@@ -369,3 +374,106 @@ def test_fp32_error_within_twice_dense_fp32(isa, seq, q_scale, monkeypatch):
     monkeypatch.setenv("ASA_CPU_ISA", isa)
     ours = np.abs(run_core(q, k, v, attrs)[0] - exact).max()
     assert ours <= 2.0 * dense32, f"kernel error {ours:.2e} vs dense fp32 {dense32:.2e}"
+
+
+# ---------------------------------------------------------------- learned gate (inputs 6-7)
+
+
+def gate_weights(rng, hq, hkv, d, dg=32, gain=4.0):
+    """Random learned-gate weights [Hq, D, Dg] / [Hkv, 3*D, Dg]; `gain` spreads the logits over
+    a few units so that the router has real preferences between blocks."""
+    wq = rng.standard_normal((hq, d, dg)).astype(np.float32) * np.float32(gain / np.sqrt(d))
+    wk = rng.standard_normal((hkv, 3 * d, dg)).astype(np.float32) * np.float32(
+        gain / np.sqrt(3 * d * dg))
+    return wq, wk
+
+
+GATE_CASES = [
+    # id, (B, Hq, Hkv, Sq, Skv, D, Dv), attribute overrides, extras
+    ("gate_causal_gqa_pad", (2, 6, 2, 161, 161, 32, 32), dict(causal=True, threshold=0.7),
+     {"mask": True}),
+    ("gate_full_group_pad", (2, 4, 2, 97, 200, 48, 40), dict(threshold=0.6, select_per=1),
+     {"mask": bool}),
+    ("gate_block128_odd", (1, 4, 1, 300, 333, 59, 23),
+     dict(causal=True, block_size=128, threshold=0.5, sink_blocks=0, local_blocks=0), {}),
+    ("gate_decode_group", (2, 6, 3, 3, 261, 64, 64),
+     dict(causal=True, threshold=0.5, select_per=1, sink_blocks=0), {"mask": True}),
+    ("gate_head_thresholds", (1, 4, 2, 200, 200, 32, 32), dict(causal=True, local_blocks=0),
+     {"thresholds": [0.3, 0.5, 0.9, 0.6]}),
+    ("gate_window_full", (1, 2, 2, 161, 161, 16, 16), dict(window=90, threshold=0.5), {}),
+    ("gate_tau1_dense", (1, 4, 2, 97, 130, 32, 32), dict(causal=True), {"mask": True}),
+]
+
+
+@pytest.mark.parametrize("dg", [32, 7])
+@pytest.mark.parametrize("case", GATE_CASES, ids=[c[0] for c in GATE_CASES])
+def test_gate_matches_reference(case, dg):
+    """Learned gate (SPEC "Router (learned gate)"): the core's block lists equal the reference's
+    and the output matches within the training-free cases' tolerances."""
+    name, shape, overrides, extras = case
+    attrs = AsaAttributes(**overrides)
+    q, k, v, mask, bias, thr = _case_inputs(shape, extras, seed=len(name) + dg)
+    gate = gate_weights(np.random.default_rng(dg), shape[1], shape[2], shape[5], dg)
+    out, idx, cnt, vis = run_core(q, k, v, attrs, mask, bias, thr, gate=gate)
+    r_out, r_idx, r_cnt, r_vis = ref.asa_attention(q, k, v, attrs, mask, bias, thr,
+                                                   gate_q_weight=gate[0], gate_k_weight=gate[1])
+    np.testing.assert_array_equal(vis, r_vis)
+    same = (idx == r_idx).all(axis=-1) & (cnt == r_cnt)
+    # Only float32 summation order differs (sequential here, BLAS there): near-ties at most.
+    limit = 0 if (attrs.threshold >= 1 and thr is None) else max(1, int(0.02 * same.size))
+    assert (~same).sum() <= limit, f"{(~same).sum()} of {same.size} block lists differ"
+    expect = attention_given_lists(q, k, v, attrs, idx, cnt, mask, bias)
+    np.testing.assert_allclose(out, expect, rtol=1e-4, atol=3e-5)
+    rows = np.repeat(np.repeat(same, q.shape[1] // same.shape[1], axis=1),
+                     attrs.block_size, axis=2)[:, :, : q.shape[2]]
+    np.testing.assert_allclose(out[rows], r_out[rows], rtol=1e-4, atol=3e-5)
+    if attrs.threshold < 1 or thr is not None:
+        assert ref.density(cnt, vis, cnt.shape[1]) < 1.0, "the case should exercise sparsity"
+
+
+def test_gate_changes_the_selection():
+    """The gate is really used: other weights (or none) pick other blocks on the same inputs."""
+    attrs = AsaAttributes(causal=True, threshold=0.5, sink_blocks=0, local_blocks=0)
+    q, k, v, _, _, _ = _case_inputs((1, 4, 2, 400, 400, 32, 32), {}, 21)
+    plain = run_core(q, k, v, attrs)[1]
+    gated = [run_core(q, k, v, attrs, gate=gate_weights(np.random.default_rng(s), 4, 2, 32))[1]
+             for s in (1, 2)]
+    assert (plain != gated[0]).any() and (gated[0] != gated[1]).any()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_gate_low_precision_inputs(dtype):
+    """The gate pools fp16 / bf16 keys in float32: the same lists as the reference on the same
+    rounded inputs."""
+    attrs = AsaAttributes(causal=True, threshold=0.6, select_per=1)
+    rng = np.random.default_rng(4)
+    q, k, v = _inputs(rng, 1, 4, 2, 200, 200, 64)
+    gate = gate_weights(rng, 4, 2, 64)
+    _, idx, cnt, _ = run_core(q, k, v, attrs, dtype=dtype, gate=gate)
+    qr, kr, vr = (_from_storage(_as_storage(x, dtype), dtype) for x in (q, k, v))
+    _, r_idx, r_cnt, _ = ref.asa_attention(qr, kr, vr, attrs, gate_q_weight=gate[0],
+                                           gate_k_weight=gate[1])
+    assert ((idx == r_idx).all(axis=-1) & (cnt == r_cnt)).mean() >= 0.98
+
+
+@pytest.mark.parametrize("which,gate_dim,needle", [
+    ("q", 32, "come together (inputs 6 and 7): got only gate_q_weight"),
+    ("k", 32, "come together (inputs 6 and 7): got only gate_k_weight"),
+    ("both", 0, "gate_dim"),
+])
+def test_invalid_gate_is_reported(which, gate_dim, needle):
+    q, k, v = _inputs(np.random.default_rng(0), 1, 4, 2, 64, 64, 16)
+    wq, wk = gate_weights(np.random.default_rng(1), 4, 2, 16)
+    p = AsaParams()
+    p.batch, p.heads_q, p.heads_kv, p.seq_q, p.seq_kv, p.head_dim, p.head_dim_v = 1, 4, 2, 64, 64, 16, 16
+    out = np.zeros((1, 4, 64, 16), np.float32)
+    p.q, p.k, p.v, p.out = q.ctypes.data, k.ctypes.data, v.ctypes.data, out.ctypes.data
+    p.q_stride_s = p.k_stride_s = p.v_stride_s = p.o_stride_s = 16
+    p.q_stride_h = p.k_stride_h = p.v_stride_h = p.o_stride_h = 64 * 16
+    p.scale, p.block_size, p.threshold, p.window = 0.25, 64, 0.5, -1
+    p.gate_q_weight = wq.ctypes.data if which in ("q", "both") else None
+    p.gate_k_weight = wk.ctypes.data if which in ("k", "both") else None
+    p.gate_dim = gate_dim
+    assert LIB.asa_cpu_forward(ctypes.byref(p), 1) == ASA_ERR_INVALID_ARGUMENT
+    assert needle in LIB.asa_last_error().decode()
+    assert not out.any()

@@ -71,6 +71,16 @@ bool validate_params(const AsaParams& p) {
     set_last_error("ASA: select_per must be 0 or 1, got %d", p.select_per);
     return false;
   }
+  if ((p.gate_q_weight == nullptr) != (p.gate_k_weight == nullptr)) {
+    set_last_error("ASA: gate_q_weight and gate_k_weight come together (inputs 6 and 7): got "
+                   "only %s", p.gate_q_weight ? "gate_q_weight" : "gate_k_weight");
+    return false;
+  }
+  if (p.gate_q_weight && p.gate_dim < 1) {
+    set_last_error("ASA: gate_dim (Dg of gate_q_weight [Hq, D, Dg] = [%d, %d, Dg]) must be >= 1 "
+                   "when the gate weights are set, got %d", p.heads_q, p.head_dim, p.gate_dim);
+    return false;
+  }
   clear_last_error();
   return true;
 }

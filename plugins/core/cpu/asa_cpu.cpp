@@ -169,30 +169,70 @@ struct RouterCtx {
   const AsaParams* p;
   const uint8_t* keep;      // [B][Skv] or NULL
   int nq, nk, hsel, group;
-  std::vector<float> kbar;  // [B][Hkv][NK][D] mean of kept keys per block
+  int emb;                  // router_dim(p): D, or Dg with the learned gate
+  std::vector<float> kemb;  // [B][Hkv][NK][emb] k̄, or f_k · gate_k_weight with the gate
   std::vector<uint8_t> vis; // [B][NQ][NK] block visibility
   int32_t* indices;         // [B][Hsel][NQ][NK]
   int32_t* counts;          // [B][Hsel][NQ]
 };
 
-// Mean of the kept keys of every key block (fp32, sequential sums).
+// out[g] = Σ_x x[x] · w[x][g] over x < rows (w row-major [rows][cols]; sequential over x).
+void project(const float* x, const float* w, int rows, int cols, float* out) {
+  std::fill(out, out + cols, 0.0f);
+  for (int r = 0; r < rows; ++r) {
+    const float xr = x[r];
+    const float* wr = w + static_cast<size_t>(r) * cols;
+    for (int g = 0; g < cols; ++g) out[g] += xr * wr[g];
+  }
+}
+
+// Gate key feature of one block: feat = concat(mean, max, min) [3·D] over the kept keys `rows`
+// (zeros when none is kept: such a block is invisible and never scored).
+void key_features(const AsaParams& p, int n, int hkv, const std::vector<int>& rows, float* feat) {
+  const int dim = p.head_dim;
+  float* mean = feat;
+  float* mx = feat + dim;
+  float* mn = feat + 2 * dim;
+  std::fill(feat, feat + 3 * dim, 0.0f);
+  if (rows.empty()) return;
+  std::fill(mx, mx + dim, -INFINITY);
+  std::fill(mn, mn + dim, INFINITY);
+  for (int j : rows) {
+    const int64_t off = n * p.k_stride_b + hkv * p.k_stride_h + j * p.k_stride_s;
+    for (int d = 0; d < dim; ++d) {
+      const float x = load_elem(p.k, off + d, p.dtype);
+      mean[d] += x;
+      mx[d] = std::max(mx[d], x);
+      mn[d] = std::min(mn[d], x);
+    }
+  }
+  for (int d = 0; d < dim; ++d) mean[d] /= static_cast<float>(rows.size());
+}
+
+// Key embedding of every key block: k̄ (mean of the kept keys, fp32 sequential sums), or with
+// the learned gate f_k · gate_k_weight[hkv].
 void pool_keys(RouterCtx& c, int n, int hkv) {
   const AsaParams& p = *c.p;
   const int b = p.block_size, dim = p.head_dim;
-  float* dst = &c.kbar[((static_cast<size_t>(n) * p.heads_kv + hkv) * c.nk) * dim];
-  std::vector<float> row(dim);
+  float* dst = &c.kemb[((static_cast<size_t>(n) * p.heads_kv + hkv) * c.nk) * c.emb];
+  std::vector<int> rows;
+  std::vector<float> feat(has_gate(p) ? 3 * dim : 0);
   for (int k = 0; k < c.nk; ++k) {
-    float* acc = dst + static_cast<size_t>(k) * dim;
-    std::fill(acc, acc + dim, 0.0f);
-    int cnt = 0;
-    for (int j = k * b; j < std::min(p.seq_kv, (k + 1) * b); ++j) {
-      if (c.keep && !c.keep[static_cast<size_t>(n) * p.seq_kv + j]) continue;
-      const int64_t off = n * p.k_stride_b + hkv * p.k_stride_h + j * p.k_stride_s;
-      add_row(p.k, off, dim, p.dtype, acc);
-      ++cnt;
+    float* acc = dst + static_cast<size_t>(k) * c.emb;
+    rows.clear();
+    for (int j = k * b; j < std::min(p.seq_kv, (k + 1) * b); ++j)
+      if (!c.keep || c.keep[static_cast<size_t>(n) * p.seq_kv + j]) rows.push_back(j);
+    if (has_gate(p)) {
+      key_features(p, n, hkv, rows, feat.data());
+      const float* w = p.gate_k_weight + static_cast<size_t>(hkv) * 3 * dim * p.gate_dim;
+      project(feat.data(), w, 3 * dim, p.gate_dim, acc);
+      continue;
     }
-    if (cnt > 0)
-      for (int d = 0; d < dim; ++d) acc[d] /= static_cast<float>(cnt);
+    std::fill(acc, acc + dim, 0.0f);
+    for (int j : rows)
+      add_row(p.k, n * p.k_stride_b + hkv * p.k_stride_h + j * p.k_stride_s, dim, p.dtype, acc);
+    if (!rows.empty())
+      for (int d = 0; d < dim; ++d) acc[d] /= static_cast<float>(rows.size());
   }
 }
 
@@ -216,7 +256,8 @@ void block_visibility(RouterCtx& c, int n) {
   }
 }
 
-// Softmax over the visible blocks of scale·q̄·k̄ for one query head and block; P = 0 elsewhere.
+// Softmax over the visible blocks of the router logits (scale·q̄·k̄, or with the learned gate
+// (q̄·Wq[h])·(f_k·Wk[h/G])) for one query head and block; P = 0 elsewhere.
 void head_probs(const RouterCtx& c, int n, int h, int i, const uint8_t* vis, float* prob) {
   const AsaParams& p = *c.p;
   const int dim = p.head_dim, b = p.block_size;
@@ -227,13 +268,22 @@ void head_probs(const RouterCtx& c, int n, int h, int i, const uint8_t* vis, flo
     add_row(p.q, off, dim, p.dtype, qbar.data());
   }
   for (int d = 0; d < dim; ++d) qbar[d] /= static_cast<float>(r1 - r0);
-  const float* kb = &c.kbar[((static_cast<size_t>(n) * p.heads_kv + h / c.group) * c.nk) * dim];
+  std::vector<float> qemb;
+  const float* qe = qbar.data();
+  if (has_gate(p)) {
+    qemb.resize(p.gate_dim);
+    project(qbar.data(), p.gate_q_weight + static_cast<size_t>(h) * dim * p.gate_dim, dim,
+            p.gate_dim, qemb.data());
+    qe = qemb.data();
+  }
+  const float* kb = &c.kemb[((static_cast<size_t>(n) * p.heads_kv + h / c.group) * c.nk) * c.emb];
+  const float scale = router_scale(p);
   float mx = -INFINITY;
   for (int k = 0; k < c.nk; ++k) {
     if (!vis[k]) continue;
     float dot = 0.0f;
-    for (int d = 0; d < dim; ++d) dot += qbar[d] * kb[static_cast<size_t>(k) * dim + d];
-    prob[k] = p.scale * dot;
+    for (int d = 0; d < c.emb; ++d) dot += qe[d] * kb[static_cast<size_t>(k) * c.emb + d];
+    prob[k] = scale * dot;
     mx = std::max(mx, prob[k]);
   }
   float sum = 0.0f;
@@ -324,6 +374,7 @@ int route(const AsaParams& p, const uint8_t* keep, const TaskPool& tp, int num_t
   c.nk = num_key_blocks(p);
   c.hsel = num_select_heads(p);
   c.group = p.heads_q / p.heads_kv;
+  c.emb = router_dim(p);
   c.indices = p.block_indices;
   c.counts = p.block_counts;
   c.vis.assign(static_cast<size_t>(p.batch) * c.nq * c.nk, 0);
@@ -331,7 +382,7 @@ int route(const AsaParams& p, const uint8_t* keep, const TaskPool& tp, int num_t
   // τ >= 1 everywhere keeps every visible block: no need to pool.
   bool dense = !p.head_thresholds && p.threshold >= 1.0f;
   if (!dense) {
-    c.kbar.assign(static_cast<size_t>(p.batch) * p.heads_kv * c.nk * p.head_dim, 0.0f);
+    c.kemb.assign(static_cast<size_t>(p.batch) * p.heads_kv * c.nk * c.emb, 0.0f);
     run_parallel(tp, num_threads, static_cast<size_t>(p.batch) * p.heads_kv, pool_one, &c);
   }
   run_parallel(tp, num_threads, static_cast<size_t>(p.batch) * c.hsel, route_one, &c);

@@ -84,6 +84,15 @@ typedef struct AsaParams {
   int32_t* block_indices;   // [B, Hsel, NQ, NK] ascending kept blocks, padded with -1
   int32_t* block_counts;    // [B, Hsel, NQ]
   int32_t* visible_counts;  // [B, NQ] or NULL
+
+  // ---- learned gate (SPEC.md "Router (learned gate)"; contract inputs 6-7) ----
+  // Both NULL (training-free router) or both set. Always float32 and dense row-major, whatever
+  // `dtype` is; on the device of q/k for the CUDA implementation. With the gate, the router's
+  // block logit is (q̄ · gate_q_weight[h]) · (f_k · gate_k_weight[h / G]), with
+  // f_k = concat(mean, max, min) of the block's kept keys, and no scale.
+  const float* gate_q_weight;  // [Hq, D, Dg] query projection, or NULL
+  const float* gate_k_weight;  // [Hkv, 3 * D, Dg] key-feature projection, or NULL
+  int32_t gate_dim;            // Dg >= 1 when the gate is set; ignored when it is not
 } AsaParams;
 
 // Entry points live in asa_cuda.h (CUDA implementation, returns cudaError_t on a cudaStream_t)
