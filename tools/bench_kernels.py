@@ -174,7 +174,7 @@ def bench_prefill(args, seq: int, causal: bool, rows: list):
         tau = find_tau(q, k, v, base, target)
         runner = AsaRunner(q, k, v, _with(base, threshold=tau))
         asa = time_ms(runner.call)
-        router = time_ms(lambda: runner.call("asa_cuda_route"))
+        router = time_ms(lambda r=runner: r.call("asa_cuda_route"))
         density = runner.density()
         fx = float("nan")
         if use_flex:
@@ -207,7 +207,7 @@ def bench_decode(args, kv: int, rows: list):
         tau = find_tau(q, k, v, base, target)
         runner = AsaRunner(q, k, v, _with(base, threshold=tau))
         ms = time_ms(runner.call)
-        router = time_ms(lambda: runner.call("asa_cuda_route"))
+        router = time_ms(lambda r=runner: r.call("asa_cuda_route"))
         best_dense = min(x for x in dense.values() if not math.isnan(x))
         rows.append(dict(kind="decode", seq=kv, target=target, tau=tau,
                          density=runner.density(), asa_ms=ms, tok_s=B / ms * 1e3,
@@ -265,7 +265,7 @@ def bench_models(args, rows: list):
                 torch.cuda.reset_peak_memory_stats()
                 try:
                     with torch.no_grad():
-                        ms = time_ms(lambda: model(input_ids=ids, use_cache=False),
+                        ms = time_ms(lambda m=model, x=ids: m(input_ids=x, use_cache=False),
                                      budget_s=0.1, min_reps=2, max_reps=3)
                 except Exception as exc:  # noqa: BLE001 - keep the other rows
                     print(f"  {name} {seq} {label} failed: {str(exc)[:200]}")

@@ -66,3 +66,14 @@ def test_hopper_machine_code_has_tensor_core_mma(built_library):
                           text=True, check=True).stdout
     assert "attn_mma_kernel" in sass
     assert "HMMA" in sass
+
+
+def test_hopper_machine_code_has_wgmma(built_library):
+    """The Hopper prefill kernel must use warpgroup MMA: its sm_90a code holds HGMMA."""
+    cuobjdump = shutil.which("cuobjdump")
+    if cuobjdump is None:
+        pytest.skip("cuobjdump not on PATH")
+    sass = subprocess.run([cuobjdump, "--dump-sass", str(built_library)], capture_output=True,
+                          text=True, check=True).stdout
+    assert "attn_wgmma_kernel" in sass
+    assert "HGMMA" in sass

@@ -347,3 +347,52 @@ def test_invalid_params_raise(op):
     k = torch.randn(1, 2, 64, 64, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(AsaExportError, match="multiple"):
         op.sparse_attention(q, k, k, A())
+
+
+# Shapes the Hopper wgmma kernel covers (attention_wgmma.cu: fp16/bf16, D 64/128, block_size
+# 128, prefill, no padding mask / bias / softcap), each run through both prefill kernels:
+# "wgmma" is the default dispatch (the mma.sync kernel on non-Hopper GPUs), "mma" forces the
+# mma.sync kernel with ASA_CUDA_WGMMA=0.
+WGMMA_CASES = {
+    "s1025_d128_g4_bf16_causal": Case(1, 8, 2, 1025, 1025, 128, "bf16",
+                                      A(causal=True, threshold=0.5, block_size=128)),
+    "s1100_d64_g1_fp16_full": Case(2, 4, 4, 1100, 1100, 64, "fp16",
+                                   A(threshold=0.6, block_size=128)),
+    "sq300_skv1025_d128_g4_fp16_causal_window": Case(
+        2, 4, 1, 300, 1025, 128, "fp16", A(causal=True, window=400, threshold=0.7,
+                                           block_size=128)),
+    "s1025_d64_g3_bf16_full_window_group": Case(1, 6, 2, 1025, 1025, 64, "bf16",
+                                                A(window=300, threshold=0.6, block_size=128,
+                                                  select_per=1)),
+    "s2049_d128_g8_bf16_dense_causal": Case(1, 8, 1, 2049, 2049, 128, "bf16",
+                                            A(causal=True, threshold=1.0, block_size=128)),
+}
+
+
+@pytest.mark.parametrize("path", ["wgmma", "mma"])
+@pytest.mark.parametrize("name", list(WGMMA_CASES))
+def test_prefill_paths_match_reference(op, name, path, monkeypatch):
+    if path == "mma":
+        monkeypatch.setenv("ASA_CUDA_WGMMA", "0")
+    check_case(op, WGMMA_CASES[name], seed=hash(name) % 1000)
+
+
+def attention_kernels_run(op, case: Case) -> set[str]:
+    """Names of the attention kernels that one forward of `case` launched (torch profiler)."""
+    q, k, v, _, _ = make_inputs(case, 1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run_poisoned(op, q, k, v, case.attrs)
+    return {e.name for e in prof.events() if "attn_" in e.name}
+
+
+@pytest.mark.skipif(torch.cuda.get_device_capability()[0] != 9, reason="needs a Hopper GPU")
+def test_hopper_dispatch_takes_wgmma_kernel(op, monkeypatch):
+    """On H100/H200 the covered prefill shapes run the wgmma kernel, and ASA_CUDA_WGMMA=0
+    switches them to the mma.sync kernel (so the comparison above tests both)."""
+    case = WGMMA_CASES["s1025_d128_g4_bf16_causal"]
+    names = attention_kernels_run(op, case)
+    assert any("attn_wgmma_kernel" in n for n in names), names
+    monkeypatch.setenv("ASA_CUDA_WGMMA", "0")
+    names = attention_kernels_run(op, case)
+    assert any("attn_mma_kernel" in n for n in names), names
+    assert not any("attn_wgmma_kernel" in n for n in names), names

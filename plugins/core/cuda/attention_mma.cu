@@ -529,6 +529,7 @@ int choose_splits(const AsaParams& p) {
 
 cudaError_t launch_attention(const AsaParams& p, const Workspace& ws, cudaStream_t stream) {
   if (!mma_path_supported(p)) return launch_simple(p, ws, stream);
+  if (wgmma_path_supported(p, ws)) return launch_wgmma(p, ws, stream);
   return p.dtype == ASA_FLOAT16 ? launch_mma_dtype<__half>(p, ws, stream)
                                 : launch_mma_dtype<__nv_bfloat16>(p, ws, stream);
 }

@@ -20,6 +20,14 @@ cudaError_t launch_attention(const AsaParams& p, const Workspace& ws, cudaStream
 // Whether the tensor-core kernel handles these params (dtype, head dims, alignment).
 bool mma_path_supported(const AsaParams& p);
 
+// Whether the Hopper wgmma kernel (attention_wgmma.cu) handles these params on this device:
+// fp16/bf16, D = Dv in {64, 128}, block_size 128, prefill without split-KV, no padding mask /
+// bias / softcap, sm_90a code present and a compute capability 9.x GPU, ASA_CUDA_WGMMA != 0.
+bool wgmma_path_supported(const AsaParams& p, const Workspace& ws);
+
+// Launches the wgmma kernel (only when wgmma_path_supported).
+cudaError_t launch_wgmma(const AsaParams& p, const Workspace& ws, cudaStream_t stream);
+
 // Dynamic shared memory of the router's selection kernel for one list (bounds NK).
 size_t select_smem_bytes(const AsaParams& p);
 

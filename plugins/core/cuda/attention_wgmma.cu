@@ -1,0 +1,437 @@
+// Block-sparse flash attention forward for Hopper (sm_90a): wgmma tensor-core instructions with
+// operands in 128-byte-swizzled shared memory, SPEC.md "Attention". The fast path only:
+// fp16/bf16, D = Dv in {64, 128}, block_size 128, prefill (Sq > 16), no key padding mask, bias
+// or softcap; attention_mma.cu's kernels handle everything else (and every non-Hopper GPU).
+//
+// One CTA = 2 warpgroups (256 threads) = the 128 query rows of one router query block of one
+// (batch, query head); warpgroup w owns rows [64 w, 64 w + 64). The CTA walks the kept key blocks
+// of its list (ws.block_indices), one 128-key tile per block:
+//   S = Q K^T     wgmma m64n128k16, A = Q and B = K both K-major in shared memory
+//   online softmax on the S accumulators in registers (log2 domain, exp2)
+//   O += P V      wgmma m64nDk16, A = P from registers, B = V "N-major" (transposed) in smem
+// K/V tiles are double-buffered with cp.async (all 256 threads load, 16-byte chunks written to
+// their swizzled place), so the load of tile t + 1 overlaps the math of tile t. Raw PTX rather
+// than CuTe: no third-party headers to fetch at build time, and the kernel needs only two
+// descriptor shapes.
+//
+// Shared-memory layout of a [128 rows][D] tile: D / 64 "atoms" of [128 rows][64 elements] (128
+// bytes a row); 16-byte chunk c of row r sits at chunk (c ^ (r % 8)) of that row (the 128B
+// swizzle wgmma expects; atoms are 1024-byte aligned). Descriptors (PTX ISA "Matrix
+// Descriptor"): K-major operand: start, SBO = 1024 (8 rows), one k16 step = +32 bytes inside the
+// atom, the next 64 columns = the next atom. V as N-major B operand: LBO = 16384 (next 64
+// columns = next atom), SBO = 1024 (next 8 keys), one k16 step (16 keys) = +2048 bytes.
+#include "common.cuh"
+#include "kernels.h"
+
+#include <stdlib.h>
+
+#include <type_traits>
+
+namespace asa {
+namespace cuda {
+namespace {
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define ASA_WGMMA_DEVICE 1
+#endif
+
+constexpr int kRows = 128;     // query rows per CTA (= the router block)
+constexpr int kKeys = 128;     // keys per tile (= the router block)
+constexpr int kThreads = 256;  // two warpgroups
+constexpr int kAtomBytes = kRows * 128;  // one [128][64] 16-bit atom
+constexpr float kLog2e = 1.4426950408889634f;
+
+// wgmma operand lists (64 or 32 fp32 accumulators per thread). SS: A and B descriptors; RS: A
+// from four 32-bit registers, B descriptor transposed (N-major). scale_d = 0 overwrites D.
+#ifdef ASA_WGMMA_DEVICE
+#define ASA_WGMMA_SS_64(TYPES) \
+  asm volatile( \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n" \
+      "wgmma.mma_async.sync.aligned.m64n64k16." TYPES " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n" \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
+      : "l"(da), "l"(db), "r"(scale_d))
+
+#define ASA_WGMMA_RS_64(TYPES) \
+  asm volatile( \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n" \
+      "wgmma.mma_async.sync.aligned.m64n64k16." TYPES " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n" \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d))
+
+#define ASA_WGMMA_SS_128(TYPES) \
+  asm volatile( \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n" \
+      "wgmma.mma_async.sync.aligned.m64n128k16." TYPES " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n" \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
+      : "l"(da), "l"(db), "r"(scale_d))
+
+#define ASA_WGMMA_RS_128(TYPES) \
+  asm volatile( \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n" \
+      "wgmma.mma_async.sync.aligned.m64n128k16." TYPES " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n" \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(scale_d))
+#endif
+
+template <typename T>
+struct Types;
+template <>
+struct Types<__half> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+};
+template <>
+struct Types<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+};
+
+#ifdef ASA_WGMMA_DEVICE
+// S (64 x 128) += A (64 x 16) * B (16 x 128)^T, both operands K-major in shared memory.
+template <typename T>
+__device__ __forceinline__ void wgmma_ss_n128(float* d, uint64_t da, uint64_t db, int scale_d) {
+  if constexpr (std::is_same<T, __half>::value) {
+    ASA_WGMMA_SS_128("f32.f16.f16");
+  } else {
+    ASA_WGMMA_SS_128("f32.bf16.bf16");
+  }
+}
+
+// O (64 x N) += P (64 x 16, registers) * V (16 x N), V N-major in shared memory.
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_rs(float* d, const uint32_t* a, uint64_t db, int scale_d) {
+  if constexpr (N == 128) {
+    if constexpr (std::is_same<T, __half>::value) {
+      ASA_WGMMA_RS_128("f32.f16.f16");
+    } else {
+      ASA_WGMMA_RS_128("f32.bf16.bf16");
+    }
+  } else {
+    if constexpr (std::is_same<T, __half>::value) {
+      ASA_WGMMA_RS_64("f32.f16.f16");
+    } else {
+      ASA_WGMMA_RS_64("f32.bf16.bf16");
+    }
+  }
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_wait0() {
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+}
+// Keeps the compiler from touching accumulators before the wgmma that writes them completed.
+template <int N>
+__device__ __forceinline__ void fence_regs(float* r) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+#endif  // ASA_WGMMA_DEVICE
+
+// 128B-swizzle matrix descriptor (layout type 1 in bits 62-63).
+__device__ __forceinline__ uint64_t make_desc(uint32_t saddr, uint32_t lbo, uint32_t sbo) {
+  uint64_t d = (saddr & 0x3FFFF) >> 4;
+  d |= static_cast<uint64_t>((lbo >> 4) & 0x3FFF) << 16;
+  d |= static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32;
+  d |= 1ull << 62;
+  return d;
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Copies rows [row0, row0 + 128) of a [S, D] tensor (row stride `stride` elements) into the
+// swizzled tile at shared address `dst`, zero-filling rows at or past `limit` (a NaN pattern
+// there would survive a zero probability).
+template <typename T, int D>
+__device__ __forceinline__ void load_tile(uint32_t dst, const T* src, int64_t stride, int row0,
+                                          int limit) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+#pragma unroll
+  for (int c = threadIdx.x; c < kRows * kChunks; c += kThreads) {
+    const int r = c / kChunks, cc = c % kChunks;
+    const bool ok = row0 + r < limit;
+    const T* s = ok ? src + static_cast<int64_t>(row0 + r) * stride + cc * 8 : src;
+    const uint32_t off = (cc / 8) * kAtomBytes + r * 128 + (((cc % 8) ^ (r % 8)) << 4);
+    cp_async16(dst + off, s, ok ? 16 : 0);
+  }
+}
+
+enum TileKind { kSkip = 0, kFull = 1, kPartial = 2 };
+
+// Classifies key tile [j0, j0 + 128) for query positions [pos_lo, pos_hi] (no padding mask,
+// bias or softcap on this path: only causality, the window and the Skv bound).
+__device__ __forceinline__ int classify(const AsaParams& p, int j0, int pos_lo, int pos_hi) {
+  const int j1 = j0 + kKeys - 1;
+  if (j0 >= p.seq_kv) return kSkip;
+  if (p.causal && j0 > pos_hi) return kSkip;
+  if (p.window > 0) {
+    if (j1 <= pos_lo - p.window) return kSkip;
+    if (!p.causal && j0 >= pos_hi + p.window) return kSkip;
+  }
+  if (j1 >= p.seq_kv) return kPartial;
+  if (p.causal && j1 > pos_lo) return kPartial;
+  if (p.window > 0) {
+    if (j0 <= pos_hi - p.window) return kPartial;
+    if (!p.causal && j1 >= pos_lo + p.window) return kPartial;
+  }
+  return kFull;
+}
+
+// Next kept block at list position >= t that is not skipped (its first key in *j0), or `end`.
+__device__ __forceinline__ int next_tile(const AsaParams& p, const int32_t* list, int t, int end,
+                                         int pos_lo, int pos_hi, int* kind, int* j0) {
+  for (; t < end; ++t) {
+    *j0 = list[t] * kKeys;
+    *kind = classify(p, *j0, pos_lo, pos_hi);
+    if (*kind != kSkip) return t;
+  }
+  return end;
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 1) attn_wgmma_kernel(AsaParams p, Workspace ws) {
+#ifdef ASA_WGMMA_DEVICE
+  constexpr int kTileBytes = (D / 64) * kAtomBytes;
+  extern __shared__ unsigned char smem_raw[];
+  // 1024-byte alignment for the 128B swizzle (the launch asks for 1 KB of slack).
+  const uint32_t base = (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023) & ~1023u;
+  const uint32_t sq = base;
+  const uint32_t sk = sq + kTileBytes;      // [2] stages
+  const uint32_t sv = sk + 2 * kTileBytes;  // [2] stages
+
+  // Heaviest causal query blocks first: the tail of the grid is made of short CTAs.
+  const int qb = gridDim.x - 1 - blockIdx.x;
+  const int h = blockIdx.y, n = blockIdx.z;
+  const int wg = threadIdx.x / 128;
+  const int warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, tq = lane % 4;
+  const int q0 = qb * kRows;
+  const int G = p.heads_q / p.heads_kv;
+  const int hkv = h / G;
+  const int nq = cdiv(p.seq_q, kRows), nk = cdiv(p.seq_kv, kKeys);
+  const int hsel = p.select_per ? hkv : h;
+  const int hsel_count = p.select_per ? p.heads_kv : p.heads_q;
+  const int64_t row = (static_cast<int64_t>(n) * hsel_count + hsel) * nq + qb;
+  const int count = ws.block_counts[row];
+  const int32_t* list = ws.block_indices + row * nk;
+  const int shift = p.seq_kv - p.seq_q;
+  const int pos_lo = q0 + shift, pos_hi = min(q0 + kRows, p.seq_q) - 1 + shift;
+
+  const T* qg = static_cast<const T*>(p.q) + n * p.q_stride_b + h * p.q_stride_h;
+  const T* kg = static_cast<const T*>(p.k) + n * p.k_stride_b + hkv * p.k_stride_h;
+  const T* vg = static_cast<const T*>(p.v) + n * p.v_stride_b + hkv * p.v_stride_h;
+
+  load_tile<T, D>(sq, qg, p.q_stride_s, q0, p.seq_q);
+  int kind = kSkip, j0 = 0;
+  int t = next_tile(p, list, 0, count, pos_lo, pos_hi, &kind, &j0);
+  if (t < count) {
+    load_tile<T, D>(sk, kg, p.k_stride_s, j0, p.seq_kv);
+    load_tile<T, D>(sv, vg, p.v_stride_s, j0, p.seq_kv);
+  }
+  cp_async_commit();
+
+  float o[D / 2];  // D / 8 column groups x 4
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  const float scale_log2 = p.scale * kLog2e;
+  // Rows of this thread's accumulator elements: e < 2 -> rho0, else rho0 + 8.
+  const int rho0 = wg * 64 + warp * 16 + g;
+  int stage = 0;
+
+  while (t < count) {
+    int kind_n = kSkip, j0_n = 0;
+    const int tn = next_tile(p, list, t + 1, count, pos_lo, pos_hi, &kind_n, &j0_n);
+    if (tn < count) {
+      load_tile<T, D>(sk + (stage ^ 1) * kTileBytes, kg, p.k_stride_s, j0_n, p.seq_kv);
+      load_tile<T, D>(sv + (stage ^ 1) * kTileBytes, vg, p.v_stride_s, j0_n, p.seq_kv);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+    // cp.async wrote through the generic proxy; wgmma reads through the async proxy.
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    __syncthreads();
+
+    const uint32_t kt = sk + stage * kTileBytes, vt = sv + stage * kTileBytes;
+    float s[kKeys / 2];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint32_t koff = (kk / 4) * kAtomBytes + (kk % 4) * 32;
+      const uint64_t da = make_desc(sq + koff + wg * 64 * 128, 16, 1024);
+      const uint64_t db = make_desc(kt + koff, 16, 1024);
+      wgmma_ss_n128<T>(s, da, db, kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait0();
+    fence_regs<kKeys / 2>(s);
+
+    if (kind == kFull) {
+#pragma unroll
+      for (int i = 0; i < kKeys / 2; ++i) s[i] *= scale_log2;
+    } else {
+#pragma unroll
+      for (int i = 0; i < kKeys / 2; ++i) {
+        const int r = q0 + rho0 + ((i & 2) ? 8 : 0);
+        const int j = j0 + (i / 4) * 8 + 2 * tq + (i & 1);
+        const bool vis = r < p.seq_q && j < p.seq_kv && position_visible(p, r + shift, j);
+        s[i] = vis ? s[i] * scale_log2 : -INFINITY;
+      }
+    }
+
+    // Online softmax; a row lives in the 4 threads of a quad.
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int i = 0; i < kKeys / 8; ++i) {
+      mx[0] = fmaxf(mx[0], fmaxf(s[4 * i], s[4 * i + 1]));
+      mx[1] = fmaxf(mx[1], fmaxf(s[4 * i + 2], s[4 * i + 3]));
+    }
+    float alpha[2], mu[2];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 1));
+      mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 2));
+      alpha[rr] = m[rr] == -INFINITY ? 0.f : fast_exp2(m[rr] - mx[rr]);
+      mu[rr] = mx[rr] == -INFINITY ? 0.f : mx[rr];
+      m[rr] = mx[rr];
+    }
+    float rs[2] = {0.f, 0.f};
+#pragma unroll
+    for (int i = 0; i < kKeys / 2; ++i) {
+      s[i] = fast_exp2(s[i] - mu[(i >> 1) & 1]);
+      rs[(i >> 1) & 1] += s[i];
+    }
+    l[0] = l[0] * alpha[0] + rs[0];
+    l[1] = l[1] * alpha[1] + rs[1];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
+
+    uint32_t pa[kKeys / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) pa[kk][e] = Types<T>::pack(s[8 * kk + 2 * e], s[8 * kk + 2 * e + 1]);
+    }
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk) {
+      wgmma_rs<T, D>(o, pa[kk], make_desc(vt + kk * 2048, kAtomBytes, 1024), 1);
+    }
+    wgmma_commit();
+    wgmma_wait0();
+    fence_regs<D / 2>(o);
+    __syncthreads();  // the next iteration's prefetch overwrites this stage
+    t = tn;
+    kind = kind_n;
+    j0 = j0_n;
+    stage ^= 1;
+  }
+  cp_async_wait<0>();
+
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    float lsum = l[rr];
+    lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
+    lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
+    const int r = q0 + rho0 + rr * 8;
+    if (r >= p.seq_q) continue;
+    const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+    T* out = static_cast<T*>(p.out) + n * p.o_stride_b + h * p.o_stride_h + r * p.o_stride_s;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      const uint32_t v = Types<T>::pack(o[4 * i + 2 * rr] * inv, o[4 * i + 2 * rr + 1] * inv);
+      *reinterpret_cast<uint32_t*>(out + i * 8 + 2 * tq) = v;
+    }
+  }
+#endif  // ASA_WGMMA_DEVICE
+}
+
+template <typename T, int D>
+constexpr size_t smem_bytes() {
+  return static_cast<size_t>(5) * (D / 64) * kAtomBytes + 1024;  // Q + 2 K + 2 V + alignment
+}
+
+// Whether the wgmma kernel's sm_90a machine code is in the library and runs on this device
+// (an sm_80 build running on a Hopper GPU has only an empty body).
+template <typename T, int D>
+bool kernel_runs_here() {
+  static int state = -1;  // per template instance; device properties do not change
+  if (state < 0) {
+    cudaFuncAttributes attr{};
+    int device = 0, major = 0;
+    const bool ok = cudaGetDevice(&device) == cudaSuccess &&
+                    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) ==
+                        cudaSuccess &&
+                    cudaFuncGetAttributes(&attr, attn_wgmma_kernel<T, D>) == cudaSuccess;
+    cudaGetLastError();  // a failed query must not leak into the caller's error check
+    state = ok && major == 9 && attr.binaryVersion == 90 ? 1 : 0;
+  }
+  return state == 1;
+}
+
+template <typename T, int D>
+cudaError_t launch(const AsaParams& p, const Workspace& ws, cudaStream_t stream) {
+  constexpr size_t smem = smem_bytes<T, D>();
+  cudaError_t err = cudaFuncSetAttribute(attn_wgmma_kernel<T, D>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  const dim3 grid(cdiv(p.seq_q, kRows), p.heads_q, p.batch);
+  attn_wgmma_kernel<T, D><<<grid, kThreads, smem, stream>>>(p, ws);
+  return cudaGetLastError();
+}
+
+template <typename T>
+bool runs_here(int head_dim) {
+  return head_dim == 64 ? kernel_runs_here<T, 64>() : kernel_runs_here<T, 128>();
+}
+
+}  // namespace
+
+bool wgmma_path_supported(const AsaParams& p, const Workspace& ws) {
+  // ASA_CUDA_WGMMA=0 forces the mma.sync kernels (tests compare both paths).
+  const char* env = getenv("ASA_CUDA_WGMMA");
+  if (env != nullptr && env[0] == '0') return false;
+  if (!mma_path_supported(p)) return false;  // dtype, D = Dv in {64, 128}, 16-byte rows
+  if (p.block_size != kKeys || p.seq_q <= 16 || ws.splits != 1) return false;
+  if (p.mask_dtype != ASA_MASK_NONE || p.bias != nullptr || p.softcap > 0.f) return false;
+  // 32-bit output stores of column pairs.
+  if ((reinterpret_cast<uintptr_t>(p.out) & 3) != 0 || p.o_stride_b % 2 != 0 ||
+      p.o_stride_h % 2 != 0 || p.o_stride_s % 2 != 0) {
+    return false;
+  }
+  return p.dtype == ASA_FLOAT16 ? runs_here<__half>(p.head_dim)
+                                : runs_here<__nv_bfloat16>(p.head_dim);
+}
+
+cudaError_t launch_wgmma(const AsaParams& p, const Workspace& ws, cudaStream_t stream) {
+  if (p.dtype == ASA_FLOAT16) {
+    return p.head_dim == 64 ? launch<__half, 64>(p, ws, stream)
+                            : launch<__half, 128>(p, ws, stream);
+  }
+  return p.head_dim == 64 ? launch<__nv_bfloat16, 64>(p, ws, stream)
+                          : launch<__nv_bfloat16, 128>(p, ws, stream);
+}
+
+}  // namespace cuda
+}  // namespace asa
