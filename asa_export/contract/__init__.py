@@ -17,8 +17,11 @@ PLUGIN_NAMESPACE = "asa"
 PLUGIN_VERSION = "1"
 
 # Input and output slots, in order (SPEC.md "Inputs" / "Outputs").
-INPUTS = ("query", "key", "value", "key_padding_mask", "attn_bias", "head_thresholds")
+INPUTS = ("query", "key", "value", "key_padding_mask", "attn_bias", "head_thresholds",
+          "gate_q_weight", "gate_k_weight")
 OPTIONAL_INPUTS = frozenset(INPUTS[3:])
+# The learned gate (SPEC.md "Router (learned gate)"): both given or neither.
+GATE_INPUTS = INPUTS[6:8]
 OUTPUTS = ("output", "block_indices", "block_counts", "visible_counts")
 
 BLOCK_SIZES = (64, 128)

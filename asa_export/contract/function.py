@@ -3,9 +3,10 @@
 A rewritten model carries, beside each `asa::AdaptiveSparseAttention` node, a FunctionProto with
 the same semantics (SPEC.md) so that any ONNX runtime can run the node without our library:
 
-    AdaptiveSparseAttention(q, k, v, [mask], [bias], [thresholds])
+    AdaptiveSparseAttention(q, k, v, [mask], [bias], [thresholds], [gate_q, gate_k])
       -> visibility (Range / compare) -> block visibility (Pad, Reshape, ReduceMax)
-      -> router: block means, MatMul, masked softmax (float32)
+      -> router: block means (and, with the learned gate, block max/min and the two gate
+         projections), MatMul, masked softmax (float32)
       -> selection: TopK order, exclusive CumSum < tau, ScatterElements back
       -> dense masked softmax attention with the kept blocks (MatMul, GQA by reshaping Q)
       -> outputs (+ telemetry: TopK ascending, ReduceSum)
@@ -41,20 +42,26 @@ MIN_IR_VERSION = 10
 _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 
-def function_overload(attrs: AsaAttributes, present_inputs: tuple[bool, bool, bool],
+def function_overload(attrs: AsaAttributes, present_inputs: tuple[bool, ...],
                       num_outputs: int, dtype: int | None = None) -> str:
     """Unique identity of the function for one attribute set, input set and output count.
 
     Args:
         attrs: the node's attributes.
-        present_inputs: (key_padding_mask, attn_bias, head_thresholds) given or not.
+        present_inputs: (key_padding_mask, attn_bias, head_thresholds, gate_q_weight,
+            gate_k_weight) given or not; 3 flags mean no learned gate.
         num_outputs: 1..4, outputs in contract order.
         dtype: element type baked into the final Cast (only needed below opset 15).
 
     Returns:
-        `attrs.function_name()` + suffix, e.g. `AdaptiveSparseAttention_0123456789_m1b0t0_o4`.
+        `attrs.function_name()` + suffix, e.g. `AdaptiveSparseAttention_0123456789_m1b0t0_o4`,
+        or `..._m1b0t0g1_o4` with the learned gate (no `g` flag without it, so overloads of
+        gate-less nodes keep the names they had before the gate existed).
     """
-    flags = "".join(f"{c}{int(bool(p))}" for c, p in zip("mbt", present_inputs))
+    present = _present_flags(present_inputs)
+    flags = "".join(f"{c}{int(p)}" for c, p in zip("mbt", present))
+    if present[3]:
+        flags += "g1"
     suffix = f"_{flags}_o{num_outputs}"
     if dtype is not None:
         suffix += f"_{TensorProto.DataType.Name(dtype).lower()}"
@@ -66,14 +73,15 @@ def function_attributes(attrs: AsaAttributes) -> list[str]:
     return [*attrs.as_onnx_attributes(), "plugin_namespace", "plugin_version"]
 
 
-def build_function(attrs: AsaAttributes, opset: int, present_inputs: tuple[bool, bool, bool],
+def build_function(attrs: AsaAttributes, opset: int, present_inputs: tuple[bool, ...],
                    num_outputs: int, dtype: int | None = None) -> onnx.FunctionProto:
     """Build the model-local function for one attribute set.
 
     Args:
         attrs: the node's attributes (baked into the body as constants).
         opset: the model's default-domain opset (14..25); the body uses ops of that version.
-        present_inputs: (key_padding_mask, attn_bias, head_thresholds) given or not.
+        present_inputs: (key_padding_mask, attn_bias, head_thresholds, gate_q_weight,
+            gate_k_weight) given or not; 3 flags mean no learned gate.
         num_outputs: 1..4: output, block_indices, block_counts, visible_counts.
         dtype: TensorProto element type of query/output. Needed for opset 14 (no CastLike);
             from opset 15 the output type follows the query and dtype may stay None.
@@ -82,13 +90,13 @@ def build_function(attrs: AsaAttributes, opset: int, present_inputs: tuple[bool,
         FunctionProto in domain `asa`, name `AdaptiveSparseAttention`, overload
         `function_overload(...)`.
     """
-    present = tuple(bool(p) for p in present_inputs)
-    _check_args(opset, present, num_outputs, dtype)
+    _check_args(opset, present_inputs, num_outputs, dtype)
+    present = _present_flags(present_inputs)
     body = _Body(opset)
     outputs = _emit(body, attrs, present, num_outputs, dtype)
     for name, value in zip(OUTPUTS, outputs):
         body.add("Identity", [value], [name])
-    # All six inputs are declared (the body reads only the present ones), so a call node may
+    # All eight inputs are declared (the body reads only the present ones), so a call node may
     # spell missing trailing inputs as "" or drop them: ONNX Runtime rejects only more actual
     # than formal inputs.
     return helper.make_function(
@@ -148,7 +156,7 @@ def selection_model(attrs: AsaAttributes, opset: int, has_thresholds: bool) -> o
         read), probs float32 [B, Hsel, NQ, NK], visible bool [B, NQ, NK] (and head_thresholds);
         output keep bool [B, Hsel, NQ, NK].
     """
-    _check_args(opset, (False, False, has_thresholds), 1, TensorProto.FLOAT)
+    _check_args(opset, (False, False, has_thresholds, False, False), 1, TensorProto.FLOAT)
     g = _Body(opset)
     g.add("Identity", ["key"], ["value"])
     d = _Dims(g, attrs.block_size)
@@ -208,6 +216,9 @@ class _Body:
     def concat(self, *parts: str) -> str:
         return self.op("Concat", *parts, axis=0)
 
+    def concat_last(self, *parts: str) -> str:
+        return self.op("Concat", *parts, axis=-1)
+
     def reduce(self, op_type: str, x: str, axes: list[int], keepdims: int) -> str:
         # ReduceSum takes axes as an input from opset 13, the other reductions from opset 18.
         schema = onnx.defs.get_schema(op_type, self.opset, "")
@@ -252,7 +263,7 @@ class _Dims:
 
 def _emit(g: _Body, attrs: AsaAttributes, present, num_outputs: int, dtype) -> list[str]:
     """Emit the body; returns the value names of the outputs in contract order."""
-    has_mask, has_bias, has_thr = present
+    has_mask, has_bias, has_thr, has_gate = present[:4]
     d = _Dims(g, attrs.block_size)
     mask = g.cast("key_padding_mask", TensorProto.BOOL) if has_mask else None
     vis = _element_visibility(g, d, attrs, mask)                # bool [Bm, Sq, Skv]
@@ -263,7 +274,7 @@ def _emit(g: _Body, attrs: AsaAttributes, present, num_outputs: int, dtype) -> l
     if dense:  # tau >= 1 keeps every visible block: the router cannot change anything
         keep = g.op("Expand", g.unsqueeze(vis_blocks, 1), g.concat(d.B, hsel, d.NQ, d.NK))
     else:
-        probs = _router_probs(g, d, attrs, mask, vis_blocks, scale)
+        probs = _router_probs(g, d, attrs, mask, vis_blocks, scale, has_gate)
         keep = _select(g, d, attrs, probs, vis_blocks, has_thr)  # bool [B, Hsel, NQ, NK]
     elem_mask = g.unsqueeze(vis, 1)
     if not dense:
@@ -338,11 +349,12 @@ def _block_sums(g: _Body, d: _Dims, x: str, pad: str, n_blocks: str) -> str:
 
 
 def _router_probs(g: _Body, d: _Dims, attrs: AsaAttributes, mask, vis_blocks: str,
-                  scale: str) -> str:
+                  scale: str, has_gate: bool) -> str:
     """float32 [B, Hsel, NQ, NK] router probabilities (SPEC "Router")."""
     q = g.cast("query", TensorProto.FLOAT)
     k = g.cast("key", TensorProto.FLOAT)
     q_mean = g.op("Div", _block_sums(g, d, q, d.pad_q, d.NQ), _block_counts(g, d.nq, d.Sq, d.b))
+    k_raw = k
     if mask is None:
         k_count = _block_counts(g, d.nk, d.Skv, d.b)              # [NK, 1]
     else:
@@ -354,16 +366,52 @@ def _router_probs(g: _Body, d: _Dims, attrs: AsaAttributes, mask, vis_blocks: st
         k_count = g.reduce("ReduceSum", tiles, [2], keepdims=0)   # [B, NK]
         k_count = g.unsqueeze(g.op("Max", k_count, g.f32(1.0)), 1, 3)
     k_mean = g.op("Div", _block_sums(g, d, k, d.pad_k, d.NK), k_count)  # [B, Hkv, NK, D]
-    q_grouped = g.op("Reshape", q_mean, g.concat(d.B, d.Hkv, d.G, d.NQ, d.D))
-    k_t = g.op("Transpose", g.unsqueeze(k_mean, 2), perm=[0, 1, 2, 4, 3])
-    logits = g.op("Mul", g.op("MatMul", q_grouped, k_t), scale)  # [B, Hkv, G, NQ, NK]
-    logits = g.op("Reshape", logits, g.concat(d.B, d.Hq, d.NQ, d.NK))
+    if has_gate:
+        q_emb = g.op("MatMul", q_mean, g.cast("gate_q_weight", TensorProto.FLOAT))
+        k_feat = g.concat_last(k_mean, *_block_extrema(g, d, k_raw, mask))  # [B, Hkv, NK, 3D]
+        k_vec = g.op("MatMul", k_feat, g.cast("gate_k_weight", TensorProto.FLOAT))
+        logits = _grouped_logits(g, d, q_emb, k_vec)  # no scale: the gate is trained without
+    else:
+        logits = g.op("Mul", _grouped_logits(g, d, q_mean, k_mean), scale)
     probs = _masked_softmax(g, logits, g.unsqueeze(vis_blocks, 1))
     if attrs.select_per == SELECT_PER_KV_GROUP:
         grouped = g.op("Reshape", probs, g.concat(d.B, d.Hkv, d.G, d.NQ, d.NK))
         probs = g.op("Div", g.reduce("ReduceSum", grouped, [2], keepdims=0),
                      g.cast(d.G, TensorProto.FLOAT))
     return probs
+
+
+def _grouped_logits(g: _Body, d: _Dims, q_vec: str, k_vec: str) -> str:
+    """float32 [B, Hq, NQ, NK]: q_vec [B, Hq, NQ, E] . k_vec [B, Hkv, NK, E] (GQA by reshape)."""
+    q_grouped = g.op("Reshape", q_vec, g.concat(d.B, d.Hkv, d.G, d.NQ, g.i64(-1)))
+    k_t = g.op("Transpose", g.unsqueeze(k_vec, 2), perm=[0, 1, 2, 4, 3])
+    logits = g.op("MatMul", q_grouped, k_t)                    # [B, Hkv, G, NQ, NK]
+    return g.op("Reshape", logits, g.concat(d.B, d.Hq, d.NQ, d.NK))
+
+
+def _block_extrema(g: _Body, d: _Dims, k: str, mask) -> tuple[str, str]:
+    """float32 [B, Hkv, NK, D] each: element-wise max and min over each block's kept keys.
+
+    Padding (masked keys, the tail of the last block) is -inf for the max and +inf for the
+    min; a block with no kept key gets zeros (it is invisible; zeros keep inf out of MatMul).
+    """
+    zero = g.i64(0)
+    pads = g.concat(zero, zero, zero, zero, zero, zero, d.pad_k, zero)
+    shape = g.concat(zero, zero, d.NK, d.b, g.i64(-1))
+    result = []
+    for op_type, fill in (("ReduceMax", -np.inf), ("ReduceMin", np.inf)):
+        x = k
+        if mask is not None:
+            x = g.op("Where", g.unsqueeze(mask, 1, 3), k, g.f32(fill))
+        tiles = g.op("Reshape", g.op("Pad", x, pads, g.f32(fill)), shape)
+        result.append(g.reduce(op_type, tiles, [3], keepdims=0))
+    if mask is None:
+        return tuple(result)
+    any_key = g.op("Pad", g.cast(mask, TensorProto.FLOAT), g.concat(zero, zero, zero, d.pad_k))
+    any_key = g.reduce("ReduceMax", g.op("Reshape", any_key, g.concat(zero, d.NK, d.b)), [2],
+                       keepdims=0)                              # [B, NK]
+    any_key = g.cast(g.unsqueeze(any_key, 1, 3), TensorProto.BOOL)
+    return tuple(g.op("Where", any_key, x, g.f32(0.0)) for x in result)
 
 
 def _masked_softmax(g: _Body, x: str, mask: str) -> str:
@@ -471,13 +519,26 @@ def _telemetry(g: _Body, d: _Dims, keep: str, vis_blocks: str) -> list[str]:
     return [g.cast(x, TensorProto.INT32) for x in (indices, counts, visible)]
 
 
+def _present_flags(present_inputs) -> tuple[bool, bool, bool, bool, bool]:
+    """5 bools; 3 given flags mean no learned gate (callers from before the gate existed)."""
+    flags = tuple(bool(p) for p in present_inputs)
+    if len(flags) == 3:
+        flags += (False, False)
+    if len(flags) != 5 or flags[3] != flags[4]:
+        _check_args(MIN_OPSET, flags, 1, TensorProto.FLOAT)  # raises the explanatory error
+    return flags
+
+
 def _check_args(opset: int, present, num_outputs: int, dtype) -> None:
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise AsaExportError(f"the ASA function supports opsets {MIN_OPSET}..{MAX_OPSET}, got "
                              f"{opset}; convert the model with onnx.version_converter first")
-    if len(present) != 3:
-        raise AsaExportError("present_inputs must be 3 flags: key_padding_mask, attn_bias, "
-                             "head_thresholds")
+    if len(present) not in (3, 5):
+        raise AsaExportError("present_inputs must be 5 flags (key_padding_mask, attn_bias, "
+                             "head_thresholds, gate_q_weight, gate_k_weight) or the first 3")
+    if len(present) == 5 and bool(present[3]) != bool(present[4]):
+        raise AsaExportError("gate_q_weight and gate_k_weight come together: give both inputs "
+                             "(a learned gate) or neither")
     if not 1 <= num_outputs <= len(OUTPUTS):
         raise AsaExportError(f"num_outputs must be 1..{len(OUTPUTS)}, got {num_outputs}")
     if dtype is not None and dtype not in _FLOAT_TYPES:

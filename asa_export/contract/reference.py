@@ -71,14 +71,21 @@ def block_visibility(elem_vis: np.ndarray, block_size: int) -> np.ndarray:
 
 
 def router_probs(q: np.ndarray, k: np.ndarray, attrs: AsaAttributes,
-                 key_padding_mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Training-free router: softmax over visible key blocks of scale * mean(q) . mean(k).
+                 key_padding_mask: np.ndarray | None = None, *,
+                 gate_q_weight: np.ndarray | None = None,
+                 gate_k_weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Router: softmax over visible key blocks of the block logits (SPEC "Router").
+
+    Training-free logits are scale * mean(q) . mean(k); with the learned gate they are
+    (mean(q) . gate_q_weight[h]) . (concat(mean, max, min)(k) . gate_k_weight[h / G]).
 
     Args:
         q: query [B, Hq, Sq, D] (any float type; cast to float32).
         k: key [B, Hkv, Skv, D].
         attrs: the node's attributes.
         key_padding_mask: optional [B, Skv].
+        gate_q_weight: optional float32 [Hq, D, Dg], the learned gate's query projection.
+        gate_k_weight: optional float32 [Hkv, 3*D, Dg]; given iff gate_q_weight is.
 
     Returns:
         (probs float32 [B, Hsel, NQ, NK], visible bool [B, NQ, NK]); invisible blocks have
@@ -92,10 +99,13 @@ def router_probs(q: np.ndarray, k: np.ndarray, attrs: AsaAttributes,
     q_mean = _block_mean(q.astype(_F32), np.ones((1, seq_q), dtype=bool), b)
     keep_key = (np.ones((batch, seq_kv), dtype=bool) if key_padding_mask is None
                 else _check_mask(key_padding_mask, batch, seq_kv))
-    k_mean = _block_mean(k.astype(_F32), keep_key, b)
     group = heads_q // heads_kv
-    k_mean = np.repeat(k_mean, group, axis=1)  # query head h reads KV head h // G
-    logits = _F32(attrs.resolved_scale(dim)) * np.matmul(q_mean, np.swapaxes(k_mean, -1, -2))
+    gate = check_gate(gate_q_weight, gate_k_weight, heads_q, heads_kv, dim)
+    if gate is None:
+        k_mean = np.repeat(_block_mean(k.astype(_F32), keep_key, b), group, axis=1)
+        logits = _F32(attrs.resolved_scale(dim)) * np.matmul(q_mean, np.swapaxes(k_mean, -1, -2))
+    else:
+        logits = _gate_logits(q_mean, _key_features(k.astype(_F32), keep_key, b), *gate)
     probs = _masked_softmax_f32(logits.astype(_F32), visible[:, None])
     if attrs.select_per == SELECT_PER_KV_GROUP:
         grouped = probs.reshape(batch, heads_kv, group, *probs.shape[2:])
@@ -168,7 +178,10 @@ def asa_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, attrs: AsaAttribu
                   key_padding_mask: np.ndarray | None = None,
                   attn_bias: np.ndarray | None = None,
                   head_thresholds: np.ndarray | None = None,
-                  dtype=np.float64) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                  dtype=np.float64, *,
+                  gate_q_weight: np.ndarray | None = None,
+                  gate_k_weight: np.ndarray | None = None,
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The whole op: router, selection, block-sparse attention, telemetry.
 
     Args:
@@ -180,6 +193,8 @@ def asa_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, attrs: AsaAttribu
         attn_bias: optional, broadcastable to [B, Hq, Sq, Skv]; added after softcap.
         head_thresholds: optional float32 [Hq].
         dtype: float type of the attention math and of `out` (float64 or float32).
+        gate_q_weight: optional float32 [Hq, D, Dg], the learned gate (see `router_probs`).
+        gate_k_weight: optional float32 [Hkv, 3*D, Dg]; given iff gate_q_weight is.
 
     Returns:
         (out [B, Hq, Sq, Dv] in `dtype` (zeros on rows with no visible kept key),
@@ -189,7 +204,8 @@ def asa_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, attrs: AsaAttribu
     batch, heads_q, seq_q, dim = q.shape
     heads_kv, seq_kv = k.shape[1], k.shape[2]
     dtype = np.dtype(dtype).type
-    probs, visible = router_probs(q, k, attrs, key_padding_mask)
+    probs, visible = router_probs(q, k, attrs, key_padding_mask, gate_q_weight=gate_q_weight,
+                                  gate_k_weight=gate_k_weight)
     keep = select_blocks(probs, visible, attrs, seq_q, seq_kv, head_thresholds)
     vis = visibility(batch, seq_q, seq_kv, attrs, key_padding_mask)
     group = heads_q // heads_kv
@@ -222,7 +238,71 @@ def density(block_counts: np.ndarray, visible_counts: np.ndarray, hsel: int) -> 
     return int(np.sum(block_counts, dtype=np.int64)) / total
 
 
+def check_gate(gate_q_weight, gate_k_weight, heads_q: int, heads_kv: int,
+               dim: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Validate the learned gate's weights against the node's shapes (SPEC inputs 6-7).
+
+    Args:
+        gate_q_weight: None or [Hq, D, Dg].
+        gate_k_weight: None or [Hkv, 3*D, Dg].
+        heads_q: Hq.
+        heads_kv: Hkv.
+        dim: D, the query/key head dim.
+
+    Returns:
+        None without a gate, else both weights as float32 arrays.
+
+    Raises:
+        AsaExportError: one weight without the other, or shapes that do not fit.
+    """
+    if gate_q_weight is None and gate_k_weight is None:
+        return None
+    if gate_q_weight is None or gate_k_weight is None:
+        raise AsaExportError("gate_q_weight and gate_k_weight come together: pass both "
+                             "(a learned gate) or neither (the training-free router)")
+    wq = np.asarray(gate_q_weight, dtype=_F32)
+    wk = np.asarray(gate_k_weight, dtype=_F32)
+    if wq.ndim != 3 or wq.shape[:2] != (heads_q, dim) or wq.shape[2] < 1:
+        raise AsaExportError(f"gate_q_weight must have shape [Hq, D, Dg] = [{heads_q}, {dim}, "
+                             f"Dg], got {list(wq.shape)}")
+    if wk.shape != (heads_kv, 3 * dim, wq.shape[2]):
+        raise AsaExportError(f"gate_k_weight must have shape [Hkv, 3*D, Dg] = "
+                             f"{[heads_kv, 3 * dim, wq.shape[2]]}, got {list(wk.shape)}")
+    return wq, wk
+
+
 # ---------------------------------------------------------------- helpers
+
+
+def _key_features(k: np.ndarray, keep: np.ndarray, b: int) -> np.ndarray:
+    """float32 [B, Hkv, NK, 3*D]: concat(mean, max, min) of the kept keys of each block.
+
+    A block without a kept key (invisible anyway) gets zeros, so no inf reaches the logits.
+    """
+    batch, heads, seq, dim = k.shape
+    n = num_blocks(seq, b)
+    w = np.zeros((keep.shape[0], n * b), dtype=bool)
+    w[:, :seq] = keep
+    tiles = np.zeros((batch, heads, n * b, dim), dtype=_F32)
+    tiles[:, :, :seq] = k
+    tiles = tiles.reshape(batch, heads, n, b, dim)
+    kept = w.reshape(-1, 1, n, b, 1)
+    top = np.where(kept, tiles, _F32(-np.inf)).max(axis=3)
+    bottom = np.where(kept, tiles, _F32(np.inf)).min(axis=3)
+    empty = ~w.reshape(-1, 1, n, b, 1).any(axis=3)
+    top = np.where(empty, _F32(0), top)
+    bottom = np.where(empty, _F32(0), bottom)
+    return np.concatenate([_block_mean(k, keep, b), top, bottom], axis=-1).astype(_F32)
+
+
+def _gate_logits(q_mean: np.ndarray, k_feat: np.ndarray, wq: np.ndarray,
+                 wk: np.ndarray) -> np.ndarray:
+    """float32 [B, Hq, NQ, NK]: (q_mean . Wq[h]) . (k_feat . Wk[h / G]), no scale."""
+    q_emb = np.matmul(q_mean, wq[None])                     # [B, Hq, NQ, Dg]
+    k_emb = np.matmul(k_feat, wk[None])                     # [B, Hkv, NK, Dg]
+    group = q_mean.shape[1] // k_feat.shape[1]
+    k_emb = np.repeat(k_emb, group, axis=1)                 # query head h reads KV head h // G
+    return np.matmul(q_emb, np.swapaxes(k_emb, -1, -2)).astype(_F32)
 
 
 def _block_mean(x: np.ndarray, keep: np.ndarray, b: int) -> np.ndarray:

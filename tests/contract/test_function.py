@@ -59,6 +59,9 @@ def build_model(attrs: AsaAttributes, opset: int, present, num_outputs: int = 4,
         inputs.append(_value_info("attn_bias", io_type, list(bias_dims)))
     if present[2]:
         inputs.append(_value_info("head_thresholds", TensorProto.FLOAT, ["Hq"]))
+    if len(present) > 3 and present[3]:
+        inputs.append(_value_info("gate_q_weight", TensorProto.FLOAT, ["Hq", "D", "Dg"]))
+        inputs.append(_value_info("gate_k_weight", TensorProto.FLOAT, ["Hkv", "D3", "Dg"]))
     out_dims = [["B", "Hq", "Sq", "Dv"], ["B", "Hsel", "NQ", "NK"], ["B", "Hsel", "NQ"],
                 ["B", "NQ"]]
     graph_outputs = [_value_info(name, io_type if i == 0 else TensorProto.INT32, out_dims[i])
@@ -85,8 +88,11 @@ def session(attrs, opset, present, num_outputs=4, elem_type=TensorProto.FLOAT,
 
 
 def make_inputs(rng, batch, hq, hkv, sq, skv, dim, present, np_dtype=np.float32,
-                mask_dtype=bool, bias_shape=None):
-    """Random feeds; per-block offsets make the router's scores peaked (real selection)."""
+                mask_dtype=bool, bias_shape=None, gate_dim=8):
+    """Random feeds; per-block offsets make the router's scores peaked (real selection).
+
+    With 5 present flags and the 4th set, random learned-gate weights (Dg = gate_dim) too.
+    """
     def blocky(shape):
         x = rng.standard_normal(shape)
         offsets = rng.standard_normal((*shape[:2], -(-shape[2] // 64), 1, shape[3]))
@@ -103,13 +109,21 @@ def make_inputs(rng, batch, hq, hkv, sq, skv, dim, present, np_dtype=np.float32,
     if present[2]:
         feeds["head_thresholds"] = rng.choice(
             np.array([0.3, 0.6, 0.9, 0.97, 1.0], np.float32), size=hq)
+    if len(present) > 3 and present[3]:
+        # Unit-variance embeddings: logits of spread ~sqrt(Dg), peaked enough to select.
+        feeds["gate_q_weight"] = (rng.standard_normal((hq, dim, gate_dim))
+                                  / np.sqrt(dim)).astype(np.float32)
+        feeds["gate_k_weight"] = (rng.standard_normal((hkv, 3 * dim, gate_dim))
+                                  / np.sqrt(3 * dim)).astype(np.float32)
     return feeds
 
 
 def reference_outputs(feeds, attrs):
     return ref.asa_attention(feeds["query"], feeds["key"], feeds["value"], attrs,
                              feeds.get("key_padding_mask"), feeds.get("attn_bias"),
-                             feeds.get("head_thresholds"))
+                             feeds.get("head_thresholds"),
+                             gate_q_weight=feeds.get("gate_q_weight"),
+                             gate_k_weight=feeds.get("gate_k_weight"))
 
 
 def assert_matches(got, expected, atol=2e-5):
