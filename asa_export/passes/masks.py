@@ -42,6 +42,9 @@ class MaskSpec:
     causal: bool = False
     window: int = -1
     padding: ir.Value | None = None  # the graph input [B, Skv] (nonzero = keep)
+    # [B] last kept key index per batch (GroupQueryAttention's seqlens_k: key j kept iff
+    # j <= last_kept[b]); the rule's prepare step turns it into `padding` at rewrite time.
+    last_kept: ir.Value | None = None
 
     def describe(self) -> str:
         parts = []
@@ -51,6 +54,8 @@ class MaskSpec:
             parts.append(f"window={self.window}")
         if self.padding is not None:
             parts.append("padding")
+        if self.last_kept is not None:
+            parts.append("padding(lengths)")
         return "+".join(parts) if parts else "none"
 
 

@@ -1,4 +1,4 @@
-"""ms_attention rule: com.microsoft MultiHeadAttention (rewritten) and GroupQueryAttention (reported)."""
+"""ms_attention rule: com.microsoft MultiHeadAttention and GroupQueryAttention."""
 
 import numpy as np
 import onnx
@@ -80,16 +80,119 @@ def test_mha_with_projection_bias_is_reported():
     assert report.sites == [] and "projection bias" in report.rejected[0].reason
 
 
-def test_group_query_attention_is_reported_with_reason():
-    ins = [helper.make_tensor_value_info("q", TensorProto.FLOAT, ["B", "S", N * H]),
-           helper.make_tensor_value_info("k", TensorProto.FLOAT, ["B", "S", 2 * H]),
-           helper.make_tensor_value_info("v", TensorProto.FLOAT, ["B", "S", 2 * H]),
-           helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["B"]),
-           helper.make_tensor_value_info("total", TensorProto.INT32, [])]
-    node = helper.make_node("GroupQueryAttention", ["q", "k", "v", "", "", "seqlens_k", "total"],
-                            ["out", "pk", "pv"], domain="com.microsoft", num_heads=N, kv_num_heads=2)
-    graph = helper.make_graph([node], "g", ins, [helper.make_tensor_value_info("out", 1, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                    helper.make_opsetid("com.microsoft", 1)])
-    report = find_sites(ir.serde.deserialize_model(model))
-    assert report.sites == [] and "GroupQueryAttention" in report.rejected[0].reason
+KV = 2
+
+
+def _gqa(*, packed=False, past=False, extra_inputs=(), **attrs):
+    """GroupQueryAttention [B, S, ·] -> out, present_key, present_value (all graph outputs)."""
+    if packed:
+        ins = [helper.make_tensor_value_info("q", TensorProto.FLOAT, ["B", "S", (N + 2 * KV) * H])]
+        names = ["q", "", ""]
+    else:
+        ins = [helper.make_tensor_value_info("q", TensorProto.FLOAT, ["B", "S", N * H])]
+        ins += [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["B", "S", KV * H]) for n in "kv"]
+        names = ["q", "k", "v"]
+    names += ["past_key", "past_value"] if past else ["", ""]
+    if past:
+        ins += [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["B", KV, "P", H])
+                for n in ("past_key", "past_value")]
+    ins += [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["B"]),
+            helper.make_tensor_value_info("total", TensorProto.INT32, [])]
+    names += ["seqlens_k", "total"]
+    for index, name in extra_inputs:  # (input index, graph input name)
+        names += [""] * (index + 1 - len(names))
+        names[index] = name
+        ins.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    outs = ["out", "present_key", "present_value"]
+    node = helper.make_node("GroupQueryAttention", names, outs, name="gqa", domain="com.microsoft",
+                            num_heads=N, kv_num_heads=KV, **attrs)
+    out_shapes = [["B", "S", N * H], ["B", KV, "T", H], ["B", KV, "T", H]]
+    graph = helper.make_graph([node], "g", ins, [helper.make_tensor_value_info(n, TensorProto.FLOAT, d)
+                                                 for n, d in zip(outs, out_shapes)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                   helper.make_opsetid("com.microsoft", 1)])
+
+
+def _gqa_feeds(model, batch=3, seq=150, last_kept=(149, 90, 20)):
+    """Right-padded batch: row b holds last_kept[b] + 1 real tokens (seqlens_k = lengths - 1)."""
+    rng = np.random.default_rng(1)
+    q = model.graph.input[0]
+    width = q.type.tensor_type.shape.dim[2].dim_value
+    f = {"q": rng.standard_normal((batch, seq, width)).astype(np.float32)}
+    if len(model.graph.input) > 1 and model.graph.input[1].name == "k":
+        for n in "kv":
+            f[n] = rng.standard_normal((batch, seq, KV * H)).astype(np.float32)
+    f["seqlens_k"] = np.array(last_kept, dtype=np.int32)
+    f["total"] = np.array(seq, dtype=np.int32)  # without a past the kernel requires total == S
+    return f
+
+
+def _rewrite(model):
+    m = ir.serde.deserialize_model(model)
+    report = rewrite_model(m, RewriteOptions(threshold=1.0, block_size=64))
+    rewritten = ir.serde.serialize_model(m)
+    onnx.checker.check_model(rewritten, full_check=True)
+    return report, rewritten
+
+
+@pytest.mark.parametrize("packed,attrs", [
+    (False, {}),
+    (True, {}),
+    (False, {"local_window_size": 40}),
+    (True, {"local_window_size": 40, "softcap": 2.0}),
+    (False, {"scale": 0.3, "softcap": 5.0}),
+    (False, {"causal": 0}),
+])
+def test_gqa_rewrites_with_parity(packed, attrs):
+    model = _gqa(packed=packed, **attrs)
+    report, rewritten = _rewrite(model)
+    ops = [n.op_type for n in rewritten.graph.node]
+    assert OP_TYPE in ops and "GroupQueryAttention" not in ops
+    site = report.sites[0]
+    assert (site.q_heads, site.kv_heads, site.head_dim) == (N, KV, H)
+    assert site.causal == bool(attrs.get("causal", 1))
+    assert site.window == attrs.get("local_window_size", -1)
+    assert site.softcap == pytest.approx(attrs.get("softcap", 0.0))
+    assert site.scale == pytest.approx(attrs.get("scale", 0.0))
+    assert "padding" in site.mask
+    feeds = _gqa_feeds(model)
+    expected, actual = _run(model, feeds), _run(rewritten, feeds)
+    real = np.arange(150)[None, :] <= feeds["seqlens_k"][:, None]  # [B, S] non-padding rows
+    np.testing.assert_allclose(actual[0][real], expected[0][real], atol=1e-4, rtol=1e-3)
+    if not (attrs.get("softcap") and attrs.get("local_window_size")):
+        # Padded query rows follow the contract too (and rows without a visible key are zeros
+        # in both), except on ORT's soft-cap + window path, which anchors a padded row's window
+        # at the last real row: those outputs belong to padding tokens.
+        np.testing.assert_allclose(actual[0], expected[0], atol=1e-4, rtol=1e-3)
+    for e, a in zip(expected[1:], actual[1:]):  # present_key / present_value
+        np.testing.assert_array_equal(a, e)
+
+
+def test_gqa_window_without_visible_keys_rows_are_zero_in_both():
+    """Rows past seqlens_k by more than the window see no key: zeros in ORT and the rewrite."""
+    model = _gqa(local_window_size=16)
+    _, rewritten = _rewrite(model)
+    feeds = _gqa_feeds(model, last_kept=(149, 90, 20))
+    expected, actual = _run(model, feeds)[0], _run(rewritten, feeds)[0]
+    empty = np.arange(150) - 16 >= 20  # batch 2: rows r with r - W >= last kept key
+    assert empty.sum() > 0 and np.all(expected[2, empty] == 0) and np.all(actual[2, empty] == 0)
+
+
+def test_gqa_inspect_leaves_the_graph_unchanged():
+    model = _gqa(packed=True)
+    m = ir.serde.deserialize_model(model)
+    report = find_sites(m)
+    assert [n.op_type for n in m.graph] == ["GroupQueryAttention"]
+    assert report.sites[0].mask == "causal+padding(lengths)" and "packed QKV" in report.sites[0].notes
+
+
+@pytest.mark.parametrize("kwargs,reason", [
+    ({"do_rotary": 1, "extra_inputs": [(7, "cos"), (8, "sin")]}, "rotary embedding inside the op"),
+    ({"past": True}, "per-batch offsets"),
+    ({"smooth_softmax": 1}, "smooth_softmax"),
+    ({"extra_inputs": [(10, "bias")]}, "attention_bias"),
+    ({"extra_inputs": [(11, "sink")]}, "head_sink"),
+])
+def test_gqa_refused_with_reason(kwargs, reason):
+    report = find_sites(ir.serde.deserialize_model(_gqa(**kwargs)))
+    assert report.sites == [] and reason in report.rejected[0].reason
