@@ -60,7 +60,7 @@ def function_session(model: bytes):
 
 
 def _feeds(rng, b_, hq, hkv, sq, skv, d, *, mask=None, bias=None, thresholds=None,
-           dtype=np.float32):
+           dtype=np.float32, gate_dim=None):
     q = rng.standard_normal((b_, hq, sq, d)).astype(np.float32)
     k = rng.standard_normal((b_, hkv, skv, d)).astype(np.float32)
     drift = np.linspace(0, 2, skv, dtype=np.float32)[None, None, :, None] * rng.standard_normal(
@@ -77,13 +77,21 @@ def _feeds(rng, b_, hq, hkv, sq, skv, d, *, mask=None, bias=None, thresholds=Non
         feeds["attn_bias"] = rng.standard_normal(bias).astype(dtype)
     if thresholds is not None:
         feeds["head_thresholds"] = np.asarray(thresholds, dtype=np.float32)
+    if gate_dim is not None:
+        # Learned gate weights whose logits spread over a few units (real block preferences).
+        feeds["gate_q_weight"] = (rng.standard_normal((hq, d, gate_dim)) * 4 / np.sqrt(d)
+                                  ).astype(np.float32)
+        feeds["gate_k_weight"] = (rng.standard_normal((hkv, 3 * d, gate_dim))
+                                  * 4 / np.sqrt(3 * d * gate_dim)).astype(np.float32)
     return feeds
 
 
 def _reference(attrs, feeds):
     return ref.asa_attention(feeds["query"], feeds["key"], feeds["value"], attrs,
                              feeds.get("key_padding_mask"), feeds.get("attn_bias"),
-                             feeds.get("head_thresholds"))
+                             feeds.get("head_thresholds"),
+                             gate_q_weight=feeds.get("gate_q_weight"),
+                             gate_k_weight=feeds.get("gate_k_weight"))
 
 
 CASES = [
@@ -96,6 +104,15 @@ CASES = [
      {"mask": np.bool_, "bias": (2, 1, 97, 161)}),
     ("head_thresholds", (1, 4, 2, 200, 200, 32), dict(causal=True, local_blocks=0),
      {"thresholds": [0.4, 1.0, 0.6, 0.3]}),
+    # Learned gate (inputs 6-7), alone and after every other optional input.
+    ("gate_causal_gqa", (1, 6, 2, 161, 161, 32), dict(causal=True, threshold=0.6),
+     {"gate_dim": 32}),
+    ("gate_group_pad_block128", (2, 4, 2, 200, 333, 48),
+     dict(threshold=0.5, select_per=1, block_size=128, sink_blocks=0), {"mask": np.int64,
+                                                                       "gate_dim": 16}),
+    ("gate_all_inputs", (2, 4, 2, 97, 161, 32), dict(causal=True, softcap=4.0, local_blocks=0),
+     {"mask": np.bool_, "bias": (2, 1, 97, 161), "thresholds": [0.5, 0.7, 0.4, 1.0],
+      "gate_dim": 7}),
 ]
 
 
@@ -303,6 +320,58 @@ def test_bad_optional_inputs(tamper, needle):
                    mask=np.int64, bias=(1, 1, 1, 64), thresholds=[1.0, 1.0])
     tamper(feeds)
     _run_expect_error(one_node_model(attrs, feeds, with_function=False), feeds, needle)
+
+
+@pytest.mark.parametrize("tamper,needle", [
+    (lambda f: f.update(gate_q_weight=np.ones((2, 16, 8, 1), np.float32)),
+     "gate_q_weight must have shape [Hq, D, Dg] = [2, 16, Dg >= 1], got [2, 16, 8, 1]"),
+    (lambda f: f.update(gate_q_weight=np.ones((3, 16, 8), np.float32)),
+     "gate_q_weight must have shape [Hq, D, Dg] = [2, 16, Dg >= 1], got [3, 16, 8]"),
+    (lambda f: f.update(gate_k_weight=np.ones((1, 16, 8), np.float32)),
+     "gate_k_weight must have shape [Hkv, 3*D, Dg] = [1, 48, 8] (Dg from gate_q_weight), "
+     "got [1, 16, 8]"),
+    (lambda f: f.update(gate_k_weight=np.ones((1, 48, 5), np.float32)),
+     "gate_k_weight must have shape [Hkv, 3*D, Dg] = [1, 48, 8]"),
+    (lambda f: f.update(gate_q_weight=np.ones((2, 16, 0), np.float32)),
+     "gate_q_weight must have shape [Hq, D, Dg] = [2, 16, Dg >= 1], got [2, 16, 0]"),
+    (lambda f: f.pop("gate_k_weight"),
+     "needs both gate_q_weight (input 6) and gate_k_weight (input 7); got only gate_q_weight"),
+    (lambda f: f.pop("gate_q_weight"),
+     "needs both gate_q_weight (input 6) and gate_k_weight (input 7); got only gate_k_weight"),
+])
+def test_bad_gate_inputs(tamper, needle):
+    """Gate weights that break SPEC inputs 6-7: an ORT error that says which and why."""
+    feeds = _feeds(np.random.default_rng(0), 1, 2, 1, 64, 64, 16, gate_dim=8)
+    tamper(feeds)
+    # A plain node: the function builder itself refuses a lone gate weight.
+    inputs = [name if name in feeds else "" for name in INPUTS]
+    node = helper.make_node("AdaptiveSparseAttention", inputs, list(OUTPUTS), domain="asa",
+                            threshold=0.5)
+    _run_expect_error(one_node_model(AsaAttributes(), feeds, with_function=False, node=node),
+                      feeds, needle)
+
+
+def test_gate_weights_must_be_float32():
+    """The gate is float32 whatever the attention dtype: float16 weights are rejected by the
+    op's declared input type, before the kernel runs."""
+    feeds = _feeds(np.random.default_rng(0), 1, 2, 1, 64, 64, 16, gate_dim=8)
+    feeds["gate_q_weight"] = feeds["gate_q_weight"].astype(np.float16)
+    with pytest.raises(Exception, match=r"tensor\(float16\).*gate_q_weight"):
+        lib_session(one_node_model(AsaAttributes(), feeds, with_function=False)).run(None, feeds)
+
+
+def test_gate_with_float16_attention():
+    """float16 query/key/value with float32 gate weights: the router pools in float32 and picks
+    the reference's blocks on the same rounded inputs."""
+    attrs = AsaAttributes(causal=True, threshold=0.6)
+    feeds = _feeds(np.random.default_rng(5), 1, 4, 2, 200, 200, 32, dtype=np.float16,
+                   gate_dim=16)
+    lib = lib_session(one_node_model(attrs, feeds, with_function=False)).run(None, feeds)
+    expect = _reference(attrs, {n: (a.astype(np.float32) if a.dtype == np.float16 else a)
+                                for n, a in feeds.items()})
+    same = (lib[1] == expect[1]).all(axis=-1) & (lib[2] == expect[2])
+    assert same.mean() >= 0.98
+    assert ref.density(lib[2], lib[3], lib[2].shape[1]) < 1.0
 
 
 # ---------------------------------------------------------------- fixture models
