@@ -96,16 +96,14 @@ def router_probs(q: np.ndarray, k: np.ndarray, attrs: AsaAttributes,
     _check_heads(heads_q, heads_kv)
     b = attrs.block_size
     visible = block_visibility(visibility(batch, seq_q, seq_kv, attrs, key_padding_mask), b)
-    q_mean = _block_mean(q.astype(_F32), np.ones((1, seq_q), dtype=bool), b)
-    keep_key = (np.ones((batch, seq_kv), dtype=bool) if key_padding_mask is None
-                else _check_mask(key_padding_mask, batch, seq_kv))
     group = heads_q // heads_kv
     gate = check_gate(gate_q_weight, gate_k_weight, heads_q, heads_kv, dim)
+    q_mean, k_feat = block_features(q, k, attrs, key_padding_mask)
     if gate is None:
-        k_mean = np.repeat(_block_mean(k.astype(_F32), keep_key, b), group, axis=1)
+        k_mean = np.repeat(k_feat[..., :dim], group, axis=1)
         logits = _F32(attrs.resolved_scale(dim)) * np.matmul(q_mean, np.swapaxes(k_mean, -1, -2))
     else:
-        logits = _gate_logits(q_mean, _key_features(k.astype(_F32), keep_key, b), *gate)
+        logits = _gate_logits(q_mean, k_feat, *gate)
     probs = _masked_softmax_f32(logits.astype(_F32), visible[:, None])
     if attrs.select_per == SELECT_PER_KV_GROUP:
         grouped = probs.reshape(batch, heads_kv, group, *probs.shape[2:])
@@ -236,6 +234,28 @@ def density(block_counts: np.ndarray, visible_counts: np.ndarray, hsel: int) -> 
     if total == 0:
         return float("nan")
     return int(np.sum(block_counts, dtype=np.int64)) / total
+
+
+def block_features(q: np.ndarray, k: np.ndarray, attrs: AsaAttributes,
+                   key_padding_mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The router's pooled block features (SPEC "Router"), float32.
+
+    Args:
+        q: query [B, Hq, Sq, D].
+        k: key [B, Hkv, Skv, D].
+        attrs: the node's attributes (block_size is read).
+        key_padding_mask: optional [B, Skv]; padded keys are left out of every key feature.
+
+    Returns:
+        (q_mean [B, Hq, NQ, D], k_feat [B, Hkv, NK, 3*D] = concat(mean, max, min) over each
+        block's kept keys; a block without a kept key gets zeros).
+    """
+    batch, seq_kv = k.shape[0], k.shape[2]
+    b = attrs.block_size
+    q_mean = _block_mean(np.asarray(q).astype(_F32), np.ones((1, q.shape[2]), dtype=bool), b)
+    keep_key = (np.ones((batch, seq_kv), dtype=bool) if key_padding_mask is None
+                else _check_mask(key_padding_mask, batch, seq_kv))
+    return q_mean, _key_features(np.asarray(k).astype(_F32), keep_key, b)
 
 
 def check_gate(gate_q_weight, gate_k_weight, heads_q: int, heads_kv: int,
