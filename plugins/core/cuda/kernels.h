@@ -28,6 +28,23 @@ bool wgmma_path_supported(const AsaParams& p, const Workspace& ws);
 // Launches the wgmma kernel (only when wgmma_path_supported).
 cudaError_t launch_wgmma(const AsaParams& p, const Workspace& ws, cudaStream_t stream);
 
+// Scratch of the learned gate (SPEC.md "Router (learned gate)"), carved out of the workspace by
+// layout_workspace only when the params carry gate weights; all float32.
+struct GateScratch {
+  float* kfeat;  // [B, Hkv, NK, 3 * D] concat(mean, max, min) of the kept keys of each block
+  float* qemb;   // [B, Hq, NQ, Dg] q̄ · gate_q_weight[h]
+  float* kemb;   // [B, Hkv, NK, Dg] f_k · gate_k_weight[h / G]
+};
+
+// Gate embeddings (gate.cu): key features, then both projections; reads q̄ from `qbar`.
+cudaError_t launch_gate(const AsaParams& p, const float* qbar, const GateScratch& g,
+                        cudaStream_t stream);
+
+// launch_route with the learned gate: logits = qemb · kemb instead of scale · q̄ · k̄
+// (`gate` NULL = the training-free router, same as launch_route).
+cudaError_t launch_route_gated(const AsaParams& p, const Workspace& ws, const GateScratch* gate,
+                               cudaStream_t stream);
+
 // Dynamic shared memory of the router's selection kernel for one list (bounds NK).
 size_t select_smem_bytes(const AsaParams& p);
 
