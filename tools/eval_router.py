@@ -189,42 +189,102 @@ def cmd_ppl(args) -> None:
 
 
 def cmd_ort(args) -> None:
-    """Rewrite the SmolLM2 export at one operating point and measure perplexity in ORT."""
-    import onnx_ir as ir
+    """Perplexity and density of each setting through ONNX Runtime on the rewritten export.
 
-    from asa_export.passes.pipeline import RewriteOptions, rewrite_model
-    from graphs import exporters, smollm2
+    One rewritten model per setting (cached under <out>/ort/models, shared by contexts and
+    texts), with the ops' block_counts / visible_counts exposed as graph outputs so that the
+    density comes from the same run; one JSON per (setting, window), resumable.
+    """
+    source = args.model or _default_export(args.exporter)
+    from graphs import smollm2
+
+    wins = windows(smollm2.load_tokenizer(), segment(args, args.text, "eval"), args.context,
+                   args.windows, args.seed)
+    for spec in args.settings:
+        folder = pathlib.Path(args.out) / "ort" / args.text / str(args.context) / spec.replace(":", "_")
+        folder.mkdir(parents=True, exist_ok=True)
+        if args.reuse_torch:
+            _reuse_torch(args, spec, folder, len(wins))
+        todo = [i for i in range(len(wins)) if not (folder / f"w{i}.json").exists()]
+        if not todo:
+            continue
+        sess, telemetry = ort_model(args, spec, source)
+        for i in todo:
+            t0 = time.time()
+            nll, n, kept, visible = ort_window(sess, telemetry, wins[i])
+            row = {"setting": f"ort:{spec}", "engine": "ort", "text": args.text, "context": args.context,
+                   "window": i, "seed": args.seed, "nll": nll, "tokens": n, "kept": kept, "visible": visible,
+                   "wall_s": time.time() - t0}
+            (folder / f"w{i}.json").write_text(json.dumps(row))
+            print(f"ort:{spec:32s} w{i} ppl {np.exp(nll / n):8.4f} density {kept / visible:.3f} "
+                  f"{row['wall_s']:6.1f} s", flush=True)
+        del sess
+
+
+def _reuse_torch(args, spec: str, folder: pathlib.Path, count: int) -> None:
+    """Copy the torch research path's results for `spec` (same windows, same contract semantics)
+    into the ONNX Runtime folder, marked engine "torch", so that a run adds only missing windows.
+    """
+    torch_folder = pathlib.Path(args.out) / args.text / str(args.context) / spec.replace(":", "_")
+    for i in range(count):
+        src, dst = torch_folder / f"w{i}.json", folder / f"w{i}.json"
+        if src.exists() and not dst.exists():
+            row = json.loads(src.read_text())
+            dst.write_text(json.dumps({**row, "setting": f"ort:{spec}", "engine": "torch"}))
+
+
+def _default_export(exporter: str):
+    from graphs import exporters
 
     # An explicit --model avoids a re-export (about 6 minutes here) when the graphs cache key moved.
-    source = args.model or exporters.export("smollm2", args.exporter, attn="sdpa")
-    tok = smollm2.load_tokenizer()
-    wins = windows(tok, segment(args, args.text, "eval"), args.context, args.windows, args.seed)
-    folder = pathlib.Path(args.out) / "ort" / args.text / str(args.context)
-    folder.mkdir(parents=True, exist_ok=True)
-    for tau in args.taus:
-        tag = f"tau{tau}-s{args.sink}-l{args.local}" + (f"-recall{args.recall}" if args.recall else "")
-        model_path = folder / f"smollm2-{tag}.onnx"
-        if not model_path.exists():
-            t0 = time.time()
-            model = ir.load(str(source))
-            report = rewrite_model(model, RewriteOptions(threshold=tau, sink_blocks=args.sink, local_blocks=args.local))
-            if args.recall:
-                spec = f"perhead:recall={args.recall},sink={args.sink},local={args.local}"
-                set_head_thresholds(model, report, parse_setting(spec, calib_file(args)).head_thresholds)
-            ir.save(model, str(model_path))
-            print(f"rewrote {len(report.sites)} sites -> {model_path} ({time.time() - t0:.1f} s)")
-        sess = _ort_session(model_path)
-        for i, w in enumerate(wins):
-            path = folder / f"{tag}-w{i}.json"
-            if path.exists():
-                continue
-            t0 = time.time()
-            nll, n = _ort_nll(sess, w)
-            wall = time.time() - t0
-            row = {"setting": f"ort:{tag}", "window": i, "nll": nll,
-                   "tokens": n, "wall_s": wall, "context": args.context, "text": args.text}
-            path.write_text(json.dumps(row))
-            print(f"ort tau {tau} w{i} ppl {np.exp(nll / n):8.4f} {wall:6.1f} s", flush=True)
+    return exporters.export("smollm2", exporter, attn="sdpa")
+
+
+def ort_model(args, spec: str, source):
+    """The session of `spec`'s rewritten model (written on first use) and its telemetry names.
+
+    Args:
+        args: parsed arguments (out, calibration curves for perhead settings).
+        spec: a setting string (dense | naive:... | perhead:... | tradeoff:...).
+        source: the original SmolLM2 ONNX export.
+
+    Returns:
+        (onnxruntime.InferenceSession, [(block_counts name, visible_counts name)] per site).
+    """
+    import onnx
+
+    # Fitted thresholds depend on the calibration curves: their file names the model too.
+    fitted = f"-{calib_file(args).stem}" if spec.startswith(("perhead", "tradeoff")) else ""
+    path = pathlib.Path(args.out) / "ort" / "models" / f"smollm2-{spec.replace(':', '_')}{fitted}.onnx"
+    if not path.exists():
+        _write_rewritten(spec, args, source, path)
+    names = [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
+    counts = [n for n in names if n.endswith("__block_counts")]
+    telemetry = [(c, c.replace("__block_counts", "__visible_counts")) for c in counts]
+    return _ort_session(path), telemetry
+
+
+def _write_rewritten(spec: str, args, source, path: pathlib.Path) -> None:
+    """Rewrite `source` at `spec`'s operating point with telemetry outputs; save to `path`."""
+    import onnx_ir as ir
+
+    from asa_export import check, io
+    from asa_export.passes.pipeline import RewriteOptions, rewrite_model
+
+    setting = parse_setting(spec, calib_file(args))
+    if setting.router not in ("dense", "naive"):
+        raise AsaExportError(f"{spec}: only contract-v1 settings run in ONNX Runtime (dense, naive, perhead, tradeoff)")
+    t0 = time.time()
+    model = ir.load(str(source))
+    tau = 1.0 if setting.router == "dense" else setting.threshold
+    report = rewrite_model(model, RewriteOptions(threshold=tau, sink_blocks=setting.sink_blocks,
+                                                 local_blocks=setting.local_blocks))
+    if setting.head_thresholds is not None:
+        set_head_thresholds(model, report, setting.head_thresholds)
+    check._add_telemetry_outputs(model, [n for n in model.graph if n.op_type == "AdaptiveSparseAttention"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    io.save_model(model, path)
+    print(f"rewrote {len(report.sites)} sites ({spec}) -> {path} ({time.time() - t0:.1f} s)", flush=True)
 
 
 def set_head_thresholds(model, report, thresholds: dict) -> None:
@@ -257,16 +317,18 @@ def set_head_thresholds(model, report, thresholds: dict) -> None:
 
 
 def _ort_session(path):
-    try:
-        from asa_export.runtime.ort import session
-    except ImportError:
-        import onnxruntime
+    """ONNX Runtime session with the ASA library, 2 intra-op threads (the CPU's two cores)."""
+    import onnxruntime
 
-        return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session(str(path))
+    from asa_export.runtime.ort import session
+
+    opts = onnxruntime.SessionOptions()
+    opts.intra_op_num_threads = 2
+    opts.log_severity_level = 3  # the telemetry outputs' free dimensions warn on every run
+    return session(str(path), library=True, sess_options=opts)
 
 
-def _ort_nll(sess, ids: np.ndarray) -> tuple[float, int]:
+def _feeds(sess, ids: np.ndarray) -> dict:
     feeds = {}
     for inp in sess.get_inputs():
         if inp.name == "input_ids":
@@ -277,11 +339,154 @@ def _ort_nll(sess, ids: np.ndarray) -> tuple[float, int]:
             feeds[inp.name] = np.arange(len(ids), dtype=np.int64)[None]
         else:
             raise AsaExportError(f"unexpected model input {inp.name}")
-    logits = sess.run([sess.get_outputs()[0].name], feeds)[0][0, :-1].astype(np.float64)
-    target = ids[1:]
+    return feeds
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64)
     top = logits.max(axis=-1, keepdims=True)
-    logz = np.log(np.exp(logits - top).sum(axis=-1)) + top[:, 0]
-    return float((logz - logits[np.arange(len(target)), target]).sum()), len(target)
+    return logits - (np.log(np.exp(logits - top).sum(axis=-1, keepdims=True)) + top)
+
+
+def ort_forward(sess, telemetry, ids: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """One forward: logits [S, V] and the kept / visible block counts over all sites.
+
+    Args:
+        sess: session of a model from `ort_model`.
+        telemetry: its (block_counts, visible_counts) output names.
+        ids: int64 [S] token ids.
+
+    Returns:
+        (logits, kept, visible); density = kept / visible (contract definition).
+    """
+    wanted = [sess.get_outputs()[0].name] + [n for pair in telemetry for n in pair]
+    out = sess.run(wanted, _feeds(sess, ids))
+    kept = visible = 0
+    for j in range(len(telemetry)):
+        counts, vis = out[1 + 2 * j], out[2 + 2 * j]
+        kept += int(counts.sum())
+        visible += int(vis.sum()) * int(counts.shape[1])
+    return out[0][0], kept, visible
+
+
+def ort_window(sess, telemetry, ids: np.ndarray) -> tuple[float, int, int, int]:
+    """Summed next-token NLL over a window and its block counts: (nll, tokens, kept, visible)."""
+    logits, kept, visible = ort_forward(sess, telemetry, ids)
+    logp = _log_softmax(logits[:-1])
+    target = ids[1:]
+    return float(-logp[np.arange(len(target)), target].sum()), len(target), kept, visible
+
+
+# ------------------------------------------------------------------ passkey retrieval
+
+PASSKEY_PREFIX = ("There is an important piece of information hidden inside a lot of irrelevant text. "
+                  "Find it and memorize it. I will quiz you about it.\n\n")
+PASSKEY_NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
+PASSKEY_QUESTION = "\n\nWhat is the pass key? The pass key is"
+
+
+def passkey_ids(tokenizer, filler_ids: np.ndarray, context: int, depth: float, key: str):
+    """Prompt + answer token ids of `context` tokens in all, the needle at `depth` of the filler.
+
+    Returns:
+        (ids int64 [context], number of answer tokens at the end).
+    """
+    def enc(text):
+        return list(tokenizer(text).input_ids)
+
+    head, needle, question, answer = (enc(PASSKEY_PREFIX), enc(PASSKEY_NEEDLE.format(key=key)),
+                                      enc(PASSKEY_QUESTION), enc(" " + key))
+    room = context - len(head) - len(needle) - len(question) - len(answer)
+    if room <= 0 or len(filler_ids) < room:
+        raise AsaExportError(f"passkey: no room for filler at context {context}")
+    cut = round(depth * room)
+    ids = head + list(filler_ids[:cut]) + needle + list(filler_ids[cut:room]) + question + answer
+    return np.asarray(ids, dtype=np.int64), len(answer)
+
+
+def passkey_score(logits: np.ndarray, ids: np.ndarray, n_answer: int) -> dict:
+    """Teacher-forced scoring of the answer tokens at the end of `ids`.
+
+    `greedy` is true when the argmax at every answer position is the answer token, i.e. greedy
+    decoding would emit exactly the passkey (for a dense model; see cmd_passkey).
+
+    Returns:
+        dict(greedy, logprob (sum over answer tokens), margin (min over answer positions of the
+        correct logit minus the best other logit), first_wrong (index or -1)).
+    """
+    pos = np.arange(len(ids) - n_answer - 1, len(ids) - 1)
+    target = ids[pos + 1]
+    rows = logits[pos].astype(np.float64)
+    correct = rows[np.arange(n_answer), target]
+    others = rows.copy()
+    others[np.arange(n_answer), target] = -np.inf
+    margin = correct - others.max(axis=-1)
+    wrong = np.nonzero(margin <= 0)[0]
+    logp = _log_softmax(rows)[np.arange(n_answer), target]
+    return {"greedy": bool(len(wrong) == 0), "logprob": float(logp.sum()), "margin": float(margin.min()),
+            "first_wrong": int(wrong[0]) if len(wrong) else -1}
+
+
+def cmd_passkey(args) -> None:
+    """Passkey retrieval through ONNX Runtime: dense vs ASA settings, one JSON per case.
+
+    Filler: the KJV evaluation segment (last quarter), a different stretch per key; the needle at
+    each depth; the prompt asks for the key. One forward over prompt + the correct answer scores
+    it (teacher forcing): `greedy` = every answer token is the argmax. For ASA this is one
+    forward over the whole sequence, as a prefill of prompt + answer, so the last query block's
+    pooled query also sees the answer tokens (a recompute-per-token greedy decode would not).
+    """
+    from graphs import smollm2
+
+    source = args.model or _default_export(args.exporter)
+    tok = smollm2.load_tokenizer()
+    filler = np.asarray(tok(segment(args, "kjv", "eval")).input_ids, dtype=np.int64)
+    rng = np.random.default_rng(args.seed + 7)
+    keys = [str(k) for k in rng.integers(10000, 100000, size=args.keys)]
+    for spec in args.settings:
+        folder = pathlib.Path(args.out) / "passkey" / str(args.context) / spec.replace(":", "_")
+        cases = [(d, j) for d in args.depths for j in range(args.keys)]
+        todo = [c for c in cases if not (folder / f"d{c[0]:g}-k{c[1]}.json").exists()]
+        if not todo:
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        sess, telemetry = ort_model(args, spec, source)
+        for depth, j in todo:
+            start = j * args.context  # a different filler stretch per key
+            ids, n_answer = passkey_ids(tok, filler[start:], args.context, depth, keys[j])
+            t0 = time.time()
+            logits, kept, visible = ort_forward(sess, telemetry, ids)
+            row = {"setting": spec, "context": args.context, "depth": depth, "key": keys[j],
+                   "kept": kept, "visible": visible, "wall_s": time.time() - t0,
+                   **passkey_score(logits, ids, n_answer)}
+            (folder / f"d{depth:g}-k{j}.json").write_text(json.dumps(row))
+            print(f"passkey {spec:32s} ctx {args.context} depth {depth:.0%} key {keys[j]}: "
+                  f"greedy {row['greedy']} logp {row['logprob']:.3f} margin {row['margin']:.2f} "
+                  f"density {kept / visible:.3f} {row['wall_s']:.1f} s", flush=True)
+        del sess
+
+
+def passkey_table(out: pathlib.Path) -> None:
+    """Print the passkey results: per (context, setting) and depth, correct / cases."""
+    rows = [json.loads(p.read_text()) for p in sorted((out / "passkey").rglob("*.json"))]
+    if not rows:
+        return
+    depths = sorted({r["depth"] for r in rows})
+    print("| context | setting | density | " + " | ".join(f"depth {d:.0%}" for d in depths)
+          + " | all | mean answer log-prob | min margin |")
+    print("| --- | --- | --- | " + " | ".join("---" for _ in depths) + " | --- | --- | --- |")
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["context"], r["setting"]), []).append(r)
+    for (ctx, spec), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "dense", kv[0][1])):
+        cells = []
+        for d in depths:
+            at = [r for r in rs if r["depth"] == d]
+            cells.append(f"{sum(r['greedy'] for r in at)}/{len(at)}" if at else "—")
+        dens = sum(r["kept"] for r in rs) / sum(r["visible"] for r in rs)
+        print(f"| {ctx} | {spec} | {dens:.3f} | " + " | ".join(cells)
+              + f" | {sum(r['greedy'] for r in rs)}/{len(rs)} | {np.mean([r['logprob'] for r in rs]):.3f}"
+              f" | {min(r['margin'] for r in rs):.2f} |")
 
 
 # ------------------------------------------------------------------ curves
@@ -365,10 +570,24 @@ def cmd_pooling(args) -> None:
 # ------------------------------------------------------------------ table
 
 
-def cmd_table(args) -> None:
-    """Aggregate the JSON results: density, perplexity, delta vs dense per (text, context)."""
+def _baseline(rows: dict, text: str, ctx: int, setting: str, wins: set):
+    """The dense row a setting is compared with: the same engine's (ort:dense for ONNX Runtime
+    rows) when it covers the windows, else the torch path's dense."""
+    own = rows.get((text, ctx, "ort:dense")) if setting.startswith("ort:") else None
+    if own and wins <= own["w"]:
+        return own
+    return rows.get((text, ctx, "dense"))
+
+
+def aggregate(out: pathlib.Path) -> dict:
+    """Sum the per-window JSON results per (text, context, setting).
+
+    Returns:
+        {(text, context, setting): dict(nll, tokens, kept, visible, n, wall, w (window set),
+        per ({window: mean nll}))}.
+    """
     rows = {}
-    for path in sorted(pathlib.Path(args.out).rglob("w*.json")) + sorted(pathlib.Path(args.out).rglob("ort/**/*.json")):
+    for path in sorted(out.rglob("w*.json")) + sorted(out.rglob("ort/**/*.json")):
         r = json.loads(path.read_text())
         key = (r["text"], r["context"], r["setting"])
         agg = rows.setdefault(key, {"nll": 0.0, "tokens": 0, "kept": 0, "visible": 0, "n": 0, "wall": 0.0,
@@ -383,20 +602,82 @@ def cmd_table(args) -> None:
         agg["visible"] += r.get("visible", 0)
         agg["n"] += 1
         agg["wall"] += r["wall_s"]
+    return rows
+
+
+def delta(rows: dict, key: tuple):
+    """Δ% perplexity of `key` against its dense baseline on the same windows, and the per-window
+    Δ% list; (None, []) without a baseline covering its windows."""
+    a = rows[key]
+    dense = _baseline(rows, *key, a["w"])
+    if not dense or not a["w"] <= dense["w"]:
+        return None, []
+    dense_ppl = np.exp(np.mean([dense["per"][w] for w in a["w"]]))  # windows have equal token counts
+    per = [100 * (np.exp(a["per"][w] - dense["per"][w]) - 1) for w in sorted(a["w"])]
+    return 100 * (np.exp(a["nll"] / a["tokens"]) / dense_ppl - 1), per
+
+
+def cmd_table(args) -> None:
+    """Print the aggregated results: density, perplexity, delta vs dense per (text, context)."""
+    rows = aggregate(pathlib.Path(args.out))
     print("| text | context | setting | windows | density | perplexity | Δ% vs dense | Δ% per window (min..max) | s/window |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for (text, ctx, setting), a in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] != "dense", kv[0][2])):
-        dense = rows.get((text, ctx, "dense"))
-        ppl = np.exp(a["nll"] / a["tokens"])
-        delta, spread = "", ""
-        if dense and a["w"] <= dense["w"]:
-            same = [dense["per"][w] for w in a["w"]]
-            dense_ppl = np.exp(np.mean(same))  # windows have equal token counts
-            delta = f"{100 * (ppl / dense_ppl - 1):+.2f}"
-            per = [100 * (np.exp(a["per"][w] - dense["per"][w]) - 1) for w in sorted(a["w"])]
-            spread = f"{min(per):+.2f}..{max(per):+.2f}"
+    for key, a in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2].removeprefix("ort:") != "dense",
+                                                           kv[0][2])):
+        text, ctx, setting = key
+        d, per = delta(rows, key)
+        dtxt = f"{d:+.2f}" if d is not None else ""
+        spread = f"{min(per):+.2f}..{max(per):+.2f}" if per else ""
         dens = f"{a['kept'] / a['visible']:.4f}" if a["visible"] else "n/a"
-        print(f"| {text} | {ctx} | {setting} | {a['n']} | {dens} | {ppl:.4f} | {delta} | {spread} | {a['wall'] / a['n']:.1f} |")
+        ppl = np.exp(a["nll"] / a["tokens"])
+        print(f"| {text} | {ctx} | {setting} | {a['n']} | {dens} | {ppl:.4f} | {dtxt} | {spread} | {a['wall'] / a['n']:.1f} |")
+
+
+def family(setting: str) -> str:
+    """Router family of a setting string, for the plot legend."""
+    name = setting.removeprefix("ort:").split(":")[0]
+    return {"naive": "global τ (contract v1)", "perhead": "per-head τ (contract v1)",
+            "tradeoff": "per-head τ (contract v1)", "oracle": "oracle (ceiling)",
+            "lse": "lse pooling (research)", "gate": "calibrated gate"}.get(name, name)
+
+
+def cmd_plot(args) -> None:
+    """Δperplexity vs density, one panel per context (KJV): filled = ONNX Runtime rows (the
+    windows given by --windows), hollow = torch research-path rows (fewer windows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = aggregate(pathlib.Path(args.out))
+    contexts = sorted({k[1] for k in rows if k[0] == args.text})
+    fig, axes = plt.subplots(1, len(contexts), figsize=(4.2 * len(contexts), 3.4), squeeze=False)
+    colors = {}
+    for ax, ctx in zip(axes[0], contexts):
+        for key, a in sorted(rows.items()):
+            if key[:2] != (args.text, ctx) or not a["visible"] or key[2].removeprefix("ort:") == "dense":
+                continue
+            d, _ = delta(rows, key)
+            if d is None or "tau1.0" in key[2]:
+                continue
+            fam = family(key[2])
+            color = colors.setdefault(fam, f"C{len(colors)}")
+            ort_row = key[2].startswith("ort:")
+            ax.scatter(a["kept"] / a["visible"], d, s=28, color=color if ort_row else "none",
+                       edgecolors=color, label=fam if ort_row else None)
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_title(f"SmolLM2-135M, KJV, context {ctx}", fontsize=9)
+        ax.set_xlabel("density (kept / visible blocks)", fontsize=8)
+        ax.set_ylabel("Δ perplexity vs dense (%)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    handles = {}
+    for ax in axes[0]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    axes[0][0].legend(handles.values(), handles.keys(), fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(args.to, dpi=80)
+    print(f"wrote {args.to}")
 
 
 def main(argv=None) -> int:
@@ -410,21 +691,27 @@ def main(argv=None) -> int:
     ppl = sub.add_parser("ppl")
     ppl.add_argument("settings", nargs="+")
     ort = sub.add_parser("ort")
-    ort.add_argument("--taus", type=float, nargs="+", default=[1.0])
-    ort.add_argument("--sink", type=int, default=1)
-    ort.add_argument("--local", type=int, default=1)
-    ort.add_argument("--exporter", default="dynamo23")
-    ort.add_argument("--model", default=None, help="an existing SmolLM2 ONNX export (default: graphs cache)")
-    ort.add_argument("--recall", type=float, default=None,
-                     help="per-head thresholds fitted for this mass recall (needs `calibrate`)")
+    ort.add_argument("settings", nargs="+", help="dense | naive:tau=,local= | perhead:recall=,local= | ...")
+    pk = sub.add_parser("passkey")
+    pk.add_argument("settings", nargs="+")
+    pk.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    pk.add_argument("--keys", type=int, default=2, help="passkeys per depth")
+    ort.add_argument("--reuse-torch", action="store_true",
+                     help="take windows the torch path (`ppl`) already measured instead of rerunning them")
+    for p in (ort, pk):
+        p.add_argument("--exporter", default="dynamo23")
+        p.add_argument("--model", default=None, help="an existing SmolLM2 ONNX export (default: graphs cache)")
     sub.add_parser("table")
+    plot = sub.add_parser("plot")
+    plot.add_argument("--to", default=str(REPO / "reports" / "router_ppl_vs_density.png"))
+    plot.add_argument("--text", choices=("kjv", "pydoc"), default="kjv")
     pool = sub.add_parser("pooling")
     thr = sub.add_parser("thresholds")
     thr.add_argument("setting")
     thr.add_argument("--to", required=True)
     cur = sub.add_parser("curves")
     cur.add_argument("--recalls", type=float, nargs="+", default=[0.9, 0.95, 0.97, 0.98, 0.99])
-    for p in (cal, ppl, ort, cur, pool, thr):
+    for p in (cal, ppl, ort, cur, pool, thr, pk):
         p.add_argument("--context", type=int, default=2048)
         p.add_argument("--windows", type=int, default=8)
         p.add_argument("--calib-windows", type=int, default=2)
@@ -434,12 +721,17 @@ def main(argv=None) -> int:
     ppl.set_defaults(fn=cmd_ppl)
     cal.set_defaults(fn=cmd_calibrate)
     ort.set_defaults(fn=cmd_ort)
+    pk.set_defaults(fn=cmd_passkey)
     cur.set_defaults(fn=cmd_curves)
     pool.set_defaults(fn=cmd_pooling)
     thr.set_defaults(fn=cmd_thresholds)
     args = parser.parse_args(argv)
+    if args.cmd == "plot":
+        cmd_plot(args)
+        return 0
     if args.cmd == "table":
         cmd_table(args)
+        passkey_table(pathlib.Path(args.out))
         return 0
     t0 = time.time()
     try:

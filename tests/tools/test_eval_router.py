@@ -1,0 +1,85 @@
+"""tools/eval_router.py helpers: passkey prompt and scoring, result aggregation (no model)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "tools"))
+
+import eval_router as er  # noqa: E402
+
+
+class CharTokenizer:
+    """One token per character (ids = code points): enough to check positions and lengths."""
+
+    def __call__(self, text):
+        class Out:
+            input_ids = [ord(c) for c in text]
+
+        return Out()
+
+
+def test_passkey_ids_length_and_needle_depth():
+    tok = CharTokenizer()
+    filler = np.full(5000, ord("."), dtype=np.int64)
+    for depth in (0.1, 0.5, 0.9):
+        ids, n_answer = er.passkey_ids(tok, filler, 1000, depth, "12345")
+        text = "".join(chr(i) for i in ids)
+        assert len(ids) == 1000
+        assert n_answer == len(" 12345") and text.endswith("The pass key is 12345")
+        assert text.startswith(er.PASSKEY_PREFIX)
+        body = text[len(er.PASSKEY_PREFIX):]
+        # the needle sits at `depth` of the filler (filler dots before it / all filler dots)
+        before = body.index("\nThe pass key is 12345.")
+        assert abs(before / body.count(".", 0, len(body) - 60) - depth) < 0.02
+
+
+def test_passkey_ids_no_room():
+    with pytest.raises(er.AsaExportError):
+        er.passkey_ids(CharTokenizer(), np.zeros(10, np.int64), 100, 0.5, "12345")
+
+
+def test_passkey_score_greedy_and_margin():
+    ids = np.array([5, 6, 7, 1, 2, 3])
+    logits = np.zeros((len(ids), 10), np.float32)
+    for p in range(len(ids) - 1):
+        logits[p, ids[p + 1]] = 2.0
+    score = er.passkey_score(logits, ids, 3)
+    assert score["greedy"] and score["first_wrong"] == -1 and score["margin"] == pytest.approx(2.0)
+    logits[3, 9] = 3.0  # the second answer token loses to token 9
+    score = er.passkey_score(logits, ids, 3)
+    assert not score["greedy"] and score["first_wrong"] == 1 and score["margin"] == pytest.approx(-1.0)
+    assert score["logprob"] < 0
+
+
+def _write(folder: pathlib.Path, setting: str, window: int, nll_per_token: float, kept=10, visible=10):
+    folder.mkdir(parents=True, exist_ok=True)
+    row = {"setting": setting, "text": "kjv", "context": 2048, "window": window, "nll": nll_per_token * 100,
+           "tokens": 100, "kept": kept, "visible": visible, "wall_s": 1.0}
+    (folder / f"w{window}.json").write_text(json.dumps(row))
+
+
+def test_aggregate_and_delta_use_the_same_engine_dense(tmp_path):
+    torch_dense, ort = tmp_path / "kjv/2048/dense", tmp_path / "ort/kjv/2048"
+    for w in range(2):
+        _write(torch_dense, "dense", w, 2.0)
+        _write(ort / "dense", "ort:dense", w, 2.1)  # a different dense: the ORT rows must use it
+        _write(ort / "naive_tau=0.98", "ort:naive:tau=0.98", w, 2.1 + 0.01 * (w + 1), kept=5)
+    rows = er.aggregate(tmp_path)
+    key = ("kjv", 2048, "ort:naive:tau=0.98")
+    assert rows[key]["n"] == 2 and rows[key]["kept"] / rows[key]["visible"] == 0.5
+    d, per = er.delta(rows, key)
+    assert per == pytest.approx([100 * (np.exp(0.01) - 1), 100 * (np.exp(0.02) - 1)])
+    assert d == pytest.approx(100 * (np.exp(0.015) - 1))
+
+
+def test_delta_without_baseline_covering_windows(tmp_path):
+    _write(tmp_path / "kjv/2048/dense", "dense", 0, 2.0)
+    _write(tmp_path / "kjv/2048/naive", "naive:tau=0.9", 1, 2.0)
+    rows = er.aggregate(tmp_path)
+    assert er.delta(rows, ("kjv", 2048, "naive:tau=0.9")) == (None, [])
