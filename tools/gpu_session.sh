@@ -2,6 +2,9 @@
 # One device call for the CUDA kernel core: build libasa_cuda.so (sm_90a + sm_80), run the GPU
 # tests, run the kernel benchmark. Logs land under $OUT (the device tool brings them back).
 #   tools/gpu_session.sh [all|test|bench] [extra bench_kernels.py args...]
+# ASA_PREBUILT=path/libasa_cuda.so skips the build when that library loads here (built on the
+# CPU machine with the same nvcc, carried in an ignored folder; saves device time); then the
+# compile test is left to the CPU machine. BENCH_TAG names a second benchmark's logs.
 set -o pipefail
 OUT=${OUT:-/tmp/asa_gpu_out}
 mkdir -p "$OUT"
@@ -12,20 +15,27 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.g
   --format=csv | tee "$OUT/gpu.txt"
 BUILD=plugins/build/cuda
 start=$(date +%s)
-if ! { cmake -S plugins -B $BUILD -G Ninja -DASA_WITH_CUDA=ON -DASA_WITH_CPU=OFF \
+TESTS="tests/plugins/test_cuda_kernels.py tests/plugins/test_cuda_compile.py"
+if [ -n "$ASA_PREBUILT" ] && [ -f "$ASA_PREBUILT" ] && ! ldd "$ASA_PREBUILT" | grep -q "not found"; then
+  echo "prebuilt library: $ASA_PREBUILT"
+  export ASA_CUDA_LIB=$PWD/$ASA_PREBUILT
+  TESTS="tests/plugins/test_cuda_kernels.py"
+elif ! { cmake -S plugins -B $BUILD -G Ninja -DASA_WITH_CUDA=ON -DASA_WITH_CPU=OFF \
         -DCMAKE_CUDA_ARCHITECTURES="${ASA_ARCHS:-90a;80}" && cmake --build $BUILD -j 16; } \
         > "$OUT/build.log" 2>&1; then
   tail -60 "$OUT/build.log"
   exit 1
+else
+  echo "build: $(( $(date +%s) - start )) s"
+  export ASA_CUDA_LIB=$PWD/$BUILD/core/cuda/libasa_cuda.so
 fi
-echo "build: $(( $(date +%s) - start )) s"
-export ASA_CUDA_LIB=$PWD/$BUILD/core/cuda/libasa_cuda.so
 if [ "$MODE" = all ] || [ "$MODE" = test ]; then
-  timeout 300 python3 -m pytest -q -p no:cacheprovider -rf tests/plugins/test_cuda_kernels.py tests/plugins/test_cuda_compile.py \
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -rf $TESTS \
     2>&1 | tee "$OUT/tests.log" | tail -40
 fi
 if [ "$MODE" = all ] || [ "$MODE" = bench ]; then
-  python3 tools/bench_kernels.py --json "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.log" \
+  python3 tools/bench_kernels.py --json "$OUT/bench${BENCH_TAG}.json" "$@" 2>&1 \
+    | tee "$OUT/bench${BENCH_TAG}.log" \
     | grep -v '^{'
 fi
 if [ "$MODE" = diag ]; then
