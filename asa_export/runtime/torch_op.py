@@ -7,7 +7,7 @@ library is found through ``$ASA_CUDA_LIB`` or under ``plugins/build/``; ``build_
 builds it with CMake.
 
     out, block_indices, block_counts, visible_counts = torch.ops.asa.sparse_attention(
-        q, k, v, key_padding_mask, attn_bias, head_thresholds,
+        q, k, v, key_padding_mask, attn_bias, head_thresholds, gate_q_weight, gate_k_weight,
         scale, causal, block_size, threshold, sink_blocks, local_blocks, window, softcap,
         select_per)
 
@@ -63,6 +63,8 @@ class AsaParams(ctypes.Structure):
         ("select_per", ctypes.c_int32),
         ("block_indices", ctypes.c_void_p), ("block_counts", ctypes.c_void_p),
         ("visible_counts", ctypes.c_void_p),
+        ("gate_q_weight", ctypes.c_void_p), ("gate_k_weight", ctypes.c_void_p),
+        ("gate_dim", ctypes.c_int32),
     ]
 
 
@@ -135,7 +137,8 @@ def _inner_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def make_params(q, k, v, out, telemetry, attrs: AsaAttributes, key_padding_mask=None,
-                attn_bias=None, head_thresholds=None) -> tuple[AsaParams, list]:
+                attn_bias=None, head_thresholds=None, gate_q_weight=None,
+                gate_k_weight=None) -> tuple[AsaParams, list]:
     """Fill AsaParams from tensors (validated by the core).
 
     Args:
@@ -143,6 +146,8 @@ def make_params(q, k, v, out, telemetry, attrs: AsaAttributes, key_padding_mask=
         telemetry: (block_indices, block_counts, visible_counts) int32 tensors.
         attrs: the node's attributes.
         key_padding_mask, attn_bias, head_thresholds: optional inputs (SPEC.md).
+        gate_q_weight, gate_k_weight: the learned gate, [Hq, D, Dg] and [Hkv, 3*D, Dg]
+            (SPEC.md inputs 6-7), both or neither; made float32 and contiguous.
 
     Returns:
         (params, keep_alive) where keep_alive holds tensors the params point into.
@@ -177,12 +182,32 @@ def make_params(q, k, v, out, telemetry, attrs: AsaAttributes, key_padding_mask=
         tau = head_thresholds.to(torch.float32).contiguous()
         p.head_thresholds = tau.data_ptr()
         keep.append(tau)
+    keep += _set_gate(p, gate_q_weight, gate_k_weight, heads_q, heads_kv, dim)
     p.scale = attrs.resolved_scale(dim)
     p.causal, p.block_size, p.threshold = int(attrs.causal), attrs.block_size, attrs.threshold
     p.sink_blocks, p.local_blocks = attrs.sink_blocks, attrs.local_blocks
     p.window, p.softcap, p.select_per = attrs.window, attrs.softcap, attrs.select_per
     p.block_indices, p.block_counts, p.visible_counts = (t.data_ptr() for t in telemetry)
     return p, keep
+
+
+def _set_gate(p: AsaParams, gate_q_weight, gate_k_weight, heads_q: int, heads_kv: int,
+              dim: int) -> list:
+    """Point `p` at the learned gate's float32 weights after checking SPEC.md's shapes."""
+    if gate_q_weight is None and gate_k_weight is None:
+        return []
+    if gate_q_weight is None or gate_k_weight is None:
+        raise AsaExportError("gate_q_weight and gate_k_weight come together (inputs 6 and 7): "
+                             "pass both (a learned gate) or neither")
+    wq, wk = (w.to(torch.float32).contiguous() for w in (gate_q_weight, gate_k_weight))
+    if wq.dim() != 3 or tuple(wq.shape[:2]) != (heads_q, dim) or wq.shape[2] < 1:
+        raise AsaExportError(f"gate_q_weight must have shape [Hq, D, Dg] = [{heads_q}, {dim}, "
+                             f"Dg], got {list(wq.shape)}")
+    if tuple(wk.shape) != (heads_kv, 3 * dim, wq.shape[2]):
+        raise AsaExportError(f"gate_k_weight must have shape [Hkv, 3*D, Dg] = "
+                             f"{[heads_kv, 3 * dim, wq.shape[2]]}, got {list(wk.shape)}")
+    p.gate_q_weight, p.gate_k_weight, p.gate_dim = wq.data_ptr(), wk.data_ptr(), wq.shape[2]
+    return [wq, wk]
 
 
 def run_core(entry: str, params: AsaParams, device: torch.device) -> None:
@@ -230,6 +255,8 @@ def sparse_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
                         key_padding_mask: Optional[torch.Tensor],
                         attn_bias: Optional[torch.Tensor],
                         head_thresholds: Optional[torch.Tensor],
+                        gate_q_weight: Optional[torch.Tensor],
+                        gate_k_weight: Optional[torch.Tensor],
                         scale: float, causal: bool, block_size: int, threshold: float,
                         sink_blocks: int, local_blocks: int, window: int, softcap: float,
                         select_per: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
@@ -244,14 +271,15 @@ def sparse_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     shapes = telemetry_shapes(q, k, attrs)
     telemetry = [torch.empty(s, dtype=torch.int32, device=q.device) for s in shapes]
     params, _keep = make_params(q, k, v, out, telemetry, attrs, key_padding_mask, attn_bias,
-                                head_thresholds)
+                                head_thresholds, gate_q_weight, gate_k_weight)
     run_core("asa_cuda_forward", params, q.device)
     return (out, *telemetry)
 
 
 @sparse_attention_op.register_fake
-def _(query, key, value, key_padding_mask, attn_bias, head_thresholds, scale, causal,
-      block_size, threshold, sink_blocks, local_blocks, window, softcap, select_per):
+def _(query, key, value, key_padding_mask, attn_bias, head_thresholds, gate_q_weight,
+      gate_k_weight, scale, causal, block_size, threshold, sink_blocks, local_blocks, window,
+      softcap, select_per):
     attrs = _attrs(scale, causal, block_size, threshold, sink_blocks, local_blocks, window,
                    softcap, select_per)
     out = query.new_empty(*query.shape[:3], value.shape[3])
@@ -260,7 +288,8 @@ def _(query, key, value, key_padding_mask, attn_bias, head_thresholds, scale, ca
 
 
 def sparse_attention(query, key, value, attrs: AsaAttributes = AsaAttributes(),
-                     key_padding_mask=None, attn_bias=None, head_thresholds=None):
+                     key_padding_mask=None, attn_bias=None, head_thresholds=None,
+                     gate_q_weight=None, gate_k_weight=None):
     """Convenience wrapper of ``torch.ops.asa.sparse_attention`` taking an AsaAttributes.
 
     Args:
@@ -269,24 +298,28 @@ def sparse_attention(query, key, value, attrs: AsaAttributes = AsaAttributes(),
         key_padding_mask: optional [B, Skv] bool/int32/int64, nonzero = keep.
         attn_bias: optional, broadcastable to [B, Hq, Sq, Skv].
         head_thresholds: optional float32 [Hq].
+        gate_q_weight: optional float32 [Hq, D, Dg], the learned gate (SPEC.md input 6).
+        gate_k_weight: optional float32 [Hkv, 3*D, Dg]; given iff gate_q_weight is.
 
     Returns:
         (out, block_indices, block_counts, visible_counts).
     """
     return torch.ops.asa.sparse_attention(
-        query, key, value, key_padding_mask, attn_bias, head_thresholds, float(attrs.scale),
+        query, key, value, key_padding_mask, attn_bias, head_thresholds, gate_q_weight,
+        gate_k_weight, float(attrs.scale),
         bool(attrs.causal), int(attrs.block_size), float(attrs.threshold),
         int(attrs.sink_blocks), int(attrs.local_blocks), int(attrs.window),
         float(attrs.softcap), int(attrs.select_per))
 
 
 def route(query, key, attrs: AsaAttributes = AsaAttributes(), key_padding_mask=None,
-          head_thresholds=None):
+          head_thresholds=None, gate_q_weight=None, gate_k_weight=None):
     """Router only (for timing and tests): the block lists without the attention.
 
     Args:
         query, key: as in `sparse_attention` (value is not read).
-        attrs, key_padding_mask, head_thresholds: as in `sparse_attention`.
+        attrs, key_padding_mask, head_thresholds, gate_q_weight, gate_k_weight: as in
+            `sparse_attention`.
 
     Returns:
         (block_indices, block_counts, visible_counts).
@@ -295,7 +328,7 @@ def route(query, key, attrs: AsaAttributes = AsaAttributes(), key_padding_mask=N
     telemetry = [torch.empty(s, dtype=torch.int32, device=query.device) for s in shapes]
     out = torch.empty(1, dtype=query.dtype, device=query.device)
     params, _keep = make_params(query, key, key, out, telemetry, attrs, key_padding_mask, None,
-                                head_thresholds)
+                                head_thresholds, gate_q_weight, gate_k_weight)
     run_core("asa_cuda_route", params, query.device)
     return tuple(telemetry)
 

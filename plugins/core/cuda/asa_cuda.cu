@@ -15,7 +15,9 @@ constexpr size_t kAlign = 256;
 size_t align_up(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
 
 // Carves the scratch regions out of `base` (NULL = only measure). Returns the bytes needed.
-size_t layout_workspace(const AsaParams& p, unsigned char* base, Workspace* ws) {
+// With the learned gate, k̄ is not pooled; the gate's features and embeddings go to `gate`.
+size_t layout_workspace(const AsaParams& p, unsigned char* base, Workspace* ws,
+                        GateScratch* gate) {
   const size_t nq = num_query_blocks(p), nk = num_key_blocks(p);
   const size_t B = p.batch, hsel = num_select_heads(p);
   size_t off = 0;
@@ -26,7 +28,14 @@ size_t layout_workspace(const AsaParams& p, unsigned char* base, Workspace* ws) 
   };
   Workspace w{};
   w.qbar = reinterpret_cast<float*>(take(B * p.heads_q * nq * p.head_dim * sizeof(float)));
-  w.kbar = reinterpret_cast<float*>(take(B * p.heads_kv * nk * p.head_dim * sizeof(float)));
+  GateScratch g{};
+  if (has_gate(p)) {
+    g.kfeat = reinterpret_cast<float*>(take(B * p.heads_kv * nk * 3 * p.head_dim * sizeof(float)));
+    g.qemb = reinterpret_cast<float*>(take(B * p.heads_q * nq * p.gate_dim * sizeof(float)));
+    g.kemb = reinterpret_cast<float*>(take(B * p.heads_kv * nk * p.gate_dim * sizeof(float)));
+  } else {
+    w.kbar = reinterpret_cast<float*>(take(B * p.heads_kv * nk * p.head_dim * sizeof(float)));
+  }
   w.logits = reinterpret_cast<float*>(take(B * p.heads_q * nq * nk * sizeof(float)));
   if (p.mask_dtype != ASA_MASK_NONE) {
     w.kept_prefix = reinterpret_cast<int32_t*>(take(B * (p.seq_kv + 1) * sizeof(int32_t)));
@@ -47,17 +56,20 @@ size_t layout_workspace(const AsaParams& p, unsigned char* base, Workspace* ws) 
     w.part_lse = reinterpret_cast<float*>(take(rows * sizeof(float)));
   }
   if (ws) *ws = w;
+  if (gate) *gate = g;
   return off;
 }
 
 // Validates and lays out; on failure records the reason and returns cudaErrorInvalidValue.
-cudaError_t prepare(const AsaParams* params, void* workspace, size_t bytes, Workspace* ws) {
+cudaError_t prepare(const AsaParams* params, void* workspace, size_t bytes, Workspace* ws,
+                    GateScratch* gate) {
   if (!params) {
     set_last_error("ASA: params is NULL");
     return cudaErrorInvalidValue;
   }
   if (!validate_params(*params)) return cudaErrorInvalidValue;
-  const size_t need = layout_workspace(*params, static_cast<unsigned char*>(workspace), ws);
+  const size_t need =
+      layout_workspace(*params, static_cast<unsigned char*>(workspace), ws, gate);
   if (bytes < need || (need > 0 && !workspace)) {
     set_last_error("ASA: workspace of %zu bytes is too small, asa_cuda_workspace_size says %zu",
                    bytes, need);
@@ -85,6 +97,12 @@ cudaError_t report(cudaError_t err, const char* what) {
   return err;
 }
 
+cudaError_t route(const AsaParams& p, const Workspace& ws, const GateScratch& gate,
+                  cudaStream_t stream) {
+  const GateScratch* g = has_gate(p) ? &gate : nullptr;
+  return report(launch_route_gated(p, ws, g, stream), "router launch");
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace asa
@@ -93,21 +111,23 @@ extern "C" {
 
 size_t asa_cuda_workspace_size(const AsaParams* params) {
   if (!params || !asa::validate_params(*params)) return 0;
-  return asa::cuda::layout_workspace(*params, nullptr, nullptr);
+  return asa::cuda::layout_workspace(*params, nullptr, nullptr, nullptr);
 }
 
 cudaError_t asa_cuda_route(const AsaParams* params, void* workspace, size_t workspace_bytes,
                            cudaStream_t stream) {
   asa::cuda::Workspace ws;
-  cudaError_t err = asa::cuda::prepare(params, workspace, workspace_bytes, &ws);
+  asa::cuda::GateScratch gate;
+  cudaError_t err = asa::cuda::prepare(params, workspace, workspace_bytes, &ws, &gate);
   if (err != cudaSuccess) return err;
-  return asa::cuda::report(asa::cuda::launch_route(*params, ws, stream), "router launch");
+  return asa::cuda::route(*params, ws, gate, stream);
 }
 
 cudaError_t asa_cuda_attention(const AsaParams* params, void* workspace, size_t workspace_bytes,
                                cudaStream_t stream) {
   asa::cuda::Workspace ws;
-  cudaError_t err = asa::cuda::prepare(params, workspace, workspace_bytes, &ws);
+  asa::cuda::GateScratch gate;
+  cudaError_t err = asa::cuda::prepare(params, workspace, workspace_bytes, &ws, &gate);
   if (err != cudaSuccess) return err;
   return asa::cuda::report(asa::cuda::launch_attention(*params, ws, stream), "attention launch");
 }
@@ -115,9 +135,10 @@ cudaError_t asa_cuda_attention(const AsaParams* params, void* workspace, size_t 
 cudaError_t asa_cuda_forward(const AsaParams* params, void* workspace, size_t workspace_bytes,
                              cudaStream_t stream) {
   asa::cuda::Workspace ws;
-  cudaError_t err = asa::cuda::prepare(params, workspace, workspace_bytes, &ws);
+  asa::cuda::GateScratch gate;
+  cudaError_t err = asa::cuda::prepare(params, workspace, workspace_bytes, &ws, &gate);
   if (err != cudaSuccess) return err;
-  err = asa::cuda::report(asa::cuda::launch_route(*params, ws, stream), "router launch");
+  err = asa::cuda::route(*params, ws, gate, stream);
   if (err != cudaSuccess) return err;
   return asa::cuda::report(asa::cuda::launch_attention(*params, ws, stream), "attention launch");
 }

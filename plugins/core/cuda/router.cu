@@ -3,7 +3,8 @@
 // Three steps, all in float32:
 //   1. pool: q̄ per (batch, query head, query block), k̄ per (batch, KV head, key block) over the
 //      kept keys; with a padding mask also a running count of kept keys per batch;
-//   2. logits: a batched float32 GEMM q̄ . k̄ (scaled) into the workspace;
+//   2. logits: a batched float32 GEMM q̄ . k̄ (scaled) into the workspace; with the learned gate
+//      (gate.cu) the same GEMM over the gate's embeddings qemb . kemb (width Dg, no scale);
 //   3. select: one CTA per (batch, selection head, query block) softmaxes over visible blocks
 //      (averaging the group's heads for select_per 1), and walks the
 //      contract's order (forced blocks, then descending probability, ties to the lower index)
@@ -270,19 +271,20 @@ __device__ void select_and_write(const AsaParams& p, const Workspace& ws, const 
   __syncthreads();
 }
 
-// logits[n, h, i, k] = scale * q̄[n, h, i] . k̄[n, h / G, k]: a batched float32 GEMM in 32x32
+// logits[n, h, i, k] = scale * q̄[n, h, i] . k̄[n, h / G, k] over `D` columns (the head dim, or
+// the gate width Dg with scale 1 on the gate's embeddings): a batched float32 GEMM in 32x32
 // tiles, one (batch, query head) per grid z. Spread over many CTAs so that decode (one query
 // block) does not serialize on a handful of selection CTAs.
 constexpr int kLogitTile = 32;
 
-__global__ void logits_kernel(AsaParams p, const float* qbar, const float* kbar, float* logits) {
+__global__ void logits_kernel(AsaParams p, const float* qbar, const float* kbar, int D,
+                              float scale, float* logits) {
   __shared__ float qs[kLogitTile][kLogitTile + 1];
   __shared__ float ks[kLogitTile][kLogitTile + 1];
   const int nq = cdiv(p.seq_q, p.block_size), nk = cdiv(p.seq_kv, p.block_size);
   const int G = p.heads_q / p.heads_kv;
   const int nh = blockIdx.z, n = nh / p.heads_q, h = nh % p.heads_q;
   const int i0 = blockIdx.y * kLogitTile, k0 = blockIdx.x * kLogitTile;
-  const int D = p.head_dim;
   const float* qb = qbar + (static_cast<int64_t>(n) * p.heads_q + h) * nq * D;
   const float* kb = kbar + (static_cast<int64_t>(n) * p.heads_kv + h / G) * nk * D;
   const int tx = threadIdx.x % kLogitTile, ty = threadIdx.x / kLogitTile;  // 32 x 8 threads
@@ -308,20 +310,19 @@ __global__ void logits_kernel(AsaParams p, const float* qbar, const float* kbar,
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
     const int i = i0 + ty + 8 * e, k = k0 + tx;
-    if (i < nq && k < nk) out[static_cast<int64_t>(i) * nk + k] = p.scale * acc[e];
+    if (i < nq && k < nk) out[static_cast<int64_t>(i) * nk + k] = scale * acc[e];
   }
 }
 
 // Few query blocks (decode): one warp per (batch, query head, key block) computes the logits of
 // every query block, reading k̄ once, coalesced.
-__global__ void logits_rows_kernel(AsaParams p, const float* qbar, const float* kbar,
-                                   float* logits) {
+__global__ void logits_rows_kernel(AsaParams p, const float* qbar, const float* kbar, int D,
+                                   float scale, float* logits) {
   const int nq = cdiv(p.seq_q, p.block_size), nk = cdiv(p.seq_kv, p.block_size);
   const int G = p.heads_q / p.heads_kv;
   const int k = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;
   const int nh = blockIdx.y, n = nh / p.heads_q, h = nh % p.heads_q;
   if (k >= nk) return;
-  const int D = p.head_dim;
   const float* qb = qbar + (static_cast<int64_t>(n) * p.heads_q + h) * nq * D;
   const float* kb = kbar + ((static_cast<int64_t>(n) * p.heads_kv + h / G) * nk + k) * D;
   float* out = logits + (static_cast<int64_t>(n) * p.heads_q + h) * nq * nk + k;
@@ -329,7 +330,7 @@ __global__ void logits_rows_kernel(AsaParams p, const float* qbar, const float* 
     float s = 0.f;
     for (int d = lane; d < D; d += 32) s += qb[i * D + d] * kb[d];
     for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    if (lane == 0) out[static_cast<int64_t>(i) * nk] = p.scale * s;
+    if (lane == 0) out[static_cast<int64_t>(i) * nk] = scale * s;
   }
 }
 
@@ -563,11 +564,12 @@ __global__ void __launch_bounds__(32 * kListsPerCta) select_warp_kernel(
   if (lane == 0) ws.block_counts[lrow] = total;
 }
 
+// q̄ always; k̄ only for the training-free router (the gate pools its own key features).
 template <typename T>
-void launch_pool(const AsaParams& p, const Workspace& ws, cudaStream_t stream) {
+void launch_pool(const AsaParams& p, const Workspace& ws, bool keys, cudaStream_t stream) {
   const int nq = cdiv(p.seq_q, p.block_size), nk = cdiv(p.seq_kv, p.block_size);
   pool_q_kernel<T><<<dim3(nq, p.heads_q, p.batch), kPoolThreads, 0, stream>>>(p, ws.qbar);
-  pool_k_kernel<T><<<dim3(nk, p.heads_kv, p.batch), kPoolThreads, 0, stream>>>(p, ws.kbar);
+  if (keys) pool_k_kernel<T><<<dim3(nk, p.heads_kv, p.batch), kPoolThreads, 0, stream>>>(p, ws.kbar);
 }
 
 }  // namespace
@@ -584,6 +586,11 @@ size_t select_smem_bytes(const AsaParams& p) {
 }
 
 cudaError_t launch_route(const AsaParams& p, const Workspace& ws, cudaStream_t stream) {
+  return launch_route_gated(p, ws, nullptr, stream);
+}
+
+cudaError_t launch_route_gated(const AsaParams& p, const Workspace& ws, const GateScratch* gate,
+                               cudaStream_t stream) {
   const int nq = cdiv(p.seq_q, p.block_size), nk = cdiv(p.seq_kv, p.block_size);
   int device = 0, smem_limit = 0;
   cudaGetDevice(&device);
@@ -596,16 +603,30 @@ cudaError_t launch_route(const AsaParams& p, const Workspace& ws, cudaStream_t s
     prefix_kernel<<<p.batch, kPrefixThreads, 0, stream>>>(p, ws.kept_prefix);
   }
   switch (p.dtype) {
-    case ASA_FLOAT32: launch_pool<float>(p, ws, stream); break;
-    case ASA_FLOAT16: launch_pool<__half>(p, ws, stream); break;
-    default: launch_pool<__nv_bfloat16>(p, ws, stream); break;
+    case ASA_FLOAT32: launch_pool<float>(p, ws, gate == nullptr, stream); break;
+    case ASA_FLOAT16: launch_pool<__half>(p, ws, gate == nullptr, stream); break;
+    default: launch_pool<__nv_bfloat16>(p, ws, gate == nullptr, stream); break;
+  }
+  // The logits GEMM runs on q̄ / k̄ (width D, the score scale) or on the gate's embeddings
+  // (width Dg, no scale: SPEC.md "Router (learned gate)").
+  const float* qe = ws.qbar;
+  const float* ke = ws.kbar;
+  int width = p.head_dim;
+  float scale = p.scale;
+  if (gate) {
+    const cudaError_t err = launch_gate(p, ws.qbar, *gate, stream);
+    if (err != cudaSuccess) return err;
+    qe = gate->qemb;
+    ke = gate->kemb;
+    width = p.gate_dim;
+    scale = 1.f;
   }
   if (nq < 8) {
     logits_rows_kernel<<<dim3(cdiv(nk, 8), p.batch * p.heads_q), 256, 0, stream>>>(
-        p, ws.qbar, ws.kbar, ws.logits);
+        p, qe, ke, width, scale, ws.logits);
   } else {
     const dim3 lgrid(cdiv(nk, kLogitTile), cdiv(nq, kLogitTile), p.batch * p.heads_q);
-    logits_kernel<<<lgrid, 256, 0, stream>>>(p, ws.qbar, ws.kbar, ws.logits);
+    logits_kernel<<<lgrid, 256, 0, stream>>>(p, qe, ke, width, scale, ws.logits);
   }
   const int hsel = p.select_per ? p.heads_kv : p.heads_q;
   if (nk <= kWarpListMax) {
