@@ -1,0 +1,157 @@
+"""Learned-gate distillation (asa_export.router.gate): learning, targets, determinism,
+checkpoints, errors. CPU, seconds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from asa_export.contract import AsaAttributes
+from asa_export.contract import reference as ref
+from asa_export.errors import AsaExportError
+from asa_export.router import gate, stats
+
+torch = pytest.importorskip("torch")
+
+ATTRS = AsaAttributes(causal=True, sink_blocks=0, local_blocks=0)
+
+
+def synthetic(seed: int, windows: int = 3, seq: int = 768, dim: int = 16):
+    """Attention driven by rare spike keys on dims 0-3; per-block key offsets on dims 4-15
+    (matched by a shared query offset) dominate the block means, so mean pooling ranks blocks
+    by the offsets while the true attention goes to the blocks holding a spike."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(windows):
+        q = 0.3 * rng.standard_normal((1, 2, seq, dim))
+        q[..., :4] += 2.0
+        q[..., 4:] += 1.0
+        k = 0.3 * rng.standard_normal((1, 1, seq, dim))
+        blocks = seq // 64
+        k[0, 0, :, 4:] += np.repeat(rng.standard_normal((blocks, dim - 4)), 64, axis=0)
+        for block in np.flatnonzero(rng.random(blocks) < 0.4):
+            k[0, 0, block * 64 + rng.integers(64), :4] += 4.0
+        samples.append((q.astype(np.float32), k.astype(np.float32)))
+    return samples
+
+
+def mean_kl(samples, probs_fn, target="max") -> float:
+    total = rows = 0.0
+    for q, k in samples:
+        t = gate.block_targets(q, k, ATTRS, target)
+        p = probs_fn(q, k)
+        used = t > 0
+        total += np.where(used, t * (np.log(np.where(used, t, 1)) - np.log(np.maximum(p, 1e-30))),
+                          0).sum()
+        rows += (t.sum(-1) > 0).sum()
+    return total / rows
+
+
+@pytest.mark.parametrize("target", gate.TARGETS)
+def test_gate_learns_what_mean_pooling_misses(target):
+    train, held_out = synthetic(0), synthetic(1)
+    naive = mean_kl(held_out, lambda q, k: ref.router_probs(q, k, ATTRS)[0], target)
+    start = gate.train_gate(train, ATTRS, dim=8, steps=0, target=target)
+    trained = gate.train_gate(train, ATTRS, dim=8, steps=120, target=target)
+    before = mean_kl(held_out, lambda q, k: gate.gate_probs(q, k, ATTRS, start), target)
+    after = mean_kl(held_out, lambda q, k: gate.gate_probs(q, k, ATTRS, trained), target)
+    assert naive > 0.5 and before > 0.5, "the problem must defeat mean pooling"
+    assert after < 0.35 * min(naive, before)
+
+
+def test_trained_weights_are_the_contract_inputs():
+    """reference.router_probs with the weights = the trainer's own (torch) probabilities."""
+    (q, k), = synthetic(2, windows=1, seq=320)
+    attrs = AsaAttributes(causal=True)
+    g = gate.train_gate([(q, k)], attrs, dim=8, steps=10)
+    assert g.q_weight.shape == (2, 16, 8) and g.k_weight.shape == (1, 48, 8)
+    assert g.q_weight.dtype == np.float32 and g.k_weight.dtype == np.float32
+    probs, visible = ref.router_probs(q, k, attrs, gate_q_weight=g.q_weight,
+                                      gate_k_weight=g.k_weight)
+    q_mean, k_feat = ref.block_features(q, k, attrs)
+    log_p = gate.gate_log_probs_torch(*(torch.from_numpy(x) for x in (
+        q_mean, k_feat, g.q_weight, g.k_weight, visible[:, None])))
+    np.testing.assert_allclose(np.exp(log_p.numpy()), probs, atol=1e-6)
+
+
+def test_block_targets():
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((1, 2, 150, 8)).astype(np.float32)
+    k = rng.standard_normal((1, 1, 150, 8)).astype(np.float32)
+    attrs = AsaAttributes(causal=True)
+    mass = stats.block_mass(q, k, attrs)
+    np.testing.assert_allclose(gate.block_targets(q, k, attrs, "mass", row_chunk=64),
+                               mass / mass.sum(-1, keepdims=True), atol=1e-6)
+    # Max target, brute force: max probability over each (query block, key block) tile.
+    s = np.einsum("hqd,kd->hqk", q[0], k[0, 0]) / np.sqrt(8)
+    s = np.where(np.tril(np.ones((150, 150), bool)), s, -np.inf)
+    a = np.exp(s - s.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    tiles = np.zeros((2, 192, 192))
+    tiles[:, :150, :150] = a
+    top = tiles.reshape(2, 3, 64, 3, 64).max(axis=(2, 4))
+    np.testing.assert_allclose(gate.block_targets(q, k, attrs, "max", row_chunk=64)[0],
+                               top / top.sum(-1, keepdims=True), atol=1e-6)
+
+
+def test_determinism_given_a_seed():
+    samples = synthetic(4, windows=1, seq=384)
+    a, b = (gate.train_gate(samples, ATTRS, dim=8, steps=15, seed=1) for _ in range(2))
+    c = gate.train_gate(samples, ATTRS, dim=8, steps=15, seed=2)
+    np.testing.assert_array_equal(a.q_weight, b.q_weight)
+    np.testing.assert_array_equal(a.k_weight, b.k_weight)
+    assert not np.array_equal(a.q_weight, c.q_weight)
+
+
+def test_checkpoint_resume_gives_the_uninterrupted_result(tmp_path):
+    samples = synthetic(5, windows=1, seq=384)
+    full = gate.train_gate(samples, ATTRS, dim=8, steps=60)
+    path = tmp_path / "layer0.pt"
+
+    def stop_at_40(step, steps, loss):
+        assert np.isfinite(loss) and steps == 60
+        if step == 40:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        gate.train_gate(samples, ATTRS, dim=8, steps=60, checkpoint=path, progress=stop_at_40)
+    seen = []
+    resumed = gate.train_gate(samples, ATTRS, dim=8, steps=60, checkpoint=path,
+                              progress=lambda s, n, l: seen.append(s))
+    assert seen[0] == 26 and seen[-1] == 60  # resumed after the step-25 checkpoint
+    np.testing.assert_array_equal(resumed.q_weight, full.q_weight)
+    np.testing.assert_array_equal(resumed.k_weight, full.k_weight)
+    seen.clear()
+    again = gate.train_gate(samples, ATTRS, dim=8, steps=60, checkpoint=path,
+                            progress=lambda s, n, l: seen.append(s))
+    assert seen == [] and np.array_equal(again.k_weight, full.k_weight)  # finished: no steps
+    with pytest.raises(AsaExportError, match="other samples or settings"):
+        gate.train_gate(synthetic(6, windows=1, seq=384), ATTRS, dim=8, steps=60,
+                        checkpoint=path)
+
+
+def test_bad_inputs():
+    (q, k), = synthetic(7, windows=1, seq=128)
+    with pytest.raises(AsaExportError, match="at least one"):
+        gate.train_gate([], ATTRS)
+    with pytest.raises(AsaExportError, match="4-D"):
+        gate.train_gate([(q[0], k[0])], ATTRS)
+    with pytest.raises(AsaExportError, match="multiple"):
+        gate.train_gate([(q[:, :1], np.concatenate([k, k], axis=1))], ATTRS)
+    with pytest.raises(AsaExportError, match="share"):
+        gate.train_gate([(q, k), (q[..., :8], k[..., :8])], ATTRS)
+    with pytest.raises(AsaExportError, match="disagree"):
+        gate.train_gate([(q, k[..., :8])], ATTRS)
+    bad = q.copy()
+    bad[0, 0, 0, 0] = np.nan
+    with pytest.raises(AsaExportError, match="non-finite"):
+        gate.train_gate([(bad, k)], ATTRS)
+    with pytest.raises(AsaExportError, match="target"):
+        gate.train_gate([(q, k)], ATTRS, target="kl")
+    with pytest.raises(AsaExportError, match="dim"):
+        gate.train_gate([(q, k)], ATTRS, dim=0)
+
+
+def test_gate_parameter_count():
+    # SmolLM2-135M: Hq 9, Hkv 3, D 64 -> 9*64*32 + 3*192*32.
+    assert gate.gate_parameters(9, 3, 64, 32) == 36864
