@@ -1,9 +1,13 @@
 """Numeric parity of a rewritten model with its original, and attention density per layer.
 
     feeds (generated: input names, dynamic dims, padding masks; several batch/seq/padding mixes)
-      -> Polygraphy Comparator.run([OnnxrtRunner(rewritten), OnnxrtRunner(original)])
-      -> zero the query rows with no visible key in both (they differ by contract)
-      -> Comparator.compare_accuracy(atol, rtol)  +  per-output error statistics
+      -> Polygraphy Comparator.run([OnnxrtRunner(rewritten), OnnxrtRunner(original),
+                                    OnnxrtRunner(original, graph optimizations off)])
+      -> zero the query rows with no visible key in all (they differ by contract)
+      -> Comparator.compare_accuracy(rewritten vs original; atol, rtol)  +  per-output statistics
+      -> noise floor = max over outputs of |original - original unoptimized|  (fp32 reordering)
+      -> verdict: every output within atol/rtol ("element-wise"), else every output's max abs
+         error <= NOISE_FACTOR x noise floor ("noise floor"), else failed
     rewritten copy whose ASA nodes also emit block_counts / visible_counts
       -> density per layer = sum(block_counts) / (sum(visible_counts) * Hsel)
 
@@ -34,6 +38,12 @@ DEFAULT_RTOL = 1e-3
 # threshold below 1 can drop blocks.
 DEFAULT_ITERATIONS = ((2, 37, 0, "left"), (1, 16, 0, None), (2, 150, 0, "right"))
 PAST_ITERATION = (2, 9, 21, "left")
+# A rewrite reorders every attention layer's fp32 sums, the unoptimized original only some of
+# them: 3x its noise, as tests/passes/test_models.py judges deep models (FlashAttention's bar for
+# one reordered kernel is 2x).
+NOISE_FACTOR = 3.0
+RULE_ELEMENTWISE = "element-wise"
+RULE_NOISE = "noise floor"
 
 
 @dataclasses.dataclass
@@ -47,7 +57,9 @@ class OutputStats:
             with |original| >= atol (smaller ones are judged by the absolute error alone;
             dividing by them would report meaningless huge ratios).
         compared: number of elements compared; skipped: elements of rows without a visible key.
-        passed: Polygraphy's verdict for this output (every iteration).
+        passed: Polygraphy's element-wise verdict for this output (every iteration).
+        noise_abs: max |original - original with ORT graph optimizations off| on the same
+            rows: the original's own fp32 reordering noise (None when not measured).
     """
 
     name: str
@@ -58,6 +70,7 @@ class OutputStats:
     compared: int = 0
     skipped: int = 0
     passed: bool = True
+    noise_abs: float | None = None
 
 
 @dataclasses.dataclass
@@ -83,8 +96,13 @@ class CheckResult:
     """Outcome of `check`: the verdict, per-output errors and density per layer.
 
     Attributes:
-        passed: every output within tolerance on every iteration.
+        passed: the verdict, decided by `rule`.
         atol, rtol: tolerances used (an element fails when it exceeds both).
+        elementwise_passed: every output within atol/rtol on every iteration (Polygraphy).
+        noise_floor: the original's own fp32 reordering noise, max over outputs (None when not
+            measured); noise_factor: the multiple of it an output's max abs error may reach.
+        rule: which rule decided a pass, RULE_ELEMENTWISE or RULE_NOISE ("" when failed).
+        runner_notes: runners that could not be added, with why (e.g. no TensorRT).
         iterations: the input sizes used, as dicts (batch, seq, past, pad).
         outputs: per-output error statistics.
         density: per-layer density (empty when the model has no ASA node).
@@ -94,6 +112,11 @@ class CheckResult:
     passed: bool
     atol: float
     rtol: float
+    elementwise_passed: bool = False
+    noise_floor: float | None = None
+    noise_factor: float = NOISE_FACTOR
+    rule: str = ""
+    runner_notes: list[str] = dataclasses.field(default_factory=list)
     iterations: list[dict] = dataclasses.field(default_factory=list)
     outputs: list[OutputStats] = dataclasses.field(default_factory=list)
     density: list[LayerDensity] = dataclasses.field(default_factory=list)
@@ -124,6 +147,7 @@ def check(
     feeds: list[dict[str, np.ndarray]] | None = None,
     density: bool = True,
     library: bool | str | None = None,
+    noise: bool = True,
 ) -> CheckResult:
     """Compare `rewritten` with `original` in ONNX Runtime (CPU) through Polygraphy.
 
@@ -141,6 +165,9 @@ def check(
         library: how the rewritten model's ASA nodes run: None = the native ONNX Runtime
             library when built, else the model-local function; False = always the function;
             True = the library (error when not built); a path = that library.
+        noise: also run the original with ONNX Runtime's graph optimizations off and report its
+            own reordering noise; a model that misses the element-wise bar then passes if every
+            output's max abs error is within NOISE_FACTOR x that noise floor.
 
     Returns:
         A CheckResult.
@@ -163,7 +190,7 @@ def check(
         configs = [_config_of(feed, original_model) for feed in feeds]
     masks = [key_padding(feed, original_model) for feed in feeds]
     row_masks = [_visible_rows(m, c, geometry) for m, c in zip(masks, configs)]
-    result = _compare(original, rewritten, feeds, configs, row_masks, atol, rtol, library)
+    result = _compare(original, rewritten, feeds, configs, row_masks, atol, rtol, library, noise)
     if density:
         _measure_density(rewritten_model, feeds, result, library)
     return result
@@ -196,8 +223,9 @@ def iteration_configs(
 # -- comparison ------------------------------------------------------------------------------
 
 
-def _compare(original, rewritten, feeds, configs, row_masks, atol, rtol, library) -> CheckResult:
-    logger.info("running %d input set(s) through both models ...", len(feeds))
+def _compare(original, rewritten, feeds, configs, row_masks, atol, rtol, library,
+             noise) -> CheckResult:
+    logger.info("running %d input set(s) through the models ...", len(feeds))
     with _quiet_polygraphy():
         from polygraphy.backend.onnxrt import OnnxrtRunner
         from polygraphy.comparator import Comparator
@@ -207,17 +235,38 @@ def _compare(original, rewritten, feeds, configs, row_masks, atol, rtol, library
             OnnxrtRunner(_rewritten_session(rewritten, library), name="rewritten"),
             OnnxrtRunner(_plain_session(original), name="original"),
         ]
+        if noise:
+            runners.append(OnnxrtRunner(_plain_session(original, optimize=False),
+                                        name="original-unoptimized"))
         results = Comparator.run(runners, data_loader=feeds)
         stats = _mask_and_measure(results, configs, row_masks, atol)
-        verdict = Comparator.compare_accuracy(results, compare_func=_compare_func(atol, rtol))
+        verdict = Comparator.compare_accuracy(results, comparisons=[(0, 1)],
+                                              compare_func=_compare_func(atol, rtol))
     _apply_verdicts(stats, verdict)
-    return CheckResult(
-        passed=bool(verdict) and all(s.passed for s in stats.values()),
+    result = CheckResult(
+        passed=False,
         atol=atol,
         rtol=rtol,
+        elementwise_passed=bool(verdict) and all(s.passed for s in stats.values()),
         iterations=configs,
         outputs=list(stats.values()),
     )
+    if noise:
+        result.noise_floor = max((s.noise_abs or 0.0 for s in stats.values()), default=0.0)
+    _decide(result)
+    return result
+
+
+def _decide(result: CheckResult) -> None:
+    """The verdict and the rule that decided it (see the module docstring)."""
+    if result.elementwise_passed:
+        result.passed, result.rule = True, RULE_ELEMENTWISE
+        return
+    bar = None if result.noise_floor is None else result.noise_factor * result.noise_floor
+    if bar and all(s.passed or s.max_abs <= bar for s in result.outputs):
+        result.passed, result.rule = True, RULE_NOISE
+    else:
+        result.passed, result.rule = False, ""
 
 
 def _compare_func(atol: float, rtol: float):
@@ -230,19 +279,26 @@ def _compare_func(atol: float, rtol: float):
 
 
 def _mask_and_measure(results, configs, row_masks, atol) -> dict[str, OutputStats]:
-    """Zero rows without a visible key in both runners' outputs; collect error statistics."""
-    (_, rewritten_iters), (_, original_iters) = results
+    """Zero rows without a visible key in every runner's outputs; collect error statistics
+    (rewritten vs original) and the original's reordering noise (third runner, when run)."""
+    iterations = [iters for _, iters in results]
+    rewritten_iters, original_iters = iterations[0], iterations[1]
+    noise_iters = iterations[2] if len(iterations) > 2 else [None] * len(original_iters)
     stats: dict[str, OutputStats] = {}
     sums: dict[str, list[float]] = {}
-    for new, old, config, rows in zip(rewritten_iters, original_iters, configs, row_masks):
+    for new, old, ref2, config, rows in zip(rewritten_iters, original_iters, noise_iters, configs,
+                                            row_masks):
         for name in old.keys():
             if name not in new:
                 continue
             keep = _element_mask(old[name].shape, rows, config)
             stat = stats.setdefault(name, OutputStats(name))
             total = sums.setdefault(name, [0.0, 0.0, 0])
+            if ref2 is not None:
+                stat.noise_abs = max(stat.noise_abs or 0.0, _max_abs(ref2[name], old[name], keep))
             if new[name].shape != old[name].shape:
                 stat.passed = False
+                stat.max_abs = float("inf")  # no noise floor excuses a shape mismatch
                 continue
             a, b = _masked(new[name], keep), _masked(old[name], keep)
             new[name], old[name] = a, b
@@ -276,6 +332,16 @@ def _accumulate(stat: OutputStats, total: list, a, b, keep, atol: float) -> None
         stat.max_rel = max(stat.max_rel, float(rel.max()))
         total[1] += float(rel.sum())
         total[2] += int(rel.size)
+
+
+def _max_abs(a: np.ndarray, b: np.ndarray, keep: np.ndarray | None) -> float:
+    """max |a - b| over the compared elements (NaN counts as infinite)."""
+    diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    if keep is not None:
+        diff = diff[np.broadcast_to(keep, diff.shape)]
+    if diff.size == 0:
+        return 0.0
+    return float(np.nan_to_num(diff, nan=np.inf).max())
 
 
 def _apply_verdicts(stats: dict[str, OutputStats], verdict) -> None:
@@ -477,11 +543,16 @@ def _asa_nodes(model: ir.Model):
 # -- sessions and inputs ---------------------------------------------------------------------
 
 
-def _plain_session(path: str):
+def _plain_session(path: str, optimize: bool = True):
+    """A CPU session; optimize=False turns ONNX Runtime's graph optimizations off (the same
+    model summed in another fp32 order: its outputs differ by the model's reordering noise)."""
     import onnxruntime as ort
 
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     except Exception as err:
         raise AsaExportError(f"ONNX Runtime cannot load {path}: {err}") from err
 

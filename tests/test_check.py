@@ -175,3 +175,37 @@ def test_models_with_different_outputs_are_refused(tmp_path):
     onnx.save(proto, tmp_path / "b.onnx")
     with pytest.raises(AsaExportError, match="different outputs"):
         check(a, tmp_path / "b.onnx")
+
+
+def _result(errors, passed, floor):
+    outputs = [check_module.OutputStats(f"o{i}", max_abs=e, passed=p)
+               for i, (e, p) in enumerate(zip(errors, passed))]
+    result = check_module.CheckResult(passed=False, atol=1e-4, rtol=1e-3, outputs=outputs,
+                                      elementwise_passed=all(passed), noise_floor=floor)
+    check_module._decide(result)
+    return result
+
+
+@pytest.mark.parametrize("errors, passed, floor, verdict, rule", [
+    ([1e-5, 2e-5], [True, True], 1e-4, True, check_module.RULE_ELEMENTWISE),
+    ([1e-5, 2.9e-4], [True, False], 1e-4, True, check_module.RULE_NOISE),
+    ([1e-5, 3.1e-4], [True, False], 1e-4, False, ""),
+    ([1e-5, 2e-4], [True, False], None, False, ""),  # noise not measured: element-wise only
+    ([1e-5, 2e-4], [True, False], 0.0, False, ""),
+    ([0.0, float("inf")], [True, False], 1e-4, False, ""),  # shape mismatch: never excused
+])
+def test_verdict_rule(errors, passed, floor, verdict, rule):
+    result = _result(errors, passed, floor)
+    assert (result.passed, result.rule) == (verdict, rule)
+
+
+def test_noise_floor_is_the_unoptimized_originals_difference(tmp_path):
+    """The third runner is the original with ORT graph optimizations off, on the same rows."""
+    original = asa_model(tmp_path / "orig.onnx", 1.0, garbage_in_invisible_rows=True)
+    rewritten = asa_model(tmp_path / "new.onnx", 1.0)
+    result = check(original, rewritten, feeds=asa_feeds(), library=False, density=False)
+    assert result.noise_floor is not None and result.noise_floor < 1e-5  # rows with garbage skipped
+    assert result.outputs[0].noise_abs == result.noise_floor
+    assert result.passed and result.rule == check_module.RULE_ELEMENTWISE
+    off = check(original, rewritten, feeds=asa_feeds(), library=False, density=False, noise=False)
+    assert off.noise_floor is None and off.outputs[0].noise_abs is None and off.passed

@@ -32,6 +32,9 @@ def add_check_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0, help="seed of the generated inputs")
     group.add_argument("--no-density", action="store_true",
                        help="skip the attention density measurement")
+    group.add_argument("--no-noise", action="store_true",
+                       help="skip the original's reordering-noise run (ONNX Runtime graph "
+                       "optimizations off); the verdict is then element-wise only")
     group.add_argument("--runtime", choices=("auto", "function", "library"), default="auto",
                        help="how ASA nodes run in ONNX Runtime: the native library when built "
                        "(auto), the model-local function, or the library (error when missing)")
@@ -42,12 +45,61 @@ def check_kwargs(args: argparse.Namespace) -> dict:
     return {
         "atol": args.atol, "rtol": args.rtol, "batch": args.batch, "seq": args.seq,
         "past": args.past, "seed": args.seed, "density": not args.no_density,
+        "noise": not getattr(args, "no_noise", False),
         "library": {"auto": None, "function": False, "library": True}[args.runtime],
     }
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the error and density tables; exit 1 when an output mismatches."""
+    """Print the error, noise and density tables and the verdict; exit 1 when it fails."""
     result = api.check(args.original, args.rewritten, **check_kwargs(args))
-    print(tables.check_tables(result))
+    print(report(result))
     return 0 if result.passed else 1
+
+
+def report(result) -> str:
+    """The check tables, the original's reordering noise, and the verdict with its rule.
+
+    Args:
+        result: an asa_export.check.CheckResult.
+
+    Returns:
+        Text for stdout; its last line starts with PASSED or FAILED.
+    """
+    # check_tables' last line is the bare verdict; ours names the rule that decided it.
+    body = tables.check_tables(result).rpartition("\n")[0].rstrip("\n")
+    parts = [body] + [f"\n{note}" for note in result.runner_notes]
+    if result.noise_floor is not None:
+        parts.append(noise_table(result))
+    parts.append("\n" + verdict_line(result))
+    return "\n".join(parts)
+
+
+def noise_table(result) -> str:
+    """Per output: the rewrite's max abs error next to the original's own reordering noise."""
+    rows = []
+    for o in result.outputs:
+        ratio = o.max_abs / o.noise_abs if o.noise_abs else None
+        rows.append([o.name, f"{o.max_abs:.3g}", f"{o.noise_abs or 0.0:.3g}",
+                     "-" if ratio is None else f"{ratio:.2f}"])
+    head = ("\nreordering noise of the original (ONNX Runtime graph optimizations on vs off, "
+            "same inputs, same rows):")
+    floor = (f"noise floor {result.noise_floor:.3g} (max over outputs); noise bar "
+             f"{result.noise_factor:g} x floor = {result.noise_factor * result.noise_floor:.3g}")
+    return "\n".join([head, tables.table(["output", "max abs error", "noise", "error/noise"],
+                                          rows), floor])
+
+
+def verdict_line(result) -> str:
+    """PASSED / FAILED and the rule that decided it."""
+    bar = f"atol {result.atol:g} / rtol {result.rtol:g}"
+    if result.passed and result.rule == "element-wise":
+        return f"PASSED (rule: element-wise, every output within {bar})"
+    if result.passed:
+        return (f"PASSED (rule: noise floor, outputs beyond {bar} have max abs error <= "
+                f"{result.noise_factor:g} x the original's own reordering noise "
+                f"{result.noise_floor:.3g}; not element-wise)")
+    if result.noise_floor is None:
+        return f"FAILED: outputs differ beyond {bar} (noise floor not measured)"
+    return (f"FAILED: outputs differ beyond {bar} and beyond {result.noise_factor:g} x the "
+            f"original's own reordering noise {result.noise_floor:.3g}")
