@@ -2,6 +2,7 @@
 
     asa-export MODEL --out OUT [options]      (alias: asa-export export MODEL --out OUT)
     asa-export inspect MODEL
+    asa-export calibrate MODEL --text FILE... --tokenizer PATH --out OUT
     asa-export check ORIGINAL REWRITTEN
     asa-export demo [--workdir DIR]
 
@@ -16,10 +17,11 @@ import sys
 import warnings
 
 from asa_export import __version__
-from asa_export.cli import check, demo, export, inspect
+from asa_export.cli import calibrate, check, demo, export, inspect
 from asa_export.errors import AsaExportError
 
-SUBCOMMANDS = {"export": export, "inspect": inspect, "check": check, "demo": demo}
+SUBCOMMANDS = {"export": export, "inspect": inspect, "calibrate": calibrate, "check": check,
+               "demo": demo}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Without a subcommand, `asa-export MODEL --out OUT` runs `export`.",
     )
     parser.add_argument("--version", action="version", version=f"asa-export {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="{export,inspect,check,demo}")
+    subparsers = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
     for name, module in SUBCOMMANDS.items():
         sub = subparsers.add_parser(name, help=module.HELP, description=module.HELP)
         sub.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")

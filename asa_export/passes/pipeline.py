@@ -9,13 +9,17 @@ Everything here works on an in-memory `onnx_ir.Model`; loading and saving files 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from asa_export.passes import rewrite
 from asa_export.passes.canonicalize import infer_shapes
 from asa_export.passes.rules import ms_attention, onnx_attention, softmax_attention
+from asa_export.errors import AsaExportError
 from asa_export.passes.rules.base import Match, NoMatch
 from asa_export.report import Rejection, Report, Site
 
@@ -30,6 +34,11 @@ class RewriteOptions:
         sink_blocks: leading key blocks always kept.
         local_blocks: local band (in blocks) always kept.
         select_per: 0 = one block list per query head, 1 = per KV group.
+        head_thresholds: per-site per-query-head tau, {site index: [Hq] floats}; written as
+            each listed site's `head_thresholds` input (contract input 5) initializer, which
+            replaces `threshold` for that site. `asa-export calibrate` fits them.
+        gates: per-site learned gates, {site index: object with `q_weight` [Hq, D, Dg] and
+            `k_weight` [Hkv, 3*D, Dg]} (asa_export.router.gate.Gate): contract inputs 6-7.
     """
 
     block_size: int = 64
@@ -39,6 +48,20 @@ class RewriteOptions:
     sink_blocks: int = 1
     local_blocks: int = 2
     select_per: int = 0
+    head_thresholds: Mapping[int, Sequence[float]] | None = None
+    gates: Mapping[int, Any] | None = None
+
+    def summary(self) -> dict:
+        """The options as JSON-ready values (arrays become lists, gates their shapes)."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if self.head_thresholds is not None:
+            data["head_thresholds"] = {int(k): [float(t) for t in np.asarray(v).ravel()]
+                                       for k, v in self.head_thresholds.items()}
+        if self.gates is not None:
+            data["gates"] = {int(k): {"q_weight": list(np.shape(v.q_weight)),
+                                      "k_weight": list(np.shape(v.k_weight))}
+                             for k, v in self.gates.items()}
+        return data
 
 
 RULES = (softmax_attention, onnx_attention, ms_attention)
@@ -99,7 +122,8 @@ def rewrite_model(model: ir.Model, options: RewriteOptions = RewriteOptions()) -
         The Report of what was rewritten and what was left unchanged (with reasons).
     """
     matches, rejected = _match_all(model)
-    report = Report(rejected=rejected, options=dataclasses.asdict(options))
+    _check_site_keys(options, len(matches))
+    report = Report(rejected=rejected, options=options.summary())
     nodes = []
     for layer, match in enumerate(matches):
         name = _site_name(layer)
@@ -108,5 +132,31 @@ def rewrite_model(model: ir.Model, options: RewriteOptions = RewriteOptions()) -
         report.sites.append(_site(match, layer, name))
     if nodes:
         RemoveUnusedNodesPass()(model)
+        apply_router_inputs(model, nodes, options)
         rewrite.add_functions(model, nodes)
     return report
+
+
+def apply_router_inputs(model: ir.Model, nodes: Sequence[ir.Node], options: RewriteOptions) -> None:
+    """Wire `options.head_thresholds` / `options.gates` into the ASA nodes (site i = nodes[i]).
+
+    Function overloads are not updated here (rewrite.add_functions / refresh_functions do).
+
+    Raises:
+        AsaExportError: a key that is not a site index, or weights of the wrong shape.
+    """
+    _check_site_keys(options, len(nodes))
+    taus = options.head_thresholds or {}
+    gates = options.gates or {}
+    for index, node in enumerate(nodes):
+        if index in taus or index in gates:
+            rewrite.set_router_inputs(model, node, head_thresholds=taus.get(index),
+                                      gate=gates.get(index))
+
+
+def _check_site_keys(options: RewriteOptions, count: int) -> None:
+    for what, table in (("head_thresholds", options.head_thresholds), ("gates", options.gates)):
+        bad = sorted(k for k in (table or {}) if not (isinstance(k, (int, np.integer)) and 0 <= k < count))
+        if bad:
+            raise AsaExportError(f"{what} names site(s) {bad}, but the model has {count} attention "
+                                 f"site(s) (indices 0..{count - 1} in graph order)")

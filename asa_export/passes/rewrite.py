@@ -3,6 +3,12 @@
     O = <attention subgraph>(Q, K, V, masks)
       ->  O = asa::AdaptiveSparseAttention(Q, K', V', key_padding_mask)   [overload = attribute hash]
 
+Calibrated routers enter as initializers on the node's optional inputs (`set_router_inputs`):
+
+    asa::AdaptiveSparseAttention(Q, K, V, mask, bias)
+      ->  asa::AdaptiveSparseAttention(Q, K, V, mask, bias, head_thresholds [Hq],
+                                       gate_q_weight [Hq, D, Dg], gate_k_weight [Hkv, 3D, Dg])
+
 K' / V' are the [B, Hkv, S, D] sources (a Transpose is added where the site only had K^T). The old
 subgraph is left dangling and removed by dead-code elimination; values it shares with the rest of
 the model (the mask, RoPE'd Q) stay.
@@ -10,10 +16,12 @@ the model (the mask, RoPE'd Q) stay.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 from asa_export import contract
 from asa_export.contract import AsaAttributes
+from asa_export.errors import AsaExportError
 from asa_export.passes import graph as g
 from asa_export.passes.rules.base import KeySource, Match
 
@@ -154,11 +162,11 @@ def add_functions(model: ir.Model, nodes: list[ir.Node]) -> None:
 
     opset = g.opset_version(model)
     for node in nodes:
-        attrs = AsaAttributes.from_onnx_attributes(
-            {k: a.value for k, a in node.attributes.items()}
-        )
+        attrs = node_attributes(node)
+        # One flag per optional input the contract declares (3..len(INPUTS)-1).
         present = tuple(
-            len(node.inputs) > i and node.inputs[i] is not None for i in (3, 4, 5)
+            len(node.inputs) > i and node.inputs[i] is not None
+            for i in range(3, len(contract.INPUTS))
         )
         dtype = node.inputs[0].dtype
         proto = build_function(attrs, opset, present, len(node.outputs),
@@ -171,3 +179,113 @@ def add_functions(model: ir.Model, nodes: list[ir.Node]) -> None:
             model.functions[key] = ir.serde.deserialize_function(proto)
     model.opset_imports[contract.DOMAIN] = contract.VERSION
     model.ir_version = max(model.ir_version or 0, MIN_IR_VERSION)
+
+
+def asa_nodes(model: ir.Model) -> list[ir.Node]:
+    """The ASA nodes of the main graph, in graph order (site index = position in this list)."""
+    return [n for n in model.graph if n.domain == contract.DOMAIN and n.op_type == contract.OP_TYPE]
+
+
+def node_attributes(node: ir.Node) -> AsaAttributes:
+    """The contract attributes an ASA node carries."""
+    return AsaAttributes.from_onnx_attributes({k: a.value for k, a in node.attributes.items()})
+
+
+def set_router_inputs(model: ir.Model, node: ir.Node, *, head_thresholds=None, gate=None) -> None:
+    """Wire calibrated router weights into an ASA node as initializers (contract inputs 5-7).
+
+    The function overload is not updated here: call `refresh_functions` once afterwards.
+
+    Args:
+        model: the model holding `node`.
+        node: an AdaptiveSparseAttention node.
+        head_thresholds: per-query-head tau [Hq] (input `head_thresholds`), or None to leave it.
+        gate: an object with `q_weight` [Hq, D, Dg] and `k_weight` [Hkv, 3*D, Dg] (e.g.
+            asa_export.router.gate.Gate) for inputs `gate_q_weight` / `gate_k_weight`, or None.
+
+    Raises:
+        AsaExportError: wrong shapes or values, or a contract without the gate inputs.
+    """
+    heads_q, heads_kv, dim = _node_heads(node)
+    if head_thresholds is not None:
+        taus = np.asarray(head_thresholds, dtype=np.float32)
+        if taus.ndim != 1 or (heads_q is not None and taus.shape[0] != heads_q):
+            raise AsaExportError(f"{node.name}: head_thresholds must have shape [{heads_q}] "
+                                 f"(one per query head), got {list(taus.shape)}")
+        if not np.all(np.isfinite(taus) & (taus > 0)):
+            raise AsaExportError(f"{node.name}: head_thresholds must be finite and > 0")
+        _wire(model, node, "head_thresholds", taus)
+    if gate is not None:
+        q_weight, k_weight = _gate_arrays(node, gate, heads_q, heads_kv, dim)
+        _wire(model, node, "gate_q_weight", q_weight)
+        _wire(model, node, "gate_k_weight", k_weight)
+
+
+def _node_heads(node: ir.Node) -> tuple[int | None, int | None, int | None]:
+    """Static (Hq, Hkv, D) of an ASA node's query and key, None where unknown."""
+    def dim(value, axis):
+        d = g.dims(value) if value is not None else None
+        return d[axis] if d is not None and len(d) == 4 and isinstance(d[axis], int) else None
+
+    return dim(node.inputs[0], 1), dim(node.inputs[1], 1), dim(node.inputs[0], 3)
+
+
+def _gate_arrays(node, gate, heads_q, heads_kv, dim) -> tuple[np.ndarray, np.ndarray]:
+    if "gate_q_weight" not in contract.INPUTS:
+        raise AsaExportError("this version of the ASA contract has no learned-gate inputs "
+                             "(gate_q_weight / gate_k_weight); update asa_export")
+    q_weight = np.asarray(gate.q_weight, dtype=np.float32)
+    k_weight = np.asarray(gate.k_weight, dtype=np.float32)
+    want_q = [heads_q, dim, None]
+    want_k = [heads_kv, None if dim is None else 3 * dim, None]
+    ok = (q_weight.ndim == 3 and k_weight.ndim == 3 and q_weight.shape[2] == k_weight.shape[2]
+          and all(w is None or w == s for w, s in zip(want_q, q_weight.shape))
+          and all(w is None or w == s for w, s in zip(want_k, k_weight.shape)))
+    if not ok:
+        raise AsaExportError(f"{node.name}: gate weights must be [Hq, D, Dg] = {want_q} and "
+                             f"[Hkv, 3*D, Dg] = {want_k}, got {list(q_weight.shape)} and "
+                             f"{list(k_weight.shape)}")
+    if not (np.all(np.isfinite(q_weight)) and np.all(np.isfinite(k_weight))):
+        raise AsaExportError(f"{node.name}: gate weights must be finite")
+    return q_weight, k_weight
+
+
+def _wire(model: ir.Model, node: ir.Node, input_name: str, array: np.ndarray) -> None:
+    """Make `array` an initializer and the node's input `input_name` (replacing an old one)."""
+    slot = contract.INPUTS.index(input_name)
+    if len(node.inputs) <= slot:
+        node.resize_inputs(slot + 1)
+    graph = model.graph
+    old = node.inputs[slot]
+    if old is not None:
+        node.replace_input_with(slot, None)
+        # An initializer nothing else reads any more would be dead weight in the file.
+        if old.is_initializer() and not old.uses() and old.name in graph.initializers:
+            del graph.initializers[old.name]
+    name = _free_name(graph, f"{node.name}/{input_name}")
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.FLOAT),
+                     const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    node.replace_input_with(slot, value)
+
+
+def _free_name(graph: ir.Graph, name: str) -> str:
+    taken = set(graph.initializers) | {v.name for n in graph for v in n.outputs}
+    taken |= {v.name for v in graph.inputs}
+    candidate, i = name, 1
+    while candidate in taken:
+        candidate, i = f"{name}_{i}", i + 1
+    return candidate
+
+
+def refresh_functions(model: ir.Model) -> None:
+    """Rebind every ASA node to the function of its current signature; drop unused functions.
+
+    Needed after attributes or optional inputs of ASA nodes change (the overload encodes both).
+    """
+    nodes = asa_nodes(model)
+    add_functions(model, nodes)
+    used = {(n.domain, n.op_type, n.overload) for n in model.graph}
+    for key in [k for k in model.functions if k[:2] == (contract.DOMAIN, contract.OP_TYPE)
+                and k not in used]:
+        del model.functions[key]

@@ -1,0 +1,116 @@
+"""`asa-export calibrate MODEL --text FILE... --tokenizer PATH --out OUT`: fit the router on text.
+
+Composes asa_export.router.calibrate.calibrate; every option maps to one of its arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from asa_export.passes.pipeline import RewriteOptions
+from asa_export.router import calibrate as cal
+
+HELP = ("calibrate the router of MODEL on text: per-head thresholds (and, with --gate, a learned "
+        "gate) written into the ASA nodes")
+_DEFAULTS = cal.CalibrateOptions()
+_REWRITE = RewriteOptions()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `calibrate` (each maps to calibrate() / CalibrateOptions)."""
+    parser.add_argument("model", metavar="MODEL",
+                        help="an ONNX export (rewritten first) or a model with ASA nodes")
+    parser.add_argument("--text", nargs="+", required=True, metavar="FILE",
+                        help="calibration text files (UTF-8, concatenated)")
+    parser.add_argument("--tokenizer", required=True, metavar="PATH",
+                        help="the model's tokenizer: a folder, a tokenizer.json or a GGUF file")
+    parser.add_argument("--out", "-o", required=True, metavar="OUT",
+                        help="the calibrated model, e.g. model.asa.onnx")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--target-recall", type=float, metavar="R",
+                        help="per-head tau reaching this attention-mass recall "
+                        f"(default {cal.DEFAULT_TARGET_RECALL})")
+    target.add_argument("--target-density", type=float, metavar="D",
+                        help="per-head tau at the highest recall whose overall density <= D")
+    target.add_argument("--threshold", type=float, metavar="TAU",
+                        help="one tau for every head (statistics still reported)")
+    parser.add_argument("--gate", action="store_true",
+                        help="phase 2: train a learned gate per layer (torch), thresholds on it")
+    parser.add_argument("--context", type=int, default=_DEFAULTS.context, metavar="N",
+                        help="tokens per calibration window (default %(default)s)")
+    parser.add_argument("--windows", type=int, default=_DEFAULTS.windows, metavar="N",
+                        help="calibration windows (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=_DEFAULTS.seed, metavar="S",
+                        help="seeds the window choice and the gate (default %(default)s)")
+    parser.add_argument("--report", metavar="FILE.json", help="write the JSON report")
+    parser.add_argument("--plots", metavar="DIR", help="write PNG plots into DIR (matplotlib)")
+    parser.add_argument("--resume", metavar="DIR",
+                        help="work folder kept between runs: captured windows and fitted sites "
+                        "found there are skipped")
+    _add_rewrite_arguments(parser)
+    _add_gate_arguments(parser)
+
+
+def _add_rewrite_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("router attributes when MODEL is an original export")
+    group.add_argument("--block-size", type=int, default=_REWRITE.block_size, choices=(64, 128),
+                       help="router block size b (default %(default)s)")
+    group.add_argument("--sink-blocks", type=int, default=_REWRITE.sink_blocks, metavar="N",
+                       help="leading key blocks always kept (default %(default)s)")
+    group.add_argument("--local-blocks", type=int, default=_REWRITE.local_blocks, metavar="N",
+                       help="local band of key blocks always kept (default %(default)s)")
+    group.add_argument("--select-per", default="head", choices=("head", "group"),
+                       help="one block list per query head or per KV group (default %(default)s)")
+
+
+def _add_gate_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("learned gate (--gate)")
+    group.add_argument("--gate-dim", type=int, default=_DEFAULTS.gate_dim, metavar="N",
+                       help="gate width Dg (default %(default)s)")
+    group.add_argument("--gate-steps", type=int, default=_DEFAULTS.gate_steps, metavar="N",
+                       help="training steps per layer (default %(default)s)")
+    group.add_argument("--device", default=_DEFAULTS.device,
+                       help="torch device for the gate: auto, cpu, cuda (default %(default)s)")
+
+
+def options_from(args: argparse.Namespace) -> cal.CalibrateOptions:
+    """CalibrateOptions from parsed arguments."""
+    rewrite = RewriteOptions(block_size=args.block_size, sink_blocks=args.sink_blocks,
+                             local_blocks=args.local_blocks,
+                             select_per=0 if args.select_per == "head" else 1)
+    return cal.CalibrateOptions(
+        target_recall=args.target_recall, target_density=args.target_density,
+        threshold=args.threshold, gate=args.gate, context=args.context, windows=args.windows,
+        seed=args.seed, rewrite=rewrite, gate_dim=args.gate_dim, gate_steps=args.gate_steps,
+        device=args.device)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Calibrate, then print the totals and per-layer table on stdout."""
+    report = cal.calibrate(args.model, args.text, args.tokenizer, args.out, options_from(args),
+                           report_path=args.report, plots_dir=args.plots,
+                           resume_dir=args.resume)
+    print(summary_table(report))
+    print(f"\nwrote {report['output']}")
+    return 0
+
+
+def summary_table(report: dict) -> str:
+    """Per-site thresholds, density and recall, then the totals, as plain text."""
+    lines = [f"{'site':<24} {'router':<6} {'density':>7} {'recall':>7}  low-density heads  "
+             "thresholds"]
+    for row in report["sites"]:
+        taus = " ".join(f"{t:g}" for t in row["thresholds"])
+        low = ",".join(str(h) for h in row["low_density_heads"]) or "-"
+        lines.append(f"{row['name']:<24} {row['router']:<6} {row['density']:7.3f} "
+                     f"{row['recall']:7.4f}  {low:<17}  {taus}")
+    t = report["totals"]
+    lines.append(f"total: density {t['density']:.4f}, attention-mass recall {t['recall']:.4f}"
+                 + (f" (recall target {t['recall_target']:g})" if t["recall_target"] else ""))
+    if "training_free" in t:
+        tf = t["training_free"]
+        lines.append(f"training-free router at the same target: density {tf['density']:.4f}, "
+                     f"recall {tf['recall']:.4f}")
+    lines.append("wall: " + ", ".join(
+        f"{k} {v if isinstance(v, float) else sum(v):.1f} s" for k, v in report["wall_s"].items()))
+    return "\n".join(lines)
