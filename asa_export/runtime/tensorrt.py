@@ -116,15 +116,28 @@ def plugin_library_path(library: str | os.PathLike | None = None) -> Path:
         path = Path(given).expanduser().resolve()
         if not path.is_file():
             raise AsaExportError(f"TensorRT plugin library {path} does not exist")
-        return path
+        return _shared_library(path)
     for path in _DEFAULT_LOCATIONS:
         if path.is_file():
-            return path
+            return _shared_library(path)
     raise AsaExportError(
         f"the ASA TensorRT plugin ({LIBRARY_NAME}) was not found: build it with "
         f"`python tools/build_trt_plugin.py` (needs nvcc), or pass its path (--plugin-library "
         f"or ${ENV_VAR})"
     )
+
+
+def _shared_library(path: Path) -> Path:
+    """Refuse a file that is no ELF shared object before TensorRT sees it (fails fast, before
+    a long rewrite; TensorRT itself only logs that it could not load a library)."""
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic != b"\x7fELF":
+        raise AsaExportError(
+            f"TensorRT plugin library {path} is not a shared library (no ELF header); pass the "
+            f"{LIBRARY_NAME} built by `python tools/build_trt_plugin.py`"
+        )
+    return path
 
 
 def rtx_loader_dir() -> Path | None:
@@ -189,6 +202,12 @@ def load_plugin(trt, library: Path):
         handle = registry.load_library(str(library))
     except Exception as exc:
         raise AsaExportError(f"TensorRT could not load the plugin library {library}: {exc}") from None
+    if handle is None:  # TensorRT(-RTX) logs the cause and returns no handle: no exception
+        raise AsaExportError(
+            f"TensorRT could not load the plugin library {library}: it is not a TensorRT plugin "
+            "library of this platform and ABI (dlopen failed, or no getCreators export); rebuild "
+            "it with `python tools/build_trt_plugin.py`"
+        )
     creator = registry.get_creator(contract.OP_TYPE, contract.PLUGIN_VERSION,
                                    contract.PLUGIN_NAMESPACE)
     if creator is None:
@@ -308,6 +327,8 @@ def make_profiles(model: ir.Model, *, min_shapes=None, opt_shapes=None, max_shap
     for name in set().union(*given) - names:
         raise AsaExportError(f"shape given for {name!r}, which is not a model input "
                              f"(inputs: {', '.join(sorted(names))})")
+    if max_seq is not None:
+        _check_fixed_sequence(model, max_seq)
     profiles = {}
     for value in model.graph.inputs:
         dims = list(value.shape.dims) if value.shape is not None else None
@@ -320,6 +341,30 @@ def make_profiles(model: ir.Model, *, min_shapes=None, opt_shapes=None, max_shap
         _check_profile(value.name, dims, profile)
         profiles[value.name] = profile
     return profiles
+
+
+def _check_fixed_sequence(model: ir.Model, max_seq: int) -> None:
+    """--max-seq below a sequence axis the model fixes cannot be honoured: say so.
+
+    Only axes whose role is known are checked (token ids, padding masks and positions: axis 1;
+    past key/value: axis 2), so a hidden size above max_seq is never mistaken for a length.
+    """
+    from asa_export.inputs import input_roles
+
+    if max_seq < 1:
+        raise AsaExportError(f"--max-seq must be at least 1, got {max_seq}")
+    axes = {"tokens": 1, "padding_mask": 1, "positions": 1, "past": 2}
+    for role in input_roles(model):
+        axis = axes.get(role.role)
+        if axis is None or len(role.shape) <= axis:
+            continue
+        fixed = role.shape[axis]
+        if isinstance(fixed, int) and fixed > max_seq:
+            raise AsaExportError(
+                f"input {role.name!r} fixes its sequence length at {fixed} (axis {axis}), above "
+                f"--max-seq {max_seq}: the engine could only take {fixed}. Raise --max-seq, or "
+                "export the model with a dynamic sequence axis"
+            )
 
 
 def _explicit_profile(name: str, given) -> Profile:
