@@ -253,6 +253,8 @@ def ort_model(args, spec: str, source):
     """
     import onnx
 
+    if spec.startswith("file:"):
+        return _file_model(args, spec)
     # Fitted thresholds depend on the calibration curves: their file names the model too.
     fitted = f"-{calib_file(args).stem}" if spec.startswith(("perhead", "tradeoff")) else ""
     path = pathlib.Path(args.out) / "ort" / "models" / f"smollm2-{spec.replace(':', '_')}{fitted}.onnx"
@@ -262,6 +264,31 @@ def ort_model(args, spec: str, source):
     counts = [n for n in names if n.endswith("__block_counts")]
     telemetry = [(c, c.replace("__block_counts", "__visible_counts")) for c in counts]
     return _ort_session(path), telemetry
+
+
+def _file_model(args, spec: str):
+    """`file:NAME`: a model already holding ASA nodes (e.g. `asa-export calibrate --gate` output,
+    given as --asa-model NAME=PATH), copied with telemetry outputs; returns (session, telemetry)."""
+    import onnx_ir as ir
+
+    from asa_export import check, io
+
+    name = spec.removeprefix("file:")
+    known = dict(item.split("=", 1) for item in args.asa_model or [])
+    path = pathlib.Path(args.out) / "ort" / "models" / f"file-{name}.onnx"
+    if not path.exists():
+        if name not in known:
+            raise AsaExportError(f"{spec}: pass --asa-model {name}=PATH (a model with ASA nodes)")
+        model = ir.load(known[name])
+        nodes = [n for n in model.graph if n.op_type == "AdaptiveSparseAttention"]
+        if not nodes:
+            raise AsaExportError(f"{known[name]} has no AdaptiveSparseAttention node")
+        check._add_telemetry_outputs(model, nodes)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        io.save_model(model, path)
+        (path.parent / f"file-{name}.source").write_text(str(pathlib.Path(known[name]).resolve()))
+    counts = [o.name for o in ir.load(str(path)).graph.outputs if o.name.endswith("__block_counts")]
+    return _ort_session(path), [(c, c.replace("__block_counts", "__visible_counts")) for c in counts]
 
 
 def _write_rewritten(spec: str, args, source, path: pathlib.Path) -> None:
@@ -638,7 +665,19 @@ def family(setting: str) -> str:
     name = setting.removeprefix("ort:").split(":")[0]
     return {"naive": "global τ (contract v1)", "perhead": "per-head τ (contract v1)",
             "tradeoff": "per-head τ (contract v1)", "oracle": "oracle (ceiling)",
-            "lse": "lse pooling (research)", "gate": "calibrated gate"}.get(name, name)
+            "lse": "lse pooling (research)", "gate": "calibrated gate",
+            "file": "calibrated (asa-export calibrate)"}.get(name, name)
+
+
+def short_label(setting: str) -> str:
+    """'ort:perhead:recall=0.97,local=2' -> 'r.97'; local other than 2 is appended ('l1')."""
+    name, _, rest = setting.removeprefix("ort:").partition(":")
+    if name == "file":
+        return rest
+    kv = dict(item.split("=") for item in rest.split(",") if item)
+    value = next((kv[k] for k in ("recall", "tau", "cost", "density") if k in kv), "")
+    head = {"perhead": "r", "naive": "τ", "oracle": "o", "lse": "lse", "tradeoff": "c", "gate": "g"}.get(name, name)
+    return head + value.removeprefix("0") + ("" if kv.get("local", "1") == "2" else f" l{kv.get('local', '1')}")
 
 
 def cmd_plot(args) -> None:
@@ -651,7 +690,7 @@ def cmd_plot(args) -> None:
 
     rows = aggregate(pathlib.Path(args.out))
     contexts = sorted({k[1] for k in rows if k[0] == args.text})
-    fig, axes = plt.subplots(1, len(contexts), figsize=(4.2 * len(contexts), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(contexts), figsize=(4.8 * len(contexts), 3.6), squeeze=False)
     colors = {}
     for ax, ctx in zip(axes[0], contexts):
         for key, a in sorted(rows.items()):
@@ -663,8 +702,9 @@ def cmd_plot(args) -> None:
             fam = family(key[2])
             color = colors.setdefault(fam, f"C{len(colors)}")
             ort_row = key[2].startswith("ort:")
-            ax.scatter(a["kept"] / a["visible"], d, s=28, color=color if ort_row else "none",
-                       edgecolors=color, label=fam if ort_row else None)
+            x = a["kept"] / a["visible"]
+            ax.scatter(x, d, s=28, color=color if ort_row else "none", edgecolors=color, label=fam)
+            ax.annotate(short_label(key[2]), (x, d), fontsize=5.5, xytext=(3, 2), textcoords="offset points")
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_title(f"SmolLM2-135M, KJV, context {ctx}", fontsize=9)
         ax.set_xlabel("density (kept / visible blocks)", fontsize=8)
@@ -674,7 +714,11 @@ def cmd_plot(args) -> None:
     for ax in axes[0]:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
-    axes[0][0].legend(handles.values(), handles.keys(), fontsize=7, loc="upper right")
+    from matplotlib.lines import Line2D
+
+    handles["filled: ONNX Runtime path"] = Line2D([], [], marker="o", ls="", color="k")
+    handles["hollow: torch research path (3-4 windows)"] = Line2D([], [], marker="o", ls="", color="k", mfc="none")
+    axes[0][-1].legend(handles.values(), handles.keys(), fontsize=6, loc="best")
     fig.tight_layout()
     fig.savefig(args.to, dpi=80)
     print(f"wrote {args.to}")
@@ -699,6 +743,8 @@ def main(argv=None) -> int:
     ort.add_argument("--reuse-torch", action="store_true",
                      help="take windows the torch path (`ppl`) already measured instead of rerunning them")
     for p in (ort, pk):
+        p.add_argument("--asa-model", nargs="*", metavar="NAME=PATH",
+                       help="models with ASA nodes already (calibrated), evaluated as setting file:NAME")
         p.add_argument("--exporter", default="dynamo23")
         p.add_argument("--model", default=None, help="an existing SmolLM2 ONNX export (default: graphs cache)")
     sub.add_parser("table")
