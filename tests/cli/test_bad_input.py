@@ -171,3 +171,96 @@ def test_check_and_inspect_report_bad_models_cleanly(workdir):
     assert_clean_failure(result, workdir, before, inputs, "no such file")
     result = run_cli("inspect", bad)
     assert_clean_failure(result, workdir, before, inputs, "bad.onnx")
+
+
+# ------------------------------------------------------------- engine output (issue 4)
+# These reach the engine path, so they need TensorRT-RTX's Python bindings (the default
+# `tensorrt` backend is never importable here: test_engine_output_is_refused_with_what_works).
+
+def _rtx_ready() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt_rtx_bindings") is not None
+
+
+needs_rtx = pytest.mark.skipif(not _rtx_ready(), reason="needs `pip install "
+                               "tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings`")
+
+
+@pytest.fixture
+def rtx_env(monkeypatch):
+    """LD_LIBRARY_PATH with TensorRT-RTX's loader link, as the engine path requires."""
+    from asa_export.runtime.tensorrt import rtx_loader_dir
+
+    monkeypatch.setenv("LD_LIBRARY_PATH",
+                       f"{rtx_loader_dir()}:{os.environ.get('LD_LIBRARY_PATH', '')}")
+
+
+def engine_cli(model, out, library, *extra):
+    return run_cli(model, "--out", out, "--backend", "tensorrt-rtx", "--target", "SM89",
+                   "--plugin-library", library, *extra)
+
+
+def attention_model(path, **kwargs) -> str:
+    import onnx
+
+    from tests.passes.attention_graphs import build
+
+    onnx.save(build(**kwargs), path)
+    return os.fspath(path)
+
+
+@needs_rtx
+@pytest.mark.parametrize("kind", ["not_elf", "no_getcreators", "no_creators"])
+def test_engine_with_a_plugin_library_of_the_wrong_abi(workdir, tmp_path_factory, rtx_env, kind):
+    from tests.runtime.test_tensorrt_bad_input import fake_plugin_libraries
+
+    libraries = fake_plugin_libraries(tmp_path_factory.mktemp("libs"))
+    if kind not in libraries:
+        pytest.skip("needs a C compiler")
+    model = attention_model(workdir / "m.onnx")
+    before, inputs = snapshot(workdir, model)
+    result = engine_cli(model, workdir / "e.plan", libraries[kind], "--max-seq", "64")
+    expect = "is not a shared library" if kind == "not_elf" else "could not load the plugin library"
+    assert_clean_failure(result, workdir, before, inputs, expect)
+    assert libraries[kind] in result.stderr
+
+
+@needs_rtx
+@pytest.mark.parametrize("shapes, expect", [
+    (["--min-shapes", "q:1x4x8x16,k:1x2x8x16,v:1x2x8x16,attention_mask:1x8",
+      "--opt-shapes", "q:1x4x128x16,k:1x2x128x16,v:1x2x128x16,attention_mask:1x128",
+      "--max-shapes", "q:1x4x64x16,k:1x2x64x16,v:1x2x64x16,attention_mask:1x64"],
+     "need min <= opt <= max, got 8, 128, 64"),
+    (["--max-seq", "64"], "fixes its sequence length at 128"),
+])
+def test_engine_with_shapes_outside_what_the_model_allows(workdir, tmp_path_factory, rtx_env,
+                                                          shapes, expect):
+    from tests.runtime.test_tensorrt_bad_input import fake_plugin_libraries, static_model
+
+    library = fake_plugin_libraries(tmp_path_factory.mktemp("libs")).get("no_creators")
+    if library is None:
+        pytest.skip("needs a C compiler")
+    if "--max-seq" in shapes:
+        import onnx
+
+        model = os.fspath(workdir / "static.onnx")
+        onnx.save(static_model(128), model)
+    else:
+        model = attention_model(workdir / "m.onnx")
+    before, inputs = snapshot(workdir, model)
+    result = engine_cli(model, workdir / "e.plan", library, *shapes)
+    assert_clean_failure(result, workdir, before, inputs, expect)
+
+
+@needs_rtx
+def test_engine_from_a_model_without_attention(workdir, tmp_path_factory, rtx_env):
+    from tests.runtime.test_tensorrt_bad_input import fake_plugin_libraries
+
+    library = fake_plugin_libraries(tmp_path_factory.mktemp("libs")).get("no_creators")
+    if library is None:
+        pytest.skip("needs a C compiler")
+    model = mlp_model(workdir / "mlp.onnx")
+    before, inputs = snapshot(workdir, model)
+    result = engine_cli(model, workdir / "e.plan", library, "--max-seq", "64")
+    assert_clean_failure(result, workdir, before, inputs, "no attention site found")
