@@ -527,11 +527,15 @@ int choose_splits(const AsaParams& p) {
   return max(splits, 1);
 }
 
+cudaError_t launch_mma_kernels(const AsaParams& p, const Workspace& ws, cudaStream_t stream) {
+  return p.dtype == ASA_FLOAT16 ? launch_mma_dtype<__half>(p, ws, stream)
+                                : launch_mma_dtype<__nv_bfloat16>(p, ws, stream);
+}
+
 cudaError_t launch_attention(const AsaParams& p, const Workspace& ws, cudaStream_t stream) {
   if (!mma_path_supported(p)) return launch_simple(p, ws, stream);
   if (wgmma_path_supported(p, ws)) return launch_wgmma(p, ws, stream);
-  return p.dtype == ASA_FLOAT16 ? launch_mma_dtype<__half>(p, ws, stream)
-                                : launch_mma_dtype<__nv_bfloat16>(p, ws, stream);
+  return launch_mma_kernels(p, ws, stream);
 }
 
 }  // namespace cuda

@@ -1,28 +1,30 @@
-// Block-sparse flash attention forward for Hopper (sm_90a): wgmma tensor-core instructions with
-// operands in 128-byte-swizzled shared memory, SPEC.md "Attention". The fast path only:
-// fp16/bf16, D = Dv in {64, 128}, block_size 128, prefill (Sq > 16), no key padding mask, bias
-// or softcap; attention_mma.cu's kernels handle everything else (and every non-Hopper GPU).
+// Block-sparse flash attention forward for Hopper (sm_90a): TMA loads and wgmma tensor-core
+// instructions with operands in 128-byte-swizzled shared memory, SPEC.md "Attention". The fast
+// path only: fp16/bf16, D = Dv in {64, 128}, block_size 128, prefill (Sq > 16), no key padding
+// mask, bias or softcap; attention_mma.cu's kernels handle everything else (and every
+// non-Hopper GPU).
 //
-// One CTA = 2 warpgroups (256 threads) = the 128 query rows of one router query block of one
-// (batch, query head); warpgroup w owns rows [64 w, 64 w + 64). The CTA walks the kept key blocks
-// of its list (ws.block_indices), one 128-key tile per block:
+// One CTA = the 128 query rows of one router query block of one (batch, query head), 3
+// warpgroups (FA3 layout): a producer (one thread issuing cp.async.bulk.tensor copies of Q and
+// of each kept K/V block into a 2-stage ring, mbarrier-tracked) and two consumers of 64 rows
+// each, which walk the same kept-block list (ws.block_indices), one 128-key tile per block:
 //   S = Q K^T     wgmma m64n128k16, A = Q and B = K both K-major in shared memory
 //   online softmax on the S accumulators in registers (log2 domain, exp2)
 //   O += P V      wgmma m64nDk16, A = P from registers, B = V "N-major" (transposed) in smem
-// K/V tiles are double-buffered with cp.async (all 256 threads load, 16-byte chunks written to
-// their swizzled place), so the load of tile t + 1 overlaps the math of tile t. Raw PTX rather
-// than CuTe: no third-party headers to fetch at build time, and the kernel needs only two
-// descriptor shapes.
+// Raw PTX rather than CuTe/CUTLASS: no third-party headers to fetch at build time (the GPU
+// machine has no network), and the kernel needs two descriptor shapes and four PTX idioms.
 //
 // Shared-memory layout of a [128 rows][D] tile: D / 64 "atoms" of [128 rows][64 elements] (128
-// bytes a row); 16-byte chunk c of row r sits at chunk (c ^ (r % 8)) of that row (the 128B
-// swizzle wgmma expects; atoms are 1024-byte aligned). Descriptors (PTX ISA "Matrix
-// Descriptor"): K-major operand: start, SBO = 1024 (8 rows), one k16 step = +32 bytes inside the
-// atom, the next 64 columns = the next atom. V as N-major B operand: LBO = 16384 (next 64
-// columns = next atom), SBO = 1024 (next 8 keys), one k16 step (16 keys) = +2048 bytes.
+// bytes a row), each one TMA box; 16-byte chunk c of row r sits at chunk (c ^ (r % 8)) of that
+// row (CU_TENSOR_MAP_SWIZZLE_128B = the 128B swizzle wgmma expects; atoms 1024-byte aligned).
+// Descriptors (PTX ISA "Matrix Descriptor"): K-major operand: SBO = 1024 (8 rows), one k16
+// step = +32 bytes inside the atom, the next 64 columns = the next atom. V as N-major B
+// operand: LBO = 16384 (next 64 columns = next atom), SBO = 1024 (next 8 keys), one k16 step
+// (16 keys) = +2048 bytes.
 #include "common.cuh"
 #include "kernels.h"
 
+#include <cuda.h>  // CUtensorMap (types only; the encoder comes from the runtime)
 #include <stdlib.h>
 
 #include <type_traits>
@@ -37,7 +39,6 @@ namespace {
 
 constexpr int kRows = 128;     // query rows per CTA (= the router block)
 constexpr int kKeys = 128;     // keys per tile (= the router block)
-constexpr int kThreads = 256;  // two warpgroups
 constexpr int kAtomBytes = kRows * 128;  // one [128][64] 16-bit atom
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -149,33 +150,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-// Copies rows [row0, row0 + 128) of a [S, D] tensor (row stride `stride` elements) into the
-// swizzled tile at shared address `dst`, zero-filling rows at or past `limit` (a NaN pattern
-// there would survive a zero probability).
-template <typename T, int D>
-__device__ __forceinline__ void load_tile(uint32_t dst, const T* src, int64_t stride, int row0,
-                                          int limit) {
-  constexpr int kChunks = D / 8;  // 16-byte chunks per row
-#pragma unroll
-  for (int c = threadIdx.x; c < kRows * kChunks; c += kThreads) {
-    const int r = c / kChunks, cc = c % kChunks;
-    const bool ok = row0 + r < limit;
-    const T* s = ok ? src + static_cast<int64_t>(row0 + r) * stride + cc * 8 : src;
-    const uint32_t off = (cc / 8) * kAtomBytes + r * 128 + (((cc % 8) ^ (r % 8)) << 4);
-    cp_async16(dst + off, s, ok ? 16 : 0);
-  }
-}
-
 enum TileKind { kSkip = 0, kFull = 1, kPartial = 2 };
 
 // Classifies key tile [j0, j0 + 128) for query positions [pos_lo, pos_hi] (no padding mask,
@@ -208,26 +182,75 @@ __device__ __forceinline__ int next_tile(const AsaParams& p, const int32_t* list
   return end;
 }
 
+#ifdef ASA_WGMMA_DEVICE
+// mbarrier and bulk-tensor-copy (TMA) primitives, PTX ISA "mbarrier" and "cp.async.bulk.tensor".
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nWAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_%=;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+// One [128 rows][64 columns] box of a 4-D tensor map (D, S, H, B) into a swizzled atom.
+__device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, int c0, int row,
+                                         int head, int batch, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, "
+      "{%2, %3, %4, %5}], [%6];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(row), "r"(head), "r"(batch), "r"(bar)
+      : "memory");
+}
+#endif  // ASA_WGMMA_DEVICE
+
+constexpr int kStages = 2;  // K/V pipeline depth (D = 128: Q 32 KB + 2 x 64 KB)
+
+// Tensor maps of Q, K and V (4-D: D, S, H, B; 128-row x 64-column boxes, 128B swizzle).
+struct Maps {
+  CUtensorMap q, k, v;
+};
+
+// Warp-specialized CTA of 3 warpgroups: warpgroup 0 is the producer (one thread issues the TMA
+// loads of Q and of each kept K/V tile into a kStages-deep ring, gated by "empty" mbarriers),
+// warpgroups 1 and 2 are consumers of 64 query rows each (wait on the "full" mbarriers, wgmma,
+// softmax, wgmma, then release the stage). setmaxnreg moves registers from the producer (24)
+// to the consumers (240), which hold S and O accumulators (128 fp32) plus P.
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 1) attn_wgmma_kernel(AsaParams p, Workspace ws) {
+__global__ void __launch_bounds__(384, 1)
+    attn_wgmma_kernel(AsaParams p, Workspace ws, const __grid_constant__ Maps maps) {
 #ifdef ASA_WGMMA_DEVICE
   constexpr int kTileBytes = (D / 64) * kAtomBytes;
   extern __shared__ unsigned char smem_raw[];
+  // mbarriers: q_full, k_full[kStages], v_full[kStages], empty[kStages].
+  __shared__ __align__(8) uint64_t bars[1 + 3 * kStages];
   // 1024-byte alignment for the 128B swizzle (the launch asks for 1 KB of slack).
   const uint32_t base = (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023) & ~1023u;
   const uint32_t sq = base;
-  const uint32_t sk = sq + kTileBytes;      // [2] stages
-  const uint32_t sv = sk + 2 * kTileBytes;  // [2] stages
+  const uint32_t sk = sq + kTileBytes;             // [kStages]
+  const uint32_t sv = sk + kStages * kTileBytes;  // [kStages]
+  const uint32_t bar0 = static_cast<uint32_t>(__cvta_generic_to_shared(bars));
+  const uint32_t q_full = bar0;
+  auto k_full = [&](int st) { return bar0 + 8 * (1 + st); };
+  auto v_full = [&](int st) { return bar0 + 8 * (1 + kStages + st); };
+  auto empty = [&](int st) { return bar0 + 8 * (1 + 2 * kStages + st); };
 
   // Heaviest causal query blocks first: the tail of the grid is made of short CTAs.
   const int qb = gridDim.x - 1 - blockIdx.x;
   const int h = blockIdx.y, n = blockIdx.z;
   const int wg = threadIdx.x / 128;
-  const int warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
-  const int g = lane / 4, tq = lane % 4;
-  const int q0 = qb * kRows;
   const int G = p.heads_q / p.heads_kv;
   const int hkv = h / G;
+  const int q0 = qb * kRows;
   const int nq = cdiv(p.seq_q, kRows), nk = cdiv(p.seq_kv, kKeys);
   const int hsel = p.select_per ? hkv : h;
   const int hsel_count = p.select_per ? p.heads_kv : p.heads_q;
@@ -237,52 +260,84 @@ __global__ void __launch_bounds__(kThreads, 1) attn_wgmma_kernel(AsaParams p, Wo
   const int shift = p.seq_kv - p.seq_q;
   const int pos_lo = q0 + shift, pos_hi = min(q0 + kRows, p.seq_q) - 1 + shift;
 
-  const T* qg = static_cast<const T*>(p.q) + n * p.q_stride_b + h * p.q_stride_h;
-  const T* kg = static_cast<const T*>(p.k) + n * p.k_stride_b + hkv * p.k_stride_h;
-  const T* vg = static_cast<const T*>(p.v) + n * p.v_stride_b + hkv * p.v_stride_h;
-
-  load_tile<T, D>(sq, qg, p.q_stride_s, q0, p.seq_q);
-  int kind = kSkip, j0 = 0;
-  int t = next_tile(p, list, 0, count, pos_lo, pos_hi, &kind, &j0);
-  if (t < count) {
-    load_tile<T, D>(sk, kg, p.k_stride_s, j0, p.seq_kv);
-    load_tile<T, D>(sv, vg, p.v_stride_s, j0, p.seq_kv);
+  if (threadIdx.x == 0) {
+    mbar_init(q_full, 1);
+    for (int st = 0; st < kStages; ++st) {
+      mbar_init(k_full(st), 1);
+      mbar_init(v_full(st), 1);
+      mbar_init(empty(st), 8);  // one arrival per consumer warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  cp_async_commit();
+  __syncthreads();
 
-  float o[D / 2];  // D / 8 column groups x 4
+  if (wg == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
+    if (threadIdx.x == 0) {
+      int kind = kSkip, j0 = 0, st = 0;
+      uint32_t phase = 0;
+      int t = next_tile(p, list, 0, count, pos_lo, pos_hi, &kind, &j0);
+      // Q only when there is a tile: the consumers wait for it only then, and no copy may be
+      // in flight when the CTA exits.
+      if (t < count) {
+        mbar_expect_tx(q_full, kTileBytes);
+#pragma unroll
+        for (int a = 0; a < D / 64; ++a) {
+          tma_load(sq + a * kAtomBytes, &maps.q, a * 64, q0, h, n, q_full);
+        }
+      }
+      for (; t < count; t = next_tile(p, list, t + 1, count, pos_lo, pos_hi, &kind, &j0)) {
+        mbar_wait(empty(st), phase ^ 1);  // a fresh barrier's "previous phase" is complete
+        mbar_expect_tx(k_full(st), kTileBytes);
+#pragma unroll
+        for (int a = 0; a < D / 64; ++a) {
+          tma_load(sk + st * kTileBytes + a * kAtomBytes, &maps.k, a * 64, j0, hkv, n, k_full(st));
+        }
+        mbar_expect_tx(v_full(st), kTileBytes);
+#pragma unroll
+        for (int a = 0; a < D / 64; ++a) {
+          tma_load(sv + st * kTileBytes + a * kAtomBytes, &maps.v, a * 64, j0, hkv, n, v_full(st));
+        }
+        if (++st == kStages) {
+          st = 0;
+          phase ^= 1;
+        }
+      }
+    }
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n");
+
+  const int cw = wg - 1;  // consumer warpgroup: rows [64 cw, 64 cw + 64)
+  const int warp = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, tq = lane % 4;
+  const int rho0 = cw * 64 + warp * 16 + g;  // rows of this thread: rho0 (e < 2), rho0 + 8
+  float o[D / 2];                             // D / 8 column groups x 4
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   const float scale_log2 = p.scale * kLog2e;
-  // Rows of this thread's accumulator elements: e < 2 -> rho0, else rho0 + 8.
-  const int rho0 = wg * 64 + warp * 16 + g;
-  int stage = 0;
 
+  int kind = kSkip, j0 = 0, st = 0;
+  uint32_t phase = 0;
+  int t = next_tile(p, list, 0, count, pos_lo, pos_hi, &kind, &j0);
+  if (t < count) mbar_wait(q_full, 0);
   while (t < count) {
-    int kind_n = kSkip, j0_n = 0;
-    const int tn = next_tile(p, list, t + 1, count, pos_lo, pos_hi, &kind_n, &j0_n);
-    if (tn < count) {
-      load_tile<T, D>(sk + (stage ^ 1) * kTileBytes, kg, p.k_stride_s, j0_n, p.seq_kv);
-      load_tile<T, D>(sv + (stage ^ 1) * kTileBytes, vg, p.v_stride_s, j0_n, p.seq_kv);
-    }
-    cp_async_commit();
-    cp_async_wait<1>();
-    // cp.async wrote through the generic proxy; wgmma reads through the async proxy.
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    __syncthreads();
-
-    const uint32_t kt = sk + stage * kTileBytes, vt = sv + stage * kTileBytes;
+    const uint32_t kt = sk + st * kTileBytes, vt = sv + st * kTileBytes;
     float s[kKeys / 2];
+    mbar_wait(k_full(st), phase);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       const uint32_t koff = (kk / 4) * kAtomBytes + (kk % 4) * 32;
-      const uint64_t da = make_desc(sq + koff + wg * 64 * 128, 16, 1024);
+      const uint64_t da = make_desc(sq + koff + cw * 64 * 128, 16, 1024);
       const uint64_t db = make_desc(kt + koff, 16, 1024);
       wgmma_ss_n128<T>(s, da, db, kk > 0);
     }
     wgmma_commit();
+    // The next tile's list entry loads while the tensor cores work.
+    int kind_n = kSkip, j0_n = 0;
+    const int tn = next_tile(p, list, t + 1, count, pos_lo, pos_hi, &kind_n, &j0_n);
     wgmma_wait0();
     fence_regs<kKeys / 2>(s);
 
@@ -332,6 +387,7 @@ __global__ void __launch_bounds__(kThreads, 1) attn_wgmma_kernel(AsaParams p, Wo
 #pragma unroll
       for (int e = 0; e < 4; ++e) pa[kk][e] = Types<T>::pack(s[8 * kk + 2 * e], s[8 * kk + 2 * e + 1]);
     }
+    mbar_wait(v_full(st), phase);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kKeys / 16; ++kk) {
@@ -340,13 +396,15 @@ __global__ void __launch_bounds__(kThreads, 1) attn_wgmma_kernel(AsaParams p, Wo
     wgmma_commit();
     wgmma_wait0();
     fence_regs<D / 2>(o);
-    __syncthreads();  // the next iteration's prefetch overwrites this stage
+    if (lane == 0) mbar_arrive(empty(st));  // this warp is done with the stage
+    if (++st == kStages) {
+      st = 0;
+      phase ^= 1;
+    }
     t = tn;
     kind = kind_n;
     j0 = j0_n;
-    stage ^= 1;
   }
-  cp_async_wait<0>();
 
 #pragma unroll
   for (int rr = 0; rr < 2; ++rr) {
@@ -368,7 +426,7 @@ __global__ void __launch_bounds__(kThreads, 1) attn_wgmma_kernel(AsaParams p, Wo
 
 template <typename T, int D>
 constexpr size_t smem_bytes() {
-  return static_cast<size_t>(5) * (D / 64) * kAtomBytes + 1024;  // Q + 2 K + 2 V + alignment
+  return static_cast<size_t>(1 + 2 * kStages) * (D / 64) * kAtomBytes + 1024;  // + alignment
 }
 
 // Whether the wgmma kernel's sm_90a machine code is in the library and runs on this device
@@ -389,15 +447,67 @@ bool kernel_runs_here() {
   return state == 1;
 }
 
+using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
+                                 const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
+                                 const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                 CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// cuTensorMapEncodeTiled through the runtime's driver entry point (no link against libcuda).
+EncodeTiled encode_fn() {
+  static EncodeTiled fn = nullptr;
+  static bool tried = false;
+  if (!tried) {
+    tried = true;
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult res{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000,
+                                         cudaEnableDefault, &res) == cudaSuccess &&
+        res == cudaDriverEntryPointSuccess) {
+      fn = reinterpret_cast<EncodeTiled>(ptr);
+    }
+    cudaGetLastError();
+  }
+  return fn;
+}
+
+// 4-D map (D, S, H, B) of a [B, H, S, D] tensor with element strides (b, h, s), unit stride
+// in D, 128-row x 64-column boxes with the 128B swizzle; rows past S read as zeros.
+bool make_map(CUtensorMap* map, AsaDType dtype, const void* ptr, int d, int s, int heads,
+              int batch, int64_t sb, int64_t sh, int64_t ss) {
+  const EncodeTiled fn = encode_fn();
+  if (fn == nullptr) return false;
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(d), static_cast<cuuint64_t>(s),
+                              static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(batch)};
+  const cuuint64_t strides[3] = {static_cast<cuuint64_t>(ss) * 2, static_cast<cuuint64_t>(sh) * 2,
+                                 static_cast<cuuint64_t>(sb) * 2};
+  const cuuint32_t box[4] = {64, 128, 1, 1};
+  const cuuint32_t unit[4] = {1, 1, 1, 1};
+  const CUtensorMapDataType type = dtype == ASA_FLOAT16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+                                                        : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  return fn(map, type, 4, const_cast<void*>(ptr), dims, strides, box, unit,
+            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+bool make_maps(const AsaParams& p, Maps* maps) {
+  return make_map(&maps->q, p.dtype, p.q, p.head_dim, p.seq_q, p.heads_q, p.batch, p.q_stride_b,
+                  p.q_stride_h, p.q_stride_s) &&
+         make_map(&maps->k, p.dtype, p.k, p.head_dim, p.seq_kv, p.heads_kv, p.batch,
+                  p.k_stride_b, p.k_stride_h, p.k_stride_s) &&
+         make_map(&maps->v, p.dtype, p.v, p.head_dim_v, p.seq_kv, p.heads_kv, p.batch,
+                  p.v_stride_b, p.v_stride_h, p.v_stride_s);
+}
+
 template <typename T, int D>
-cudaError_t launch(const AsaParams& p, const Workspace& ws, cudaStream_t stream) {
+cudaError_t launch(const AsaParams& p, const Workspace& ws, const Maps& maps,
+                   cudaStream_t stream) {
   constexpr size_t smem = smem_bytes<T, D>();
   cudaError_t err = cudaFuncSetAttribute(attn_wgmma_kernel<T, D>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   const dim3 grid(cdiv(p.seq_q, kRows), p.heads_q, p.batch);
-  attn_wgmma_kernel<T, D><<<grid, kThreads, smem, stream>>>(p, ws);
+  attn_wgmma_kernel<T, D><<<grid, 384, smem, stream>>>(p, ws, maps);
   return cudaGetLastError();
 }
 
@@ -425,12 +535,15 @@ bool wgmma_path_supported(const AsaParams& p, const Workspace& ws) {
 }
 
 cudaError_t launch_wgmma(const AsaParams& p, const Workspace& ws, cudaStream_t stream) {
+  Maps maps;
+  // Tensor maps the driver rejects (unusual strides): the mma.sync kernel instead.
+  if (!make_maps(p, &maps)) return launch_mma_kernels(p, ws, stream);
   if (p.dtype == ASA_FLOAT16) {
-    return p.head_dim == 64 ? launch<__half, 64>(p, ws, stream)
-                            : launch<__half, 128>(p, ws, stream);
+    return p.head_dim == 64 ? launch<__half, 64>(p, ws, maps, stream)
+                            : launch<__half, 128>(p, ws, maps, stream);
   }
-  return p.head_dim == 64 ? launch<__nv_bfloat16, 64>(p, ws, stream)
-                          : launch<__nv_bfloat16, 128>(p, ws, stream);
+  return p.head_dim == 64 ? launch<__nv_bfloat16, 64>(p, ws, maps, stream)
+                          : launch<__nv_bfloat16, 128>(p, ws, maps, stream);
 }
 
 }  // namespace cuda

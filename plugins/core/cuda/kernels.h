@@ -25,8 +25,12 @@ bool mma_path_supported(const AsaParams& p);
 // bias / softcap, sm_90a code present and a compute capability 9.x GPU, ASA_CUDA_WGMMA != 0.
 bool wgmma_path_supported(const AsaParams& p, const Workspace& ws);
 
-// Launches the wgmma kernel (only when wgmma_path_supported).
+// Launches the wgmma kernel (only when wgmma_path_supported; falls back to the mma.sync
+// kernels when the driver rejects a tensor map).
 cudaError_t launch_wgmma(const AsaParams& p, const Workspace& ws, cudaStream_t stream);
+
+// The mma.sync kernels (attention_mma.cu) for params that mma_path_supported accepts.
+cudaError_t launch_mma_kernels(const AsaParams& p, const Workspace& ws, cudaStream_t stream);
 
 // Scratch of the learned gate (SPEC.md "Router (learned gate)"), carved out of the workspace by
 // layout_workspace only when the params carry gate weights; all float32.
