@@ -49,8 +49,9 @@ INSTALL_HINT = {
     "tensorrt": "pip install 'tensorrt>=10.12' on a machine with an NVIDIA GPU and driver",
     "tensorrt-rtx": "pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings",
 }
-# Plugin-only fields (plugins/tensorrt/asa_trt_plugin.h Config): which optional inputs are wired.
-_OPTIONAL_BITS = {3: 1, 4: 2, 5: 4}
+# Plugin-only fields (plugins/tensorrt/asa_trt_plugin.h Config): which optional inputs are wired,
+# bit s - 3 for contract slot s (kHasMask ... kHasGateK).
+_OPTIONAL_BITS = {slot: 1 << (slot - 3) for slot in range(3, len(contract.INPUTS))}
 # Registry handles of loaded plugin libraries: a library is registered once per process and
 # stays registered (TensorRT keeps pointers to its creators).
 _LOADED: dict[tuple[str, str], object] = {}

@@ -65,7 +65,13 @@ std::string Config::validate() const {
   if (!(softcap >= 0.f) || !std::isfinite(softcap)) why << "softcap must be finite and >= 0; ";
   if (causal != 0 && causal != 1) why << "causal must be 0 or 1, got " << causal << "; ";
   if (select_per != 0 && select_per != 1) why << "select_per must be 0 or 1, got " << select_per << "; ";
-  if (optional_inputs < -1 || optional_inputs > 7) why << "optional_inputs must be -1 or a 3-bit mask; ";
+  if (optional_inputs < -1 || optional_inputs > kAllOptional) {
+    why << "optional_inputs must be -1 or a 5-bit mask, got " << optional_inputs << "; ";
+  } else if (optional_inputs >= 0 &&
+             ((optional_inputs & kHasGateQ) != 0) != ((optional_inputs & kHasGateK) != 0)) {
+    why << "optional_inputs wires only one of gate_q_weight / gate_k_weight (inputs 6 and 7 "
+           "come together); ";
+  }
   if (telemetry_outputs < 0 || telemetry_outputs > 3) why << "telemetry_outputs must be 0..3; ";
   return why.str();
 }

@@ -23,14 +23,18 @@ using nvinfer1::Dims;
 
 constexpr int32_t kFirstOptional = kMask;
 
-int32_t popcount3(int32_t bits) { return (bits & 1) + ((bits >> 1) & 1) + ((bits >> 2) & 1); }
+int32_t popcount(int32_t bits) {
+  int32_t n = 0;
+  for (; bits > 0; bits >>= 1) n += bits & 1;
+  return n;
+}
 
 // Input index of each contract slot (-1 = absent); false when nbInputs cannot match `optional`.
 bool compute_slots(int32_t optional, int32_t nbInputs, int32_t slots[kNumSlots]) {
   if (nbInputs < 3 || nbInputs > kNumSlots) return false;
   int32_t bits = optional;
   if (bits < 0) bits = (1 << (nbInputs - 3)) - 1;  // present inputs fill the first slots
-  if (3 + popcount3(bits) != nbInputs) return false;
+  if (3 + popcount(bits) != nbInputs) return false;
   int32_t next = 0;
   for (int32_t s = 0; s < kNumSlots; ++s) {
     const bool present = s < kFirstOptional || (bits >> (s - kFirstOptional)) & 1;
@@ -42,7 +46,7 @@ bool compute_slots(int32_t optional, int32_t nbInputs, int32_t slots[kNumSlots])
 std::string slot_error(int32_t optional, int32_t nbInputs) {
   std::ostringstream why;
   why << "the node has " << nbInputs << " inputs but optional_inputs=" << optional
-      << " asks for " << (optional < 0 ? -1 : 3 + popcount3(optional))
+      << " asks for " << (optional < 0 ? -1 : 3 + popcount(optional))
       << " (query, key, value + present optional inputs, no empty names)";
   return why.str();
 }
@@ -78,6 +82,14 @@ bool differ(int64_t a, int64_t b) { return a >= 0 && b >= 0 && a != b; }
 
 // Stand-in pointer for workspace queries: the core checks pointers are set, never reads them.
 void* placeholder() { return reinterpret_cast<void*>(static_cast<uintptr_t>(256)); }
+
+std::string dims_text(const Dims& d) {
+  std::ostringstream t;
+  t << "[";
+  for (int32_t i = 0; i < d.nbDims; ++i) t << (i ? ", " : "") << d.d[i];
+  t << "]";
+  return t.str();
+}
 
 }  // namespace
 
@@ -184,7 +196,10 @@ bool AsaPlugin::supportsFormatCombination(int32_t pos, const nvinfer1::DynamicPl
     if (pos >= nbInputs) return pos == nbInputs ? desc.type == t : desc.type == DataType::kINT32;
     if (pos == slot(kQuery)) return is_float_type(desc.type);
     if (pos == slot(kMask)) return to_asa_mask(desc.type) != ASA_MASK_NONE;
-    if (pos == slot(kThresholds)) return desc.type == DataType::kFLOAT;
+    // head_thresholds and the learned gate are float32 whatever the attention type.
+    if (pos == slot(kThresholds) || pos == slot(kGateQ) || pos == slot(kGateK)) {
+      return desc.type == DataType::kFLOAT;
+    }
     return desc.type == t;  // key, value, bias share the query's type
   } catch (const std::exception& e) {
     log_error(name_ + ": " + e.what());
@@ -214,6 +229,24 @@ std::string AsaPlugin::check_shapes(const Dims* in, int32_t nbInputs) const {
   if (slot(kThresholds) >= 0) {
     const Dims& h = in[slot(kThresholds)];
     if (h.nbDims != 1 || differ(h.d[0], q.d[1])) return "head_thresholds must be [Hq]";
+  }
+  return check_gate_shapes(in);
+}
+
+std::string AsaPlugin::check_gate_shapes(const Dims* in) const {
+  if ((slot(kGateQ) >= 0) != (slot(kGateK) >= 0)) {
+    return "gate_q_weight and gate_k_weight (inputs 6 and 7) come together";
+  }
+  if (slot(kGateQ) < 0) return "";
+  const Dims &q = in[slot(kQuery)], &k = in[slot(kKey)];
+  const Dims &wq = in[slot(kGateQ)], &wk = in[slot(kGateK)];
+  if (wq.nbDims != 3 || differ(wq.d[0], q.d[1]) || differ(wq.d[1], q.d[3]) ||
+      (wq.d[2] >= 0 && wq.d[2] < 1)) {
+    return "gate_q_weight must be [Hq, D, Dg], got " + dims_text(wq);
+  }
+  if (wk.nbDims != 3 || differ(wk.d[0], k.d[1]) ||
+      (k.d[3] >= 0 && differ(wk.d[1], 3 * k.d[3])) || differ(wk.d[2], wq.d[2])) {
+    return "gate_k_weight must be [Hkv, 3*D, Dg] (Dg of gate_q_weight), got " + dims_text(wk);
   }
   return "";
 }
@@ -263,6 +296,7 @@ AsaParams AsaPlugin::make_params(const Dims* in, DataType type, DataType maskTyp
       *strides[a] = (i < 0 || b.d[i] == 1) ? 0 : dense[i];
     }
   }
+  if (slot(kGateQ) >= 0) p.gate_dim = static_cast<int32_t>(in[slot(kGateQ)].d[2]);
   p.scale = config_.scale > 0.f ? config_.scale : 1.f / std::sqrt(static_cast<float>(p.head_dim));
   p.causal = config_.causal;
   p.block_size = config_.block_size;
@@ -280,6 +314,9 @@ size_t AsaPlugin::workspace_for(const Dims* in, DataType type, DataType maskType
   p.q = p.k = p.v = placeholder();
   p.out = placeholder();
   if (p.mask_dtype != ASA_MASK_NONE) p.key_padding_mask = placeholder();
+  if (slot(kGateQ) >= 0) {  // the gate's scratch is part of the workspace
+    p.gate_q_weight = p.gate_k_weight = static_cast<const float*>(placeholder());
+  }
   return asa_cuda_workspace_size(&p);
 }
 
@@ -353,6 +390,10 @@ int32_t AsaPlugin::enqueue(const nvinfer1::PluginTensorDesc* inputDesc,
     if (slot(kMask) >= 0) p.key_padding_mask = inputs[slot(kMask)];
     if (slot(kBias) >= 0) p.bias = inputs[slot(kBias)];
     if (slot(kThresholds) >= 0) p.head_thresholds = static_cast<const float*>(inputs[slot(kThresholds)]);
+    if (slot(kGateQ) >= 0) {
+      p.gate_q_weight = static_cast<const float*>(inputs[slot(kGateQ)]);
+      p.gate_k_weight = static_cast<const float*>(inputs[slot(kGateK)]);
+    }
     const int32_t nbOutputs = getNbOutputs();
     if (nbOutputs > 1) p.block_indices = static_cast<int32_t*>(outputs[1]);
     if (nbOutputs > 2) p.block_counts = static_cast<int32_t*>(outputs[2]);

@@ -23,9 +23,10 @@ constexpr char kPluginVersion[] = "1";
 constexpr char kPluginNamespace[] = "asa";
 
 // Contract input slots (SPEC.md "Inputs").
-enum Slot { kQuery = 0, kKey, kValue, kMask, kBias, kThresholds, kNumSlots };
-// Bits of Config::optional_inputs, one per optional slot.
-constexpr int32_t kHasMask = 1, kHasBias = 2, kHasThresholds = 4;
+enum Slot { kQuery = 0, kKey, kValue, kMask, kBias, kThresholds, kGateQ, kGateK, kNumSlots };
+// Bits of Config::optional_inputs, one per optional slot (bit s - 3 for slot s).
+constexpr int32_t kHasMask = 1, kHasBias = 2, kHasThresholds = 4, kHasGateQ = 8, kHasGateK = 16;
+constexpr int32_t kAllOptional = 31;
 
 // Every field the plugin serializes: the contract attributes plus two plugin-only fields that
 // tell which optional tensors are wired (TensorRT drops empty ONNX inputs and outputs).
@@ -108,6 +109,8 @@ class AsaPlugin : public nvinfer1::IPluginV3,
   void resolve_slots(int32_t nbInputs);
   // Checks ranks and sizes; returns "" or the reason.
   std::string check_shapes(const nvinfer1::Dims* in, int32_t nbInputs) const;
+  // The learned gate's part of check_shapes (SPEC.md inputs 6-7).
+  std::string check_gate_shapes(const nvinfer1::Dims* in) const;
   // Fills sizes, attributes and strides of `p` from input dims (pointers are left null).
   AsaParams make_params(const nvinfer1::Dims* in, nvinfer1::DataType type,
                         nvinfer1::DataType maskType) const;

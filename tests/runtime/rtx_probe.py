@@ -37,8 +37,10 @@ def rewritten(work: Path) -> Path:
     return path
 
 
-def single_node(work: Path, name: str, inputs: list[str], outputs: list[str], **attrs) -> Path:
-    """A model of one hand-written ASA node: q [B,4,S,16], k/v [B,2,S,16], bias [1,4,S,S]."""
+def single_node(work: Path, name: str, inputs: list[str], outputs: list[str],
+                initializers=(), **attrs) -> Path:
+    """A model of one hand-written ASA node: q [B,4,S,16], k/v [B,2,S,16], bias [1,4,S,S];
+    `initializers` are constant inputs (TensorProtos, e.g. the learned gate's weights)."""
     values = contract.AsaAttributes(causal=True, threshold=0.9).as_onnx_attributes()
     values.update(attrs)
     node = helper.make_node(contract.OP_TYPE, inputs, outputs, name="asa0",
@@ -49,9 +51,12 @@ def single_node(work: Path, name: str, inputs: list[str], outputs: list[str], **
               "bias": [1, 4, "S", "S"]}
     out_types = {"out": (f, ["B", 4, "S", 16]), "idx": (i32, None), "cnt": (i32, None),
                  "vis": (i32, None)}
+    constant = {t.name for t in initializers}
     graph = helper.make_graph(
-        [node], "g", [helper.make_tensor_value_info(n, f, shapes[n]) for n in inputs if n],
-        [helper.make_tensor_value_info(n, *out_types[n]) for n in outputs if n])
+        [node], "g",
+        [helper.make_tensor_value_info(n, f, shapes[n]) for n in inputs if n and n not in constant],
+        [helper.make_tensor_value_info(n, *out_types[n]) for n in outputs if n],
+        initializer=list(initializers))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
                                                     helper.make_opsetid("asa", 1)])
     path = work / f"{name}.asa.onnx"
@@ -62,6 +67,17 @@ def single_node(work: Path, name: str, inputs: list[str], outputs: list[str], **
 def bias_without_mask(work: Path) -> Path:
     """An ASA node whose mask slot is empty and whose bias slot is set (a gap in the inputs)."""
     return single_node(work, "bias", ["q", "k", "v", "", "bias"], ["out"])
+
+
+def gated(work: Path, name: str, dg_k: int = 8) -> Path:
+    """One ASA node with the learned gate as constants: gate_q [4, 16, 8], gate_k [2, 48, dg_k]
+    (dg_k != 8 breaks the contract), after an empty mask / bias / thresholds gap."""
+    rng = np.random.default_rng(0)
+    weights = [helper.make_tensor("wq", TensorProto.FLOAT, [4, 16, 8],
+                                  rng.standard_normal(4 * 16 * 8).astype(np.float32)),
+               helper.make_tensor("wk", TensorProto.FLOAT, [2, 48, dg_k],
+                                  rng.standard_normal(2 * 48 * dg_k).astype(np.float32))]
+    return single_node(work, name, ["q", "k", "v", "", "", "", "wq", "wk"], ["out"], weights)
 
 
 def parse(trt, path: Path) -> dict:
@@ -139,6 +155,13 @@ def main() -> None:
         model, work, "badshape", precision="fp16", plugin_library=library,
         min_shapes={"q": (1, 4, 1, 16)}, opt_shapes={"q": (1, 4, 8, 16)},
         max_shapes={"q": (1, 4, 16, 8)})
+    gate = gated(work, "gate")
+    out["engine_copy_gate"] = parse(trt, engine_copy(gate, work, "fp16"))
+    for precision in ("fp32", "fp16"):
+        out[f"build_gate_{precision}"] = build_case(gate, work, f"gate_{precision}",
+                                                    precision=precision, plugin_library=library)
+    out["build_gate_bad_shape"] = build_case(gated(work, "gate_bad", dg_k=5), work, "gate_bad",
+                                             precision="fp32", plugin_library=library)
     out["library_bytes"] = library.stat().st_size
     print("\n" + json.dumps(out))  # last line; TensorRT's logger writes to stdout too
 

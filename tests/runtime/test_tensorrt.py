@@ -71,6 +71,39 @@ def test_engine_copy_closes_gaps_in_optional_inputs():
     assert asa.attributes["optional_inputs"].value == 4  # head_thresholds only
 
 
+def _gated_node_model(precision: str) -> ir.Model:
+    """One ASA node with the learned gate (constants) and head_thresholds, engine copy made."""
+    node = helper.make_node(contract.OP_TYPE, ["q", "k", "v", "", "", "tau", "wq", "wk"],
+                            ["out"], domain=contract.DOMAIN, name="asa0")
+    f = TensorProto.FLOAT
+    inputs = [helper.make_tensor_value_info(n, f, [1, 2, 8, 4]) for n in "qkv"]
+    inputs.append(helper.make_tensor_value_info("tau", f, [2]))
+    weights = [helper.make_tensor("wq", f, [2, 4, 3], [0.5] * 24),
+               helper.make_tensor("wk", f, [2, 12, 3], [0.25] * 72)]
+    graph = helper.make_graph([node], "g", inputs,
+                              [helper.make_tensor_value_info("out", f, [1, 2, 8, 4])],
+                              initializer=weights)
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[
+        helper.make_opsetid("", 18), helper.make_opsetid(contract.DOMAIN, 1)]))
+    art.prepare_for_engine(model, precision)
+    return model
+
+
+def test_engine_copy_wires_the_learned_gate():
+    """Inputs 6-7 follow the thresholds without gaps; optional_inputs has their bits (8, 16)."""
+    asa = art.asa_nodes(_gated_node_model("fp32"))[0]
+    assert [v.name for v in asa.inputs] == ["q", "k", "v", "tau", "wq", "wk"]
+    assert asa.attributes["optional_inputs"].value == 4 | 8 | 16
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_engine_copy_keeps_the_gate_in_float32(precision):
+    """SPEC: the gate weights are float32 whatever the attention precision (the plugin accepts
+    only kFLOAT there), like head_thresholds."""
+    asa = art.asa_nodes(_gated_node_model(precision))[0]
+    assert [v.dtype for v in asa.inputs[3:]] == [ir.DataType.FLOAT] * 3
+
+
 def test_model_without_asa_nodes_is_refused():
     model = ir.from_proto(build(mask="none"))
     with pytest.raises(AsaExportError, match="no AdaptiveSparseAttention nodes"):
@@ -217,6 +250,30 @@ def test_rtx_telemetry_outputs_have_contract_shapes(rtx):
     assert outputs["cnt"] == [[-1, 2, -1], "DataType.INT32"]
     assert outputs["vis"] == [[-1, -1], "DataType.INT32"]
     assert "error" not in rtx["build_telemetry"]
+
+
+def test_rtx_builds_the_learned_gate_fp32(rtx):
+    """Gate weights (constants) after an empty mask / bias / thresholds gap reach the plugin as
+    inputs 3-4; an SM89 engine builds with them."""
+    built = rtx["build_gate_fp32"]
+    assert "error" not in built, built.get("error")
+    assert built["has_field_collection"] and built["sidecar"]["asa_nodes"] == 1
+
+
+def test_rtx_keeps_the_gate_float32_in_fp16_engines(rtx):
+    """With fp16 attention the gate stays float32 (SPEC; the plugin accepts only kFLOAT there)
+    and the engine builds."""
+    parsed = rtx["engine_copy_gate"]
+    assert parsed["ok"], parsed["errors"]
+    assert parsed["plugin_input_types"] == [["DataType.HALF"] * 3 + ["DataType.FLOAT"] * 2]
+    built = rtx["build_gate_fp16"]
+    assert "error" not in built, built.get("error")
+
+
+def test_rtx_refuses_a_gate_of_the_wrong_shape(rtx):
+    """gate_k_weight [2, 48, 5] against gate_q_weight [4, 16, 8]: the build fails, no engine."""
+    bad = rtx["build_gate_bad_shape"]
+    assert "error" in bad and bad["written"] is False
 
 
 def test_rtx_invalid_attribute_is_rejected_by_the_creator(rtx):
