@@ -2,12 +2,18 @@
 
     feeds (generated: input names, dynamic dims, padding masks; several batch/seq/padding mixes)
       -> Polygraphy Comparator.run([OnnxrtRunner(rewritten), OnnxrtRunner(original),
-                                    OnnxrtRunner(original, graph optimizations off)])
+                                    OnnxrtRunner(original, graph optimizations off),
+                                    TrtRunner(engine)   (only where TensorRT is installed)])
       -> zero the query rows with no visible key in all (they differ by contract)
       -> Comparator.compare_accuracy(rewritten vs original; atol, rtol)  +  per-output statistics
       -> noise floor = max over outputs of |original - original unoptimized|  (fp32 reordering)
       -> verdict: every output within atol/rtol ("element-wise"), else every output's max abs
-         error <= NOISE_FACTOR x noise floor ("noise floor"), else failed
+         error <= NOISE_FACTOR x noise floor ("noise floor"), else failed; the engine's outputs
+         (vs the original) are judged by the same rule
+
+The engine runner is built (fp32, a profile spanning the feeds) or loaded (`engine=`) with the
+ASA plugin library registered. Where `tensorrt` cannot be imported (this CI machine: DESIGN.md
+"What can be run where") it is skipped and the result says so; it has never run here.
     rewritten copy whose ASA nodes also emit block_counts / visible_counts
       -> density per layer = sum(block_counts) / (sum(visible_counts) * Hsel)
 
@@ -103,6 +109,8 @@ class CheckResult:
             measured); noise_factor: the multiple of it an output's max abs error may reach.
         rule: which rule decided a pass, RULE_ELEMENTWISE or RULE_NOISE ("" when failed).
         runner_notes: runners that could not be added, with why (e.g. no TensorRT).
+        engine_outputs: per-output statistics of the TensorRT engine vs the original (empty
+            when no engine ran).
         iterations: the input sizes used, as dicts (batch, seq, past, pad).
         outputs: per-output error statistics.
         density: per-layer density (empty when the model has no ASA node).
@@ -117,6 +125,7 @@ class CheckResult:
     noise_factor: float = NOISE_FACTOR
     rule: str = ""
     runner_notes: list[str] = dataclasses.field(default_factory=list)
+    engine_outputs: list[OutputStats] = dataclasses.field(default_factory=list)
     iterations: list[dict] = dataclasses.field(default_factory=list)
     outputs: list[OutputStats] = dataclasses.field(default_factory=list)
     density: list[LayerDensity] = dataclasses.field(default_factory=list)
@@ -148,6 +157,9 @@ def check(
     density: bool = True,
     library: bool | str | None = None,
     noise: bool = True,
+    engine: str | os.PathLike | None = None,
+    plugin_library: str | os.PathLike | None = None,
+    tensorrt: bool = True,
 ) -> CheckResult:
     """Compare `rewritten` with `original` in ONNX Runtime (CPU) through Polygraphy.
 
@@ -168,12 +180,17 @@ def check(
         noise: also run the original with ONNX Runtime's graph optimizations off and report its
             own reordering noise; a model that misses the element-wise bar then passes if every
             output's max abs error is within NOISE_FACTOR x that noise floor.
+        engine: a TensorRT engine of `rewritten` to compare as well (needs TensorRT); None
+            builds one (fp32) when TensorRT is installed.
+        plugin_library: libasa_trt.so for the engine (default: the usual places).
+        tensorrt: False skips the engine runner even where TensorRT is installed.
 
     Returns:
         A CheckResult.
 
     Raises:
-        AsaExportError: a model cannot be loaded, or the models' input or output names differ.
+        AsaExportError: a model cannot be loaded, the models' input or output names differ, or
+            `engine` is given where TensorRT is not installed.
     """
     from asa_export import io
 
@@ -190,7 +207,14 @@ def check(
         configs = [_config_of(feed, original_model) for feed in feeds]
     masks = [key_padding(feed, original_model) for feed in feeds]
     row_masks = [_visible_rows(m, c, geometry) for m, c in zip(masks, configs)]
-    result = _compare(original, rewritten, feeds, configs, row_masks, atol, rtol, library, noise)
+    with tempfile.TemporaryDirectory(prefix="asa-check-") as tmp:
+        engine_runner, note = (None, "")
+        if tensorrt or engine is not None:
+            engine_runner, note = _engine_runner(rewritten, feeds, engine, plugin_library, tmp)
+        result = _compare(original, rewritten, feeds, configs, row_masks, atol, rtol, library,
+                          noise, engine_runner)
+    if note:
+        result.runner_notes.append(note)
     if density:
         _measure_density(rewritten_model, feeds, result, library)
     return result
@@ -224,7 +248,7 @@ def iteration_configs(
 
 
 def _compare(original, rewritten, feeds, configs, row_masks, atol, rtol, library,
-             noise) -> CheckResult:
+             noise, engine_runner=None) -> CheckResult:
     logger.info("running %d input set(s) through the models ...", len(feeds))
     with _quiet_polygraphy():
         from polygraphy.backend.onnxrt import OnnxrtRunner
@@ -238,18 +262,31 @@ def _compare(original, rewritten, feeds, configs, row_masks, atol, rtol, library
         if noise:
             runners.append(OnnxrtRunner(_plain_session(original, optimize=False),
                                         name="original-unoptimized"))
+        if engine_runner is not None:
+            runners.append(engine_runner)
         results = Comparator.run(runners, data_loader=feeds)
-        stats = _mask_and_measure(results, configs, row_masks, atol)
+        iterations = [iters for _, iters in results]
+        stats = _mask_and_measure(iterations[0], iterations[1], iterations[2] if noise else None,
+                                  configs, row_masks, atol)
         verdict = Comparator.compare_accuracy(results, comparisons=[(0, 1)],
                                               compare_func=_compare_func(atol, rtol))
+        engine_stats, engine_verdict = {}, True
+        if engine_runner is not None:
+            engine_stats = _mask_and_measure(iterations[-1], iterations[1], None, configs,
+                                             row_masks, atol)
+            engine_verdict = Comparator.compare_accuracy(
+                results, comparisons=[(len(runners) - 1, 1)], compare_func=_compare_func(atol, rtol))
+            _apply_verdicts(engine_stats, engine_verdict)
     _apply_verdicts(stats, verdict)
     result = CheckResult(
         passed=False,
         atol=atol,
         rtol=rtol,
-        elementwise_passed=bool(verdict) and all(s.passed for s in stats.values()),
+        elementwise_passed=bool(verdict) and bool(engine_verdict)
+        and all(s.passed for s in [*stats.values(), *engine_stats.values()]),
         iterations=configs,
         outputs=list(stats.values()),
+        engine_outputs=list(engine_stats.values()),
     )
     if noise:
         result.noise_floor = max((s.noise_abs or 0.0 for s in stats.values()), default=0.0)
@@ -263,7 +300,8 @@ def _decide(result: CheckResult) -> None:
         result.passed, result.rule = True, RULE_ELEMENTWISE
         return
     bar = None if result.noise_floor is None else result.noise_factor * result.noise_floor
-    if bar and all(s.passed or s.max_abs <= bar for s in result.outputs):
+    judged = [*result.outputs, *result.engine_outputs]
+    if bar and all(s.passed or s.max_abs <= bar for s in judged):
         result.passed, result.rule = True, RULE_NOISE
     else:
         result.passed, result.rule = False, ""
@@ -278,12 +316,11 @@ def _compare_func(atol: float, rtol: float):
     return comparator.CompareFunc.simple(atol=atol, rtol=rtol, check_shapes=True)
 
 
-def _mask_and_measure(results, configs, row_masks, atol) -> dict[str, OutputStats]:
-    """Zero rows without a visible key in every runner's outputs; collect error statistics
-    (rewritten vs original) and the original's reordering noise (third runner, when run)."""
-    iterations = [iters for _, iters in results]
-    rewritten_iters, original_iters = iterations[0], iterations[1]
-    noise_iters = iterations[2] if len(iterations) > 2 else [None] * len(original_iters)
+def _mask_and_measure(rewritten_iters, original_iters, noise_iters, configs, row_masks,
+                      atol) -> dict[str, OutputStats]:
+    """Zero rows without a visible key in both runners' outputs (in place); collect error
+    statistics (candidate vs original) and the original's reordering noise (when given)."""
+    noise_iters = noise_iters or [None] * len(original_iters)
     stats: dict[str, OutputStats] = {}
     sums: dict[str, list[float]] = {}
     for new, old, ref2, config, rows in zip(rewritten_iters, original_iters, noise_iters, configs,
@@ -585,6 +622,45 @@ def _rewritten_session(path: str, library=None, quiet: bool = False):
         raise
     except Exception as err:
         raise AsaExportError(f"ONNX Runtime cannot load {path}: {err}") from err
+
+
+def _engine_runner(rewritten: str, feeds, engine, plugin_library, tmp: str):
+    """(Polygraphy TrtRunner or None, note): the engine as a runner, or why it is skipped.
+
+    The runner holds the TensorRT runtime (it must outlive the engine).
+    """
+    from asa_export.runtime import tensorrt as art
+
+    try:
+        art.import_tensorrt("tensorrt")
+    except AsaExportError:
+        if engine is not None:
+            raise
+        return None, ("TensorRT not installed: engine runner skipped (to compare an engine too: "
+                      f"{art.INSTALL_HINT['tensorrt']})")
+    from polygraphy.backend.trt import TrtRunner
+
+    if engine is None:  # fp32, so the engine is judged by the same tolerances as ONNX Runtime
+        engine = os.path.join(tmp, "check.plan")
+        low, high = _shape_range(feeds)
+        logger.info("building a TensorRT engine of %s for the comparison ...", rewritten)
+        art.build_engine(rewritten, engine, precision="fp32", min_shapes=low, opt_shapes=high,
+                         max_shapes=high, plugin_library=plugin_library)
+    runtime, trt_engine = art.load_engine(engine, plugin_library=plugin_library)
+    runner = TrtRunner(trt_engine, name="engine")
+    runner.asa_runtime = runtime
+    return runner, ""
+
+
+def _shape_range(feeds) -> tuple[dict, dict]:
+    """Per input, the element-wise min and max shape over the feeds (the engine's profile)."""
+    low, high = {}, {}
+    for feed in feeds:
+        for name, array in feed.items():
+            shape = tuple(array.shape)
+            low[name] = tuple(map(min, low.get(name, shape), shape))
+            high[name] = tuple(map(max, high.get(name, shape), shape))
+    return low, high
 
 
 def _generate(model: ir.Model, config: dict, seed: int) -> dict[str, np.ndarray]:

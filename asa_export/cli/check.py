@@ -16,6 +16,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("original", metavar="ORIGINAL", help="the model before the rewrite")
     parser.add_argument("rewritten", metavar="REWRITTEN", help="the model after the rewrite")
     add_check_arguments(parser)
+    group = parser.add_argument_group("TensorRT engine runner (where TensorRT is installed)")
+    group.add_argument("--engine", metavar="PLAN",
+                       help="a TensorRT engine of REWRITTEN to compare as well (default: build "
+                       "one in fp32 when TensorRT is installed)")
+    group.add_argument("--plugin-library", metavar="PATH",
+                       help="libasa_trt.so (default: $ASA_TRT_PLUGIN or the build folder)")
+    group.add_argument("--no-engine", action="store_true",
+                       help="skip the engine runner even where TensorRT is installed")
 
 
 def add_check_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +54,10 @@ def check_kwargs(args: argparse.Namespace) -> dict:
         "atol": args.atol, "rtol": args.rtol, "batch": args.batch, "seq": args.seq,
         "past": args.past, "seed": args.seed, "density": not args.no_density,
         "noise": not getattr(args, "no_noise", False),
+        # check only (demo shares the other arguments): the engine runner
+        "engine": getattr(args, "engine", None),
+        "plugin_library": getattr(args, "plugin_library", None),
+        "tensorrt": not getattr(args, "no_engine", False) and hasattr(args, "engine"),
         "library": {"auto": None, "function": False, "library": True}[args.runtime],
     }
 
@@ -69,6 +81,12 @@ def report(result) -> str:
     # check_tables' last line is the bare verdict; ours names the rule that decided it.
     body = tables.check_tables(result).rpartition("\n")[0].rstrip("\n")
     parts = [body] + [f"\n{note}" for note in result.runner_notes]
+    if result.engine_outputs:
+        parts.append("\nTensorRT engine vs original (same rows):")
+        parts.append(tables.table(
+            ["output", "max abs", "mean abs", "max rel", "result"],
+            [[o.name, f"{o.max_abs:.3g}", f"{o.mean_abs:.3g}", f"{o.max_rel:.3g}",
+              "ok" if o.passed else "MISMATCH"] for o in result.engine_outputs]))
     if result.noise_floor is not None:
         parts.append(noise_table(result))
     parts.append("\n" + verdict_line(result))

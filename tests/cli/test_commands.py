@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import os
@@ -122,3 +123,21 @@ def test_demo(default_model):
     assert report["check"]["density"]
     assert any(c["seq"] == 1024 for c in report["check"]["iterations"])
     assert "attention site(s)" in result.stdout and "PASSED" in result.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None,
+                    reason="TensorRT is installed: the engine runner runs")
+def test_check_says_the_engine_runner_is_skipped_without_tensorrt(tmp_path):
+    """No TensorRT library exists on this machine (DESIGN.md): the runner is skipped, said
+    plainly, and the ONNX Runtime comparison still decides; an explicit engine is an error."""
+    a, b = mlp_model(tmp_path / "a.onnx"), mlp_model(tmp_path / "b.onnx")
+    result = run_cli("check", a, b, "--no-density")
+    assert result.returncode == 0, result.stderr
+    assert "TensorRT not installed: engine runner skipped" in result.stdout
+    assert "TensorRT engine vs original" not in result.stdout
+    quiet = run_cli("check", a, b, "--no-density", "--no-engine")
+    assert quiet.returncode == 0 and "engine runner" not in quiet.stdout
+    explicit = run_cli("check", a, b, "--engine", tmp_path / "absent.plan")
+    assert explicit.returncode == 1 and "Traceback" not in explicit.stderr
+    assert "needs tensorrt" in explicit.stderr and "pip install" in explicit.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "b.onnx"]
