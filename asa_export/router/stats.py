@@ -58,25 +58,55 @@ def block_mass(q: np.ndarray, k: np.ndarray, attrs: AsaAttributes,
     step = max(b, row_chunk - row_chunk % b)
     for start in range(0, seq_q, step):
         stop = min(seq_q, start + step)
-        s = scale * np.matmul(q[:, :, start:stop].astype(np.float32), np.swapaxes(kk, -1, -2))
+        lo, hi = _key_span(attrs, start, stop, seq_q, seq_kv, b)
+        s = np.matmul(q[:, :, start:stop].astype(np.float32), np.swapaxes(kk[:, :, lo:hi], -1, -2))
+        s *= scale
         if attrs.softcap > 0:
             s = attrs.softcap * np.tanh(s / attrs.softcap)
-        probs = _masked_softmax(s, vis[:, None, start:stop])
-        padded = np.zeros(probs.shape[:3] + (nk * b,), dtype=np.float32)
-        padded[..., :seq_kv] = probs
-        sums[:, :, start:stop] = padded.reshape(*probs.shape[:3], nk, b).sum(axis=-1)
+        sums[:, :, start:stop, lo // b:num_blocks(hi, b)] = _block_probs(s, vis[:, None, start:stop, lo:hi], b)
     rows = sums.reshape(batch, heads_q, nq, b, nk).sum(axis=3)
     count = np.minimum(b, seq_q - np.arange(nq) * b)
     return (rows / count[None, None, :, None]).astype(np.float32)
 
 
-def _masked_softmax(s: np.ndarray, vis: np.ndarray) -> np.ndarray:
-    s = np.where(vis, s, -np.inf)
+def _key_span(attrs: AsaAttributes, start: int, stop: int, seq_q: int, seq_kv: int,
+              b: int) -> tuple[int, int]:
+    """Keys [lo, hi) that rows [start, stop) can see at all (causal / window), block aligned:
+    the work of a causal chunk shrinks to its visible prefix."""
+    offset = seq_kv - seq_q
+    lo, hi = 0, seq_kv
+    if attrs.causal:
+        hi = min(seq_kv, max(0, stop - 1 + offset + 1))
+        if attrs.window > 0:
+            lo = max(0, start + offset - attrs.window + 1)
+    lo = lo - lo % b
+    hi = min(seq_kv, -(-hi // b) * b) if hi > 0 else min(seq_kv, b)
+    return lo, hi
+
+
+def _block_probs(s: np.ndarray, vis: np.ndarray, b: int) -> np.ndarray:
+    """Softmax over the visible keys of each row, summed per key block, in place on `s`.
+
+    Args:
+        s: float32 scores [B, H, R, K] (K starts on a block boundary); overwritten.
+        vis: bool [B, 1, R, K] visibility.
+        b: block size.
+
+    Returns:
+        float64 [B, H, R, ceil(K / b)]; rows without a visible key are 0.
+    """
+    np.putmask(s, ~np.broadcast_to(vis, s.shape), np.float32(-np.inf))
     top = s.max(axis=-1, keepdims=True)
-    top = np.where(np.isfinite(top), top, 0.0)
-    e = np.exp(s - top)
-    total = e.sum(axis=-1, keepdims=True)
-    return e / np.where(total > 0, total, 1.0)
+    top[~np.isfinite(top)] = 0.0
+    s -= top
+    np.exp(s, out=s)
+    total = s.sum(axis=-1, keepdims=True, dtype=np.float64)
+    width = s.shape[-1]
+    nb = num_blocks(width, b)
+    if width % b:
+        s = np.concatenate([s, np.zeros(s.shape[:-1] + (nb * b - width,), np.float32)], axis=-1)
+    blocks = s.reshape(*s.shape[:-1], nb, b).sum(axis=-1, dtype=np.float64)
+    return blocks / np.where(total > 0, total, 1.0)
 
 
 @dataclasses.dataclass
