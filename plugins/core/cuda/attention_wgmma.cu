@@ -6,7 +6,7 @@
 //
 // One CTA = the 128 query rows of one router query block of one (batch, query head), 3
 // warpgroups (FA3 layout): a producer (one thread issuing cp.async.bulk.tensor copies of Q and
-// of each kept K/V block into a 2-stage ring, mbarrier-tracked) and two consumers of 64 rows
+// of each kept K/V block into a 3-stage ring, mbarrier-tracked) and two consumers of 64 rows
 // each, which walk the same kept-block list (ws.block_indices), one 128-key tile per block:
 //   S = Q K^T     wgmma m64n128k16, A = Q and B = K both K-major in shared memory
 //   online softmax on the S accumulators in registers (log2 domain, exp2)
@@ -124,8 +124,9 @@ __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.a
 __device__ __forceinline__ void wgmma_commit() {
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
-__device__ __forceinline__ void wgmma_wait0() {
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 // Keeps the compiler from touching accumulators before the wgmma that writes them completed.
 template <int N>
@@ -213,7 +214,87 @@ __device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, i
 }
 #endif  // ASA_WGMMA_DEVICE
 
-constexpr int kStages = 2;  // K/V pipeline depth (D = 128: Q 32 KB + 2 x 64 KB)
+
+#ifdef ASA_WGMMA_DEVICE
+// S = Q K^T for one 128-key tile: Q rows of this warpgroup at `qa`, K at `kt` (both K-major).
+template <typename T, int D>
+__device__ __forceinline__ void issue_qk(float* s, uint32_t qa, uint32_t kt) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const uint32_t koff = (kk / 4) * kAtomBytes + (kk % 4) * 32;
+    wgmma_ss_n128<T>(s, make_desc(qa + koff, 16, 1024), make_desc(kt + koff, 16, 1024), kk > 0);
+  }
+  wgmma_commit();
+}
+
+// P (fp32 probabilities in S accumulator order) to the A-operand registers of the P V wgmma.
+template <typename T>
+__device__ __forceinline__ void pack_p(uint32_t (*pa)[4], const float* s) {
+#pragma unroll
+  for (int kk = 0; kk < kKeys / 16; ++kk) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) pa[kk][e] = Types<T>::pack(s[8 * kk + 2 * e], s[8 * kk + 2 * e + 1]);
+  }
+}
+
+// O += P V for one 128-key tile: P (this warpgroup's 64 rows) from registers, V N-major at `vt`.
+template <typename T, int D>
+__device__ __forceinline__ void issue_pv(float* o, const uint32_t (*pa)[4], uint32_t vt) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kKeys / 16; ++kk) {
+    wgmma_rs<T, D>(o, pa[kk], make_desc(vt + kk * 2048, kAtomBytes, 1024), 1);
+  }
+  wgmma_commit();
+}
+
+// Online softmax of one S tile held as wgmma accumulators (rows r0 and r0 + 8 of this thread,
+// columns j0 + 8 i + 2 tq + {0, 1}): scale to the log2 domain, mask partial tiles, update the
+// running max m and sum l, leave P = 2^(x - m) in s and the O rescale factors in alpha.
+__device__ __forceinline__ void softmax_tile(const AsaParams& p, float* s, float* m, float* l,
+                                             float* alpha, int kind, int r0, int j0, int tq,
+                                             int shift, float scale_log2) {
+  if (kind == kFull) {
+#pragma unroll
+    for (int i = 0; i < kKeys / 2; ++i) s[i] *= scale_log2;
+  } else {
+#pragma unroll
+    for (int i = 0; i < kKeys / 2; ++i) {
+      const int r = r0 + ((i & 2) ? 8 : 0);
+      const int j = j0 + (i / 4) * 8 + 2 * tq + (i & 1);
+      const bool vis = r < p.seq_q && j < p.seq_kv && position_visible(p, r + shift, j);
+      s[i] = vis ? s[i] * scale_log2 : -INFINITY;
+    }
+  }
+  // A row lives in the 4 threads of a quad.
+  float mx[2] = {m[0], m[1]};
+#pragma unroll
+  for (int i = 0; i < kKeys / 8; ++i) {
+    mx[0] = fmaxf(mx[0], fmaxf(s[4 * i], s[4 * i + 1]));
+    mx[1] = fmaxf(mx[1], fmaxf(s[4 * i + 2], s[4 * i + 3]));
+  }
+  float mu[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 1));
+    mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 2));
+    alpha[rr] = m[rr] == -INFINITY ? 0.f : fast_exp2(m[rr] - mx[rr]);
+    mu[rr] = mx[rr] == -INFINITY ? 0.f : mx[rr];
+    m[rr] = mx[rr];
+  }
+  float rs[2] = {0.f, 0.f};
+#pragma unroll
+  for (int i = 0; i < kKeys / 2; ++i) {
+    s[i] = fast_exp2(s[i] - mu[(i >> 1) & 1]);
+    rs[(i >> 1) & 1] += s[i];
+  }
+  l[0] = l[0] * alpha[0] + rs[0];
+  l[1] = l[1] * alpha[1] + rs[1];
+}
+#endif  // ASA_WGMMA_DEVICE
+
+constexpr int kStages = 3;  // K/V ring depth (D = 128: Q 32 KB + 3 x 64 KB = 224 KB)
 
 // Tensor maps of Q, K and V (4-D: D, S, H, B; 128-row x 64-column boxes, 128B swizzle).
 struct Maps {
@@ -318,85 +399,49 @@ __global__ void __launch_bounds__(384, 1)
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   const float scale_log2 = p.scale * kLog2e;
 
+  // Software pipeline (FA3 "intra-warpgroup overlap"): iteration t issues S_t = Q K_t^T and
+  // O += P_{t-1} V_{t-1} back to back, then runs the softmax of S_t while the tensor cores do
+  // P_{t-1} V_{t-1}; O is rescaled once that product is done.
   int kind = kSkip, j0 = 0, st = 0;
   uint32_t phase = 0;
   int t = next_tile(p, list, 0, count, pos_lo, pos_hi, &kind, &j0);
-  if (t < count) mbar_wait(q_full, 0);
+  float s[kKeys / 2];
+  uint32_t pa[kKeys / 16][4];
+  float alpha[2];
+  const bool any = t < count;
+  if (any) {
+    // Prologue: S_0 and its softmax.
+    mbar_wait(q_full, 0);
+    mbar_wait(k_full(0), 0);
+    issue_qk<T, D>(s, sq + cw * 64 * 128, sk);
+    wgmma_wait<0>();
+    fence_regs<kKeys / 2>(s);
+    softmax_tile(p, s, m, l, alpha, kind, q0 + rho0, j0, tq, shift, scale_log2);
+    pack_p<T>(pa, s);
+    st = 1;
+    t = next_tile(p, list, t + 1, count, pos_lo, pos_hi, &kind, &j0);
+  }
+  int prev_st = 0;
+  uint32_t prev_phase = 0;
   while (t < count) {
-    const uint32_t kt = sk + st * kTileBytes, vt = sv + st * kTileBytes;
-    float s[kKeys / 2];
-    mbar_wait(k_full(st), phase);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const uint32_t koff = (kk / 4) * kAtomBytes + (kk % 4) * 32;
-      const uint64_t da = make_desc(sq + koff + cw * 64 * 128, 16, 1024);
-      const uint64_t db = make_desc(kt + koff, 16, 1024);
-      wgmma_ss_n128<T>(s, da, db, kk > 0);
-    }
-    wgmma_commit();
     // The next tile's list entry loads while the tensor cores work.
     int kind_n = kSkip, j0_n = 0;
     const int tn = next_tile(p, list, t + 1, count, pos_lo, pos_hi, &kind_n, &j0_n);
-    wgmma_wait0();
+    mbar_wait(k_full(st), phase);
+    mbar_wait(v_full(prev_st), prev_phase);
+    issue_qk<T, D>(s, sq + cw * 64 * 128, sk + st * kTileBytes);
+    issue_pv<T, D>(o, pa, sv + prev_st * kTileBytes);
+    wgmma_wait<1>();
     fence_regs<kKeys / 2>(s);
-
-    if (kind == kFull) {
-#pragma unroll
-      for (int i = 0; i < kKeys / 2; ++i) s[i] *= scale_log2;
-    } else {
-#pragma unroll
-      for (int i = 0; i < kKeys / 2; ++i) {
-        const int r = q0 + rho0 + ((i & 2) ? 8 : 0);
-        const int j = j0 + (i / 4) * 8 + 2 * tq + (i & 1);
-        const bool vis = r < p.seq_q && j < p.seq_kv && position_visible(p, r + shift, j);
-        s[i] = vis ? s[i] * scale_log2 : -INFINITY;
-      }
-    }
-
-    // Online softmax; a row lives in the 4 threads of a quad.
-    float mx[2] = {m[0], m[1]};
-#pragma unroll
-    for (int i = 0; i < kKeys / 8; ++i) {
-      mx[0] = fmaxf(mx[0], fmaxf(s[4 * i], s[4 * i + 1]));
-      mx[1] = fmaxf(mx[1], fmaxf(s[4 * i + 2], s[4 * i + 3]));
-    }
-    float alpha[2], mu[2];
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 1));
-      mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 2));
-      alpha[rr] = m[rr] == -INFINITY ? 0.f : fast_exp2(m[rr] - mx[rr]);
-      mu[rr] = mx[rr] == -INFINITY ? 0.f : mx[rr];
-      m[rr] = mx[rr];
-    }
-    float rs[2] = {0.f, 0.f};
-#pragma unroll
-    for (int i = 0; i < kKeys / 2; ++i) {
-      s[i] = fast_exp2(s[i] - mu[(i >> 1) & 1]);
-      rs[(i >> 1) & 1] += s[i];
-    }
-    l[0] = l[0] * alpha[0] + rs[0];
-    l[1] = l[1] * alpha[1] + rs[1];
+    softmax_tile(p, s, m, l, alpha, kind, q0 + rho0, j0, tq, shift, scale_log2);
+    wgmma_wait<0>();
+    fence_regs<D / 2>(o);
+    if (lane == 0) mbar_arrive(empty(prev_st));  // this warp is done with that stage
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i >> 1) & 1];
-
-    uint32_t pa[kKeys / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < kKeys / 16; ++kk) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) pa[kk][e] = Types<T>::pack(s[8 * kk + 2 * e], s[8 * kk + 2 * e + 1]);
-    }
-    mbar_wait(v_full(st), phase);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kKeys / 16; ++kk) {
-      wgmma_rs<T, D>(o, pa[kk], make_desc(vt + kk * 2048, kAtomBytes, 1024), 1);
-    }
-    wgmma_commit();
-    wgmma_wait0();
-    fence_regs<D / 2>(o);
-    if (lane == 0) mbar_arrive(empty(st));  // this warp is done with the stage
+    pack_p<T>(pa, s);
+    prev_st = st;
+    prev_phase = phase;
     if (++st == kStages) {
       st = 0;
       phase ^= 1;
@@ -404,6 +449,12 @@ __global__ void __launch_bounds__(384, 1)
     t = tn;
     kind = kind_n;
     j0 = j0_n;
+  }
+  if (any) {  // epilogue: the last tile's P V
+    mbar_wait(v_full(prev_st), prev_phase);
+    issue_pv<T, D>(o, pa, sv + prev_st * kTileBytes);
+    wgmma_wait<0>();
+    fence_regs<D / 2>(o);
   }
 
 #pragma unroll
