@@ -185,8 +185,11 @@ def _prepare_gqa(graph: ir.Graph, match: Match, name: str) -> Match:
         bounds = [0, hq * d, (hq + hkv) * d, (hq + 2 * hkv) * d]
         q, k, v = (_slice_last(graph, q, bounds[i], bounds[i + 1], before, f"{name}/qkv_{i}")
                    for i in range(3))
+    batch, length = g.dims(match.query)[:2]
     k = rewrite._split_heads(graph, k, hkv, before, f"{name}/key")
     v = rewrite._split_heads(graph, v, hkv, before, f"{name}/value")
+    for split in (k, v):  # rank 4 tells the rewrite these are split already
+        split.shape = ir.Shape([batch, hkv, length, d])
     for present, new in zip(node.outputs[1:3], (k, v)):
         if present is not None and (present.uses() or present.is_graph_output()):
             rewrite._replace(present, new, new.name)

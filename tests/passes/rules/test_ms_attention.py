@@ -196,3 +196,46 @@ def test_gqa_inspect_leaves_the_graph_unchanged():
 def test_gqa_refused_with_reason(kwargs, reason):
     report = find_sites(ir.serde.deserialize_model(_gqa(**kwargs)))
     assert report.sites == [] and reason in report.rejected[0].reason
+
+
+def gqa_from_attention_mask(**attrs):
+    """GroupQueryAttention as ONNX Runtime's replace_mha_with_gqa wires it (convert_generation.py):
+    seqlens_k = ReduceSum(attention_mask) - 1, total_sequence_length = attention_mask's length;
+    present_key / present_value unused."""
+    f32 = TensorProto.FLOAT
+    ins = [helper.make_tensor_value_info("q", f32, ["B", "S", N * H]),
+           helper.make_tensor_value_info("k", f32, ["B", "S", KV * H]),
+           helper.make_tensor_value_info("v", f32, ["B", "S", KV * H]),
+           helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "S"])]
+    nodes = [
+        helper.make_node("ReduceSum", ["attention_mask", "one"], ["rows"], keepdims=0),
+        helper.make_node("Sub", ["rows", "one"], ["last"]),
+        helper.make_node("Cast", ["last"], ["seqlens_k"], to=TensorProto.INT32),
+        helper.make_node("Shape", ["attention_mask"], ["shape"]),
+        helper.make_node("Gather", ["shape", "axis1"], ["total64"], axis=0),
+        helper.make_node("Cast", ["total64"], ["total"], to=TensorProto.INT32),
+        helper.make_node("GroupQueryAttention", ["q", "k", "v", "", "", "seqlens_k", "total"],
+                         ["out", "present_key", "present_value"], name="gqa",
+                         domain="com.microsoft", num_heads=N, kv_num_heads=KV, **attrs),
+    ]
+    inits = [helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+             helper.make_tensor("axis1", TensorProto.INT64, [], [1])]
+    graph = helper.make_graph(nodes, "g", ins,
+                              [helper.make_tensor_value_info("out", f32, ["B", "S", N * H])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                   helper.make_opsetid("com.microsoft", 1)])
+
+
+def test_gqa_with_lengths_from_the_attention_mask_and_unused_presents():
+    model = gqa_from_attention_mask(local_window_size=40)
+    _, rewritten = _rewrite(model)
+    assert [n.op_type for n in rewritten.graph.node].count("Reshape") == 4  # q, k, v, merge
+    rng = np.random.default_rng(2)
+    mask = np.ones((2, 150), dtype=np.int64)
+    mask[1, 90:] = 0  # right padding, the convention seqlens_k encodes
+    feeds = {"q": rng.standard_normal((2, 150, N * H)).astype(np.float32),
+             "k": rng.standard_normal((2, 150, KV * H)).astype(np.float32),
+             "v": rng.standard_normal((2, 150, KV * H)).astype(np.float32),
+             "attention_mask": mask}
+    np.testing.assert_allclose(_run(rewritten, feeds)[0], _run(model, feeds)[0],
+                               atol=1e-4, rtol=1e-3)
