@@ -20,7 +20,10 @@ setup(
     extras_require={
         # torch: the CPU build on this project's machines is `pip install torch==2.13.0`.
         "models": ["torch", "transformers", "onnxscript", "gguf", "accelerate"],
-        "test": ["pytest", "torch", "transformers", "onnxscript", "gguf", "accelerate",
+        # `asa-export calibrate`: tokenizers (folder / tokenizer.json / GGUF via transformers),
+        # PNG plots (matplotlib), the learned gate (torch).
+        "calibrate": ["tokenizers", "transformers", "gguf", "matplotlib", "torch"],
+        "test": ["pytest", "torch", "transformers", "onnxscript", "gguf", "accelerate", "matplotlib",
                  # CPU-side TensorRT-family parse/build tests (no GPU needed).
                  "tensorrt-rtx-cu13-libs==1.7.1.116", "tensorrt-rtx-cu13-bindings==1.7.1.116"],
         "tensorrt": ["tensorrt"],

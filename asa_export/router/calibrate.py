@@ -185,7 +185,8 @@ def calibrate(model_path: str | os.PathLike, texts: Sequence[str | os.PathLike],
         if options.gate:
             gates, gate_curves, walls["gate"] = phase2_gates(sites, wins, work, curves_dir, options)
             result.update({"router": "gate", "fit": fit_thresholds(gate_curves, options, mode),
-                           "curves": gate_curves, "gates": gates, "training_free": fit})
+                           "curves": gate_curves, "gates": gates, "training_free": fit,
+                           "base_curves": base})
         _timed(walls, "write", _write_model, model, sites, result, output_path)
     walls["total"] = time.perf_counter() - start
     report = build_report(model_path, output_path, texts, tokenizer, options, mode, sites, wins,
@@ -819,26 +820,30 @@ def write_plots(report: dict, result: dict, plots_dir) -> list[str]:
     except OSError as err:
         raise AsaExportError(f"cannot create the plots folder {folder}: {err.strerror}") from err
     paths = [folder / "density_recall.png", folder / "head_density.png"]
-    _plot_curves(plt, report, result["curves"], paths[0])
+    _plot_curves(plt, report, result["curves"], result.get("base_curves"), paths[0])
     _plot_heatmap(plt, report, paths[1])
     logger.info("wrote %s", ", ".join(str(p) for p in paths))
     return [str(p) for p in paths]
 
 
-def _plot_curves(plt, report, curves, path) -> None:
+def _plot_curves(plt, report, curves, base_curves, path) -> None:
+    """Per layer: density vs recall over the tau grid (one global tau), the fitted point;
+    with a gate, the training-free router's curves dashed."""
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=100)
     cmap = plt.get_cmap("viridis")
     for n, (row, curve) in enumerate(zip(report["sites"], curves)):
-        vis = curve.visible.sum()
-        dens = curve.kept.sum(axis=0) / max(vis, 1)
-        rec = curve.mass_kept.sum(axis=0) / max(curve.mass_total.sum(), 1e-30)
         color = cmap(n / max(1, len(curves) - 1))
-        ax.plot(dens, rec, color=color, lw=1, label=f"layer {row['index']}" if len(curves) <= 8 else None)
+        ax.plot(*_global_curve(curve), color=color, lw=1,
+                label=f"layer {row['index']}" if len(curves) <= 8 else None)
+        if base_curves is not None:
+            ax.plot(*_global_curve(base_curves[n]), color=color, lw=0.8, ls="--")
         ax.plot([row["density"]], [row["recall"]], "o", color=color, ms=3)
     ax.set_xlabel("density (kept / visible key blocks)")
     ax.set_ylabel("attention-mass recall")
     router = report["sites"][0]["router"] if report["sites"] else ""
-    ax.set_title(f"{router} router: one line per layer over the tau grid; dots: fitted thresholds")
+    extra = " (dashed: training-free)" if base_curves is not None else ""
+    ax.set_title(f"{router} router{extra}: one line per layer over one global tau; "
+                 "dots: fitted per-head thresholds")
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3)
     if len(curves) <= 8:
@@ -846,6 +851,11 @@ def _plot_curves(plt, report, curves, path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _global_curve(curve: stats.ThresholdCurve) -> tuple[np.ndarray, np.ndarray]:
+    dens = curve.kept.sum(axis=0) / max(curve.visible.sum(), 1)
+    return dens, curve.mass_kept.sum(axis=0) / max(curve.mass_total.sum(), 1e-30)
 
 
 def _plot_heatmap(plt, report, path) -> None:
