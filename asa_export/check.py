@@ -264,7 +264,7 @@ def _compare(original, rewritten, feeds, configs, row_masks, atol, rtol, library
                                         name="original-unoptimized"))
         if engine_runner is not None:
             runners.append(engine_runner)
-        results = Comparator.run(runners, data_loader=feeds)
+        results = _run_all(Comparator, runners, feeds)
         iterations = [iters for _, iters in results]
         stats = _mask_and_measure(iterations[0], iterations[1], iterations[2] if noise else None,
                                   configs, row_masks, atol)
@@ -292,6 +292,19 @@ def _compare(original, rewritten, feeds, configs, row_masks, atol, rtol, library
         result.noise_floor = max((s.noise_abs or 0.0 for s in stats.values()), default=0.0)
     _decide(result)
     return result
+
+
+def _run_all(comparator, runners, feeds):
+    """Comparator.run; a runner that fails on the generated inputs is a user-facing error."""
+    try:
+        return comparator.run(runners, data_loader=feeds)
+    except Exception as err:  # Polygraphy re-raises the runtime's own exception types
+        raise AsaExportError(
+            f"a model failed on the generated inputs ({type(err).__name__}: {err}). The input "
+            "generator knows token ids, padding masks, positions and past KV; other integer "
+            "inputs get small random values (e.g. GroupQueryAttention's seqlens_k / "
+            "total_sequence_length as graph inputs): use the Python API's check(feeds=...)"
+        ) from None
 
 
 def _decide(result: CheckResult) -> None:

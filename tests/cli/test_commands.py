@@ -141,3 +141,25 @@ def test_check_says_the_engine_runner_is_skipped_without_tensorrt(tmp_path):
     assert explicit.returncode == 1 and "Traceback" not in explicit.stderr
     assert "needs tensorrt" in explicit.stderr and "pip install" in explicit.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx", "b.onnx"]
+
+
+def test_group_query_attention_rewrite_and_check(tmp_path):
+    """com.microsoft GroupQueryAttention (seqlens_k from the attention mask, window 40) through
+    the console script: rewritten, then checked against ONNX Runtime's own kernel."""
+    from tests.passes.rules.test_ms_attention import _gqa, gqa_from_attention_mask
+
+    model, out = tmp_path / "gqa.onnx", tmp_path / "gqa.asa.onnx"
+    onnx.save(gqa_from_attention_mask(local_window_size=40), model)
+    export = run_cli(model, "--out", out, "--threshold", "1")
+    assert export.returncode == 0, export.stderr
+    assert "causal+window=40+padding(lengths)" in export.stdout
+    result = run_cli("check", model, out, "--no-density")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines()[-1].startswith("PASSED (rule: element-wise")
+    # seqlens_k as a graph input: the generator cannot know its meaning; one clean message.
+    raw, raw_out = tmp_path / "raw.onnx", tmp_path / "raw.asa.onnx"
+    onnx.save(_gqa(), raw)
+    assert run_cli(raw, "--out", raw_out, "--threshold", "1").returncode == 0
+    failed = run_cli("check", raw, raw_out, "--no-density")
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    assert "failed on the generated inputs" in failed.stderr and "feeds=" in failed.stderr
