@@ -30,7 +30,7 @@ else
   export ASA_CUDA_LIB=$PWD/$BUILD/core/cuda/libasa_cuda.so
 fi
 if [ "$MODE" = all ] || [ "$MODE" = test ]; then
-  timeout 300 python3 -m pytest -q -p no:cacheprovider -rf $TESTS \
+  timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider -rf $TESTS \
     2>&1 | tee "$OUT/tests.log" | tail -40
 fi
 if [ "$MODE" = all ] || [ "$MODE" = bench ]; then

@@ -203,6 +203,13 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
       "r"(parity)
       : "memory");
 }
+// Named barrier `id` over the two consumer warpgroups (256 threads): wait, or only arrive.
+__device__ __forceinline__ void named_sync(int id) {
+  asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory");
+}
+__device__ __forceinline__ void named_arrive(int id) {
+  asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory");
+}
 // One [128 rows][64 columns] box of a 4-D tensor map (D, S, H, B) into a swizzled atom.
 __device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, int c0, int row,
                                          int head, int batch, uint32_t bar) {
@@ -314,6 +321,9 @@ __global__ void __launch_bounds__(384, 1)
   extern __shared__ unsigned char smem_raw[];
   // mbarriers: q_full, k_full[kStages], v_full[kStages], empty[kStages].
   __shared__ __align__(8) uint64_t bars[1 + 3 * kStages];
+  // Per stage: 2 * first key + (partial tile ? 1 : 0), or -1 after the last tile. Written by the
+  // producer before it arrives on k_full, so the consumers never read the list in global memory.
+  __shared__ int tile_info[kStages];
   // 1024-byte alignment for the 128B swizzle (the launch asks for 1 KB of slack).
   const uint32_t base = (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023) & ~1023u;
   const uint32_t sq = base;
@@ -369,6 +379,7 @@ __global__ void __launch_bounds__(384, 1)
       }
       for (; t < count; t = next_tile(p, list, t + 1, count, pos_lo, pos_hi, &kind, &j0)) {
         mbar_wait(empty(st), phase ^ 1);  // a fresh barrier's "previous phase" is complete
+        tile_info[st] = 2 * j0 + (kind == kPartial ? 1 : 0);  // published by the arrive below
         mbar_expect_tx(k_full(st), kTileBytes);
 #pragma unroll
         for (int a = 0; a < D / 64; ++a) {
@@ -384,6 +395,10 @@ __global__ void __launch_bounds__(384, 1)
           phase ^= 1;
         }
       }
+      // End of the list: a stage whose info is -1, completed by a plain arrival.
+      mbar_wait(empty(st), phase ^ 1);
+      tile_info[st] = -1;
+      mbar_arrive(k_full(st));
     }
     return;
   }
@@ -402,38 +417,42 @@ __global__ void __launch_bounds__(384, 1)
   // Software pipeline (FA3 "intra-warpgroup overlap"): iteration t issues S_t = Q K_t^T and
   // O += P_{t-1} V_{t-1} back to back, then runs the softmax of S_t while the tensor cores do
   // P_{t-1} V_{t-1}; O is rescaled once that product is done.
-  int kind = kSkip, j0 = 0, st = 0;
-  uint32_t phase = 0;
-  int t = next_tile(p, list, 0, count, pos_lo, pos_hi, &kind, &j0);
+  // Ping-pong between the two consumers (named barriers 1 and 2): each issues its wgmmas
+  // only after the other issued its own, so one warpgroup's softmax runs while the other's
+  // products occupy the tensor cores.
+  const int my_turn = 1 + cw, other_turn = 2 - cw;
   float s[kKeys / 2];
   uint32_t pa[kKeys / 16][4];
   float alpha[2];
-  const bool any = t < count;
+  mbar_wait(k_full(0), 0);
+  int info = tile_info[0];
+  const bool any = info >= 0;
   if (any) {
     // Prologue: S_0 and its softmax.
     mbar_wait(q_full, 0);
-    mbar_wait(k_full(0), 0);
     issue_qk<T, D>(s, sq + cw * 64 * 128, sk);
     wgmma_wait<0>();
     fence_regs<kKeys / 2>(s);
-    softmax_tile(p, s, m, l, alpha, kind, q0 + rho0, j0, tq, shift, scale_log2);
+    softmax_tile(p, s, m, l, alpha, info & 1 ? kPartial : kFull, q0 + rho0, info >> 1, tq,
+                 shift, scale_log2);
     pack_p<T>(pa, s);
-    st = 1;
-    t = next_tile(p, list, t + 1, count, pos_lo, pos_hi, &kind, &j0);
   }
-  int prev_st = 0;
-  uint32_t prev_phase = 0;
-  while (t < count) {
-    // The next tile's list entry loads while the tensor cores work.
-    int kind_n = kSkip, j0_n = 0;
-    const int tn = next_tile(p, list, t + 1, count, pos_lo, pos_hi, &kind_n, &j0_n);
+  int st = 1, prev_st = 0;
+  uint32_t phase = 0, prev_phase = 0;
+  if (cw == 1) named_arrive(1);  // the first consumer goes first
+  while (any) {
     mbar_wait(k_full(st), phase);
+    info = tile_info[st];
+    if (info < 0) break;
     mbar_wait(v_full(prev_st), prev_phase);
+    named_sync(my_turn);
     issue_qk<T, D>(s, sq + cw * 64 * 128, sk + st * kTileBytes);
     issue_pv<T, D>(o, pa, sv + prev_st * kTileBytes);
+    named_arrive(other_turn);
     wgmma_wait<1>();
     fence_regs<kKeys / 2>(s);
-    softmax_tile(p, s, m, l, alpha, kind, q0 + rho0, j0, tq, shift, scale_log2);
+    softmax_tile(p, s, m, l, alpha, info & 1 ? kPartial : kFull, q0 + rho0, info >> 1, tq,
+                 shift, scale_log2);
     wgmma_wait<0>();
     fence_regs<D / 2>(o);
     if (lane == 0) mbar_arrive(empty(prev_st));  // this warp is done with that stage
@@ -446,10 +465,8 @@ __global__ void __launch_bounds__(384, 1)
       st = 0;
       phase ^= 1;
     }
-    t = tn;
-    kind = kind_n;
-    j0 = j0_n;
   }
+  if (cw == 0) named_sync(1);  // takes the second consumer's last arrival
   if (any) {  // epilogue: the last tile's P V
     mbar_wait(v_full(prev_st), prev_phase);
     issue_pv<T, D>(o, pa, sv + prev_st * kTileBytes);
