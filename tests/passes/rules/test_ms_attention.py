@@ -239,3 +239,21 @@ def test_gqa_with_lengths_from_the_attention_mask_and_unused_presents():
              "attention_mask": mask}
     np.testing.assert_allclose(_run(rewritten, feeds)[0], _run(model, feeds)[0],
                                atol=1e-4, rtol=1e-3)
+
+
+def test_gqa_float16():
+    """fp16 GroupQueryAttention becomes an fp16 ASA node; outputs agree to fp16 resolution
+    (values ~1: one half-precision step is ~1e-3)."""
+    model = _gqa(local_window_size=40)
+    for value in [*model.graph.input, *model.graph.output]:
+        if value.type.tensor_type.elem_type == TensorProto.FLOAT:
+            value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    _, rewritten = _rewrite(model)
+    feeds = _gqa_feeds(model)
+    for name in ("q", "k", "v"):
+        feeds[name] = feeds[name].astype(np.float16)
+    expected, actual = _run(model, feeds), _run(rewritten, feeds)
+    assert actual[0].dtype == np.float16
+    real = np.arange(150)[None, :] <= feeds["seqlens_k"][:, None]
+    np.testing.assert_allclose(actual[0][real].astype(np.float32),
+                               expected[0][real].astype(np.float32), atol=2e-3, rtol=1e-2)
