@@ -257,3 +257,16 @@ def test_gqa_float16():
     real = np.arange(150)[None, :] <= feeds["seqlens_k"][:, None]
     np.testing.assert_allclose(actual[0][real].astype(np.float32),
                                expected[0][real].astype(np.float32), atol=2e-3, rtol=1e-2)
+
+
+def test_gqa_kernel_fact_total_sequence_length_is_s_without_a_past():
+    """The rule ignores total_sequence_length: without a past ORT's kernel accepts only S (any
+    other value is an error), so it carries no information. If ORT starts accepting other
+    values, this fails and the rule must learn what they mean."""
+    model = _gqa()
+    feeds = _gqa_feeds(model, seq=40, last_kept=(39, 20, 5))
+    _run(model, feeds)
+    for total in (39, 41, 60):
+        feeds["total"] = np.array(total, dtype=np.int32)
+        with pytest.raises(Exception, match="total_sequence_length"):
+            _run(model, feeds)
