@@ -151,6 +151,20 @@ def select_blocks(probs: np.ndarray, visible: np.ndarray, attrs: AsaAttributes, 
     return vis & (forced | under | (tau >= _F32(1.0)))
 
 
+def forced_blocks(attrs: AsaAttributes, seq_q: int, seq_kv: int) -> np.ndarray:
+    """bool [NQ, NK]: the blocks always kept where visible (sink and local band, SPEC "Selection").
+
+    Args:
+        attrs: sink_blocks, local_blocks, causal, block_size are read.
+        seq_q: Sq.
+        seq_kv: Skv.
+
+    Returns:
+        bool [NQ, NK], before visibility.
+    """
+    return _forced_blocks(attrs, seq_q, seq_kv)
+
+
 def telemetry(keep: np.ndarray, visible: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fixed-capacity telemetry outputs (SPEC "Outputs" 1..3).
 

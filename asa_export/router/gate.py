@@ -58,7 +58,7 @@ def train_gate(samples: Sequence[tuple[np.ndarray, np.ndarray]], attrs: AsaAttri
                dim: int = 32, steps: int = 300, lr: float = 1e-2, seed: int = 0,
                device: str = "cpu", checkpoint: pathlib.Path | None = None,
                progress: Callable[[int, int, float], None] | None = None,
-               target: str = "max") -> Gate:
+               target: str = "mass", merge_forced: bool = True) -> Gate:
     """Train one site's gate by distillation from its full attention.
 
     Args:
@@ -73,7 +73,12 @@ def train_gate(samples: Sequence[tuple[np.ndarray, np.ndarray]], attrs: AsaAttri
         checkpoint: optional file; written every 25 steps and at the end, and resumed from
             when it exists (it must come from the same samples and settings).
         progress: optional callback(step, steps, loss) after every step.
-        target: "max" (block-max-pooled attention, row-normalized) or "mass" (block mass).
+        target: "mass" (attention mass per block) or "max" (block-max-pooled attention,
+            row-normalized): see `block_targets`.
+        merge_forced: compare T and P with the forced blocks (sink, local band: always kept)
+            merged into one outcome. The selection depends only on their total P (the walk's
+            starting sum) and on P of every other block, so this KL measures exactly what the
+            selection sees; without merging, the sink's large attention mass dominates the loss.
 
     Returns:
         Gate whose weights are the node's `gate_q_weight` / `gate_k_weight` inputs.
@@ -84,8 +89,8 @@ def train_gate(samples: Sequence[tuple[np.ndarray, np.ndarray]], attrs: AsaAttri
     import torch
 
     heads_q, heads_kv, head_dim = _check_samples(samples, dim, steps, lr, target)
-    key = _config_key(samples, attrs, dim, lr, seed, target)
-    data = [_prepare(q, k, attrs, target, device) for q, k in samples]
+    key = _config_key(samples, attrs, dim, lr, seed, (target, merge_forced))
+    data = [_prepare(q, k, attrs, target, device, merge_forced) for q, k in samples]
     state = _load_checkpoint(checkpoint, key, device)
     if state is None:
         wq, wk = _initial_weights(data, attrs, heads_q, heads_kv, head_dim, dim, seed)
@@ -132,6 +137,13 @@ def distillation_loss(data: list[dict], wq, wk):
     for item in data:
         log_p = gate_log_probs_torch(item["q_mean"], item["k_feat"], wq, wk, item["visible"])
         t = item["target"]
+        forced = item["forced"]
+        if forced is not None:  # one outcome for all forced blocks: log of their summed P
+            t = t.masked_fill(forced, 0.0)
+            t_f = item["forced_target"]
+            log_pf = torch.logsumexp(log_p.masked_fill(~forced, float("-inf")), dim=-1)
+            total = total + torch.where(t_f > 0, t_f * (torch.log(torch.where(
+                t_f > 0, t_f, torch.ones_like(t_f))) - log_pf), torch.zeros_like(t_f)).sum()
         # 0 * log(0) terms (and -inf log P of invisible blocks, where T = 0) are left out.
         kl = torch.where(t > 0, t * (item["log_target"] - log_p), torch.zeros_like(t))
         total = total + kl.sum()
@@ -253,8 +265,9 @@ def _attention_rows(q, k, vis, attrs: AsaAttributes, dim: int):
 
 
 def _prepare(q: np.ndarray, k: np.ndarray, attrs: AsaAttributes, target: str,
-             device: str) -> dict:
-    """One window as torch tensors: pooled features, block visibility, target, log target."""
+             device: str, merge_forced: bool) -> dict:
+    """One window as torch tensors: pooled features, block visibility, target, log target and
+    (merge_forced) the visible forced blocks and their summed target."""
     import torch
 
     q_mean, k_feat = reference.block_features(q, k, attrs)
@@ -263,7 +276,13 @@ def _prepare(q: np.ndarray, k: np.ndarray, attrs: AsaAttributes, target: str,
         reference.visibility(batch, seq_q, k.shape[2], attrs), attrs.block_size)
     t = torch.from_numpy(block_targets(q, k, attrs, target, device=device)).to(device)
     t = t * torch.from_numpy(vis[:, None]).to(device)
-    return {"q_mean": torch.from_numpy(q_mean).to(device),
+    forced = forced_target = None
+    if merge_forced:
+        forced = torch.from_numpy(
+            reference.forced_blocks(attrs, seq_q, k.shape[2])[None, None] & vis[:, None]).to(device)
+        forced_target = (t * forced).sum(-1)
+    return {"forced": forced, "forced_target": forced_target,
+            "q_mean": torch.from_numpy(q_mean).to(device),
             "k_feat": torch.from_numpy(k_feat).to(device),
             "visible": torch.from_numpy(vis[:, None]).to(device),
             "target": t,

@@ -22,7 +22,7 @@ from asa_export.contract import reference
 from asa_export.errors import AsaExportError
 from asa_export.router.stats import DEFAULT_TAUS, ThresholdCurve, threshold_curve
 
-ROUTERS = ("dense", "naive", "oracle", "lse")
+ROUTERS = ("dense", "naive", "oracle", "lse", "gate")
 
 
 @dataclasses.dataclass
@@ -33,12 +33,14 @@ class RouterSetting:
         router: "dense" (every visible block), "naive" (contract v1 pooled Q.K estimate) or
             "oracle" (true block mass from the full attention: the ceiling of any router),
             "lse" (research, outside contract v1: `pooled_probs(..., "lse")`, the mean query's
-            exact attention mass per key block).
+            exact attention mass per key block), "gate" (contract learned gate, inputs 6-7:
+            `gates[layer]` from `asa_export.router.gate.train_gate`).
         threshold: global tau.
         sink_blocks: contract attribute.
         local_blocks: contract attribute.
         head_thresholds: optional {layer index: float32 [Hq]} (contract input head_thresholds).
         block_size: 64 or 128.
+        gates: {layer index: router.gate.Gate} for router "gate".
     """
 
     router: str = "naive"
@@ -47,6 +49,7 @@ class RouterSetting:
     local_blocks: int = 1
     head_thresholds: dict | None = None
     block_size: int = 64
+    gates: dict | None = None
 
     def attrs(self, scale: float) -> AsaAttributes:
         tau = 1.0 if self.router == "dense" else self.threshold
@@ -187,6 +190,10 @@ def make_attention(setting: RouterSetting, recorder: Recorder, capture: bool = F
         if setting.router in ("oracle", "lse"):
             probs = mass if setting.router == "oracle" else pooled_probs(query, key, scale, attrs.block_size, "lse")
             visible = reference.block_visibility(reference.visibility(batch, seq, seq, attrs), attrs.block_size)
+        elif setting.router == "gate":
+            g = _layer_gate(setting, layer)
+            probs, visible = reference.router_probs(q_np, k_np, attrs, gate_q_weight=g.q_weight,
+                                                    gate_k_weight=g.k_weight)
         else:
             probs, visible = reference.router_probs(q_np, k_np, attrs)
         tau_h = None if setting.head_thresholds is None else setting.head_thresholds.get(layer)
@@ -198,6 +205,36 @@ def make_attention(setting: RouterSetting, recorder: Recorder, capture: bool = F
         mask = _keep_mask(keep, seq, attrs.block_size)
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, scale=scale, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+
+    return attention
+
+
+def _layer_gate(setting: RouterSetting, layer: int):
+    if not setting.gates or layer not in setting.gates:
+        raise AsaExportError(f"router 'gate' needs a trained gate for layer {layer}: "
+                             "train them with asa_export.router.gate.train_gate")
+    return setting.gates[layer]
+
+
+def make_qk_capture(store: dict):
+    """A transformers attention function that records each layer's (q, k) and attends densely.
+
+    Args:
+        store: receives {layer index: (q float32 [B, Hq, S, D], k float32 [B, Hkv, S, D])},
+            RoPE applied, as an ASA node at that site sees them (the gate's training samples).
+
+    Returns:
+        fn(module, query, key, value, attention_mask, scaling=None, ...) -> (output, None).
+    """
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        import torch
+
+        store[getattr(module, "layer_idx", 0)] = (query.detach().float().numpy().copy(),
+                                                  key.detach().float().numpy().copy())
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
         return out.transpose(1, 2).contiguous(), None
 
     return attention

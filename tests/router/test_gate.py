@@ -155,3 +155,26 @@ def test_bad_inputs():
 def test_gate_parameter_count():
     # SmolLM2-135M: Hq 9, Hkv 3, D 64 -> 9*64*32 + 3*192*32.
     assert gate.gate_parameters(9, 3, 64, 32) == 36864
+
+
+@pytest.mark.parametrize("merge_forced", [True, False])
+def test_loss_is_the_kl_of_what_the_selection_sees(merge_forced):
+    """merge_forced: KL over {all forced blocks as one outcome} + the other blocks (numpy)."""
+    (q, k), = synthetic(8, windows=1, seq=448)
+    attrs = AsaAttributes(causal=True, sink_blocks=1, local_blocks=2)
+    rng = np.random.default_rng(8)
+    wq = (0.3 * rng.standard_normal((2, 16, 4))).astype(np.float32)
+    wk = (0.3 * rng.standard_normal((1, 48, 4))).astype(np.float32)
+    data = [gate._prepare(q, k, attrs, "mass", "cpu", merge_forced)]
+    loss = float(gate.distillation_loss(data, torch.from_numpy(wq), torch.from_numpy(wk)))
+    p, vis = ref.router_probs(q, k, attrs, gate_q_weight=wq, gate_k_weight=wk)
+    t = gate.block_targets(q, k, attrs, "mass") * vis[:, None]
+    forced = np.broadcast_to(ref.forced_blocks(attrs, 448, 448)[None, None] & vis[:, None], t.shape)
+    if merge_forced:
+        t_f, p_f = (np.where(forced, x, 0).sum(-1, keepdims=True) for x in (t, p))
+        t = np.concatenate([np.where(forced, 0, t), t_f], axis=-1)
+        p = np.concatenate([np.where(forced, 1, p), p_f], axis=-1)
+    used = t > 0
+    kl = np.where(used, t * np.log(np.where(used, t, 1) / np.where(used, p, 1)), 0).sum()
+    rows = (gate.block_targets(q, k, attrs, "mass").sum(-1) > 0).sum()
+    assert loss == pytest.approx(kl / rows, rel=1e-4)
