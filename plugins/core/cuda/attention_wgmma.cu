@@ -257,25 +257,24 @@ __device__ __forceinline__ void issue_pv(float* o, const uint32_t (*pa)[4], uint
 }
 
 // Online softmax of one S tile held as wgmma accumulators (rows r0 and r0 + 8 of this thread,
-// columns j0 + 8 i + 2 tq + {0, 1}): scale to the log2 domain, mask partial tiles, update the
-// running max m and sum l, leave P = 2^(x - m) in s and the O rescale factors in alpha.
+// columns j0 + 8 i + 2 tq + {0, 1}): mask partial tiles, update the running max m (log2
+// domain) and sum l, leave P = 2^(s * scale_log2 - m) in s and the O rescale factors in alpha.
+// The scale is folded into the exponent's FMA (the max of raw scores, scaled once, is the max
+// of the scaled ones because the dispatch requires scale > 0).
 __device__ __forceinline__ void softmax_tile(const AsaParams& p, float* s, float* m, float* l,
                                              float* alpha, int kind, int r0, int j0, int tq,
                                              int shift, float scale_log2) {
-  if (kind == kFull) {
-#pragma unroll
-    for (int i = 0; i < kKeys / 2; ++i) s[i] *= scale_log2;
-  } else {
+  if (kind != kFull) {
 #pragma unroll
     for (int i = 0; i < kKeys / 2; ++i) {
       const int r = r0 + ((i & 2) ? 8 : 0);
       const int j = j0 + (i / 4) * 8 + 2 * tq + (i & 1);
       const bool vis = r < p.seq_q && j < p.seq_kv && position_visible(p, r + shift, j);
-      s[i] = vis ? s[i] * scale_log2 : -INFINITY;
+      if (!vis) s[i] = -INFINITY;
     }
   }
   // A row lives in the 4 threads of a quad.
-  float mx[2] = {m[0], m[1]};
+  float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
   for (int i = 0; i < kKeys / 8; ++i) {
     mx[0] = fmaxf(mx[0], fmaxf(s[4 * i], s[4 * i + 1]));
@@ -286,6 +285,7 @@ __device__ __forceinline__ void softmax_tile(const AsaParams& p, float* s, float
   for (int rr = 0; rr < 2; ++rr) {
     mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 1));
     mx[rr] = fmaxf(mx[rr], __shfl_xor_sync(0xffffffffu, mx[rr], 2));
+    mx[rr] = fmaxf(m[rr], mx[rr] * scale_log2);
     alpha[rr] = m[rr] == -INFINITY ? 0.f : fast_exp2(m[rr] - mx[rr]);
     mu[rr] = mx[rr] == -INFINITY ? 0.f : mx[rr];
     m[rr] = mx[rr];
@@ -293,7 +293,7 @@ __device__ __forceinline__ void softmax_tile(const AsaParams& p, float* s, float
   float rs[2] = {0.f, 0.f};
 #pragma unroll
   for (int i = 0; i < kKeys / 2; ++i) {
-    s[i] = fast_exp2(s[i] - mu[(i >> 1) & 1]);
+    s[i] = fast_exp2(fmaf(s[i], scale_log2, -mu[(i >> 1) & 1]));
     rs[(i >> 1) & 1] += s[i];
   }
   l[0] = l[0] * alpha[0] + rs[0];
@@ -593,6 +593,7 @@ bool wgmma_path_supported(const AsaParams& p, const Workspace& ws) {
   if (!mma_path_supported(p)) return false;  // dtype, D = Dv in {64, 128}, 16-byte rows
   if (p.block_size != kKeys || p.seq_q <= 16 || ws.splits != 1) return false;
   if (p.mask_dtype != ASA_MASK_NONE || p.bias != nullptr || p.softcap > 0.f) return false;
+  if (!(p.scale > 0.f)) return false;  // the softmax folds the scale into its max
   // 32-bit output stores of column pairs.
   if ((reinterpret_cast<uintptr_t>(p.out) & 3) != 0 || p.o_stride_b % 2 != 0 ||
       p.o_stride_h % 2 != 0 || p.o_stride_s % 2 != 0) {
