@@ -848,6 +848,9 @@ def _plot_curves(plt, report, curves, base_curves, path) -> None:
     ax.grid(alpha=0.3)
     if len(curves) <= 8:
         ax.legend(fontsize=7)
+    else:  # too many lines for a legend: the colour scale names the layer
+        scale = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, len(curves) - 1))
+        fig.colorbar(scale, ax=ax, label="layer (site)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -242,3 +242,24 @@ def test_gate_phase_writes_gate_inputs(setup, tmp_path):
         assert wq.shape[2] == wk.shape[2] == 8 and wk.shape[1] == 3 * wq.shape[1]
     outs = [session(str(out), library=lib).run(None, _feeds())[0] for lib in (None, False)]
     np.testing.assert_allclose(outs[0], outs[1], atol=2e-3, rtol=1e-3)
+
+
+def test_vocab_size_from_the_embedding_table_when_there_is_no_logits_output():
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "input_ids"], ["hidden"])], "g",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "S"])],
+        [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, [1, "S", 4])],
+        [numpy_helper.from_array(np.zeros((300, 4), np.float32), "table")])
+    model = ir.serde.deserialize_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    assert cal.model_vocab_size(model) == 300
+
+
+def test_folder_without_a_tokenizer_is_a_user_error(tmp_path):
+    with pytest.raises(AsaExportError, match="holds no tokenizer"):
+        cal.load_tokenizer(tmp_path)
+    with pytest.raises(AsaExportError, match="does not exist"):
+        cal.load_tokenizer(tmp_path / "missing")
