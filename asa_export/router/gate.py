@@ -388,3 +388,36 @@ def _save_checkpoint(path, key: str, step: int, wq, wk, opt) -> None:
     torch.save({"key": key, "step": step, "wq": wq.detach().clone(), "wk": wk.detach().clone(),
                 "opt": opt.state_dict()}, tmp)
     os.replace(tmp, path)
+
+
+def save_gates(path: pathlib.Path, gates: dict) -> None:
+    """Write {layer index: Gate} to one .npz (keys q<layer>, k<layer>).
+
+    Args:
+        path: the .npz file.
+        gates: {layer index: Gate}.
+    """
+    arrays = {}
+    for layer, g in gates.items():
+        arrays[f"q{int(layer)}"], arrays[f"k{int(layer)}"] = g.q_weight, g.k_weight
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+
+
+def load_gates(path: pathlib.Path) -> dict:
+    """Read `save_gates`' file back: {layer index: Gate}.
+
+    Raises:
+        AsaExportError: missing file or a layer with only one of its two weights.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise AsaExportError(f"gate file {path} not found: train the gates first")
+    with np.load(path) as z:
+        layers = sorted({int(key[1:]) for key in z.files})
+        missing = [i for i in layers if f"q{i}" not in z.files or f"k{i}" not in z.files]
+        if missing:
+            raise AsaExportError(f"gate file {path}: layers {missing} lack q or k weights")
+        return {i: Gate(z[f"q{i}"].astype(np.float32), z[f"k{i}"].astype(np.float32))
+                for i in layers}

@@ -178,3 +178,18 @@ def test_loss_is_the_kl_of_what_the_selection_sees(merge_forced):
     kl = np.where(used, t * np.log(np.where(used, t, 1) / np.where(used, p, 1)), 0).sum()
     rows = (gate.block_targets(q, k, attrs, "mass").sum(-1) > 0).sum()
     assert loss == pytest.approx(kl / rows, rel=1e-4)
+
+
+def test_save_and_load_gates(tmp_path):
+    rng = np.random.default_rng(9)
+    gates = {i: gate.Gate(rng.standard_normal((4, 8, 2)).astype(np.float32),
+                          rng.standard_normal((2, 24, 2)).astype(np.float32)) for i in (0, 3)}
+    gate.save_gates(tmp_path / "g.npz", gates)
+    back = gate.load_gates(tmp_path / "g.npz")
+    assert sorted(back) == [0, 3]
+    np.testing.assert_array_equal(back[3].k_weight, gates[3].k_weight)
+    with pytest.raises(AsaExportError, match="not found"):
+        gate.load_gates(tmp_path / "missing.npz")
+    np.savez(tmp_path / "half.npz", q0=gates[0].q_weight)
+    with pytest.raises(AsaExportError, match="lack"):
+        gate.load_gates(tmp_path / "half.npz")
