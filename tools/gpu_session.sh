@@ -46,6 +46,7 @@ if [ "$MODE" = diag ]; then
       -k "${DIAG_TESTS:-head_thresholds or s97_d64 or decode16_packed}" 2>&1 | tee "$OUT/sanitizer_$tool.log" \
       | grep -E "ERROR SUMMARY|passed|failed|Error|Race|hazard" | head -20
   done
+  [ "${DIAG_NCU:-1}" = 0 ] && exit 0
   timeout 150 ncu --clock-control none --kernel-name regex:"pool|select|prefix|attn|merge" \
     --metrics gpu__time_duration.sum python3 tools/bench_kernels.py --profile-router \
     > "$OUT/ncu_router.log" 2>&1
