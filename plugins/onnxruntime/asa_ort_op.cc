@@ -34,35 +34,35 @@ bool attr_status(const OrtApi& api, OrtStatus* st, const char* name, const char*
                        ORT_INVALID_ARGUMENT);
 }
 
-// Reads an optional attribute: absent keeps the default, a wrong type is an error.
-template <typename T>
-void read_attr(const OrtApi& api, const OrtKernelInfo* info, const char* name, T& value,
-               const std::string& node);
-
-template <>
-void read_attr<float>(const OrtApi& api, const OrtKernelInfo* info, const char* name, float& v,
-                      const std::string& node) {
-  float x = 0.0f;
-  if (attr_status(api, api.KernelInfoGetAttribute_float(info, name, &x), name, "float", node))
-    v = x;
+// Reads one contract attribute (the shared table's entry `d`): absent keeps the default, a
+// wrong type or an integer outside int32 is an error.
+void read_contract_attr(const OrtApi& api, const OrtKernelInfo* info, const AttributeDesc& d,
+                        Attributes& a) {
+  double value = 0.0;
+  if (d.is_float) {
+    float x = 0.0f;
+    if (!attr_status(api, api.KernelInfoGetAttribute_float(info, d.name, &x), d.name, "float",
+                     a.node_name))
+      return;
+    value = x;
+  } else {
+    int64_t x = 0;
+    if (!attr_status(api, api.KernelInfoGetAttribute_int64(info, d.name, &x), d.name, "int",
+                     a.node_name))
+      return;
+    value = static_cast<double>(x);
+  }
+  const std::string why = set_attribute(a.values, d, value);
+  if (!why.empty()) fail(a, "attribute %s", why.c_str());
 }
 
-template <>
-void read_attr<int64_t>(const OrtApi& api, const OrtKernelInfo* info, const char* name,
-                        int64_t& v, const std::string& node) {
-  int64_t x = 0;
-  if (attr_status(api, api.KernelInfoGetAttribute_int64(info, name, &x), name, "int", node))
-    v = x;
-}
-
-template <>
-void read_attr<std::string>(const OrtApi& api, const OrtKernelInfo* info, const char* name,
-                            std::string& v, const std::string& node) {
+// Reads an informational string attribute (plugin_namespace / plugin_version); odd types are
+// ignored.
+void read_string_attr(const OrtApi& api, const OrtKernelInfo* info, const char* name,
+                      std::string& v) {
   size_t size = 0;
   OrtStatus* st = api.KernelInfoGetAttribute_string(info, name, nullptr, &size);
   if (st) {
-    // Strings are informational (plugin_namespace / plugin_version): ignore odd types.
-    (void)node;
     api.ReleaseStatus(st);
     return;
   }
@@ -94,22 +94,8 @@ std::string node_name(const OrtApi& api, const OrtKernelInfo* info) {
 }
 
 void check_attributes(const Attributes& a) {
-  if (a.block_size != 64 && a.block_size != 128)
-    fail(a, "attribute block_size must be 64 or 128, got %lld", (long long)a.block_size);
-  if (!(a.scale >= 0.0f) || !std::isfinite(a.scale))
-    fail(a, "attribute scale must be finite and >= 0 (0 = 1/sqrt(D)), got %g", a.scale);
-  if (!(a.threshold > 0.0f) || !std::isfinite(a.threshold))
-    fail(a, "attribute threshold must be finite and > 0, got %g", a.threshold);
-  if (a.causal != 0 && a.causal != 1) fail(a, "attribute causal must be 0 or 1");
-  if (a.sink_blocks < 0 || a.local_blocks < 0 || a.sink_blocks > INT32_MAX ||
-      a.local_blocks > INT32_MAX)
-    fail(a, "attributes sink_blocks and local_blocks must be >= 0");
-  if (a.window == 0 || a.window < -1 || a.window > INT32_MAX)
-    fail(a, "attribute window must be -1 (none) or > 0, got %lld", (long long)a.window);
-  if (!(a.softcap >= 0.0f) || !std::isfinite(a.softcap))
-    fail(a, "attribute softcap must be finite and >= 0, got %g", a.softcap);
-  if (a.select_per != 0 && a.select_per != 1)
-    fail(a, "attribute select_per must be 0 or 1, got %lld", (long long)a.select_per);
+  const std::string why = validation_errors(a.values);
+  if (!why.empty()) fail(a, "invalid attributes: %s", why.c_str());
 }
 
 const char* type_name(ONNXTensorElementDataType t) {
@@ -296,15 +282,7 @@ void fill_sizes(const Attributes& a, const TensorView& q, const TensorView& k,
   p.o_stride_s = p.head_dim_v;
   p.o_stride_h = p.o_stride_s * p.seq_q;
   p.o_stride_b = p.o_stride_h * p.heads_q;
-  p.scale = a.scale > 0.0f ? a.scale : 1.0f / std::sqrt(static_cast<float>(p.head_dim));
-  p.causal = static_cast<int32_t>(a.causal);
-  p.block_size = static_cast<int32_t>(a.block_size);
-  p.threshold = a.threshold;
-  p.sink_blocks = static_cast<int32_t>(a.sink_blocks);
-  p.local_blocks = static_cast<int32_t>(a.local_blocks);
-  p.window = static_cast<int32_t>(a.window);
-  p.softcap = a.softcap;
-  p.select_per = static_cast<int32_t>(a.select_per);
+  fill_attributes(a.values, p);
 }
 
 int32_t* int_output(Ort::KernelContext& ctx, size_t index, const std::vector<int64_t>& dims) {
@@ -405,17 +383,9 @@ OrtStatusPtr infer_output_shapes(OrtShapeInferContext* context) {
 Attributes read_attributes(const OrtApi& api, const OrtKernelInfo* info) {
   Attributes a;
   a.node_name = node_name(api, info);
-  read_attr(api, info, "scale", a.scale, a.node_name);
-  read_attr(api, info, "causal", a.causal, a.node_name);
-  read_attr(api, info, "block_size", a.block_size, a.node_name);
-  read_attr(api, info, "threshold", a.threshold, a.node_name);
-  read_attr(api, info, "sink_blocks", a.sink_blocks, a.node_name);
-  read_attr(api, info, "local_blocks", a.local_blocks, a.node_name);
-  read_attr(api, info, "window", a.window, a.node_name);
-  read_attr(api, info, "softcap", a.softcap, a.node_name);
-  read_attr(api, info, "select_per", a.select_per, a.node_name);
-  read_attr(api, info, "plugin_namespace", a.plugin_namespace, a.node_name);
-  read_attr(api, info, "plugin_version", a.plugin_version, a.node_name);
+  for (const AttributeDesc& d : kContractAttributes) read_contract_attr(api, info, d, a);
+  read_string_attr(api, info, "plugin_namespace", a.plugin_namespace);
+  read_string_attr(api, info, "plugin_version", a.plugin_version);
   check_attributes(a);
   return a;
 }

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "asa/asa_core.h"
+#include "attributes.h"
 
 namespace asa {
 namespace ort {
@@ -58,17 +59,10 @@ inline OrtCustomOpInputOutputCharacteristic contract_output_characteristic(size_
   return index < 1 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
 }
 
-// Node attributes of contract v1 (defaults of SPEC.md for the ones a node leaves out).
+// Node attributes: the contract's (plugins/core/common/attributes.h, SPEC.md defaults for the
+// ones a node leaves out) and the TensorRT identity strings.
 struct Attributes {
-  float scale = 0.0f;
-  int64_t causal = 0;
-  int64_t block_size = 64;
-  float threshold = 1.0f;
-  int64_t sink_blocks = 1;
-  int64_t local_blocks = 1;
-  int64_t window = -1;
-  float softcap = 0.0f;
-  int64_t select_per = 0;
+  ContractAttributes values;
   std::string plugin_namespace;  // accepted, unused
   std::string plugin_version;    // accepted, unused
   std::string node_name;         // for error messages

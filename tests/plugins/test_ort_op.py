@@ -284,6 +284,21 @@ def test_bad_block_size_attribute():
                       "block_size must be 64 or 128, got 32")
 
 
+@pytest.mark.parametrize("attrs,needle", [
+    (dict(sink_blocks=2 ** 40), "attribute sink_blocks is out of range"),
+    (dict(window=0, select_per=2), "invalid attributes: window must be -1 (none) or > 0, got 0; "
+                                   "select_per must be 0 or 1, got 2"),
+    (dict(threshold=float("inf")), "threshold must be finite and > 0, got inf"),
+])
+def test_attribute_values_the_contract_forbids(attrs, needle):
+    """The shared attribute table (plugins/core/common/attributes.h) reports every problem."""
+    feeds = _feeds(np.random.default_rng(0), 1, 2, 1, 64, 64, 16)
+    node = helper.make_node("AdaptiveSparseAttention", ["query", "key", "value"], ["output"],
+                            domain="asa", **attrs)
+    _run_expect_error(one_node_model(AsaAttributes(), feeds, 1, with_function=False, node=node),
+                      feeds, needle)
+
+
 def test_attribute_of_the_wrong_type():
     attrs = AsaAttributes()
     feeds = _feeds(np.random.default_rng(0), 1, 2, 1, 64, 64, 16)
