@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import onnx
 import pytest
@@ -209,3 +211,25 @@ def test_noise_floor_is_the_unoptimized_originals_difference(tmp_path):
     assert result.passed and result.rule == check_module.RULE_ELEMENTWISE
     off = check(original, rewritten, feeds=asa_feeds(), library=False, density=False, noise=False)
     assert off.noise_floor is None and off.outputs[0].noise_abs is None and off.passed
+
+
+def test_engine_profile_spans_the_feeds():
+    """The engine check builds covers every generated input set (min and max per axis)."""
+    feeds = [{"x": np.zeros((2, 37, 16)), "m": np.zeros((2, 37))},
+             {"x": np.zeros((1, 150, 16)), "m": np.zeros((1, 150))}]
+    low, high = check_module._shape_range(feeds)
+    assert low == {"x": (1, 37, 16), "m": (1, 37)}
+    assert high == {"x": (2, 150, 16), "m": (2, 150)}
+
+
+def test_engine_runner_is_skipped_without_tensorrt(tmp_path):
+    pytest.importorskip("polygraphy")
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed: the runner is built")
+    a, b = mlp_model(tmp_path / "a.onnx"), mlp_model(tmp_path / "b.onnx")
+    result = check(a, b, density=False, batch=1, seq=5)
+    assert result.engine_outputs == []
+    assert result.runner_notes[0].startswith("TensorRT not installed: engine runner skipped")
+    assert check(a, b, density=False, batch=1, seq=5, tensorrt=False).runner_notes == []
+    with pytest.raises(AsaExportError, match="needs tensorrt"):
+        check(a, b, engine=tmp_path / "e.plan")
