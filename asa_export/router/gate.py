@@ -184,8 +184,8 @@ def gate_probs(q: np.ndarray, k: np.ndarray, attrs: AsaAttributes, gate: Gate) -
                                   gate_k_weight=gate.k_weight)[0]
 
 
-def block_targets(q: np.ndarray, k: np.ndarray, attrs: AsaAttributes, target: str = "max",
-                  row_chunk: int = 512, device: str = "cpu") -> np.ndarray:
+def block_targets(q: np.ndarray, k: np.ndarray, attrs: AsaAttributes, target: str = "mass",
+                  row_chunk: int = 512, device: str = "cpu", normalize: bool = True) -> np.ndarray:
     """Distillation target: the frozen model's full attention, pooled to blocks.
 
     Args:
@@ -197,9 +197,12 @@ def block_targets(q: np.ndarray, k: np.ndarray, attrs: AsaAttributes, target: st
             block (`stats.block_mass`).
         row_chunk: query rows per step (memory B * Hq * row_chunk * Skv floats).
         device: torch device.
+        normalize: rows sum to 1; False keeps the raw pooled values ("mass" is then exactly
+            `stats.block_mass`, computed in torch).
 
     Returns:
-        float32 [B, Hq, NQ, NK]; each row sums to 1 (0 where the query block sees nothing).
+        float32 [B, Hq, NQ, NK]; with normalize, each row sums to 1 (0 where the query block
+        sees nothing).
     """
     import torch
 
@@ -226,6 +229,8 @@ def block_targets(q: np.ndarray, k: np.ndarray, attrs: AsaAttributes, target: st
         pooled[:, :, start // b:start // b + part.shape[2]] = part.double()
     if target == "mass":
         pooled /= torch.clamp(seq_q - torch.arange(nq, device=device) * b, max=b)[:, None]
+    if not normalize:
+        return pooled.float().cpu().numpy()
     total = pooled.sum(-1, keepdim=True)
     return (pooled / torch.where(total > 0, total, 1.0)).float().cpu().numpy()
 

@@ -82,6 +82,8 @@ def test_block_targets():
     mass = stats.block_mass(q, k, attrs)
     np.testing.assert_allclose(gate.block_targets(q, k, attrs, "mass", row_chunk=64),
                                mass / mass.sum(-1, keepdims=True), atol=1e-6)
+    np.testing.assert_allclose(gate.block_targets(q, k, attrs, "mass", normalize=False), mass,
+                               atol=1e-6)
     # Max target, brute force: max probability over each (query block, key block) tile.
     s = np.einsum("hqd,kd->hqk", q[0], k[0, 0]) / np.sqrt(8)
     s = np.where(np.tril(np.ones((150, 150), bool)), s, -np.inf)
@@ -193,3 +195,17 @@ def test_save_and_load_gates(tmp_path):
     np.savez(tmp_path / "half.npz", q0=gates[0].q_weight)
     with pytest.raises(AsaExportError, match="lack"):
         gate.load_gates(tmp_path / "half.npz")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_training_agrees_with_cpu():
+    """Same samples and seed on the GPU: the same gate up to float32 reordering."""
+    samples = synthetic(10, windows=2, seq=512)
+    cpu = gate.train_gate(samples, ATTRS, dim=8, steps=40)
+    cuda = gate.train_gate(samples, ATTRS, dim=8, steps=40, device="cuda")
+    held_out = synthetic(11, windows=1, seq=512)
+    kl = [mean_kl(held_out, lambda q, k, g=g: gate.gate_probs(q, k, ATTRS, g), "mass")
+          for g in (cpu, cuda)]
+    assert kl[1] == pytest.approx(kl[0], rel=0.05, abs=1e-3)
+    np.testing.assert_allclose(cuda.q_weight, cpu.q_weight, atol=5e-3)
