@@ -176,7 +176,8 @@ def calibrate(model_path: str | os.PathLike, texts: Sequence[str | os.PathLike],
     with _work_dir(resume_dir) as work:
         _check_run(work, _fingerprint(model_path, ids, wins, options))
         walls["capture"] = capture_windows(model, sites, ids, wins, work, options)
-        curves_dir = work / f"curves-{_key(_floats(options.grid()), [s.attrs.as_onnx_attributes() for s in sites])}"
+        attrs = [s.attrs.as_onnx_attributes() for s in sites]
+        curves_dir = work / f"curves-{_key(_floats(options.grid()), attrs)}"
         walls["phase1"] = phase1_statistics(sites, wins, work, curves_dir, options)
         base = [_sum_curves(curves_dir, len(wins), s.index, "router") for s in sites]
         fit = fit_thresholds(base, options, mode)
@@ -669,7 +670,8 @@ def phase2_gates(sites: list[SiteInfo], wins: list[int], work, curves_dir,
         (gates {site: Gate}, curves [per site], wall seconds per site).
     """
     gate_mod = _gate_module()
-    folder = curves_dir / f"gate-{_key(options.gate_dim, options.gate_steps, options.gate_lr, options.seed, len(wins))}"
+    key = _key(options.gate_dim, options.gate_steps, options.gate_lr, options.seed, len(wins))
+    folder = curves_dir / f"gate-{key}"
     folder.mkdir(exist_ok=True)
     device = _device(options.device)
     gates, curves, walls = {}, [], []

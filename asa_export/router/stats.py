@@ -63,7 +63,8 @@ def block_mass(q: np.ndarray, k: np.ndarray, attrs: AsaAttributes,
         s *= scale
         if attrs.softcap > 0:
             s = attrs.softcap * np.tanh(s / attrs.softcap)
-        sums[:, :, start:stop, lo // b:num_blocks(hi, b)] = _block_probs(s, vis[:, None, start:stop, lo:hi], b)
+        blocks = _block_probs(s, vis[:, None, start:stop, lo:hi], b)
+        sums[:, :, start:stop, lo // b:num_blocks(hi, b)] = blocks
     rows = sums.reshape(batch, heads_q, nq, b, nk).sum(axis=3)
     count = np.minimum(b, seq_q - np.arange(nq) * b)
     return (rows / count[None, None, :, None]).astype(np.float32)
