@@ -151,18 +151,14 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-enum TileKind { kSkip = 0, kFull = 1, kPartial = 2 };
+enum TileKind { kFull = 1, kPartial = 2 };
 
-// Classifies key tile [j0, j0 + 128) for query positions [pos_lo, pos_hi] (no padding mask,
-// bias or softcap on this path: only causality, the window and the Skv bound).
+// Classifies key tile [j0, j0 + 128) for query positions [pos_lo, pos_hi]: kFull when every row
+// sees every key (no per-element mask), else kPartial. Blocks no row sees are not skipped: they
+// only come from caller-made lists, and masking them fully gives the same (zero) contribution
+// while producer and consumers walk the list in lockstep without shared bookkeeping.
 __device__ __forceinline__ int classify(const AsaParams& p, int j0, int pos_lo, int pos_hi) {
   const int j1 = j0 + kKeys - 1;
-  if (j0 >= p.seq_kv) return kSkip;
-  if (p.causal && j0 > pos_hi) return kSkip;
-  if (p.window > 0) {
-    if (j1 <= pos_lo - p.window) return kSkip;
-    if (!p.causal && j0 >= pos_hi + p.window) return kSkip;
-  }
   if (j1 >= p.seq_kv) return kPartial;
   if (p.causal && j1 > pos_lo) return kPartial;
   if (p.window > 0) {
@@ -170,17 +166,6 @@ __device__ __forceinline__ int classify(const AsaParams& p, int j0, int pos_lo, 
     if (!p.causal && j1 >= pos_lo + p.window) return kPartial;
   }
   return kFull;
-}
-
-// Next kept block at list position >= t that is not skipped (its first key in *j0), or `end`.
-__device__ __forceinline__ int next_tile(const AsaParams& p, const int32_t* list, int t, int end,
-                                         int pos_lo, int pos_hi, int* kind, int* j0) {
-  for (; t < end; ++t) {
-    *j0 = list[t] * kKeys;
-    *kind = classify(p, *j0, pos_lo, pos_hi);
-    if (*kind != kSkip) return t;
-  }
-  return end;
 }
 
 #ifdef ASA_WGMMA_DEVICE
@@ -321,9 +306,6 @@ __global__ void __launch_bounds__(384, 1)
   extern __shared__ unsigned char smem_raw[];
   // mbarriers: q_full, k_full[kStages], v_full[kStages], empty[kStages].
   __shared__ __align__(8) uint64_t bars[1 + 3 * kStages];
-  // Per stage: 2 * first key + (partial tile ? 1 : 0), or -1 after the last tile. Written by the
-  // producer before it arrives on k_full, so the consumers never read the list in global memory.
-  __shared__ int tile_info[kStages];
   // 1024-byte alignment for the 128B swizzle (the launch asks for 1 KB of slack).
   const uint32_t base = (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023) & ~1023u;
   const uint32_t sq = base;
@@ -365,21 +347,20 @@ __global__ void __launch_bounds__(384, 1)
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
     if (threadIdx.x == 0) {
-      int kind = kSkip, j0 = 0, st = 0;
+      int st = 0;
       uint32_t phase = 0;
-      int t = next_tile(p, list, 0, count, pos_lo, pos_hi, &kind, &j0);
       // Q only when there is a tile: the consumers wait for it only then, and no copy may be
       // in flight when the CTA exits.
-      if (t < count) {
+      if (count > 0) {
         mbar_expect_tx(q_full, kTileBytes);
 #pragma unroll
         for (int a = 0; a < D / 64; ++a) {
           tma_load(sq + a * kAtomBytes, &maps.q, a * 64, q0, h, n, q_full);
         }
       }
-      for (; t < count; t = next_tile(p, list, t + 1, count, pos_lo, pos_hi, &kind, &j0)) {
+      for (int t = 0; t < count; ++t) {
+        const int j0 = list[t] * kKeys;
         mbar_wait(empty(st), phase ^ 1);  // a fresh barrier's "previous phase" is complete
-        tile_info[st] = 2 * j0 + (kind == kPartial ? 1 : 0);  // published by the arrive below
         mbar_expect_tx(k_full(st), kTileBytes);
 #pragma unroll
         for (int a = 0; a < D / 64; ++a) {
@@ -395,10 +376,6 @@ __global__ void __launch_bounds__(384, 1)
           phase ^= 1;
         }
       }
-      // End of the list: a stage whose info is -1, completed by a plain arrival.
-      mbar_wait(empty(st), phase ^ 1);
-      tile_info[st] = -1;
-      mbar_arrive(k_full(st));
     }
     return;
   }
@@ -424,26 +401,29 @@ __global__ void __launch_bounds__(384, 1)
   float s[kKeys / 2];
   uint32_t pa[kKeys / 16][4];
   float alpha[2];
-  mbar_wait(k_full(0), 0);
-  int info = tile_info[0];
-  const bool any = info >= 0;
+  // List entries are read one tile ahead into a register (the load's latency hides behind a
+  // whole iteration).
+  int next_block = count > 1 ? list[1] : 0;
+  const bool any = count > 0;
   if (any) {
     // Prologue: S_0 and its softmax.
+    const int j0 = list[0] * kKeys;
     mbar_wait(q_full, 0);
+    mbar_wait(k_full(0), 0);
     issue_qk<T, D>(s, sq + cw * 64 * 128, sk);
     wgmma_wait<0>();
     fence_regs<kKeys / 2>(s);
-    softmax_tile(p, s, m, l, alpha, info & 1 ? kPartial : kFull, q0 + rho0, info >> 1, tq,
-                 shift, scale_log2);
+    softmax_tile(p, s, m, l, alpha, classify(p, j0, pos_lo, pos_hi), q0 + rho0, j0, tq, shift,
+                 scale_log2);
     pack_p<T>(pa, s);
   }
   int st = 1, prev_st = 0;
   uint32_t phase = 0, prev_phase = 0;
   if (cw == 1) named_arrive(1);  // the first consumer goes first
-  while (any) {
+  for (int t = 1; t < count; ++t) {
+    const int j0 = next_block * kKeys;
+    next_block = t + 1 < count ? list[t + 1] : 0;
     mbar_wait(k_full(st), phase);
-    info = tile_info[st];
-    if (info < 0) break;
     mbar_wait(v_full(prev_st), prev_phase);
     named_sync(my_turn);
     issue_qk<T, D>(s, sq + cw * 64 * 128, sk + st * kTileBytes);
@@ -451,8 +431,8 @@ __global__ void __launch_bounds__(384, 1)
     named_arrive(other_turn);
     wgmma_wait<1>();
     fence_regs<kKeys / 2>(s);
-    softmax_tile(p, s, m, l, alpha, info & 1 ? kPartial : kFull, q0 + rho0, info >> 1, tq,
-                 shift, scale_log2);
+    softmax_tile(p, s, m, l, alpha, classify(p, j0, pos_lo, pos_hi), q0 + rho0, j0, tq, shift,
+                 scale_log2);
     wgmma_wait<0>();
     fence_regs<D / 2>(o);
     if (lane == 0) mbar_arrive(empty(prev_st));  // this warp is done with that stage
