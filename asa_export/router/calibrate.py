@@ -632,8 +632,10 @@ def low_density_heads(curve: stats.ThresholdCurve, recall: float, density: float
 
 def _gate_module():
     """asa_export.router.gate, or a clear error when it (or torch) is missing."""
+    import importlib
+
     try:
-        from asa_export.router import gate
+        gate = importlib.import_module("asa_export.router.gate")
     except ImportError as err:
         if err.name in ("asa_export.router.gate", None):
             raise AsaExportError("--gate needs the learned gate (asa_export.router.gate), which "
