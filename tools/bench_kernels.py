@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from asa_export.contract import AsaAttributes  # noqa: E402
-from asa_export.runtime import torch_op  # noqa: E402
+from asa_export.contract import AsaAttributes
+from asa_export.runtime import torch_op
 
 
 def time_ms(fn, budget_s: float = 0.6, min_reps: int = 3, max_reps: int = 30) -> float:
@@ -181,10 +181,10 @@ def bench_prefill(args, seq: int, causal: bool, rows: list):
             bm = flex_block_mask(runner.tele[0], runner.tele[1], causal, seq, args.block_size)
             fx = flex_ms(q, k, v, bm)
             del bm
-        rows.append(dict(kind="prefill", seq=seq, causal=causal, target=target, tau=tau,
-                         density=density, asa_ms=asa, tflops=flops / asa / 1e9,
-                         cudnn_ms=cudnn, flash_ms=flash, flex_ms=fx, router_ms=router,
-                         router_pct=100 * router / cudnn))
+        rows.append({"kind": "prefill", "seq": seq, "causal": causal, "target": target, "tau": tau,
+                     "density": density, "asa_ms": asa, "tflops": flops / asa / 1e9,
+                     "cudnn_ms": cudnn, "flash_ms": flash, "flex_ms": fx, "router_ms": router,
+                     "router_pct": 100 * router / cudnn})
         print(json.dumps(rows[-1]), flush=True)
         del runner
 
@@ -209,10 +209,10 @@ def bench_decode(args, kv: int, rows: list):
         ms = time_ms(runner.call)
         router = time_ms(lambda r=runner: r.call("asa_cuda_route"))
         best_dense = min(x for x in dense.values() if not math.isnan(x))
-        rows.append(dict(kind="decode", seq=kv, target=target, tau=tau,
-                         density=runner.density(), asa_ms=ms, tok_s=B / ms * 1e3,
-                         dense_tok_s=B / best_dense * 1e3, cudnn_ms=dense["cudnn"],
-                         flash_ms=dense["flash"], speedup=best_dense / ms, router_ms=router))
+        rows.append({"kind": "decode", "seq": kv, "target": target, "tau": tau,
+                     "density": runner.density(), "asa_ms": ms, "tok_s": B / ms * 1e3,
+                     "dense_tok_s": B / best_dense * 1e3, "cudnn_ms": dense["cudnn"],
+                     "flash_ms": dense["flash"], "speedup": best_dense / ms, "router_ms": router})
         print(json.dumps(rows[-1]), flush=True)
 
 
@@ -273,8 +273,8 @@ def bench_models(args, rows: list):
                 peak = torch.cuda.max_memory_allocated() / 2**30
                 dens = (sum(c.item() for c, _ in _DENSITY_LOG) /
                         max(1, sum(v.item() for _, v in _DENSITY_LOG))) if _DENSITY_LOG else 1.0
-                rows.append(dict(kind="model", model=name, seq=seq, config=label, ms=ms,
-                                 peak_gib=peak, density=dens))
+                rows.append({"kind": "model", "model": name, "seq": seq, "config": label, "ms": ms,
+                             "peak_gib": peak, "density": dens})
                 print(json.dumps(rows[-1]), flush=True)
         del model
         torch.cuda.empty_cache()
@@ -349,7 +349,7 @@ def main(argv=None):
             bench_prefill(args, seq, mode == "causal", rows)
             torch.cuda.empty_cache()
     if args.json:
-        args.json.write_text(json.dumps(dict(gpu=gpu, torch=torch.__version__, rows=rows),
+        args.json.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "rows": rows},
                                         indent=1))
     print_table(rows, gpu)
 

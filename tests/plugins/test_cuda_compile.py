@@ -44,7 +44,7 @@ def built_library():
                         "-DASA_WITH_CUDA=ON", "-DASA_WITH_CPU=OFF",
                         "-DCMAKE_CUDA_ARCHITECTURES=90a"], check=True, capture_output=True)
         result = subprocess.run(["cmake", "--build", str(build), "-j", "2"],
-                                capture_output=True, text=True)
+                                capture_output=True, text=True, check=False)
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return lib
 
