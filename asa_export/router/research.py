@@ -217,6 +217,33 @@ def _layer_gate(setting: RouterSetting, layer: int):
     return setting.gates[layer]
 
 
+def gate_setting(gates_file, curves_file, recall: float, sink_blocks: int = 1,
+                 local_blocks: int = 2) -> RouterSetting:
+    """Router "gate" with per-head thresholds fitted on the gate's own calibration curves.
+
+    Args:
+        gates_file: `router.gate.save_gates` output ({layer: Gate}).
+        curves_file: `curves_to_arrays` output holding router "gate" curves for
+            (sink_blocks, local_blocks), measured on the calibration windows.
+        recall: attention-mass recall each head's tau must reach (`stats.fit_head_thresholds`).
+        sink_blocks: contract attribute (must match the curves).
+        local_blocks: contract attribute (must match the curves).
+
+    Returns:
+        RouterSetting(router="gate", gates=..., head_thresholds={layer: [Hq]}).
+    """
+    from asa_export.router import gate, stats
+
+    curves = arrays_to_curves(np.load(curves_file)).get(("gate", sink_blocks, local_blocks))
+    if curves is None:
+        raise AsaExportError(f"{curves_file} has no gate curves for sink {sink_blocks}, "
+                             f"local {local_blocks}")
+    taus = {i: stats.fit_head_thresholds(c, recall) for i, c in enumerate(curves)}
+    return RouterSetting(router="gate", threshold=1.0, sink_blocks=sink_blocks,
+                         local_blocks=local_blocks, head_thresholds=taus,
+                         gates=gate.load_gates(gates_file))
+
+
 def make_qk_capture(store: dict):
     """A transformers attention function that records each layer's (q, k) and attends densely.
 

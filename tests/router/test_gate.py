@@ -209,3 +209,46 @@ def test_cuda_training_agrees_with_cpu():
           for g in (cpu, cuda)]
     assert kl[1] == pytest.approx(kl[0], rel=0.05, abs=1e-3)
     np.testing.assert_allclose(cuda.q_weight, cpu.q_weight, atol=5e-3)
+
+
+class _Module:
+    layer_idx = 0
+
+
+def test_research_gate_router_is_the_contract_gate(tmp_path):
+    """research.py's "gate" router = reference.asa_attention with the gate inputs; capture
+    records (q, k); gate_setting reads gates and curves files."""
+    from asa_export.router import research
+
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(1, h, 64 * 4 + 9, 16, generator=g) for h in (4, 2, 2))
+    rng = np.random.default_rng(12)
+    trained = {0: gate.Gate((rng.standard_normal((4, 16, 8)) / 4).astype(np.float32),
+                            (rng.standard_normal((2, 48, 8)) / 7).astype(np.float32))}
+    setting = research.RouterSetting(router="gate", threshold=0.6, gates=trained)
+    rec = research.Recorder()
+    out, _ = research.make_attention(setting, rec)(_Module(), q, k, v, None, scaling=0.25)
+    attrs = AsaAttributes(causal=True, threshold=0.6, scale=0.25)
+    expect, _, counts, visible = ref.asa_attention(
+        q.numpy(), k.numpy(), v.numpy(), attrs, gate_q_weight=trained[0].q_weight,
+        gate_k_weight=trained[0].k_weight)
+    np.testing.assert_allclose(out.transpose(1, 2).numpy(), expect, atol=2e-5)
+    assert rec.density() == pytest.approx(ref.density(counts, visible, 4)) and rec.density() < 1
+    with pytest.raises(AsaExportError, match="trained gate for layer 0"):
+        research.make_attention(research.RouterSetting(router="gate"), rec)(
+            _Module(), q, k, v, None, scaling=0.25)
+    store = {}
+    research.make_qk_capture(store)(_Module(), q, k, v, None, scaling=0.25)
+    np.testing.assert_array_equal(store[0][1], k.numpy())
+    # gate_setting: per-head thresholds from the gate's curves.
+    probs, vis = ref.router_probs(q.numpy(), k.numpy(), attrs,
+                                  gate_q_weight=trained[0].q_weight,
+                                  gate_k_weight=trained[0].k_weight)
+    mass = stats.block_mass(q.numpy(), k.numpy(), attrs)
+    curve = stats.threshold_curve(probs, mass, vis, attrs, q.shape[2], q.shape[2])
+    np.savez(tmp_path / "c.npz", **research.curves_to_arrays({("gate", 1, 1): {0: curve}}))
+    gate.save_gates(tmp_path / "g.npz", trained)
+    fitted = research.gate_setting(tmp_path / "g.npz", tmp_path / "c.npz", 0.9, 1, 1)
+    np.testing.assert_array_equal(fitted.head_thresholds[0], stats.fit_head_thresholds(curve, 0.9))
+    with pytest.raises(AsaExportError, match="no gate curves"):
+        research.gate_setting(tmp_path / "g.npz", tmp_path / "c.npz", 0.9, 1, 2)
