@@ -1,5 +1,6 @@
-// Plugin fields of AdaptiveSparseAttention: one table drives the creator's field list, parsing
-// (ONNX parser: INT attributes arrive as kINT32, FLOAT as kFLOAT32) and serialization.
+// Plugin fields of AdaptiveSparseAttention: the contract attributes of the adapters' shared table
+// (plugins/core/common/attributes.h) plus the plugin-only fields drive the creator's field list,
+// parsing (ONNX parser: INT attributes arrive as kINT32, FLOAT as kFLOAT32) and serialization.
 #include <cmath>
 #include <cstddef>
 #include <cstring>
@@ -12,32 +13,16 @@ namespace asa {
 namespace trt {
 namespace {
 
-struct FieldDesc {
+// Plugin-only int32 fields of Config.
+struct PluginField {
   const char* name;
-  bool is_float;  // float32 field, else int32
   size_t offset;  // into Config
 };
 
-const FieldDesc kFields[] = {
-    {"scale", true, offsetof(Config, scale)},
-    {"causal", false, offsetof(Config, causal)},
-    {"block_size", false, offsetof(Config, block_size)},
-    {"threshold", true, offsetof(Config, threshold)},
-    {"sink_blocks", false, offsetof(Config, sink_blocks)},
-    {"local_blocks", false, offsetof(Config, local_blocks)},
-    {"window", false, offsetof(Config, window)},
-    {"softcap", true, offsetof(Config, softcap)},
-    {"select_per", false, offsetof(Config, select_per)},
-    {"optional_inputs", false, offsetof(Config, optional_inputs)},
-    {"telemetry_outputs", false, offsetof(Config, telemetry_outputs)},
+const PluginField kPluginFields[] = {
+    {"optional_inputs", offsetof(Config, optional_inputs)},
+    {"telemetry_outputs", offsetof(Config, telemetry_outputs)},
 };
-
-const FieldDesc* find_field(const char* name) {
-  for (const FieldDesc& f : kFields) {
-    if (std::strcmp(f.name, name) == 0) return &f;
-  }
-  return nullptr;
-}
 
 // Reads one scalar of `field` as double; false when the type cannot carry a number.
 bool read_number(const nvinfer1::PluginField& field, double* value) {
@@ -53,18 +38,29 @@ bool read_number(const nvinfer1::PluginField& field, double* value) {
   }
 }
 
+// Stores `value` into the field called `name`; "" or why not. Unknown names are ignored
+// (plugin_namespace / plugin_version arrive as node attributes too).
+std::string store(Config* config, const char* name, double value) {
+  for (const AttributeDesc& d : kContractAttributes) {
+    if (std::strcmp(d.name, name) == 0) return set_attribute(config->attrs, d, value);
+  }
+  for (const PluginField& f : kPluginFields) {
+    if (std::strcmp(f.name, name) != 0) continue;
+    if (value != std::floor(value) || value < INT32_MIN || value > INT32_MAX) {
+      return std::string(name) + " must be an int32 integer";
+    }
+    *reinterpret_cast<int32_t*>(reinterpret_cast<char*>(config) + f.offset) =
+        static_cast<int32_t>(value);
+  }
+  return "";
+}
+
 }  // namespace
 
 std::string Config::validate() const {
   std::ostringstream why;
-  if (block_size != 64 && block_size != 128) why << "block_size must be 64 or 128, got " << block_size << "; ";
-  if (!(scale >= 0.f) || !std::isfinite(scale)) why << "scale must be finite and >= 0; ";
-  if (!(threshold > 0.f) || !std::isfinite(threshold)) why << "threshold must be finite and > 0; ";
-  if (sink_blocks < 0 || local_blocks < 0) why << "sink_blocks and local_blocks must be >= 0; ";
-  if (window == 0 || window < -1) why << "window must be -1 (none) or > 0, got " << window << "; ";
-  if (!(softcap >= 0.f) || !std::isfinite(softcap)) why << "softcap must be finite and >= 0; ";
-  if (causal != 0 && causal != 1) why << "causal must be 0 or 1, got " << causal << "; ";
-  if (select_per != 0 && select_per != 1) why << "select_per must be 0 or 1, got " << select_per << "; ";
+  const std::string contract = validation_errors(attrs);
+  if (!contract.empty()) why << contract << "; ";
   if (optional_inputs < -1 || optional_inputs > kAllOptional) {
     why << "optional_inputs must be -1 or a 5-bit mask, got " << optional_inputs << "; ";
   } else if (optional_inputs >= 0 &&
@@ -80,43 +76,43 @@ bool parse_fields(const nvinfer1::PluginFieldCollection* fc, Config* config, std
   if (fc == nullptr) return true;
   for (int32_t i = 0; i < fc->nbFields; ++i) {
     const nvinfer1::PluginField& field = fc->fields[i];
-    const FieldDesc* desc = field.name ? find_field(field.name) : nullptr;
-    if (desc == nullptr || field.data == nullptr || field.length < 1) continue;
+    if (field.name == nullptr || field.data == nullptr || field.length < 1) continue;
     double value = 0.0;
     if (!read_number(field, &value)) {
+      // Strings (plugin_namespace / plugin_version) and other non-numbers are not ours.
+      bool ours = false;
+      for (const AttributeDesc& d : kContractAttributes) ours |= std::strcmp(d.name, field.name) == 0;
+      for (const PluginField& f : kPluginFields) ours |= std::strcmp(f.name, field.name) == 0;
+      if (!ours) continue;
       *error = std::string("field '") + field.name + "' has a non-numeric type";
       return false;
     }
-    char* base = reinterpret_cast<char*>(config) + desc->offset;
-    if (desc->is_float) {
-      *reinterpret_cast<float*>(base) = static_cast<float>(value);
-    } else if (value != std::floor(value)) {
-      *error = std::string("field '") + field.name + "' must be an integer";
+    *error = store(config, field.name, value);
+    if (!error->empty()) {
+      *error = "field " + *error;
       return false;
-    } else {
-      *reinterpret_cast<int32_t*>(base) = static_cast<int32_t>(value);
     }
   }
   *error = config->validate();
   return error->empty();
 }
 
-std::vector<nvinfer1::PluginField> field_names() {
+std::vector<nvinfer1::PluginField> serialize_fields(const Config& config) {
+  using T = nvinfer1::PluginFieldType;
   std::vector<nvinfer1::PluginField> fields;
-  for (const FieldDesc& f : kFields) {
-    fields.emplace_back(f.name, nullptr,
-                        f.is_float ? nvinfer1::PluginFieldType::kFLOAT32
-                                   : nvinfer1::PluginFieldType::kINT32,
-                        1);
+  for (const AttributeDesc& d : kContractAttributes) {
+    fields.emplace_back(d.name, attribute_address(config.attrs, d),
+                        d.is_float ? T::kFLOAT32 : T::kINT32, 1);
+  }
+  for (const PluginField& f : kPluginFields) {
+    fields.emplace_back(f.name, reinterpret_cast<const char*>(&config) + f.offset, T::kINT32, 1);
   }
   return fields;
 }
 
-std::vector<nvinfer1::PluginField> serialize_fields(const Config& config) {
-  std::vector<nvinfer1::PluginField> fields = field_names();
-  for (size_t i = 0; i < fields.size(); ++i) {
-    fields[i].data = reinterpret_cast<const char*>(&config) + kFields[i].offset;
-  }
+std::vector<nvinfer1::PluginField> field_names() {
+  std::vector<nvinfer1::PluginField> fields = serialize_fields(Config());
+  for (nvinfer1::PluginField& f : fields) f.data = nullptr;
   return fields;
 }
 

@@ -152,11 +152,11 @@ int32_t AsaPlugin::getOutputShapes(const nvinfer1::DimsExprs* inputs, int32_t nb
       return -1;
     }
     const auto& q = inputs[kQuery];
-    const auto* block = expr.constant(config_.block_size);
+    const auto* block = expr.constant(config_.attrs.block_size);
     const auto* nq = expr.operation(nvinfer1::DimensionOperation::kCEIL_DIV, *q.d[2], *block);
     const auto* nk =
         expr.operation(nvinfer1::DimensionOperation::kCEIL_DIV, *inputs[kKey].d[2], *block);
-    const auto* hsel = config_.select_per ? inputs[kKey].d[1] : q.d[1];
+    const auto* hsel = config_.attrs.select_per ? inputs[kKey].d[1] : q.d[1];
     outputs[0].nbDims = 4;  // [B, Hq, Sq, Dv]
     outputs[0].d[0] = q.d[0];
     outputs[0].d[1] = q.d[1];
@@ -297,15 +297,7 @@ AsaParams AsaPlugin::make_params(const Dims* in, DataType type, DataType maskTyp
     }
   }
   if (slot(kGateQ) >= 0) p.gate_dim = static_cast<int32_t>(in[slot(kGateQ)].d[2]);
-  p.scale = config_.scale > 0.f ? config_.scale : 1.f / std::sqrt(static_cast<float>(p.head_dim));
-  p.causal = config_.causal;
-  p.block_size = config_.block_size;
-  p.threshold = config_.threshold;
-  p.sink_blocks = config_.sink_blocks;
-  p.local_blocks = config_.local_blocks;
-  p.window = config_.window;
-  p.softcap = config_.softcap;
-  p.select_per = config_.select_per;
+  fill_attributes(config_.attrs, p);
   return p;
 }
 

@@ -14,6 +14,7 @@
 
 #include "NvInferRuntime.h"
 #include "asa/asa_core.h"
+#include "attributes.h"
 
 namespace asa {
 namespace trt {
@@ -28,18 +29,11 @@ enum Slot { kQuery = 0, kKey, kValue, kMask, kBias, kThresholds, kGateQ, kGateK,
 constexpr int32_t kHasMask = 1, kHasBias = 2, kHasThresholds = 4, kHasGateQ = 8, kHasGateK = 16;
 constexpr int32_t kAllOptional = 31;
 
-// Every field the plugin serializes: the contract attributes plus two plugin-only fields that
-// tell which optional tensors are wired (TensorRT drops empty ONNX inputs and outputs).
+// Every field the plugin serializes: the contract attributes (the adapters' shared table,
+// plugins/core/common/attributes.h) plus two plugin-only fields that tell which optional tensors
+// are wired (TensorRT drops empty ONNX inputs and outputs).
 struct Config {
-  float scale = 0.f;          // 0 = 1/sqrt(D)
-  int32_t causal = 0;
-  int32_t block_size = 64;
-  float threshold = 1.f;
-  int32_t sink_blocks = 1;
-  int32_t local_blocks = 1;
-  int32_t window = -1;
-  float softcap = 0.f;
-  int32_t select_per = 0;
+  ContractAttributes attrs;
   // Which optional inputs are present (kHas* bits); -1 = the first nbInputs-3 optional slots in
   // contract order (a node whose present inputs leave no gap).
   int32_t optional_inputs = -1;

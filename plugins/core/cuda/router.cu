@@ -182,11 +182,18 @@ __device__ void softmax_visible(float* lg, const uint8_t* flags, int nk) {
   __syncthreads();
 }
 
-// Ascending bitonic sort of n (a power of two) keys in shared memory.
+// Who sorts one list: every thread of the CTA, or one warp (its lanes).
+enum class Sorter { kBlock, kWarp };
+
+// Ascending bitonic sort of n (a power of two) keys in shared memory by the CTA's kSelectThreads
+// threads (kBlock) or the calling warp's 32 lanes (kWarp).
+template <Sorter kBy>
 __device__ void bitonic_sort(uint64_t* keys, int n) {
+  constexpr int kThreads = kBy == Sorter::kBlock ? kSelectThreads : 32;
+  const int tid = kBy == Sorter::kBlock ? threadIdx.x : threadIdx.x % 32;
   for (int size = 2; size <= n; size <<= 1) {
     for (int stride = size >> 1; stride > 0; stride >>= 1) {
-      for (int t = threadIdx.x; t < n / 2; t += kSelectThreads) {
+      for (int t = tid; t < n / 2; t += kThreads) {
         const int lo = 2 * t - (t & (stride - 1));
         const int hi = lo + stride;
         const bool ascending = (lo & size) == 0;
@@ -196,7 +203,11 @@ __device__ void bitonic_sort(uint64_t* keys, int n) {
           keys[hi] = a;
         }
       }
-      __syncthreads();
+      if (kBy == Sorter::kBlock) {
+        __syncthreads();
+      } else {
+        __syncwarp();
+      }
     }
   }
 }
@@ -234,7 +245,7 @@ __device__ void select_and_write(const AsaParams& p, const Workspace& ws, const 
       forced_acc = acc;
     }
     __syncthreads();
-    bitonic_sort(sm.keys, nk_pow2);
+    bitonic_sort<Sorter::kBlock>(sm.keys, nk_pow2);
     if (threadIdx.x == 0) {
       // The key holds ~bits(P) above the index: no second shared-memory read per step.
       float acc = forced_acc;
@@ -512,21 +523,7 @@ __global__ void __launch_bounds__(32 * kListsPerCta) select_warp_kernel(
       keys[t] = key;
     }
     __syncwarp();
-    for (int size = 2; size <= nk_pow2; size <<= 1) {
-      for (int stride = size >> 1; stride > 0; stride >>= 1) {
-        for (int t = lane; t < nk_pow2 / 2; t += 32) {
-          const int lo_i = 2 * t - (t & (stride - 1));
-          const int hi_i = lo_i + stride;
-          const bool ascending = (lo_i & size) == 0;
-          const uint64_t a = keys[lo_i], b = keys[hi_i];
-          if ((a > b) == ascending) {
-            keys[lo_i] = b;
-            keys[hi_i] = a;
-          }
-        }
-        __syncwarp();
-      }
-    }
+    bitonic_sort<Sorter::kWarp>(keys, nk_pow2);
     if (lane == 0) {
       float acc = 0.f;
       const int sink_end = min(p.sink_blocks, nk);
