@@ -312,17 +312,34 @@ def ort_optimized(orig: Path, out: Path, model_type: str) -> dict:
                 softmax=ops.get("Softmax", 0))
 
 
-def rewritten(orig: Path, out: Path, **options) -> int:
-    """Rewrite `orig` into `out` with RewriteOptions(**options); returns the ASA node count."""
+def rewritten(orig: Path, out: Path, head_thresholds: dict | None = None, **options) -> int:
+    """Rewrite `orig` into `out` with RewriteOptions(**options); returns the ASA node count.
+
+    Args:
+        head_thresholds: optional {layer: [Hq] tau} written as each site's contract input 5.
+    """
     import onnx_ir as ir
 
     from asa_export import io
     from asa_export.passes.pipeline import RewriteOptions, rewrite_model
 
     model = ir.load(str(orig))
-    rewrite_model(model, RewriteOptions(**options))
+    report = rewrite_model(model, RewriteOptions(**options))
+    if head_thresholds is not None:
+        sys.path.insert(0, str(REPO / "tools"))
+        from eval_router import set_head_thresholds
+
+        set_head_thresholds(model, report, head_thresholds)
     io.save_model(model, out)
     return sum(1 for n in model.graph if n.op_type == "AdaptiveSparseAttention")
+
+
+def load_head_thresholds(path: Path) -> dict:
+    """{layer: float32 [Hq]} from `eval_router.py thresholds --to FILE` output."""
+    import json
+
+    table = json.loads(Path(path).read_text())["head_thresholds"]
+    return {int(layer): np.asarray(taus, np.float32) for layer, taus in table.items()}
 
 
 def model_density(path: Path, feeds: dict, library) -> float:
@@ -341,62 +358,81 @@ def model_density(path: Path, feeds: dict, library) -> float:
     return kept / sum(d.visible for d in result.density)
 
 
-def run_e2e(seqs, threads: int, repeats: int, library, workdir: Path, sparse: dict,
-            model_type: str) -> dict:
-    """Prefill latency of (a) original, (b) ORT-optimized, (c) ASA τ=1, (d) ASA sparse.
+def _time_one(path: Path, library, threads: int, feeds: dict, repeats: int, warmup: int) -> dict:
+    """Open one session, run `warmup` untimed and `repeats` timed runs, close it.
+
+    One session at a time: at 4K the original's S×S attention tensors fill ONNX Runtime's arenas
+    (four sessions open held 21 GB of the 23 GB machine and were OOM-killed).
 
     Returns:
-        dict(rows=[{seq, config, median, best, runs, density}], optimizer=..., sparse=...).
+        dict(best, median, runs, logits (first output of the last run), load (1-min load average
+        before the timed runs)).
+    """
+    sess = asa_ort.session(str(path), library=library, sess_options=_options(threads))
+    for _ in range(warmup):
+        out = sess.run(None, feeds)
+    load = os.getloadavg()[0]
+    wall = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = sess.run(None, feeds)
+        wall.append(time.perf_counter() - t0)
+    del sess
+    return dict(best=min(wall), median=statistics.median(wall), runs=wall, logits=out[0], load=load)
+
+
+def run_e2e(seqs, threads: int, repeats: int, library, workdir: Path, sparse: dict,
+            model_type: str, warmup: int = 1, configs: str = "abcd", model: Path | None = None) -> dict:
+    """Prefill latency of (a) original, (b) ORT-optimized, (c) ASA τ=1, (d) ASA sparse.
+
+    Configurations run one after another, one session open at a time (see `_time_one`).
+
+    Returns:
+        dict(rows=[{seq, config, median, best, runs, density, load}], optimizer=..., sparse=...).
     """
     import graphs
     from graphs.inputs import sample_inputs
 
     workdir.mkdir(parents=True, exist_ok=True)
-    orig = Path(graphs.export(E2E_MODEL[0], E2E_MODEL[1], attn=E2E_MODEL[2]))
+    orig = Path(model or graphs.export(E2E_MODEL[0], E2E_MODEL[1], attn=E2E_MODEL[2]))
     paths = {"(a) original": orig, "(b) ORT transformer optimizer": workdir / "ort_opt.onnx",
              "(c) ASA library τ=1": workdir / "asa_tau1.onnx",
              "(d) ASA library sparse": workdir / "asa_sparse.onnx"}
-    info = dict(optimizer=ort_optimized(orig, paths["(b) ORT transformer optimizer"], model_type),
-                sparse=sparse)
-    rewritten(orig, paths["(c) ASA library τ=1"], threshold=1.0)
-    rewritten(orig, paths["(d) ASA library sparse"], **sparse)
+    paths = {k: v for k, v in paths.items() if k[1] in configs}
+    info = dict(optimizer=ort_optimized(orig, workdir / "ort_opt.onnx", model_type), sparse=sparse)
+    if "c" in configs:
+        rewritten(orig, paths["(c) ASA library τ=1"], threshold=1.0)
+    if "d" in configs:
+        rewritten(orig, paths["(d) ASA library sparse"], **sparse)
     rows = []
     for seq in seqs:
         feeds = sample_inputs(E2E_MODEL[0], str(orig), batch=1, seq=seq)
-        runs, names = [], []
+        base = None
         for name, path in paths.items():
             lib = library if name.startswith(("(c)", "(d)")) else False
-            runs.append((asa_ort.session(str(path), library=lib, sess_options=_options(threads)),
-                         feeds))
-            names.append(name)
-        res = _time_interleaved(runs, repeats)
-        base = res[0]["out"][0]
-        for name, r in zip(names, res):
-            err = float(np.abs(r["out"][0] - base).max())
-            dens = 1.0
-            if name.startswith("(d)"):
-                dens = model_density(paths[name], feeds, library)
-            rows.append(dict(seq=seq, config=name, best=r["s"], median=r["median"],
-                             runs=r["runs"], density=dens, max_logit_diff=err))
-            print(f"S {seq} {name}: median {r['median']:.2f} s, density {dens:.3f}, "
-                  f"max |Δlogit| vs (a) {err:.2e}", flush=True)
-        del runs
+            r = _time_one(path, lib, threads, feeds, repeats, warmup)
+            base = r["logits"] if base is None else base
+            err = float(np.abs(r.pop("logits") - base).max())
+            dens = model_density(path, feeds, library) if name.startswith("(d)") else 1.0
+            rows.append(dict(seq=seq, config=name, density=dens, max_logit_diff=err, **r))
+            print(f"S {seq} {name}: median {r['median']:.2f} s (runs {r['runs']}), density "
+                  f"{dens:.3f}, max |Δlogit| vs first {err:.2e}, load {r['load']:.2f}", flush=True)
     info["rows"] = rows
     return info
 
 
 def e2e_table(rows) -> str:
     lines = ["| S | configuration | density | median (s) | runs (s) | vs (a) | vs (b) | "
-             "max abs Δlogits vs (a) |",
-             "| ---: | --- | ---: | ---: | --- | ---: | ---: | ---: |"]
+             "max abs Δlogits vs (a) | 1-min load |",
+             "| ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
     for row in rows:
         same = {r["config"][:3]: r for r in rows if r["seq"] == row["seq"]}
-        va = same["(a)"]["median"] / row["median"]
-        vb = same["(b)"]["median"] / row["median"]
+        va = f"{same['(a)']['median'] / row['median']:.2f}×" if "(a)" in same else "—"
+        vb = f"{same['(b)']['median'] / row['median']:.2f}×" if "(b)" in same else "—"
         runs = ", ".join(f"{t:.2f}" for t in row["runs"])
         lines.append(f"| {row['seq']} | {row['config']} | {row['density']:.3f} | "
-                     f"{row['median']:.2f} | {runs} | {va:.2f}× | {vb:.2f}× | "
-                     f"{row['max_logit_diff']:.1e} |")
+                     f"{row['median']:.2f} | {runs} | {va} | {vb} | "
+                     f"{row['max_logit_diff']:.1e} | {row['load']:.1f} |")
     return "\n".join(lines)
 
 
@@ -406,21 +442,23 @@ def e2e_section(info, args, command: str, load_before: float) -> str:
     load = os.getloadavg()[0]
     opt = info["optimizer"]
     sp = info["sparse"]
+    per_head = (f"per-head thresholds from `{args.sparse_thresholds}` (contract input 5, replacing "
+                f"the global τ)" if args.sparse_thresholds else f"threshold {sp['threshold']}")
     return "\n".join([
         E2E_SECTION_MARK, "",
         f"Prefill latency (one forward pass over the whole prompt, logits out), batch 1, "
         f"SmolLM2-135M real weights, dynamo opset 18 export (sdpa path), ONNX Runtime "
         f"{ort.__version__} CPU execution provider, {args.threads} intra-op threads, "
-        f"graph optimizations on; median of {args.e2e_repeats} runs after a warm-up, "
-        "configurations interleaved run by run.", "",
+        f"graph optimizations on; one session open at a time: per configuration "
+        f"{args.e2e_warmup} warm-up run(s), then the median of {args.e2e_repeats} timed runs.", "",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- CPU: {cpu_model()}; 1-min load average before / after: {load_before:.2f} / "
-        f"{load:.2f} (the 2 cores are shared with other jobs)",
+        f"{load:.2f} (the 2 cores are shared with other jobs; per-row load in the table)",
         f"- command: `{command}`",
         f"- (b): `onnxruntime.transformers.optimizer.optimize_model(model_type=\"{opt['model_type']}\", "
         f"num_heads=9, hidden_size=576, opt_level=0)`; fused operators: {opt['fused'] or 'none'}; "
         f"attention ops after it: {opt['attention_ops'] or 'none'} (Softmax left: {opt['softmax']})",
-        f"- (d): threshold {sp['threshold']}, sink {sp['sink_blocks']}, local {sp['local_blocks']}, "
+        f"- (d): {per_head}, sink {sp['sink_blocks']}, local {sp['local_blocks']}, "
         f"block {sp.get('block_size', 64)}; density = kept / visible key blocks over all 30 "
         "layers and heads, measured from the op's telemetry on the same input", "",
         e2e_table(info["rows"]), ""])
@@ -444,8 +482,14 @@ def main(argv=None) -> int:
     ap.add_argument("--e2e-dir", type=Path, default=REPO / ".cache/bench_ort_cpu")
     ap.add_argument("--optimizer-model-type", default="gpt2",
                     help="model_type for ONNX Runtime's transformer optimizer")
-    ap.add_argument("--sparse", default="0.9,1,1",
+    ap.add_argument("--sparse", default="0.98,1,2",
                     help="(d)'s threshold,sink_blocks,local_blocks")
+    ap.add_argument("--sparse-thresholds", type=Path, default=None,
+                    help="(d)'s per-head thresholds JSON (`eval_router.py thresholds --to`)")
+    ap.add_argument("--e2e-model", type=Path, default=None,
+                    help="the original SmolLM2 export (default: graphs.export's cache)")
+    ap.add_argument("--e2e-warmup", type=int, default=1, help="untimed runs per configuration")
+    ap.add_argument("--e2e-configs", default="abcd", help="subset of the configurations a, b, c, d")
     args = ap.parse_args(argv)
     library = args.library or asa_ort.library_path()
     if library is None:
@@ -456,9 +500,11 @@ def main(argv=None) -> int:
     if args.e2e:
         tau, sink, local = args.sparse.split(",")
         sparse = dict(threshold=float(tau), sink_blocks=int(sink), local_blocks=int(local))
+        if args.sparse_thresholds:
+            sparse["head_thresholds"] = load_head_thresholds(args.sparse_thresholds)
         load_before = os.getloadavg()[0]
         info = run_e2e(args.seq, args.threads, args.e2e_repeats, library, args.e2e_dir, sparse,
-                       args.optimizer_model_type)
+                       args.optimizer_model_type, args.e2e_warmup, args.e2e_configs, args.e2e_model)
         text = e2e_section(info, args, command.strip(), load_before)
         print(text)
         if args.write:
