@@ -397,3 +397,40 @@ def test_hopper_dispatch_takes_wgmma_kernel(op, monkeypatch):
     names = attention_kernels_run(op, case)
     assert any("attn_mma_kernel" in n for n in names), names
     assert not any("attn_wgmma_kernel" in n for n in names), names
+
+
+@pytest.mark.parametrize("path", ["wgmma", "mma"])
+def test_caller_lists_with_invisible_blocks(op, path, monkeypatch):
+    """asa_cuda_attention on caller-made (ascending) lists that also hold blocks no row of the
+    query block sees (causal future blocks, blocks behind the window): they contribute nothing,
+    so the output equals the router's lists' output exactly (the wgmma kernel masks such tiles
+    fully, also before any visible tile; the mma kernel skips them)."""
+    if path == "mma":
+        monkeypatch.setenv("ASA_CUDA_WGMMA", "0")
+    window = 300
+    case = Case(1, 4, 2, 1025, 1025, 128, "bf16",
+                A(causal=True, window=window, threshold=0.5, block_size=128))
+    q, k, v, _, _ = make_inputs(case, 4)
+    ref_out, (indices, counts, vis) = run_poisoned(op, q, k, v, case.attrs)
+    idx, cnt = indices.cpu().numpy().copy(), counts.cpu().numpy().copy()
+    nk = idx.shape[-1]
+
+    def invisible(qb, kb):
+        return kb > qb or kb * 128 + 127 <= qb * 128 - window
+
+    added = 0
+    for row in np.ndindex(*cnt.shape):
+        qb, kept = row[-1], set(idx[row][:cnt[row]].tolist())
+        extra = [kb for kb in range(nk) if invisible(qb, kb) and kb not in kept]
+        if extra:
+            new = sorted(kept | {extra[0], extra[-1]})
+            idx[row][:len(new)] = new
+            cnt[row] = len(new)
+            added += len(new) - len(kept)
+    assert added > 0
+    tele = (torch.from_numpy(idx).cuda(), torch.from_numpy(cnt).cuda(), vis)
+    out = torch.full_like(ref_out, POISON)
+    params, _keep = op.make_params(q, k, v, out, tele, case.attrs)
+    op.run_core("asa_cuda_attention", params, q.device)
+    torch.cuda.synchronize()
+    assert torch.equal(out, ref_out)
