@@ -52,8 +52,9 @@ _TYPED_BY_ATTRIBUTE = frozenset({
     "Cast", "ConstantOfShape", "RandomNormal", "RandomUniform", "RandomNormalLike",
     "RandomUniformLike", "EyeLike", "Multinomial", "Bernoulli",
 })
-# ASA input slots that keep their own type (SPEC.md: mask is bool/int, head_thresholds fp32).
-_ASA_FIXED_SLOTS = frozenset({3, 5})
+# ASA input slots that keep their own type (SPEC.md: mask is bool/int, head_thresholds and the
+# learned gate weights float32).
+_ASA_FIXED_SLOTS = frozenset({3, 5, 6, 7})
 _FP16_MAX = float(np.finfo(np.float16).max)
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
