@@ -63,7 +63,8 @@ def test_bare_form_and_export_alias(tmp_path, default_model):
     assert OP_TYPE in op_types(tmp_path / "a.onnx")
     report = json.loads((tmp_path / "a.json").read_text())
     assert report["options"] == {"block_size": 128, "threshold": 0.8, "sink_blocks": 1,
-                                 "local_blocks": 2, "select_per": 1}
+                                 "local_blocks": 2, "select_per": 1, "head_thresholds": None,
+                                 "gates": None}
     assert report["sites"] and report["counts_per_rule"]
     assert "attention site(s)" in bare.stdout
     assert "matching and rewriting" in bare.stderr  # progress goes to stderr
