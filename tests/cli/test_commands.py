@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import re
 import os
+import re
 
 import onnx
 import pytest
@@ -34,7 +34,7 @@ def test_check_perturbed_model_fails(tmp_path):
     assert "FAILED" in result.stdout and "MISMATCH" in result.stdout
     assert "Traceback" not in result.stderr
     # MatMul + Relu sum in one order with or without graph optimizations: no noise excuses it.
-    assert re.search(r"^out\s+\S+\s+0\s+-$", result.stdout, re.M), result.stdout
+    assert re.search(r"^out\s+\S+\s+0\s+-$", result.stdout, re.MULTILINE), result.stdout
     assert "beyond 3 x the original's own reordering noise 0" in result.stdout.splitlines()[-1]
     bare = run_cli("check", a, b, "--no-noise", "--no-density")
     assert bare.returncode == 1 and "reordering noise" not in bare.stdout

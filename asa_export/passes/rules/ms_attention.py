@@ -110,8 +110,8 @@ def match(model: ir.Model, node: ir.Node) -> Match:
 
 # GroupQueryAttention inputs (ORT 1.32 schema) whose semantics the contract does not express.
 _GQA_REFUSED_INPUTS = {
-    3: "past_key (a KV cache: the kernel writes new keys at per-batch offsets seqlens_k[b] + 1 - S "
-       "inside the cache, which a concatenation after the past does not reproduce)",
+    3: ("past_key (a KV cache: the kernel writes new keys at per-batch offsets seqlens_k[b] + 1 - S "
+        "inside the cache, which a concatenation after the past does not reproduce)"),
     4: "past_value (a KV cache, see past_key)",
     9: "position_ids input", 10: "attention_bias input", 11: "head_sink input (smooth softmax)",
     12: "k_scale input (quantized KV cache)", 13: "v_scale input (quantized KV cache)",
@@ -121,8 +121,8 @@ _GQA_REFUSED_INPUTS = {
 }
 # Attributes whose non-default values the contract does not express: name -> (default, reason).
 _GQA_REFUSED_ATTRS = {
-    "do_rotary": (0, "do_rotary=1: rotary embedding inside the op is not in the contract (the "
-                     "contract takes RoPE'd Q and K)"),
+    "do_rotary": (0, ("do_rotary=1: rotary embedding inside the op is not in the contract "
+                      "(the contract takes RoPE'd Q and K)")),
     "smooth_softmax": (0, "smooth_softmax=1 (an extra 1 in the softmax denominator)"),
     "sliding_window_cache": (0, "sliding_window_cache=1 (a window-sized KV cache)"),
     "kv_cache_bit_width": (0, "a quantized KV cache (kv_cache_bit_width)"),
