@@ -168,26 +168,16 @@ def calibrate(model_path: str | os.PathLike, texts: Sequence[str | os.PathLike],
     walls: dict = {}
     mode = _check_options(options)
     _check_paths(model_path, output_path, report_path, plots_dir)
+    for path in _non_empty(texts):  # before minutes of loading: fail fast on bad text files
+        _read_text(path)
     if options.gate:
         _gate_module()
     model, sites, rewritten = _timed(walls, "load", _load_sites, model_path, options.rewrite)
-    ids = _timed(walls, "tokenize", _token_ids, texts, tokenizer, model)
-    wins = choose_windows(len(ids), options.context, options.windows, options.seed)
     with _work_dir(resume_dir) as work:
+        ids = _timed(walls, "tokenize", _token_ids, texts, tokenizer, model, work)
+        wins = choose_windows(len(ids), options.context, options.windows, options.seed)
         _check_run(work, _fingerprint(model_path, ids, wins, options))
-        walls["capture"] = capture_windows(model, sites, ids, wins, work, options)
-        attrs = [s.attrs.as_onnx_attributes() for s in sites]
-        curves_dir = work / f"curves-{_key(_floats(options.grid()), attrs)}"
-        walls["phase1"] = phase1_statistics(sites, wins, work, curves_dir, options)
-        base = [_sum_curves(curves_dir, len(wins), s.index, "router") for s in sites]
-        fit = fit_thresholds(base, options, mode)
-        result = {"router": "mean", "fit": fit, "curves": base, "training_free": None,
-                  "forced": [_sum_arrays(curves_dir, len(wins), f"forced{s.index}") for s in sites]}
-        if options.gate:
-            gates, gate_curves, walls["gate"] = phase2_gates(sites, wins, work, curves_dir, options)
-            result.update({"router": "gate", "fit": fit_thresholds(gate_curves, options, mode),
-                           "curves": gate_curves, "gates": gates, "training_free": fit,
-                           "base_curves": base})
+        result = _fit(model, sites, ids, wins, work, options, mode, walls)
         _timed(walls, "write", _write_model, model, sites, result, output_path)
     walls["total"] = time.perf_counter() - start
     report = build_report(model_path, output_path, texts, tokenizer, options, mode, sites, wins,
@@ -197,6 +187,29 @@ def calibrate(model_path: str | os.PathLike, texts: Sequence[str | os.PathLike],
     if plots_dir is not None:
         write_plots(report, result, plots_dir)
     return report
+
+
+def _fit(model, sites, ids, wins, work, options: CalibrateOptions, mode, walls: dict) -> dict:
+    """Capture, phase 1 and (with options.gate) phase 2 in the work folder.
+
+    Returns:
+        {"router", "fit" (fit_thresholds of the written router), "curves", "forced",
+         "training_free" (phase-1 fit when a gate is used), "gates", "base_curves"}.
+    """
+    walls["capture"] = capture_windows(model, sites, ids, wins, work, options)
+    attrs = [s.attrs.as_onnx_attributes() for s in sites]
+    curves_dir = work / f"curves-{_key(_floats(options.grid()), attrs)}"
+    walls["phase1"] = phase1_statistics(sites, wins, work, curves_dir, options)
+    base = [_sum_curves(curves_dir, len(wins), s.index, "router") for s in sites]
+    fit = fit_thresholds(base, options, mode)
+    result = {"router": "mean", "fit": fit, "curves": base, "training_free": None,
+              "forced": [_sum_arrays(curves_dir, len(wins), f"forced{s.index}") for s in sites]}
+    if options.gate:
+        gates, gate_curves, walls["gate"] = phase2_gates(sites, wins, work, curves_dir, options)
+        result.update({"router": "gate", "fit": fit_thresholds(gate_curves, options, mode),
+                       "curves": gate_curves, "gates": gates, "training_free": fit,
+                       "base_curves": base})
+    return result
 
 
 def choose_windows(num_tokens: int, context: int, count: int, seed: int) -> list[int]:
@@ -321,25 +334,53 @@ def _load_sites(model_path, rewrite_options: RewriteOptions):
 # ---------------------------------------------------------------------------- text
 
 
-def _token_ids(texts, tokenizer, model) -> np.ndarray:
-    """Tokenize the texts (joined by blank lines) and check the ids against the model."""
-    if not texts:
-        raise AsaExportError("no calibration text: give at least one --text FILE")
-    parts = []
-    for path in texts:
-        path = pathlib.Path(path)
-        if not path.is_file():
-            raise AsaExportError(f"calibration text {path} does not exist or is not a file")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise AsaExportError(f"calibration text {path} is not UTF-8 text: {err}") from err
-        if not text.strip():
-            raise AsaExportError(f"calibration text {path} is empty")
-        parts.append(text)
-    ids = load_tokenizer(tokenizer)("\n\n".join(parts))
+def _token_ids(texts, tokenizer, model, work: pathlib.Path) -> np.ndarray:
+    """Tokenize the texts (joined by blank lines) and check the ids against the model.
+
+    The ids are cached in the work folder (keyed by the text and the tokenizer files): a
+    resumed run does not load the tokenizer again (a GGUF vocabulary takes 15-45 s here).
+    """
+    text = "\n\n".join(_read_text(path) for path in _non_empty(texts))
+    cache = work / f"tokens-{_key(hashlib.sha1(text.encode()).hexdigest(), _file_id(tokenizer))}.npy"
+    if cache.exists():
+        ids = np.load(cache)
+    else:
+        ids = load_tokenizer(tokenizer)(text)
+        np.save(cache, ids)
     if ids.size == 0:
         raise AsaExportError("the tokenizer produced no tokens from the calibration text")
+    _check_vocabulary(ids, model)
+    logger.info("calibration text: %d tokens", ids.size)
+    return ids
+
+
+def _non_empty(texts):
+    if not texts:
+        raise AsaExportError("no calibration text: give at least one --text FILE")
+    return texts
+
+
+def _read_text(path) -> str:
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise AsaExportError(f"calibration text {path} does not exist or is not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise AsaExportError(f"calibration text {path} is not UTF-8 text: {err}") from err
+    if not text.strip():
+        raise AsaExportError(f"calibration text {path} is empty")
+    return text
+
+
+def _file_id(path) -> list:
+    """Identity of a tokenizer path: every file (below it) with its size and mtime."""
+    path = pathlib.Path(path).resolve()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def _check_vocabulary(ids: np.ndarray, model) -> None:
     vocab = model_vocab_size(model)
     if vocab is None:
         logger.warning("the model's vocabulary size is unknown (no static logits output or "
@@ -349,8 +390,6 @@ def _token_ids(texts, tokenizer, model) -> np.ndarray:
             f"the tokenizer produced token id {int(ids.max())}, but the model's vocabulary has "
             f"{vocab} entries: the tokenizer does not belong to this model (give the model's "
             "own tokenizer)")
-    logger.info("calibration text: %d tokens", ids.size)
-    return ids
 
 
 # ---------------------------------------------------------------------------- capture

@@ -111,6 +111,7 @@ def test_lower_recall_target_gives_lower_thresholds_and_density(setup, first):
     # Resumed: the captures and statistics of the first run were reused.
     assert low["wall_s"]["capture"] == [0.0] * WINDOWS
     assert low["wall_s"]["phase1"] == [0.0] * WINDOWS
+    assert len(list((root / "work").glob("tokens-*.npy"))) == 1  # token ids cached too
 
 
 def test_deterministic_given_the_seed(setup, first):
