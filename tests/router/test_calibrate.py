@@ -264,3 +264,44 @@ def test_folder_without_a_tokenizer_is_a_user_error(tmp_path):
         cal.load_tokenizer(tmp_path)
     with pytest.raises(AsaExportError, match="does not exist"):
         cal.load_tokenizer(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("seq_q, seq_kv, kw, pad", [
+    (97, 300, dict(causal=True, window=70), True),      # past keys, causal window, padding
+    (300, 100, dict(causal=True), False),               # more rows than keys: early rows see none
+    (150, 150, dict(causal=False, softcap=2.0), True),
+    (130, 130, dict(causal=False, window=40), False),
+    (200, 200, dict(causal=True, block_size=128), False),
+])
+def test_block_mass_skips_only_invisible_keys(seq_q, seq_kv, kw, pad):
+    """stats.block_mass computes each row chunk over its visible key span only: it must equal
+    the block sums of the full masked softmax (float64) in every geometry."""
+    from asa_export.contract import AsaAttributes, reference
+    from asa_export.router import stats
+
+    rng = np.random.default_rng(3)
+    q = (rng.standard_normal((2, 4, seq_q, 16)) * 2).astype(np.float32)
+    k = rng.standard_normal((2, 2, seq_kv, 16)).astype(np.float32)
+    mask = None
+    if pad:
+        mask = np.ones((2, seq_kv), np.int64)
+        mask[1, :seq_kv // 3] = 0
+    attrs = AsaAttributes(**kw)
+    b = attrs.block_size
+    vis = reference.visibility(2, seq_q, seq_kv, attrs, mask)[:, None]
+    s = np.einsum("bhqd,bhkd->bhqk", q.astype(np.float64),
+                  np.repeat(k, 2, axis=1).astype(np.float64)) / 4.0
+    if attrs.softcap:
+        s = attrs.softcap * np.tanh(s / attrs.softcap)
+    s = np.where(vis, s, -np.inf)
+    top = np.max(s, -1, keepdims=True)
+    e = np.where(vis, np.exp(s - np.where(np.isfinite(top), top, 0)), 0)
+    p = e / np.maximum(e.sum(-1, keepdims=True), 1e-300)
+    nq, nk = -(-seq_q // b), -(-seq_kv // b)
+    want = np.zeros((2, 4, nq, nk))
+    for i in range(nq):
+        for j in range(nk):
+            want[:, :, i, j] = p[:, :, i * b:(i + 1) * b, j * b:(j + 1) * b].sum(-1).mean(-1)
+    for chunk in (64, 512):
+        np.testing.assert_allclose(stats.block_mass(q, k, attrs, mask, row_chunk=chunk), want,
+                                   atol=2e-6)
