@@ -65,6 +65,8 @@ class AsaParams(ctypes.Structure):
         ("visible_counts", ctypes.c_void_p),
         ("gate_q_weight", ctypes.c_void_p), ("gate_k_weight", ctypes.c_void_p),
         ("gate_dim", ctypes.c_int32),
+        ("key_block_stats", ctypes.c_void_p), ("key_block_stats_blocks", ctypes.c_int32),
+        ("key_block_stats_capacity", ctypes.c_int32),
     ]
 
 
@@ -123,6 +125,9 @@ def _library() -> ctypes.CDLL:
             fn.restype = ctypes.c_int
             fn.argtypes = [ctypes.POINTER(AsaParams), ctypes.c_void_p, ctypes.c_size_t,
                            ctypes.c_void_p]
+        lib.asa_cuda_key_block_stats.restype = ctypes.c_int
+        lib.asa_cuda_key_block_stats.argtypes = [ctypes.POINTER(AsaParams), ctypes.c_void_p,
+                                                 ctypes.c_int, ctypes.c_void_p]
         lib.asa_last_error.restype = ctypes.c_char_p
         _LIB = lib
     return _LIB
@@ -138,7 +143,8 @@ def _inner_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 def make_params(q, k, v, out, telemetry, attrs: AsaAttributes, key_padding_mask=None,
                 attn_bias=None, head_thresholds=None, gate_q_weight=None,
-                gate_k_weight=None) -> tuple[AsaParams, list]:
+                gate_k_weight=None, key_block_stats=None,
+                key_block_stats_blocks=None) -> tuple[AsaParams, list]:
     """Fill AsaParams from tensors (validated by the core).
 
     Args:
@@ -148,6 +154,10 @@ def make_params(q, k, v, out, telemetry, attrs: AsaAttributes, key_padding_mask=
         key_padding_mask, attn_bias, head_thresholds: optional inputs (SPEC.md).
         gate_q_weight, gate_k_weight: the learned gate, [Hq, D, Dg] and [Hkv, 3*D, Dg]
             (SPEC.md inputs 6-7), both or neither; made float32 and contiguous.
+        key_block_stats: optional caller-kept router statistics [B, Hkv, C, F] float32
+            (see `key_block_stats`); not a contract input, the result is unchanged.
+        key_block_stats_blocks: how many leading rows of key_block_stats are valid
+            (default min(C, NK)); the router pools the later blocks itself.
 
     Returns:
         (params, keep_alive) where keep_alive holds tensors the params point into.
@@ -183,6 +193,10 @@ def make_params(q, k, v, out, telemetry, attrs: AsaAttributes, key_padding_mask=
         p.head_thresholds = tau.data_ptr()
         keep.append(tau)
     keep += _set_gate(p, gate_q_weight, gate_k_weight, heads_q, heads_kv, dim)
+    if key_block_stats is not None:
+        _set_key_block_stats(p, key_block_stats, key_block_stats_blocks, k, attrs,
+                             gate_q_weight is not None)
+        keep.append(key_block_stats)
     p.scale = attrs.resolved_scale(dim)
     p.causal, p.block_size, p.threshold = int(attrs.causal), attrs.block_size, attrs.threshold
     p.sink_blocks, p.local_blocks = attrs.sink_blocks, attrs.local_blocks
@@ -208,6 +222,80 @@ def _set_gate(p: AsaParams, gate_q_weight, gate_k_weight, heads_q: int, heads_kv
                              f"{[heads_kv, 3 * dim, wq.shape[2]]}, got {list(wk.shape)}")
     p.gate_q_weight, p.gate_k_weight, p.gate_dim = wq.data_ptr(), wk.data_ptr(), wq.shape[2]
     return [wq, wk]
+
+
+def _check_stats_buffer(stats, key, attrs: AsaAttributes, gate: bool) -> None:
+    """SPEC.md "Acceleration": stats are float32 [B, Hkv, C, F] on the keys' device."""
+    batch, heads_kv, _, dim = key.shape
+    width = 3 * dim if gate else dim
+    if (stats.dtype != torch.float32 or stats.device != key.device or stats.dim() != 4
+            or not stats.is_contiguous() or tuple(stats.shape[:2]) != (batch, heads_kv)
+            or stats.shape[3] != width or stats.shape[2] < 1):
+        raise AsaExportError(
+            f"key_block_stats must be a contiguous float32 tensor [B, Hkv, C, F] = "
+            f"[{batch}, {heads_kv}, C, {width}] on {key.device} (F = {'3*D' if gate else 'D'}"
+            f"{' with the learned gate' if gate else ''}), got {stats.dtype} "
+            f"{list(stats.shape)} on {stats.device}")
+
+
+def _set_key_block_stats(p: AsaParams, stats, blocks, key, attrs: AsaAttributes,
+                         gate: bool) -> None:
+    """Point `p` at the caller's key block statistics (the core checks `blocks`)."""
+    _check_stats_buffer(stats, key, attrs, gate)
+    nk = num_blocks(key.shape[2], attrs.block_size)
+    p.key_block_stats = stats.data_ptr()
+    p.key_block_stats_capacity = stats.shape[2]
+    p.key_block_stats_blocks = min(stats.shape[2], nk) if blocks is None else int(blocks)
+
+
+def key_block_stats(key, attrs: AsaAttributes = AsaAttributes(), key_padding_mask=None,
+                    gate: bool = False, out=None, first_block: int = 0):
+    """The router's key block statistics, for a caller that keeps them across decode steps.
+
+    Equal bit for bit to what the router pools (SPEC.md "Acceleration (kernel ABI only)"): the
+    mean of each block's kept keys, and with the learned gate concat(mean, max, min). A decode
+    loop computes them once for the prompt, then after appending keys refreshes only from the
+    block of the first new key (`first_block`), and passes them to `route` /
+    `sparse_attention` as ``key_block_stats``. Rows depend on key_padding_mask: refresh every
+    block whose kept keys changed.
+
+    Args:
+        key: [B, Hkv, Skv, D] CUDA tensor (head-dim stride 1).
+        attrs: the node's attributes (block_size matters).
+        key_padding_mask: optional [B, Skv] mask, as given to the router.
+        gate: True when the router runs with the learned gate (rows of 3*D), else rows of D.
+        out: optional float32 [B, Hkv, C, F] buffer with C >= NK to refresh in place;
+            a new [B, Hkv, NK, F] tensor when None.
+        first_block: first block to (re)compute; rows before it are left as they are.
+
+    Returns:
+        The stats tensor (`out` when given).
+    """
+    k = _inner_contiguous(key)
+    batch, heads_kv, seq_kv, dim = k.shape
+    nk = num_blocks(seq_kv, attrs.block_size)
+    if out is None:
+        out = torch.zeros(batch, heads_kv, nk, 3 * dim if gate else dim, dtype=torch.float32,
+                          device=k.device)
+    _check_stats_buffer(out, k, attrs, gate)
+    dummy_out = torch.empty(1, dtype=k.dtype, device=k.device)
+    telemetry = [torch.empty(0, dtype=torch.int32, device=k.device)] * 3
+    params, keep = make_params(k, k, k, dummy_out, telemetry, attrs, key_padding_mask)
+    if gate:
+        # F = 3*D is chosen by the gate being set; the stats kernel never reads the weights.
+        placeholder = torch.zeros(1, dtype=torch.float32, device=k.device)
+        params.gate_q_weight = params.gate_k_weight = placeholder.data_ptr()
+        params.gate_dim = 1
+        keep.append(placeholder)
+    params.key_block_stats_capacity = out.shape[2]
+    lib = _library()
+    stream = torch.cuda.current_stream(k.device).cuda_stream
+    err = lib.asa_cuda_key_block_stats(ctypes.byref(params), ctypes.c_void_p(out.data_ptr()),
+                                       int(first_block), ctypes.c_void_p(stream))
+    if err != 0:
+        raise AsaExportError(f"asa_cuda_key_block_stats returned CUDA error {err}: "
+                             f"{lib.asa_last_error().decode()}")
+    return out
 
 
 def run_core(entry: str, params: AsaParams, device: torch.device) -> None:
@@ -264,6 +352,14 @@ def sparse_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     """ASA op on CUDA tensors: router + block-sparse attention (contract v1)."""
     attrs = _attrs(scale, causal, block_size, threshold, sink_blocks, local_blocks, window,
                    softcap, select_per)
+    return _forward(query, key, value, attrs, key_padding_mask, attn_bias, head_thresholds,
+                    gate_q_weight, gate_k_weight)
+
+
+def _forward(query, key, value, attrs: AsaAttributes, key_padding_mask, attn_bias,
+             head_thresholds, gate_q_weight, gate_k_weight, key_block_stats=None,
+             key_block_stats_blocks=None):
+    """asa_cuda_forward through ctypes; returns (out, *telemetry)."""
     if not query.is_cuda:
         raise AsaExportError("asa::sparse_attention runs on CUDA tensors only")
     q, k, v = (_inner_contiguous(t) for t in (query, key, value))
@@ -271,7 +367,8 @@ def sparse_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     shapes = telemetry_shapes(q, k, attrs)
     telemetry = [torch.empty(s, dtype=torch.int32, device=q.device) for s in shapes]
     params, _keep = make_params(q, k, v, out, telemetry, attrs, key_padding_mask, attn_bias,
-                                head_thresholds, gate_q_weight, gate_k_weight)
+                                head_thresholds, gate_q_weight, gate_k_weight, key_block_stats,
+                                key_block_stats_blocks)
     run_core("asa_cuda_forward", params, q.device)
     return (out, *telemetry)
 
@@ -289,7 +386,8 @@ def _(query, key, value, key_padding_mask, attn_bias, head_thresholds, gate_q_we
 
 def sparse_attention(query, key, value, attrs: AsaAttributes = AsaAttributes(),
                      key_padding_mask=None, attn_bias=None, head_thresholds=None,
-                     gate_q_weight=None, gate_k_weight=None):
+                     gate_q_weight=None, gate_k_weight=None, *, key_block_stats=None,
+                     key_block_stats_blocks=None):
     """Convenience wrapper of ``torch.ops.asa.sparse_attention`` taking an AsaAttributes.
 
     Args:
@@ -300,10 +398,17 @@ def sparse_attention(query, key, value, attrs: AsaAttributes = AsaAttributes(),
         head_thresholds: optional float32 [Hq].
         gate_q_weight: optional float32 [Hq, D, Dg], the learned gate (SPEC.md input 6).
         gate_k_weight: optional float32 [Hkv, 3*D, Dg]; given iff gate_q_weight is.
+        key_block_stats: optional caller-kept router statistics from `key_block_stats`
+            (float32 [B, Hkv, C, F]); the result is the same, the router reads these rows
+            instead of pooling the keys. Calls the core directly (not through the torch op).
+        key_block_stats_blocks: valid leading rows (default min(C, NK)).
 
     Returns:
         (out, block_indices, block_counts, visible_counts).
     """
+    if key_block_stats is not None:
+        return _forward(query, key, value, attrs, key_padding_mask, attn_bias, head_thresholds,
+                        gate_q_weight, gate_k_weight, key_block_stats, key_block_stats_blocks)
     return torch.ops.asa.sparse_attention(
         query, key, value, key_padding_mask, attn_bias, head_thresholds, gate_q_weight,
         gate_k_weight, float(attrs.scale),
@@ -313,13 +418,14 @@ def sparse_attention(query, key, value, attrs: AsaAttributes = AsaAttributes(),
 
 
 def route(query, key, attrs: AsaAttributes = AsaAttributes(), key_padding_mask=None,
-          head_thresholds=None, gate_q_weight=None, gate_k_weight=None):
+          head_thresholds=None, gate_q_weight=None, gate_k_weight=None, *,
+          key_block_stats=None, key_block_stats_blocks=None):
     """Router only (for timing and tests): the block lists without the attention.
 
     Args:
         query, key: as in `sparse_attention` (value is not read).
-        attrs, key_padding_mask, head_thresholds, gate_q_weight, gate_k_weight: as in
-            `sparse_attention`.
+        attrs, key_padding_mask, head_thresholds, gate_q_weight, gate_k_weight,
+            key_block_stats, key_block_stats_blocks: as in `sparse_attention`.
 
     Returns:
         (block_indices, block_counts, visible_counts).
@@ -328,7 +434,8 @@ def route(query, key, attrs: AsaAttributes = AsaAttributes(), key_padding_mask=N
     telemetry = [torch.empty(s, dtype=torch.int32, device=query.device) for s in shapes]
     out = torch.empty(1, dtype=query.dtype, device=query.device)
     params, _keep = make_params(query, key, key, out, telemetry, attrs, key_padding_mask, None,
-                                head_thresholds, gate_q_weight, gate_k_weight)
+                                head_thresholds, gate_q_weight, gate_k_weight, key_block_stats,
+                                key_block_stats_blocks)
     run_core("asa_cuda_route", params, query.device)
     return tuple(telemetry)
 
@@ -346,6 +453,7 @@ def dense_flops(batch: int, heads_q: int, seq_q: int, seq_kv: int, head_dim: int
     return flops / 2 if causal else flops
 
 
-__all__ = ["AsaParams", "build_cuda_library", "find_cuda_library", "make_params", "route",
+__all__ = ["AsaParams", "build_cuda_library", "find_cuda_library", "key_block_stats",
+           "make_params", "route",
            "run_core", "sparse_attention", "sparse_attention_op", "dense_flops",
            "telemetry_shapes"]

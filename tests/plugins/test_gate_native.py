@@ -79,7 +79,10 @@ def test_ctypes_mirror_matches_the_header(mirror, tmp_path):
     large as the struct (a field missing at the end, like the gate's, would shrink it)."""
     struct = mirror()
     names = [name for name, _ in struct._fields_]
-    assert names[-3:] == ["gate_q_weight", "gate_k_weight", "gate_dim"]
+    assert names[-6:-3] == ["gate_q_weight", "gate_k_weight", "gate_dim"]
+    # The caller-kept router statistics (SPEC.md "Acceleration (kernel ABI only)") come last.
+    assert names[-3:] == ["key_block_stats", "key_block_stats_blocks",
+                          "key_block_stats_capacity"]
     size, offsets = header_layout(names, tmp_path)
     assert ctypes.sizeof(struct) == size
     assert {name: getattr(struct, name).offset for name in names} == offsets

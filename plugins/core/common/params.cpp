@@ -19,6 +19,41 @@ void set_last_error(const char* fmt, ...) {
 
 void clear_last_error() { g_last_error[0] = '\0'; }
 
+namespace {
+// Block dimension of the caller's key_block_stats buffer (0 = NK of this call).
+int key_stats_capacity(const AsaParams& p) {
+  return p.key_block_stats_capacity > 0 ? p.key_block_stats_capacity : num_key_blocks(p);
+}
+
+// The caller-kept router statistics (SPEC.md "Acceleration (kernel ABI only)").
+bool validate_key_block_stats(const AsaParams& p) {
+  const int nk = num_key_blocks(p);
+  if (!p.key_block_stats && p.key_block_stats_blocks != 0) {
+    set_last_error("ASA: key_block_stats_blocks is %d but key_block_stats is NULL (set the "
+                   "pointer or pass 0 blocks)", p.key_block_stats_blocks);
+    return false;
+  }
+  if (p.key_block_stats_blocks < 0 || p.key_block_stats_blocks > nk) {
+    set_last_error("ASA: key_block_stats_blocks must be in [0, NK = ceil(Skv / block_size) = %d], "
+                   "got %d", nk, p.key_block_stats_blocks);
+    return false;
+  }
+  if (p.key_block_stats_capacity < 0) {
+    set_last_error("ASA: key_block_stats_capacity must be >= 0 (0 = NK), got %d",
+                   p.key_block_stats_capacity);
+    return false;
+  }
+  const int capacity = key_stats_capacity(p);
+  if (p.key_block_stats && capacity < p.key_block_stats_blocks) {
+    set_last_error("ASA: key_block_stats_capacity (%d) is smaller than key_block_stats_blocks "
+                   "(%d): the buffer is [B, Hkv, capacity, F]", capacity,
+                   p.key_block_stats_blocks);
+    return false;
+  }
+  return true;
+}
+}  // namespace
+
 bool validate_params(const AsaParams& p) {
   if (p.batch < 1 || p.heads_q < 1 || p.heads_kv < 1 || p.seq_q < 1 || p.seq_kv < 1 ||
       p.head_dim < 1 || p.head_dim_v < 1) {
@@ -81,6 +116,7 @@ bool validate_params(const AsaParams& p) {
                    "when the gate weights are set, got %d", p.heads_q, p.head_dim, p.gate_dim);
     return false;
   }
+  if (!validate_key_block_stats(p)) return false;
   clear_last_error();
   return true;
 }

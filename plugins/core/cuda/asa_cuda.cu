@@ -143,4 +143,34 @@ cudaError_t asa_cuda_forward(const AsaParams* params, void* workspace, size_t wo
   return asa::cuda::report(asa::cuda::launch_attention(*params, ws, stream), "attention launch");
 }
 
+cudaError_t asa_cuda_key_block_stats(const AsaParams* params, float* stats, int first_block,
+                                     cudaStream_t stream) {
+  if (!params) {
+    asa::set_last_error("ASA: params is NULL");
+    return cudaErrorInvalidValue;
+  }
+  if (!asa::validate_params(*params)) return cudaErrorInvalidValue;
+  const int nk = asa::num_key_blocks(*params);
+  const int capacity =
+      params->key_block_stats_capacity > 0 ? params->key_block_stats_capacity : nk;
+  if (!stats) {
+    asa::set_last_error("ASA: asa_cuda_key_block_stats needs a stats buffer [B, Hkv, capacity, "
+                        "F] (got NULL)");
+    return cudaErrorInvalidValue;
+  }
+  if (first_block < 0 || first_block > nk) {
+    asa::set_last_error("ASA: first_block must be in [0, NK = ceil(Skv / block_size) = %d], got "
+                        "%d", nk, first_block);
+    return cudaErrorInvalidValue;
+  }
+  if (capacity < nk) {
+    asa::set_last_error("ASA: key_block_stats_capacity (%d) must hold every key block of the "
+                        "call (NK = %d) to write their statistics", capacity, nk);
+    return cudaErrorInvalidValue;
+  }
+  return asa::cuda::report(
+      asa::cuda::launch_key_block_stats(*params, stats, first_block, capacity, stream),
+      "key block statistics launch");
+}
+
 }  // extern "C"

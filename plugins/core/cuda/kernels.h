@@ -49,6 +49,12 @@ cudaError_t launch_gate(const AsaParams& p, const float* qbar, const GateScratch
 cudaError_t launch_route_gated(const AsaParams& p, const Workspace& ws, const GateScratch* gate,
                                cudaStream_t stream);
 
+// Router statistics of key blocks [first_block, NK) into stats [B, Hkv, capacity, F]
+// (AsaParams.key_block_stats; F = D, or 3 * D with the learned gate): the same kernels as the
+// router's own pooling, so the rows agree bit for bit.
+cudaError_t launch_key_block_stats(const AsaParams& p, float* stats, int first_block,
+                                   int capacity, cudaStream_t stream);
+
 // Dynamic shared memory of the router's selection kernel for one list (bounds NK).
 size_t select_smem_bytes(const AsaParams& p);
 

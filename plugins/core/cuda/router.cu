@@ -112,15 +112,17 @@ __global__ void pool_q_kernel(AsaParams p, float* qbar) {
             [](int) { return true; }, out);
 }
 
-// k̄ = mean of the kept keys of block k (zeros when none is kept: such a block is invisible).
+// k̄ = mean of the kept keys of block k (zeros when none is kept: such a block is invisible),
+// for blocks k = first + blockIdx.x, into kbar laid out [B, Hkv, cap, D]. The router's own
+// scratch (cap = NK) and the caller's key_block_stats come from this one kernel, so they agree
+// bit for bit.
 template <typename T>
-__global__ void pool_k_kernel(AsaParams p, float* kbar) {
-  const int k = blockIdx.x, h = blockIdx.y, n = blockIdx.z;
-  const int nk = gridDim.x;
+__global__ void pool_k_kernel(AsaParams p, float* kbar, int first, int cap) {
+  const int k = first + blockIdx.x, h = blockIdx.y, n = blockIdx.z;
   const int j0 = k * p.block_size;
   const int j1 = min(j0 + p.block_size, p.seq_kv);
   const T* key = static_cast<const T*>(p.k) + n * p.k_stride_b + h * p.k_stride_h;
-  float* out = kbar + ((static_cast<int64_t>(n) * p.heads_kv + h) * nk + k) * p.head_dim;
+  float* out = kbar + ((static_cast<int64_t>(n) * p.heads_kv + h) * cap + k) * p.head_dim;
   int count = j1 - j0;
   if (p.mask_dtype != ASA_MASK_NONE) {
     count = 0;
@@ -288,7 +290,19 @@ __device__ void select_and_write(const AsaParams& p, const Workspace& ws, const 
 // block) does not serialize on a handful of selection CTAs.
 constexpr int kLogitTile = 32;
 
-__global__ void logits_kernel(AsaParams p, const float* qbar, const float* kbar, int D,
+// Where the logits read key block k of (batch, KV head) bh: the caller's key_block_stats for
+// k < cached_blocks, else the rows this call pooled ([B, Hkv, NK, D]).
+struct KeyRows {
+  const float* fresh;
+  const float* cached;  // [B, Hkv, cap, D] or NULL
+  int cached_blocks;
+  int cap;
+  __device__ __forceinline__ const float* row(int64_t bh, int k, int nk, int D) const {
+    return k < cached_blocks ? cached + (bh * cap + k) * D : fresh + (bh * nk + k) * D;
+  }
+};
+
+__global__ void logits_kernel(AsaParams p, const float* qbar, KeyRows kbar, int D,
                               float scale, float* logits) {
   __shared__ float qs[kLogitTile][kLogitTile + 1];
   __shared__ float ks[kLogitTile][kLogitTile + 1];
@@ -297,14 +311,14 @@ __global__ void logits_kernel(AsaParams p, const float* qbar, const float* kbar,
   const int nh = blockIdx.z, n = nh / p.heads_q, h = nh % p.heads_q;
   const int i0 = blockIdx.y * kLogitTile, k0 = blockIdx.x * kLogitTile;
   const float* qb = qbar + (static_cast<int64_t>(n) * p.heads_q + h) * nq * D;
-  const float* kb = kbar + (static_cast<int64_t>(n) * p.heads_kv + h / G) * nk * D;
+  const int64_t bh = static_cast<int64_t>(n) * p.heads_kv + h / G;
   const int tx = threadIdx.x % kLogitTile, ty = threadIdx.x / kLogitTile;  // 32 x 8 threads
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   for (int d0 = 0; d0 < D; d0 += kLogitTile) {
     for (int r = ty; r < kLogitTile; r += 8) {
       const int d = d0 + tx;
       qs[r][tx] = (i0 + r < nq && d < D) ? qb[(i0 + r) * D + d] : 0.f;
-      ks[r][tx] = (k0 + r < nk && d < D) ? kb[(k0 + r) * D + d] : 0.f;
+      ks[r][tx] = (k0 + r < nk && d < D) ? kbar.row(bh, k0 + r, nk, D)[d] : 0.f;
     }
     __syncthreads();
     // One ks read serves four rows (qs reads are broadcasts): shared-memory reads per FMA
@@ -325,23 +339,25 @@ __global__ void logits_kernel(AsaParams p, const float* qbar, const float* kbar,
   }
 }
 
-// Few query blocks (decode): one warp per (batch, query head, key block) computes the logits of
-// every query block, reading k̄ once, coalesced.
-__global__ void logits_rows_kernel(AsaParams p, const float* qbar, const float* kbar, int D,
+// Few query blocks (decode): one warp per (batch, KV head, key block) computes the logits of
+// every query block of the group's G query heads, reading k̄ once (not once per head), coalesced.
+__global__ void logits_rows_kernel(AsaParams p, const float* qbar, KeyRows kbar, int D,
                                    float scale, float* logits) {
   const int nq = cdiv(p.seq_q, p.block_size), nk = cdiv(p.seq_kv, p.block_size);
   const int G = p.heads_q / p.heads_kv;
   const int k = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int nh = blockIdx.y, n = nh / p.heads_q, h = nh % p.heads_q;
+  const int bh = blockIdx.y, n = bh / p.heads_kv, hk = bh % p.heads_kv;
   if (k >= nk) return;
-  const float* qb = qbar + (static_cast<int64_t>(n) * p.heads_q + h) * nq * D;
-  const float* kb = kbar + ((static_cast<int64_t>(n) * p.heads_kv + h / G) * nk + k) * D;
-  float* out = logits + (static_cast<int64_t>(n) * p.heads_q + h) * nq * nk + k;
-  for (int i = 0; i < nq; ++i) {
-    float s = 0.f;
-    for (int d = lane; d < D; d += 32) s += qb[i * D + d] * kb[d];
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    if (lane == 0) out[static_cast<int64_t>(i) * nk] = scale * s;
+  const float* kb = kbar.row(bh, k, nk, D);
+  for (int h = hk * G; h < (hk + 1) * G; ++h) {
+    const float* qb = qbar + (static_cast<int64_t>(n) * p.heads_q + h) * nq * D;
+    float* out = logits + (static_cast<int64_t>(n) * p.heads_q + h) * nq * nk + k;
+    for (int i = 0; i < nq; ++i) {
+      float s = 0.f;
+      for (int d = lane; d < D; d += 32) s += qb[i * D + d] * kb[d];
+      for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+      if (lane == 0) out[static_cast<int64_t>(i) * nk] = scale * s;
+    }
   }
 }
 
@@ -561,12 +577,107 @@ __global__ void __launch_bounds__(32 * kListsPerCta) select_warp_kernel(
   if (lane == 0) ws.block_counts[lrow] = total;
 }
 
-// q̄ always; k̄ only for the training-free router (the gate pools its own key features).
+// q̄ always; k̄ only for the training-free router (the gate pools its own key features), and
+// only for the blocks from `first_key_block` on (those before come from key_block_stats).
 template <typename T>
-void launch_pool(const AsaParams& p, const Workspace& ws, bool keys, cudaStream_t stream) {
+void launch_pool(const AsaParams& p, const Workspace& ws, bool keys, int first_key_block,
+                 cudaStream_t stream) {
   const int nq = cdiv(p.seq_q, p.block_size), nk = cdiv(p.seq_kv, p.block_size);
   pool_q_kernel<T><<<dim3(nq, p.heads_q, p.batch), kPoolThreads, 0, stream>>>(p, ws.qbar);
-  if (keys) pool_k_kernel<T><<<dim3(nk, p.heads_kv, p.batch), kPoolThreads, 0, stream>>>(p, ws.kbar);
+  if (keys && first_key_block < nk) {
+    pool_k_kernel<T><<<dim3(nk - first_key_block, p.heads_kv, p.batch), kPoolThreads, 0,
+                       stream>>>(p, ws.kbar, first_key_block, nk);
+  }
+}
+
+// The learned gate's key features concat(mean, max, min) for blocks k = first + blockIdx.x into
+// kfeat [B, Hkv, cap, 3 * D]. Same arithmetic, in the same order, as gate.cu's
+// key_features_kernel (thread d walks the block's keys in order), so cached rows equal the
+// router's own bit for bit (tests/plugins/test_decode_cache.py checks it).
+template <typename T>
+__global__ void key_features_rows_kernel(AsaParams p, float* kfeat, int first, int cap) {
+  const int k = first + blockIdx.x, h = blockIdx.y, n = blockIdx.z;
+  const int D = p.head_dim;
+  const int j0 = k * p.block_size;
+  const int j1 = min(j0 + p.block_size, p.seq_kv);
+  const T* key = static_cast<const T*>(p.k) + n * p.k_stride_b + h * p.k_stride_h;
+  float* out = kfeat + ((static_cast<int64_t>(n) * p.heads_kv + h) * cap + k) * 3 * D;
+  for (int d = threadIdx.x; d < D; d += kPoolThreads) {
+    float sum = 0.f, mx = -INFINITY, mn = INFINITY;
+    int count = 0;
+    for (int j = j0; j < j1; ++j) {
+      if (!key_kept(p, n, j)) continue;
+      const float x = to_float(key[j * p.k_stride_s + d]);
+      sum += x;
+      mx = fmaxf(mx, x);
+      mn = fminf(mn, x);
+      ++count;
+    }
+    out[d] = count > 0 ? sum / static_cast<float>(count) : 0.f;
+    out[D + d] = count > 0 ? mx : 0.f;
+    out[2 * D + d] = count > 0 ? mn : 0.f;
+  }
+}
+
+// y[row, g] = Σ_i x[row, i] · w[head(row), i, g] over rows [B, H, NB, in] of x, where rows with
+// block index < cached_blocks come from `cached` ([B, H, cap, in]) instead. Same arithmetic as
+// gate.cu's project_kernel (one thread per output, sum over i in order).
+constexpr int kProjRowsThreads = 256;
+
+__global__ void project_rows_kernel(const float* x, const float* cached, int cached_blocks,
+                                    int cap, const float* w, int heads, int nb, int in_dim,
+                                    int out_dim, int64_t total, float* y) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kProjRowsThreads + threadIdx.x;
+  if (t >= total) return;
+  const int64_t row = t / out_dim;
+  const int g = static_cast<int>(t % out_dim);
+  const int64_t bh = row / nb;
+  const int blk = static_cast<int>(row % nb);
+  const int h = static_cast<int>(bh % heads);
+  const float* xr = blk < cached_blocks ? cached + (bh * cap + blk) * in_dim : x + row * in_dim;
+  const float* wh = w + static_cast<int64_t>(h) * in_dim * out_dim + g;
+  float acc = 0.f;
+  for (int i = 0; i < in_dim; ++i) acc += xr[i] * wh[static_cast<int64_t>(i) * out_dim];
+  y[t] = acc;
+}
+
+void launch_project_rows(const float* x, const float* cached, int cached_blocks, int cap,
+                         const float* w, int batch, int heads, int nb, int in_dim, int out_dim,
+                         float* y, cudaStream_t stream) {
+  const int64_t total = static_cast<int64_t>(batch) * heads * nb * out_dim;
+  const int64_t blocks = (total + kProjRowsThreads - 1) / kProjRowsThreads;
+  project_rows_kernel<<<static_cast<unsigned>(blocks), kProjRowsThreads, 0, stream>>>(
+      x, cached, cached_blocks, cap, w, heads, nb, in_dim, out_dim, total, y);
+}
+
+template <typename T>
+void launch_key_stats_t(const AsaParams& p, float* stats, int first, int cap, bool gate,
+                        cudaStream_t stream) {
+  const int nk = cdiv(p.seq_kv, p.block_size);
+  if (first >= nk) return;
+  const dim3 grid(nk - first, p.heads_kv, p.batch);
+  if (gate) {
+    key_features_rows_kernel<T><<<grid, kPoolThreads, 0, stream>>>(p, stats, first, cap);
+  } else {
+    pool_k_kernel<T><<<grid, kPoolThreads, 0, stream>>>(p, stats, first, cap);
+  }
+}
+
+// The learned gate's embeddings when the caller keeps key features (key_block_stats): only the
+// blocks from key_block_stats_blocks on are pooled; the key projection reads the rest from the
+// caller's rows. Without key_block_stats, gate.cu's launch_gate does the same from scratch.
+cudaError_t launch_gate_with_stats(const AsaParams& p, const float* qbar, const GateScratch& g,
+                                   cudaStream_t stream) {
+  const int nq = cdiv(p.seq_q, p.block_size), nk = cdiv(p.seq_kv, p.block_size);
+  const int first = p.key_block_stats_blocks;
+  const int cap = p.key_block_stats_capacity > 0 ? p.key_block_stats_capacity : nk;
+  const cudaError_t err = launch_key_block_stats(p, g.kfeat, first, nk, stream);
+  if (err != cudaSuccess) return err;
+  launch_project_rows(qbar, nullptr, 0, 1, p.gate_q_weight, p.batch, p.heads_q, nq, p.head_dim,
+                      p.gate_dim, g.qemb, stream);
+  launch_project_rows(g.kfeat, p.key_block_stats, first, cap, p.gate_k_weight, p.batch,
+                      p.heads_kv, nk, 3 * p.head_dim, p.gate_dim, g.kemb, stream);
+  return cudaGetLastError();
 }
 
 }  // namespace
@@ -580,6 +691,17 @@ int next_pow2(int x) {
 size_t select_smem_bytes(const AsaParams& p) {
   const int nk = cdiv(p.seq_kv, p.block_size);
   return static_cast<size_t>(next_pow2(nk)) * 8 + static_cast<size_t>(nk) * 9 + 16;
+}
+
+cudaError_t launch_key_block_stats(const AsaParams& p, float* stats, int first_block,
+                                   int capacity, cudaStream_t stream) {
+  const bool gate = p.gate_q_weight != nullptr;
+  switch (p.dtype) {
+    case ASA_FLOAT32: launch_key_stats_t<float>(p, stats, first_block, capacity, gate, stream); break;
+    case ASA_FLOAT16: launch_key_stats_t<__half>(p, stats, first_block, capacity, gate, stream); break;
+    default: launch_key_stats_t<__nv_bfloat16>(p, stats, first_block, capacity, gate, stream); break;
+  }
+  return cudaGetLastError();
 }
 
 cudaError_t launch_route(const AsaParams& p, const Workspace& ws, cudaStream_t stream) {
@@ -599,27 +721,31 @@ cudaError_t launch_route_gated(const AsaParams& p, const Workspace& ws, const Ga
   if (p.mask_dtype != ASA_MASK_NONE) {
     prefix_kernel<<<p.batch, kPrefixThreads, 0, stream>>>(p, ws.kept_prefix);
   }
+  // Key blocks before `cached` come from the caller's key_block_stats (no key is read for them).
+  const int cached = p.key_block_stats ? p.key_block_stats_blocks : 0;
   switch (p.dtype) {
-    case ASA_FLOAT32: launch_pool<float>(p, ws, gate == nullptr, stream); break;
-    case ASA_FLOAT16: launch_pool<__half>(p, ws, gate == nullptr, stream); break;
-    default: launch_pool<__nv_bfloat16>(p, ws, gate == nullptr, stream); break;
+    case ASA_FLOAT32: launch_pool<float>(p, ws, gate == nullptr, cached, stream); break;
+    case ASA_FLOAT16: launch_pool<__half>(p, ws, gate == nullptr, cached, stream); break;
+    default: launch_pool<__nv_bfloat16>(p, ws, gate == nullptr, cached, stream); break;
   }
   // The logits GEMM runs on q̄ / k̄ (width D, the score scale) or on the gate's embeddings
   // (width Dg, no scale: SPEC.md "Router (learned gate)").
   const float* qe = ws.qbar;
-  const float* ke = ws.kbar;
+  KeyRows ke{ws.kbar, p.key_block_stats, cached,
+             p.key_block_stats_capacity > 0 ? p.key_block_stats_capacity : nk};
   int width = p.head_dim;
   float scale = p.scale;
   if (gate) {
-    const cudaError_t err = launch_gate(p, ws.qbar, *gate, stream);
+    const cudaError_t err = p.key_block_stats ? launch_gate_with_stats(p, ws.qbar, *gate, stream)
+                                              : launch_gate(p, ws.qbar, *gate, stream);
     if (err != cudaSuccess) return err;
     qe = gate->qemb;
-    ke = gate->kemb;
+    ke = KeyRows{gate->kemb, nullptr, 0, nk};  // the embeddings of every block are fresh
     width = p.gate_dim;
     scale = 1.f;
   }
   if (nq < 8) {
-    logits_rows_kernel<<<dim3(cdiv(nk, 8), p.batch * p.heads_q), 256, 0, stream>>>(
+    logits_rows_kernel<<<dim3(cdiv(nk, 8), p.batch * p.heads_kv), 256, 0, stream>>>(
         p, qe, ke, width, scale, ws.logits);
   } else {
     const dim3 lgrid(cdiv(nk, kLogitTile), cdiv(nq, kLogitTile), p.batch * p.heads_q);

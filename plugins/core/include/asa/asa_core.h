@@ -93,6 +93,17 @@ typedef struct AsaParams {
   const float* gate_q_weight;  // [Hq, D, Dg] query projection, or NULL
   const float* gate_k_weight;  // [Hkv, 3 * D, Dg] key-feature projection, or NULL
   int32_t gate_dim;            // Dg >= 1 when the gate is set; ignored when it is not
+
+  // ---- acceleration (kernel ABI only; SPEC.md "Acceleration (kernel ABI only)") ----
+  // Router statistics of past key blocks kept by the caller across calls (decode), so that the
+  // router does not pool every key on every step. Not a contract input: semantics unchanged,
+  // the caller guarantees that each valid row equals what the router would pool from the keys
+  // and key_padding_mask of this call (asa_cuda_key_block_stats computes them). F = D (mean of
+  // the block's kept keys) without the learned gate, 3 * D (mean, max, min) with it; a block
+  // with no kept key has a zero row. NULL (and blocks 0) = the router pools every block itself.
+  const float* key_block_stats;      // [B, Hkv, capacity, F] float32, dense, on the device
+  int32_t key_block_stats_blocks;    // rows [0, blocks) are read; the router pools the rest
+  int32_t key_block_stats_capacity;  // block dimension of the buffer; 0 = NK of this call
 } AsaParams;
 
 // Entry points live in asa_cuda.h (CUDA implementation, returns cudaError_t on a cudaStream_t)

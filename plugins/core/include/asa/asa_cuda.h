@@ -28,6 +28,15 @@ cudaError_t asa_cuda_attention(const AsaParams* params, void* workspace, size_t 
 cudaError_t asa_cuda_forward(const AsaParams* params, void* workspace, size_t workspace_bytes,
                              cudaStream_t stream);
 
+// Router statistics of key blocks [first_block, NK) of these params' keys (and padding mask)
+// into `stats`, laid out as AsaParams.key_block_stats ([B, Hkv, capacity, F], F = D, or 3 * D
+// when the params carry the learned gate; capacity = key_block_stats_capacity, 0 = NK). The
+// rows equal what asa_cuda_route pools, bit for bit. A decode loop calls it with first_block =
+// the block of the first new key, then routes with key_block_stats_blocks = NK. Needs no
+// workspace; params.key_block_stats itself is not read.
+cudaError_t asa_cuda_key_block_stats(const AsaParams* params, float* stats, int first_block,
+                                     cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif
