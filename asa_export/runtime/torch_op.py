@@ -278,7 +278,7 @@ def key_block_stats(key, attrs: AsaAttributes = AsaAttributes(), key_padding_mas
         out = torch.zeros(batch, heads_kv, nk, 3 * dim if gate else dim, dtype=torch.float32,
                           device=k.device)
     _check_stats_buffer(out, k, attrs, gate)
-    dummy_out = torch.empty(1, dtype=k.dtype, device=k.device)
+    dummy_out = k.new_empty(1, 1, 1, 1)  # q, v and out are not read: only the params' checks
     telemetry = [torch.empty(0, dtype=torch.int32, device=k.device)] * 3
     params, keep = make_params(k, k, k, dummy_out, telemetry, attrs, key_padding_mask)
     if gate:
@@ -432,7 +432,7 @@ def route(query, key, attrs: AsaAttributes = AsaAttributes(), key_padding_mask=N
     """
     shapes = telemetry_shapes(query, key, attrs)
     telemetry = [torch.empty(s, dtype=torch.int32, device=query.device) for s in shapes]
-    out = torch.empty(1, dtype=query.dtype, device=query.device)
+    out = query.new_empty(1, 1, 1, 1)  # not written by the router; 4-D for make_params' strides
     params, _keep = make_params(query, key, key, out, telemetry, attrs, key_padding_mask, None,
                                 head_thresholds, gate_q_weight, gate_k_weight, key_block_stats,
                                 key_block_stats_blocks)
