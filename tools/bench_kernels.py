@@ -51,6 +51,25 @@ def time_ms(fn, budget_s: float = 0.6, min_reps: int = 3, max_reps: int = 30) ->
     return statistics.median(times)
 
 
+def graph_ms(fn) -> float:
+    """Median time of `fn` captured once in a CUDA graph and replayed: the per-step GPU time of a
+    decode loop that launches through graphs (as serving stacks do), without Python/ctypes
+    launch gaps. NaN (with the reason printed) when the capture fails."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()  # warm-up outside the capture (lazy init, cuDNN plans)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="relaxed"):
+            fn()
+        return time_ms(graph.replay)
+    except Exception as exc:  # noqa: BLE001 - report and go on with the other columns
+        print(f"  CUDA graph capture failed: {str(exc)[:160]}")
+        return float("nan")
+
+
 class AsaRunner:
     """Pre-allocated ASA call (params, workspace, outputs) so timing sees only the kernels."""
 
@@ -214,6 +233,12 @@ def bench_decode(args, kv: int, rows: list):
     for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION),
                           ("flash", SDPBackend.FLASH_ATTENTION)):
         dense[name] = sdpa_ms(q, kk, vv, False, backend)
+    dense_graph = float("nan")
+    if args.decode_graphs:
+        from torch.nn.attention import sdpa_kernel
+        fn = torch.nn.functional.scaled_dot_product_attention
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            dense_graph = graph_ms(lambda: fn(q, kk, vv))
     del kk, vv
     base = AsaAttributes(causal=True, block_size=args.block_size, select_per=1)
     for target in args.densities:
@@ -230,13 +255,21 @@ def bench_decode(args, kv: int, rows: list):
         same = all(torch.equal(a, b) for a, b in zip(runner.tele, cached.tele))
         cms = time_ms(cached.cached_step)
         crouter = time_ms(lambda r=cached: r.cached_step(route_only=True))
+        graphs = {}
+        if args.decode_graphs:
+            graphs = {"graph_asa_ms": graph_ms(runner.call),
+                      "graph_cached_ms": graph_ms(cached.cached_step),
+                      "graph_cached_router_ms": graph_ms(
+                          lambda r=cached: r.cached_step(route_only=True)),
+                      "graph_cudnn_ms": dense_graph}
+            graphs["graph_cached_speedup"] = dense_graph / graphs["graph_cached_ms"]
         rows.append({"kind": "decode", "seq": kv, "target": target, "tau": tau,
                      "density": runner.density(), "asa_ms": ms, "tok_s": B / ms * 1e3,
                      "dense_tok_s": B / best_dense * 1e3, "cudnn_ms": dense["cudnn"],
                      "flash_ms": dense["flash"], "speedup": best_dense / ms, "router_ms": router,
                      "cached_ms": cms, "cached_router_ms": crouter,
                      "cached_tok_s": B / cms * 1e3, "cached_speedup": best_dense / cms,
-                     "cached_lists_equal": same})
+                     "cached_lists_equal": same, **graphs})
         print(json.dumps(rows[-1]), flush=True)
 
 
@@ -349,6 +382,14 @@ def print_table(rows: list, gpu: str):
                   f"{r['dense_tok_s']:>11.0f} {r['speedup']:>7.2f} {r['cached_ms']:>9.3f} "
                   f"{r['cached_router_ms']:>7.3f} {r['cached_tok_s']:>8.0f} "
                   f"{r['cached_speedup']:>9.2f} {str(r['cached_lists_equal']):>5}")
+        if any("graph_cached_ms" in r for r in dec):
+            print("\nCUDA graph replay (launch gaps removed), ms: ASA stateless, ASA cached "
+                  "(refresh+route+attention), cached router, cuDNN dense; speedup = cuDNN / cached")
+            for r in dec:
+                if "graph_cached_ms" in r:
+                    print(f"{r['seq']:>7} {r['density']:>5.2f} {r['graph_asa_ms']:>8.3f} "
+                          f"{r['graph_cached_ms']:>8.3f} {r['graph_cached_router_ms']:>8.3f} "
+                          f"{r['graph_cudnn_ms']:>8.3f} {r['graph_cached_speedup']:>7.2f}")
 
 
 def main(argv=None):
@@ -363,6 +404,8 @@ def main(argv=None):
     parser.add_argument("--flex-seqs", type=int, nargs="+", default=[8192, 32768, 131072])
     parser.add_argument("--decode-kv", type=int, nargs="*", default=[32768, 131072])
     parser.add_argument("--decode-batch", type=int, default=1)
+    parser.add_argument("--decode-graphs", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time decode steps replayed from CUDA graphs")
     parser.add_argument("--models", nargs="*", default=[], choices=sorted(MODEL_SHAPES))
     parser.add_argument("--model-seqs", type=int, nargs="+", default=[8192, 32768, 131072])
     parser.add_argument("--json", type=pathlib.Path)
