@@ -18,6 +18,7 @@ import time
 from asa_export.contract import AsaAttributes
 from asa_export.errors import AsaExportError
 from asa_export.passes.pipeline import RewriteOptions, find_sites, rewrite_model
+from asa_export.passes.rewrite import asa_nodes
 from asa_export.report import Report
 from asa_export.runtime import tensorrt as trt_runtime
 
@@ -53,8 +54,9 @@ def export(
         The Report: rewritten sites, per-rule counts and regions left unchanged with reasons.
 
     Raises:
-        AsaExportError: bad input or output path, invalid options, an engine output (TensorRT is
-            not supported yet), or a model without any attention site.
+        AsaExportError: bad input or output path, invalid options, TensorRT missing for an
+            engine output, or a model without any attention site (an already rewritten model
+            is accepted for an engine output and built as it is).
     """
     from asa_export import io
 
@@ -77,11 +79,19 @@ def export(
     io.check_output_path(output_path, inputs=io.model_files(model))
     report = _timed("matching and rewriting attention", rewrite_model, model, options)
     report.model = os.fspath(input_path)
-    report.options = dataclasses.asdict(options)
-    if not report.sites:
-        raise AsaExportError(no_site_message(input_path, report))
-    counts = ", ".join(f"{rule}: {n}" for rule, n in sorted(report.counts_per_rule().items()))
-    logger.info("rewrote %d attention site(s) (%s)", len(report.sites), counts)
+    report.options = options.summary()  # JSON-ready: thresholds/gates may be numpy arrays
+    existing = len(asa_nodes(model)) if not report.sites else 0
+    if not report.sites and not (existing and building_engine):
+        raise AsaExportError(no_site_message(input_path, report, existing))
+    if existing:
+        # A rewritten or calibrated model: its nodes carry their own router settings (per-head
+        # thresholds, gate weights); the engine is built from them unchanged.
+        logger.info("%s already holds %d ASA node(s): building the engine from them as they are "
+                    "(router options given here are not applied)", input_path, existing)
+        report.options = {}
+    else:
+        counts = ", ".join(f"{rule}: {n}" for rule, n in sorted(report.counts_per_rule().items()))
+        logger.info("rewrote %d attention site(s) (%s)", len(report.sites), counts)
     report.output = os.path.abspath(output_path)
     if building_engine:
         _build_engine(model, output_path, engine)
@@ -147,8 +157,18 @@ def validate_options(options: RewriteOptions) -> None:
         raise AsaExportError(f"invalid options: {err}") from err
 
 
-def no_site_message(path: str | os.PathLike, report: Report) -> str:
-    """The error text for a model in which nothing was rewritten, with every rejection."""
+def no_site_message(path: str | os.PathLike, report: Report, existing: int = 0) -> str:
+    """The error text for a model in which nothing was rewritten, with every rejection.
+
+    Args:
+        path: the input model.
+        report: its (empty) rewrite report.
+        existing: how many ASA nodes the model already holds.
+    """
+    if existing:
+        return (f"{path} is already rewritten: it holds {existing} AdaptiveSparseAttention "
+                "node(s) and no other attention; nothing was written. Build an engine from it "
+                "with --out engine.plan, or rewrite the original model to change router settings")
     lines = [f"no attention site found in {path}; nothing was written"]
     if report.rejected:
         lines.append("regions that looked like attention but were left unchanged:")

@@ -137,3 +137,16 @@ def test_library_imports_neither_cli_nor_heavy_dependencies():
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_report_json_carries_per_head_thresholds(tmp_path, default_model):
+    """Per-head thresholds (numpy arrays, as calibrate passes them) reach the JSON report."""
+    import numpy as np
+
+    heads = api.inspect(default_model).sites[0].q_heads
+    taus = {0: np.linspace(0.9, 0.95, heads, dtype=np.float32)}
+    report_path = tmp_path / "r.json"
+    api.export(default_model, tmp_path / "m.asa.onnx", RewriteOptions(head_thresholds=taus),
+               report_path=report_path)
+    data = json.loads(report_path.read_text())
+    assert data["options"]["head_thresholds"]["0"] == pytest.approx(taus[0].tolist())

@@ -296,3 +296,31 @@ def test_cli_writes_an_engine_with_tensorrt_rtx(rtx_setup, tmp_path):
     assert sidecar["precision"] == "fp16"
     assert (tmp_path / "engine.plan").stat().st_size > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine.plan", "engine.plan.json", "m.onnx"]
+
+
+def test_cli_builds_an_engine_from_an_already_rewritten_model(rtx_setup, tmp_path):
+    """A rewritten (e.g. calibrated) model goes to an engine as it is; to ONNX it is refused."""
+    from asa_export import api
+    from asa_export.passes.pipeline import RewriteOptions
+
+    library, env = rtx_setup
+    original = tmp_path / "m.onnx"
+    onnx.save(build(), original)
+    rewritten = tmp_path / "m.asa.onnx"
+    api.export(original, rewritten, RewriteOptions(threshold=0.9))
+    before = rewritten.read_bytes()
+    result = subprocess.run(
+        ["asa-export", str(rewritten), "--out", str(tmp_path / "engine.plan"), "--backend",
+         "tensorrt-rtx", "--target", "SM89", "--max-seq", "256", "--plugin-library", str(library)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "already holds 1 ASA node" in result.stderr
+    assert (tmp_path / "engine.plan").stat().st_size > 0
+    assert rewritten.read_bytes() == before
+
+    again = subprocess.run(["asa-export", str(rewritten), "--out", str(tmp_path / "again.onnx")],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 1
+    assert "already rewritten" in again.stderr
+    assert not (tmp_path / "again.onnx").exists()
