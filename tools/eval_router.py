@@ -451,7 +451,8 @@ def passkey_score(logits: np.ndarray, ids: np.ndarray, n_answer: int) -> dict:
     wrong = np.nonzero(margin <= 0)[0]
     logp = _log_softmax(rows)[np.arange(n_answer), target]
     return {"greedy": bool(len(wrong) == 0), "logprob": float(logp.sum()), "margin": float(margin.min()),
-            "first_wrong": int(wrong[0]) if len(wrong) else -1}
+            "first_wrong": int(wrong[0]) if len(wrong) else -1,
+            "margins": [round(float(m), 4) for m in margin], "logprobs": [round(float(x), 4) for x in logp]}
 
 
 def cmd_passkey(args) -> None:
@@ -499,8 +500,9 @@ def passkey_table(out: pathlib.Path) -> None:
     if not rows:
         return
     depths = sorted({r["depth"] for r in rows})
+    print("\nPasskey retrieval (teacher-forced greedy check; cases correct / run):\n")
     print("| context | setting | density | " + " | ".join(f"depth {d:.0%}" for d in depths)
-          + " | all | mean answer log-prob | min margin |")
+          + " | all | mean log p(answer) | min margin |")
     print("| --- | --- | --- | " + " | ".join("---" for _ in depths) + " | --- | --- | --- |")
     groups = {}
     for r in rows:
@@ -743,8 +745,9 @@ def main(argv=None) -> int:
     ort.add_argument("--reuse-torch", action="store_true",
                      help="take windows the torch path (`ppl`) already measured instead of rerunning them")
     for p in (ort, pk):
-        p.add_argument("--asa-model", nargs="*", metavar="NAME=PATH",
-                       help="models with ASA nodes already (calibrated), evaluated as setting file:NAME")
+        p.add_argument("--asa-model", action="append", metavar="NAME=PATH",
+                       help="a model with ASA nodes already (calibrated), evaluated as setting file:NAME; "
+                       "repeatable")
         p.add_argument("--exporter", default="dynamo23")
         p.add_argument("--model", default=None, help="an existing SmolLM2 ONNX export (default: graphs cache)")
     sub.add_parser("table")
