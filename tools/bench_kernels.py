@@ -73,13 +73,15 @@ def graph_ms(fn) -> float:
 class AsaRunner:
     """Pre-allocated ASA call (params, workspace, outputs) so timing sees only the kernels."""
 
-    def __init__(self, q, k, v, attrs: AsaAttributes, key_block_stats=None):
+    def __init__(self, q, k, v, attrs: AsaAttributes, key_block_stats=None,
+                 key_block_stats_blocks=None):
         self.q, self.k, self.v, self.attrs = q, k, v, attrs
         self.out = torch.empty_like(q[..., : v.shape[-1]])
         self.tele = [torch.empty(s, dtype=torch.int32, device=q.device)
                      for s in torch_op.telemetry_shapes(q, k, attrs)]
-        self.params, self._keep = torch_op.make_params(q, k, v, self.out, self.tele, attrs,
-                                                       key_block_stats=key_block_stats)
+        self.params, self._keep = torch_op.make_params(
+            q, k, v, self.out, self.tele, attrs, key_block_stats=key_block_stats,
+            key_block_stats_blocks=key_block_stats_blocks)
         self.stats = key_block_stats
         self.lib = torch_op._library()
         size = self.lib.asa_cuda_workspace_size(ctypes.byref(self.params))
@@ -254,6 +256,14 @@ def bench_decode(args, kv: int, rows: list):
         cached.cached_step()
         same = all(torch.equal(a, b) for a, b in zip(runner.tele, cached.tele))
         cms = time_ms(cached.cached_step)
+        # Variant: the router pools the last (partial) block itself (key_block_stats_blocks =
+        # NK - 1), one C call per step; the caller refreshes a row only when its block fills up
+        # (every block_size steps, not timed).
+        partial = AsaRunner(q, k, v, _with(base, threshold=tau), key_block_stats=stats,
+                            key_block_stats_blocks=stats.shape[2] - 1)
+        partial.call()
+        same = same and all(torch.equal(a, b) for a, b in zip(runner.tele, partial.tele))
+        pms = time_ms(partial.call)
         crouter = time_ms(lambda r=cached: r.cached_step(route_only=True))
         graphs = {}
         if args.decode_graphs:
@@ -269,7 +279,8 @@ def bench_decode(args, kv: int, rows: list):
                      "flash_ms": dense["flash"], "speedup": best_dense / ms, "router_ms": router,
                      "cached_ms": cms, "cached_router_ms": crouter,
                      "cached_tok_s": B / cms * 1e3, "cached_speedup": best_dense / cms,
-                     "cached_lists_equal": same, **graphs})
+                     "cached_lists_equal": same, "cached_last_pooled_ms": pms,
+                     "cached_last_pooled_speedup": best_dense / pms, **graphs})
         print(json.dumps(rows[-1]), flush=True)
 
 
@@ -382,6 +393,10 @@ def print_table(rows: list, gpu: str):
                   f"{r['dense_tok_s']:>11.0f} {r['speedup']:>7.2f} {r['cached_ms']:>9.3f} "
                   f"{r['cached_router_ms']:>7.3f} {r['cached_tok_s']:>8.0f} "
                   f"{r['cached_speedup']:>9.2f} {str(r['cached_lists_equal']):>5}")
+        print("\ncached, last block pooled by the router (one call per step), ms / speedup:")
+        for r in dec:
+            print(f"{r['seq']:>7} {r['density']:>5.2f} {r['cached_last_pooled_ms']:>9.3f} "
+                  f"{r['cached_last_pooled_speedup']:>9.2f}")
         if any("graph_cached_ms" in r for r in dec):
             print("\nCUDA graph replay (launch gaps removed), ms: ASA stateless, ASA cached "
                   "(refresh+route+attention), cached router, cuDNN dense; speedup = cuDNN / cached")
