@@ -2,7 +2,10 @@
 //
 // Three steps, all in float32:
 //   1. pool: q̄ per (batch, query head, query block), k̄ per (batch, KV head, key block) over the
-//      kept keys; with a padding mask also a running count of kept keys per batch;
+//      kept keys; with a padding mask also a running count of kept keys per batch; key blocks
+//      below params.key_block_stats_blocks are not pooled but read from the caller's
+//      key_block_stats (SPEC.md "Acceleration (kernel ABI only)"), which
+//      asa_cuda_key_block_stats fills with these same kernels;
 //   2. logits: a batched float32 GEMM q̄ . k̄ (scaled) into the workspace; with the learned gate
 //      (gate.cu) the same GEMM over the gate's embeddings qemb . kemb (width Dg, no scale);
 //   3. select: one CTA per (batch, selection head, query block) softmaxes over visible blocks
