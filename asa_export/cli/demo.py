@@ -21,6 +21,7 @@ import os
 from asa_export import api
 from asa_export.cli import tables
 from asa_export.cli.check import add_check_arguments, check_kwargs
+from asa_export.cli.check import report as check_report
 from asa_export.cli.export import add_router_arguments, options_from
 from asa_export.errors import AsaExportError
 
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     api.export(original, dense_out, dataclasses.replace(options, threshold=1.0))
     print("\n== check: threshold 1.0 (exactly dense) against the original: parity")
     dense = api.check(original, dense_out, **check_kwargs(args))
-    print(tables.check_tables(dense))
+    print(check_report(dense))
     report_path = os.path.join(workdir, "report.json")
     _write_report(report_path, report, sparse, dense)
     print(f"\nmodels and report in {workdir} (report: {report_path})")
