@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 from asa_export.contract import AsaAttributes, num_blocks
+from asa_export.runtime.abi import AsaParams
 from asa_export.errors import AsaExportError
 
 _REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -34,40 +35,6 @@ _DEFAULT_BUILD = _REPO / "plugins" / "build" / "cuda"
 _LIB_NAME = "libasa_cuda.so"
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _MASK_DTYPES = {torch.bool: 1, torch.uint8: 1, torch.int32: 2, torch.int64: 3}
-
-
-class AsaParams(ctypes.Structure):
-    """Mirror of ``AsaParams`` in plugins/core/include/asa/asa_core.h (field order matters)."""
-
-    _fields_ = [
-        ("batch", ctypes.c_int32), ("heads_q", ctypes.c_int32), ("heads_kv", ctypes.c_int32),
-        ("seq_q", ctypes.c_int32), ("seq_kv", ctypes.c_int32), ("head_dim", ctypes.c_int32),
-        ("head_dim_v", ctypes.c_int32), ("dtype", ctypes.c_int32),
-        ("q", ctypes.c_void_p), ("q_stride_b", ctypes.c_int64), ("q_stride_h", ctypes.c_int64),
-        ("q_stride_s", ctypes.c_int64),
-        ("k", ctypes.c_void_p), ("k_stride_b", ctypes.c_int64), ("k_stride_h", ctypes.c_int64),
-        ("k_stride_s", ctypes.c_int64),
-        ("v", ctypes.c_void_p), ("v_stride_b", ctypes.c_int64), ("v_stride_h", ctypes.c_int64),
-        ("v_stride_s", ctypes.c_int64),
-        ("out", ctypes.c_void_p), ("o_stride_b", ctypes.c_int64), ("o_stride_h", ctypes.c_int64),
-        ("o_stride_s", ctypes.c_int64),
-        ("key_padding_mask", ctypes.c_void_p), ("mask_dtype", ctypes.c_int32),
-        ("mask_stride_b", ctypes.c_int64),
-        ("bias", ctypes.c_void_p), ("bias_stride_b", ctypes.c_int64),
-        ("bias_stride_h", ctypes.c_int64), ("bias_stride_q", ctypes.c_int64),
-        ("bias_stride_k", ctypes.c_int64),
-        ("head_thresholds", ctypes.c_void_p),
-        ("scale", ctypes.c_float), ("causal", ctypes.c_int32), ("block_size", ctypes.c_int32),
-        ("threshold", ctypes.c_float), ("sink_blocks", ctypes.c_int32),
-        ("local_blocks", ctypes.c_int32), ("window", ctypes.c_int32), ("softcap", ctypes.c_float),
-        ("select_per", ctypes.c_int32),
-        ("block_indices", ctypes.c_void_p), ("block_counts", ctypes.c_void_p),
-        ("visible_counts", ctypes.c_void_p),
-        ("gate_q_weight", ctypes.c_void_p), ("gate_k_weight", ctypes.c_void_p),
-        ("gate_dim", ctypes.c_int32),
-        ("key_block_stats", ctypes.c_void_p), ("key_block_stats_blocks", ctypes.c_int32),
-        ("key_block_stats_capacity", ctypes.c_int32),
-    ]
 
 
 def build_cuda_library(build_dir: Optional[os.PathLike] = None, archs: str = "90a;80",

@@ -15,6 +15,7 @@ import pytest
 
 from asa_export.contract import AsaAttributes, num_blocks
 from asa_export.contract import reference as ref
+from asa_export.runtime.abi import AsaParams
 
 REPO = Path(__file__).resolve().parents[2]
 LIB_PATH = Path(os.environ.get("ASA_CPU_LIB", REPO / "plugins/build/core/cpu/libasa_cpu.so"))
@@ -27,30 +28,6 @@ ASA_FLOAT32, ASA_FLOAT16, ASA_BFLOAT16 = 0, 1, 2
 ASA_OK, ASA_ERR_INVALID_ARGUMENT = 0, 1
 _MASK_DTYPES = {np.dtype(bool): 1, np.dtype(np.uint8): 1, np.dtype(np.int32): 2,
                 np.dtype(np.int64): 3}
-
-_i32, _i64, _f32, _vp = ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-
-
-class AsaParams(ctypes.Structure):
-    """Mirror of AsaParams in plugins/core/include/asa/asa_core.h (same order and types)."""
-
-    _fields_ = [
-        ("batch", _i32), ("heads_q", _i32), ("heads_kv", _i32), ("seq_q", _i32),
-        ("seq_kv", _i32), ("head_dim", _i32), ("head_dim_v", _i32), ("dtype", _i32),
-        ("q", _vp), ("q_stride_b", _i64), ("q_stride_h", _i64), ("q_stride_s", _i64),
-        ("k", _vp), ("k_stride_b", _i64), ("k_stride_h", _i64), ("k_stride_s", _i64),
-        ("v", _vp), ("v_stride_b", _i64), ("v_stride_h", _i64), ("v_stride_s", _i64),
-        ("out", _vp), ("o_stride_b", _i64), ("o_stride_h", _i64), ("o_stride_s", _i64),
-        ("key_padding_mask", _vp), ("mask_dtype", _i32), ("mask_stride_b", _i64),
-        ("bias", _vp), ("bias_stride_b", _i64), ("bias_stride_h", _i64),
-        ("bias_stride_q", _i64), ("bias_stride_k", _i64),
-        ("head_thresholds", _vp),
-        ("scale", _f32), ("causal", _i32), ("block_size", _i32), ("threshold", _f32),
-        ("sink_blocks", _i32), ("local_blocks", _i32), ("window", _i32), ("softcap", _f32),
-        ("select_per", _i32),
-        ("block_indices", _vp), ("block_counts", _vp), ("visible_counts", _vp),
-        ("gate_q_weight", _vp), ("gate_k_weight", _vp), ("gate_dim", _i32),
-    ]
 
 
 def _load():

@@ -18,7 +18,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 SOURCES = [REPO / "plugins" / "CMakeLists.txt", REPO / "plugins" / "core" / "common"]
 SOURCES += [REPO / "plugins" / "core" / "cuda", REPO / "plugins" / "core" / "include"]
 EXPORTS = ("asa_cuda_workspace_size", "asa_cuda_route", "asa_cuda_attention",
-           "asa_cuda_forward", "asa_last_error")
+           "asa_cuda_forward", "asa_cuda_key_block_stats", "asa_last_error")
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("cmake") is None,
                                 reason="needs nvcc and cmake on PATH")

@@ -55,29 +55,11 @@ def header_layout(fields: list[str], tmp_path: Path) -> tuple[int, dict[str, int
     return size, {name: int(off) for name, off in out.items()}
 
 
-def _torch_op_mirror():
-    from asa_export.runtime import torch_op
-    return torch_op.AsaParams
-
-
-def _cpu_test_mirror():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("cpu_core_mirror",
-                                                  Path(__file__).with_name("test_cpu_core.py"))
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except pytest.skip.Exception as exc:  # the module skips itself without the built library
-        pytest.skip(str(exc))
-    return module.AsaParams
-
-
-@pytest.mark.parametrize("mirror", [_torch_op_mirror, _cpu_test_mirror],
-                         ids=["torch_op", "test_cpu_core"])
-def test_ctypes_mirror_matches_the_header(mirror, tmp_path):
-    """Every field of a ctypes mirror sits where the C compiler puts it, and the mirror is as
-    large as the struct (a field missing at the end, like the gate's, would shrink it)."""
-    struct = mirror()
+def test_ctypes_mirror_matches_the_header(tmp_path):
+    """Every field of the ctypes mirror (asa_export.runtime.abi, used by the torch binding and
+    the CPU core's tests) sits where the C compiler puts it, and the mirror is as large as the
+    struct (a field missing at the end, like the gate's, would shrink it)."""
+    from asa_export.runtime.abi import AsaParams as struct
     names = [name for name, _ in struct._fields_]
     assert names[-6:-3] == ["gate_q_weight", "gate_k_weight", "gate_dim"]
     # The caller-kept router statistics (SPEC.md "Acceleration (kernel ABI only)") come last.
