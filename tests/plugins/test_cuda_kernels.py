@@ -52,6 +52,7 @@ class Case:
     padding: bool = False
     bias: bool = False
     bias_per_head: bool = False
+    gappy_mask: bool = False  # kept keys in runs of 45 with gaps of 90 (not a suffix)
 
 
 def make_inputs(case: Case, seed: int):
@@ -74,6 +75,12 @@ def make_inputs(case: Case, seed: int):
         lengths = torch.randint(1, case.seq_kv + 1, (case.batch,), generator=g, device="cuda")
         lengths[0] = case.seq_kv  # one full row, the others shorter
         mask = torch.arange(case.seq_kv, device="cuda")[None] < lengths[:, None]
+    if case.gappy_mask:
+        # A block's visibility then depends on which of its keys are kept, not on geometry
+        # alone (a window edge or the causal edge can fall in a gap).
+        offset = torch.randint(0, 135, (case.batch, 1), generator=g, device="cuda")
+        j = torch.arange(case.seq_kv, device="cuda")[None] + offset
+        mask = j % 135 >= 90
     if case.bias:
         heads = case.heads_q if case.bias_per_head else 1
         bias = torch.randn(case.batch, heads, case.seq_q, case.seq_kv, generator=g,
@@ -434,3 +441,95 @@ def test_caller_lists_with_invisible_blocks(op, path, monkeypatch):
     op.run_core("asa_cuda_attention", params, q.device)
     torch.cuda.synchronize()
     assert torch.equal(out, ref_out)
+
+
+# tau >= 1 from the attribute (no head_thresholds): router.cu's dense_lists_kernel writes every
+# visible block without routing; ASA_CUDA_DENSE_FASTPATH=0 forces the full router.
+DENSE_CASES = {
+    "s1025_d64_b64_bf16_causal_padding": Case(2, 4, 2, 1025, 1025, 64, "bf16",
+                                              A(causal=True, threshold=1.0), padding=True),
+    "s1025_d128_b128_fp16_full_padding_group": Case(
+        3, 4, 1, 1025, 1025, 128, "fp16", A(threshold=1.0, block_size=128, select_per=1),
+        padding=True),
+    "s1025_d64_b64_bf16_causal_window_group_gappy": Case(
+        2, 8, 2, 1025, 1025, 64, "bf16", A(causal=True, window=300, threshold=1.0, select_per=1),
+        gappy_mask=True),
+    "s1025_d128_b128_bf16_full_window_gappy_tau1.5": Case(
+        2, 4, 2, 1025, 1025, 128, "bf16", A(window=200, threshold=1.5, block_size=128),
+        gappy_mask=True),
+    "sq300_skv1025_d128_b128_fp16_causal_window": Case(
+        2, 4, 1, 300, 1025, 128, "fp16", A(causal=True, window=400, threshold=1.0,
+                                           block_size=128)),
+    "sq200_skv130_d64_bf16_causal_padding": Case(2, 4, 2, 200, 130, 64, "bf16",
+                                                 A(causal=True, threshold=1.0), padding=True),
+    "decode16_kv4099_d64_fp16_window_gappy": Case(
+        2, 8, 8, 16, 4099, 64, "fp16", A(causal=True, window=1000, threshold=1.0),
+        gappy_mask=True),
+    "s4099_d128_b128_bf16_causal_group_sink_local": Case(
+        1, 8, 1, 4099, 4099, 128, "bf16", A(causal=True, threshold=1.0, block_size=128,
+                                            select_per=1, sink_blocks=2, local_blocks=2)),
+}
+
+
+def dense_telemetry_ref(case: Case, mask):
+    """Reference telemetry at tau >= 1: every visible block, for every selection head."""
+    attrs = case.attrs
+    nq, nk = (num_blocks(s, attrs.block_size) for s in (case.seq_q, case.seq_kv))
+    mask_np = None if mask is None else mask.cpu().numpy()
+    hsel = case.heads_kv if attrs.select_per else case.heads_q
+    # Scores do not matter at tau >= 1: zero probabilities, the reference's visibility.
+    visible = ref.block_visibility(
+        ref.visibility(case.batch, case.seq_q, case.seq_kv, attrs, mask_np), attrs.block_size)
+    probs = np.zeros((case.batch, hsel, nq, nk), np.float32)
+    keep = ref.select_blocks(probs, visible, attrs, case.seq_q, case.seq_kv)
+    return ref.telemetry(keep, visible)
+
+
+@pytest.mark.parametrize("name", list(DENSE_CASES))
+def test_dense_fastpath_matches_reference_and_router(op, name, monkeypatch):
+    """The dense lists equal the reference's exactly, and the full router's (forced with
+    ASA_CUDA_DENSE_FASTPATH=0) bit for bit, telemetry and output."""
+    case = DENSE_CASES[name]
+    q, k, v, mask, bias = make_inputs(case, hash(name) % 1000)
+    fast_out, fast_tele = run_poisoned(op, q, k, v, case.attrs, mask, bias)
+    for got, want in zip(fast_tele, dense_telemetry_ref(case, mask)):
+        np.testing.assert_array_equal(got.cpu().numpy(), want)
+    assert (fast_tele[0] >= 0).any(), "the case must keep some block"
+    monkeypatch.setenv("ASA_CUDA_DENSE_FASTPATH", "0")
+    full_out, full_tele = run_poisoned(op, q, k, v, case.attrs, mask, bias)
+    for got, want in zip(fast_tele, full_tele):
+        assert torch.equal(got, want)
+    assert torch.equal(fast_out.isnan(), full_out.isnan())
+    assert torch.equal(fast_out.nan_to_num(), full_out.nan_to_num())
+    check_case(op, case, seed=hash(name) % 1000)  # the attention on those lists, vs float64
+
+
+def router_kernels_run(op, case: Case, thresholds=None) -> set[str]:
+    """Names of the kernels one forward of `case` launched (torch profiler)."""
+    q, k, v, mask, _ = make_inputs(case, 2)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run_poisoned(op, q, k, v, case.attrs, mask, thresholds=thresholds)
+    return {e.name for e in prof.events()}
+
+
+def test_dense_fastpath_is_taken(op, monkeypatch):
+    """tau >= 1 runs dense_lists_kernel and no router step; head_thresholds (even all 1) and
+    ASA_CUDA_DENSE_FASTPATH=0 take the full router."""
+    case = DENSE_CASES["s1025_d64_b64_bf16_causal_padding"]
+
+    def has(names, part):
+        return any(part in n for n in names)
+
+    names = router_kernels_run(op, case)
+    assert has(names, "dense_lists_kernel"), names
+    assert not any(has(names, part) for part in ("pool_q", "pool_k", "logits", "select")), names
+    ones = torch.ones(case.heads_q, device="cuda")
+    names = router_kernels_run(op, case, thresholds=ones)
+    assert has(names, "select") and not has(names, "dense_lists_kernel"), names
+    below = dataclasses.replace(case, attrs=dataclasses.replace(case.attrs, threshold=0.99))
+    names = router_kernels_run(op, below)
+    assert has(names, "select") and not has(names, "dense_lists_kernel"), names
+    monkeypatch.setenv("ASA_CUDA_DENSE_FASTPATH", "0")
+    names = router_kernels_run(op, case)
+    assert has(names, "select") and has(names, "pool_q"), names
+    assert not has(names, "dense_lists_kernel"), names

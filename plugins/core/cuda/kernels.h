@@ -11,6 +11,8 @@ namespace asa {
 namespace cuda {
 
 // Router: pooling, scoring, selection; writes ws.block_indices / block_counts / visible_counts.
+// At τ ≥ 1 from the attribute (no head_thresholds) it only writes every visible block (no
+// pooling or scoring; ASA_CUDA_DENSE_FASTPATH=0 forces the full router).
 cudaError_t launch_route(const AsaParams& p, const Workspace& ws, cudaStream_t stream);
 
 // Block-sparse attention over the lists in ws (tensor-core path when supported, else the

@@ -13,6 +13,11 @@
 //      contract's order (forced blocks, then descending probability, ties to the lower index)
 //      with a sequential float32 running sum so that the kept set matches the reference;
 //   4. write the ascending kept lists (padded with -1), their counts and the visible counts.
+// With τ ≥ 1 from the attribute (no head_thresholds) every visible block is kept: steps 1-3 are
+// skipped and dense_lists_kernel writes the visible blocks directly (ASA_CUDA_DENSE_FASTPATH=0
+// forces the full router).
+#include <cstdlib>
+
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
@@ -54,6 +59,28 @@ __device__ __forceinline__ int kept_in_range(const AsaParams& p, const int32_t* 
   if (p.mask_dtype == ASA_MASK_NONE) return b - a + 1;
   const int32_t* row = prefix + static_cast<int64_t>(n) * (p.seq_kv + 1);
   return row[b + 1] - row[a];
+}
+
+// Keys [lo, hi] that some row of query block i sees (SPEC.md "Geometry": bottom-right alignment,
+// causal / window), and c, the key block of its last row (clamped to [0, nk)).
+__device__ __forceinline__ void query_block_keys(const AsaParams& p, int i, int nk, int* lo,
+                                                 int* hi, int* c) {
+  const int bs = p.block_size;
+  const int r1 = min((i + 1) * bs, p.seq_q) - 1;
+  const int p0 = i * bs + p.seq_kv - p.seq_q;
+  const int p1 = r1 + p.seq_kv - p.seq_q;
+  visible_key_range(p, p0, p1, lo, hi);
+  *c = min(max(p1 >= 0 ? p1 / bs : 0, 0), nk - 1);
+}
+
+// Whether key block k is visible to a query block seeing keys [lo, hi]: it must hold a kept key
+// in that range (with a padding mask this depends on which keys are kept, not only on geometry).
+// The one visibility rule of the router and of the dense lists (bit-identical telemetry).
+__device__ __forceinline__ bool key_block_visible(const AsaParams& p, const int32_t* prefix,
+                                                  int n, int k, int lo, int hi) {
+  const int a = max(lo, k * p.block_size);
+  const int b = min(hi, min((k + 1) * p.block_size, p.seq_kv) - 1);
+  return kept_in_range(p, prefix, n, a, b) > 0;
 }
 
 // Sum of rows [r0, r1) of a [S, D] slice (rows kept by `keep_row`), times `inv`, into out[D].
@@ -399,18 +426,11 @@ __global__ void select_kernel(AsaParams p, Workspace ws, const float* logits, in
   sm.flags = reinterpret_cast<uint8_t*>(sm.pavg + nk);
 
   // Visibility and forced flags of every key block for this query block.
-  const int bs = p.block_size;
-  const int r1 = min((i + 1) * bs, p.seq_q) - 1;
-  const int p0 = i * bs + p.seq_kv - p.seq_q;
-  const int p1 = r1 + p.seq_kv - p.seq_q;
-  int lo, hi;
-  visible_key_range(p, p0, p1, &lo, &hi);
-  const int c = min(max(p1 >= 0 ? p1 / bs : 0, 0), nk - 1);
+  int lo, hi, c;
+  query_block_keys(p, i, nk, &lo, &hi, &c);
   int nvis_local = 0;
   for (int k = threadIdx.x; k < nk; k += kSelectThreads) {
-    const int a = max(lo, k * bs);
-    const int b = min(hi, min((k + 1) * bs, p.seq_kv) - 1);
-    const bool vis = kept_in_range(p, ws.kept_prefix, n, a, b) > 0;
+    const bool vis = key_block_visible(p, ws.kept_prefix, n, k, lo, hi);
     bool forced = k < p.sink_blocks;
     if (p.causal) {
       forced = forced || (k <= c && k > c - p.local_blocks);
@@ -487,18 +507,11 @@ __global__ void __launch_bounds__(32 * kListsPerCta) select_warp_kernel(
   float* pavg = prob + nk;
   uint8_t* flags = reinterpret_cast<uint8_t*>(pavg + nk);
 
-  const int bs = p.block_size;
-  const int r1 = min((i + 1) * bs, p.seq_q) - 1;
-  const int p0 = i * bs + p.seq_kv - p.seq_q;
-  const int p1 = r1 + p.seq_kv - p.seq_q;
-  int lo, hi;
-  visible_key_range(p, p0, p1, &lo, &hi);
-  const int c = min(max(p1 >= 0 ? p1 / bs : 0, 0), nk - 1);
+  int lo, hi, c;
+  query_block_keys(p, i, nk, &lo, &hi, &c);
   int nvis = 0;
   for (int k = lane; k < nk; k += 32) {
-    const int a = max(lo, k * bs);
-    const int b = min(hi, min((k + 1) * bs, p.seq_kv) - 1);
-    const bool vis = kept_in_range(p, ws.kept_prefix, n, a, b) > 0;
+    const bool vis = key_block_visible(p, ws.kept_prefix, n, k, lo, hi);
     bool forced = k < p.sink_blocks;
     if (p.causal) {
       forced = forced || (k <= c && k > c - p.local_blocks);
@@ -588,6 +601,46 @@ __global__ void __launch_bounds__(32 * kListsPerCta) select_warp_kernel(
   }
   for (int t = total + lane; t < nk; t += 32) out[t] = -1;
   if (lane == 0) ws.block_counts[lrow] = total;
+}
+
+// Dense lists (τ ≥ 1, no head_thresholds: SPEC.md "Selection" keeps every visible block): one
+// warp per (batch, selection head, query block) writes its visible key blocks ascending, padded
+// with -1, the count and the visible count; no pooling, logits, softmax or walk. The lists equal
+// select_warp_kernel's / select_kernel's at τ ≥ 1 bit for bit (same visibility function), and
+// are the same for every selection head.
+__global__ void __launch_bounds__(32 * kListsPerCta) dense_lists_kernel(AsaParams p, Workspace ws,
+                                                                        int num_lists) {
+  const int lane = threadIdx.x % 32;
+  const int list = blockIdx.x * kListsPerCta + threadIdx.x / 32;
+  if (list >= num_lists) return;
+  const int nq = cdiv(p.seq_q, p.block_size), nk = cdiv(p.seq_kv, p.block_size);
+  const int hsel_count = p.select_per ? p.heads_kv : p.heads_q;
+  const int i = list % nq, hs = (list / nq) % hsel_count, n = list / (nq * hsel_count);
+  int lo, hi, c;
+  query_block_keys(p, i, nk, &lo, &hi, &c);
+  int32_t* out = ws.block_indices + static_cast<int64_t>(list) * nk;
+  int total = 0;
+  for (int k0 = 0; k0 < nk; k0 += 32) {
+    const int k = k0 + lane;
+    const bool vis = k < nk && key_block_visible(p, ws.kept_prefix, n, k, lo, hi);
+    const unsigned ballot = __ballot_sync(0xffffffffu, vis);
+    if (vis) out[total + __popc(ballot & ((1u << lane) - 1))] = k;
+    total += __popc(ballot);
+  }
+  for (int t = total + lane; t < nk; t += 32) out[t] = -1;
+  if (lane == 0) {
+    ws.block_counts[list] = total;
+    if (hs == 0 && ws.visible_counts) ws.visible_counts[static_cast<int64_t>(n) * nq + i] = total;
+  }
+}
+
+// Whether the router can write dense lists without routing: τ ≥ 1 from the attribute (per-head
+// thresholds go through the full router). ASA_CUDA_DENSE_FASTPATH=0 in the environment forces the
+// full router (read at each launch; the tests compare both).
+bool dense_fastpath(const AsaParams& p) {
+  const char* env = getenv("ASA_CUDA_DENSE_FASTPATH");
+  if (env != nullptr && env[0] == '0') return false;
+  return p.head_thresholds == nullptr && p.threshold >= 1.f;
 }
 
 // q̄ always; k̄ only for the training-free router (the gate pools its own key features), and
@@ -734,6 +787,12 @@ cudaError_t launch_route_gated(const AsaParams& p, const Workspace& ws, const Ga
   if (p.mask_dtype != ASA_MASK_NONE) {
     prefix_kernel<<<p.batch, kPrefixThreads, 0, stream>>>(p, ws.kept_prefix);
   }
+  const int hsel = p.select_per ? p.heads_kv : p.heads_q;
+  if (dense_fastpath(p)) {  // every visible block is kept: the gate and the scores do not matter
+    const int lists = p.batch * hsel * nq;
+    dense_lists_kernel<<<cdiv(lists, kListsPerCta), 32 * kListsPerCta, 0, stream>>>(p, ws, lists);
+    return cudaGetLastError();
+  }
   // Key blocks before `cached` come from the caller's key_block_stats (no key is read for them).
   const int cached = p.key_block_stats ? p.key_block_stats_blocks : 0;
   switch (p.dtype) {
@@ -764,7 +823,6 @@ cudaError_t launch_route_gated(const AsaParams& p, const Workspace& ws, const Ga
     const dim3 lgrid(cdiv(nk, kLogitTile), cdiv(nq, kLogitTile), p.batch * p.heads_q);
     logits_kernel<<<lgrid, 256, 0, stream>>>(p, qe, ke, width, scale, ws.logits);
   }
-  const int hsel = p.select_per ? p.heads_kv : p.heads_q;
   if (nk <= kWarpListMax) {
     const size_t slice = (select_smem_bytes(p) + 15) / 16 * 16;
     const size_t wsmem = slice * kListsPerCta;
