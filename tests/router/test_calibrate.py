@@ -305,3 +305,11 @@ def test_block_mass_skips_only_invisible_keys(seq_q, seq_kv, kw, pad):
     for chunk in (64, 512):
         np.testing.assert_allclose(stats.block_mass(q, k, attrs, mask, row_chunk=chunk), want,
                                    atol=2e-6)
+
+
+def test_gate_thresholds_are_fitted_on_windows_the_gate_did_not_see():
+    assert cal.gate_split(1) == ([0], [0])
+    assert cal.gate_split(2) == ([0], [1])
+    assert cal.gate_split(4) == ([0, 1], [2, 3])
+    train, fit = cal.gate_split(5)
+    assert train == [0, 1, 2] and fit == [3, 4] and not set(train) & set(fit)
