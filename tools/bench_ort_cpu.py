@@ -381,8 +381,21 @@ def _time_one(path: Path, library, threads: int, feeds: dict, repeats: int, warm
     return dict(best=min(wall), median=statistics.median(wall), runs=wall, logits=out[0], load=load)
 
 
+def text_feeds(feeds: dict, text: Path, seq: int) -> dict:
+    """`feeds` with input_ids = the first `seq` tokens of the last quarter of `text` (SmolLM2's
+    tokenizer): the router's density depends on the content, random token ids are not text."""
+    from graphs import smollm2
+
+    body = Path(text).read_text()
+    ids = np.asarray(smollm2.load_tokenizer()(body[3 * len(body) // 4:]).input_ids[:seq], np.int64)
+    if len(ids) < seq:
+        raise SystemExit(f"{text}: only {len(ids)} tokens in its last quarter, need {seq}")
+    return {**feeds, "input_ids": ids[None]}
+
+
 def run_e2e(seqs, threads: int, repeats: int, library, workdir: Path, sparse: dict,
-            model_type: str, warmup: int = 1, configs: str = "abcd", model: Path | None = None) -> dict:
+            model_type: str, warmup: int = 1, configs: str = "abcd", model: Path | None = None,
+            text: Path | None = None) -> dict:
     """Prefill latency of (a) original, (b) ORT-optimized, (c) ASA τ=1, (d) ASA sparse.
 
     Configurations run one after another, one session open at a time (see `_time_one`).
@@ -399,7 +412,8 @@ def run_e2e(seqs, threads: int, repeats: int, library, workdir: Path, sparse: di
              "(c) ASA library τ=1": workdir / "asa_tau1.onnx",
              "(d) ASA library sparse": workdir / "asa_sparse.onnx"}
     paths = {k: v for k, v in paths.items() if k[1] in configs}
-    info = dict(optimizer=ort_optimized(orig, workdir / "ort_opt.onnx", model_type), sparse=sparse)
+    info = dict(optimizer=ort_optimized(orig, workdir / "ort_opt.onnx", model_type) if "b" in configs
+                else None, sparse=sparse)
     if "c" in configs:
         rewritten(orig, paths["(c) ASA library τ=1"], threshold=1.0)
     if "d" in configs:
@@ -407,6 +421,8 @@ def run_e2e(seqs, threads: int, repeats: int, library, workdir: Path, sparse: di
     rows = []
     for seq in seqs:
         feeds = sample_inputs(E2E_MODEL[0], str(orig), batch=1, seq=seq)
+        if text is not None:
+            feeds = text_feeds(feeds, text, seq)
         base = None
         for name, path in paths.items():
             lib = library if name.startswith(("(c)", "(d)")) else False
@@ -455,9 +471,10 @@ def e2e_section(info, args, command: str, load_before: float) -> str:
         f"- CPU: {cpu_model()}; 1-min load average before / after: {load_before:.2f} / "
         f"{load:.2f} (the 2 cores are shared with other jobs; per-row load in the table)",
         f"- command: `{command}`",
-        f"- (b): `onnxruntime.transformers.optimizer.optimize_model(model_type=\"{opt['model_type']}\", "
-        f"num_heads=9, hidden_size=576, opt_level=0)`; fused operators: {opt['fused'] or 'none'}; "
-        f"attention ops after it: {opt['attention_ops'] or 'none'} (Softmax left: {opt['softmax']})",
+        (f"- (b): `onnxruntime.transformers.optimizer.optimize_model(model_type=\"{opt['model_type']}\", "
+         f"num_heads=9, hidden_size=576, opt_level=0)`; fused operators: {opt['fused'] or 'none'}; "
+         f"attention ops after it: {opt['attention_ops'] or 'none'} (Softmax left: {opt['softmax']})"
+         if opt else "- (b): not run"),
         f"- (d): {per_head}, sink {sp['sink_blocks']}, local {sp['local_blocks']}, "
         f"block {sp.get('block_size', 64)}; density = kept / visible key blocks over all 30 "
         "layers and heads, measured from the op's telemetry on the same input", "",
@@ -488,6 +505,8 @@ def main(argv=None) -> int:
                     help="(d)'s per-head thresholds JSON (`eval_router.py thresholds --to`)")
     ap.add_argument("--e2e-model", type=Path, default=None,
                     help="the original SmolLM2 export (default: graphs.export's cache)")
+    ap.add_argument("--e2e-text", type=Path, default=None,
+                    help="token ids from this text's last quarter (e.g. KJV) instead of random ids")
     ap.add_argument("--e2e-warmup", type=int, default=1, help="untimed runs per configuration")
     ap.add_argument("--e2e-configs", default="abcd", help="subset of the configurations a, b, c, d")
     args = ap.parse_args(argv)
@@ -504,7 +523,8 @@ def main(argv=None) -> int:
             sparse["head_thresholds"] = load_head_thresholds(args.sparse_thresholds)
         load_before = os.getloadavg()[0]
         info = run_e2e(args.seq, args.threads, args.e2e_repeats, library, args.e2e_dir, sparse,
-                       args.optimizer_model_type, args.e2e_warmup, args.e2e_configs, args.e2e_model)
+                       args.optimizer_model_type, args.e2e_warmup, args.e2e_configs, args.e2e_model,
+                       args.e2e_text)
         text = e2e_section(info, args, command.strip(), load_before)
         print(text)
         if args.write:
