@@ -135,7 +135,7 @@ def select_blocks(probs: np.ndarray, visible: np.ndarray, attrs: AsaAttributes, 
     batch, hsel, nq, nk = probs.shape
     vis = np.broadcast_to(np.asarray(visible, dtype=bool)[:, None], probs.shape)
     tau = _thresholds(attrs, hsel, head_thresholds)[None, :, None, None]
-    forced = _forced_blocks(attrs, seq_q, seq_kv)[None, None] & vis
+    forced = forced_blocks(attrs, seq_q, seq_kv)[None, None] & vis
     # Walk order: forced (ascending index), other visible by descending P, invisible last.
     index = np.broadcast_to(np.arange(nk), probs.shape)
     group = np.where(forced, 0, np.where(vis, 1, 2))
@@ -160,9 +160,20 @@ def forced_blocks(attrs: AsaAttributes, seq_q: int, seq_kv: int) -> np.ndarray:
         seq_kv: Skv.
 
     Returns:
-        bool [NQ, NK], before visibility.
+        bool [NQ, NK], before visibility (AND it with the block visibility: forced blocks are
+        kept only where visible).
     """
-    return _forced_blocks(attrs, seq_q, seq_kv)
+    b = attrs.block_size
+    nq, nk = num_blocks(seq_q, b), num_blocks(seq_kv, b)
+    last_row = np.minimum((np.arange(nq) + 1) * b, seq_q) - 1
+    centre = np.clip((last_row + seq_kv - seq_q) // b, 0, nk - 1)[:, None]
+    kb = np.arange(nk)[None, :]
+    forced = np.broadcast_to(kb < attrs.sink_blocks, (nq, nk))
+    if attrs.causal:
+        local = (centre - attrs.local_blocks < kb) & (kb <= centre)
+    else:
+        local = np.abs(kb - centre) < attrs.local_blocks
+    return forced | local
 
 
 def telemetry(keep: np.ndarray, visible: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -386,21 +397,6 @@ def _masked_softmax(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
     total[total == 0] = 1.0
     e /= total
     return e
-
-
-def _forced_blocks(attrs: AsaAttributes, seq_q: int, seq_kv: int) -> np.ndarray:
-    """bool [NQ, NK]: sink blocks and the local band around c_i (before visibility)."""
-    b = attrs.block_size
-    nq, nk = num_blocks(seq_q, b), num_blocks(seq_kv, b)
-    last_row = np.minimum((np.arange(nq) + 1) * b, seq_q) - 1
-    centre = np.clip((last_row + seq_kv - seq_q) // b, 0, nk - 1)[:, None]
-    kb = np.arange(nk)[None, :]
-    forced = np.broadcast_to(kb < attrs.sink_blocks, (nq, nk))
-    if attrs.causal:
-        local = (centre - attrs.local_blocks < kb) & (kb <= centre)
-    else:
-        local = np.abs(kb - centre) < attrs.local_blocks
-    return forced | local
 
 
 def _thresholds(attrs: AsaAttributes, hsel: int, head_thresholds) -> np.ndarray:

@@ -558,7 +558,7 @@ def _site_curve(probs, mass, visible, attrs: AsaAttributes, seq_q: int, seq_kv: 
 
 def _forced_mass(mass, visible, attrs: AsaAttributes, seq_q: int, seq_kv: int) -> np.ndarray:
     """[Hq, 2]: attention mass in the always-kept blocks (sink + local band), total mass."""
-    forced = stats.forced_blocks(attrs, seq_q, seq_kv)[None, None] & visible[:, None]
+    forced = reference.forced_blocks(attrs, seq_q, seq_kv)[None, None] & visible[:, None]
     vis = np.broadcast_to(visible[:, None], mass.shape)
     kept = np.where(forced, mass, 0).sum(axis=(0, 2, 3), dtype=np.float64)
     total = np.where(vis, mass, 0).sum(axis=(0, 2, 3), dtype=np.float64)

@@ -177,21 +177,6 @@ def threshold_curve(probs: np.ndarray, mass: np.ndarray, visible: np.ndarray,
     return ThresholdCurve(taus, kept, vis_count, mass_kept, total)
 
 
-def forced_blocks(attrs: AsaAttributes, seq_q: int, seq_kv: int) -> np.ndarray:
-    """The always-kept blocks (sink and local band) of the contract's selection.
-
-    Args:
-        attrs: sink_blocks, local_blocks, causal, block_size are read.
-        seq_q: Sq.
-        seq_kv: Skv.
-
-    Returns:
-        bool [NQ, NK], before visibility (AND it with the block visibility: forced blocks are
-        kept only where visible).
-    """
-    return reference._forced_blocks(attrs, seq_q, seq_kv)  # the selection's own definition
-
-
 def fit_head_thresholds(curve: ThresholdCurve, target_recall: float) -> np.ndarray:
     """Per-head tau: the smallest grid value whose mass recall reaches the target.
 

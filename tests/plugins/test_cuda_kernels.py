@@ -150,7 +150,7 @@ def sdpa_same_precision(q, k, v, mask, attrs, bias=None):
 
 def walk_margins(probs, keep_ref, visible, attrs, seq_q, seq_kv, tau):
     """Per block: |running sum before/after it - tau| in the reference walk order (float32)."""
-    forced = ref._forced_blocks(attrs, seq_q, seq_kv)[None, None] & visible[:, None]
+    forced = ref.forced_blocks(attrs, seq_q, seq_kv)[None, None] & visible[:, None]
     vis = np.broadcast_to(visible[:, None], probs.shape)
     index = np.broadcast_to(np.arange(probs.shape[-1]), probs.shape)
     group = np.where(forced, 0, np.where(vis, 1, 2))
