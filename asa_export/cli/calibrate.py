@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import argparse
 
-from asa_export.passes.pipeline import RewriteOptions
+from asa_export.cli.export import add_router_arguments
+from asa_export.cli.export import options_from as rewrite_options_from
 from asa_export.router import calibrate as cal
 
 HELP = ("calibrate the router of MODEL on text: per-head thresholds (and, with --gate, a learned "
         "gate) written into the ASA nodes")
 _DEFAULTS = cal.CalibrateOptions()
-_REWRITE = RewriteOptions()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,20 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", metavar="DIR",
                         help="work folder kept between runs: captured windows and fitted sites "
                         "found there are skipped")
-    _add_rewrite_arguments(parser)
+    add_router_arguments(parser, title="router attributes when MODEL is an original export",
+                         threshold=False)
     _add_gate_arguments(parser)
-
-
-def _add_rewrite_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("router attributes when MODEL is an original export")
-    group.add_argument("--block-size", type=int, default=_REWRITE.block_size, choices=(64, 128),
-                       help="router block size b (default %(default)s)")
-    group.add_argument("--sink-blocks", type=int, default=_REWRITE.sink_blocks, metavar="N",
-                       help="leading key blocks always kept (default %(default)s)")
-    group.add_argument("--local-blocks", type=int, default=_REWRITE.local_blocks, metavar="N",
-                       help="local band of key blocks always kept (default %(default)s)")
-    group.add_argument("--select-per", default="head", choices=("head", "group"),
-                       help="one block list per query head or per KV group (default %(default)s)")
 
 
 def _add_gate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,13 +64,10 @@ def _add_gate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def options_from(args: argparse.Namespace) -> cal.CalibrateOptions:
     """CalibrateOptions from parsed arguments."""
-    rewrite = RewriteOptions(block_size=args.block_size, sink_blocks=args.sink_blocks,
-                             local_blocks=args.local_blocks,
-                             select_per=0 if args.select_per == "head" else 1)
     return cal.CalibrateOptions(
         target_recall=args.target_recall, target_density=args.target_density,
         threshold=args.threshold, gate=args.gate, context=args.context, windows=args.windows,
-        seed=args.seed, rewrite=rewrite, gate_dim=args.gate_dim, gate_steps=args.gate_steps,
+        seed=args.seed, rewrite=rewrite_options_from(args, threshold=False), gate_dim=args.gate_dim, gate_steps=args.gate_steps,
         device=args.device)
 
 

@@ -55,13 +55,22 @@ def engine_options_from(args: argparse.Namespace) -> api.EngineOptions:
     )
 
 
-def add_router_arguments(parser: argparse.ArgumentParser) -> None:
-    """The router settings (RewriteOptions), shared with `demo`."""
-    group = parser.add_argument_group("router settings (written into every ASA node)")
+def add_router_arguments(parser: argparse.ArgumentParser,
+                         title: str = "router settings (written into every ASA node)",
+                         threshold: bool = True) -> None:
+    """The router settings (RewriteOptions), shared with `demo` and `calibrate`.
+
+    Args:
+        parser: the subcommand's parser.
+        title: the argument group's title.
+        threshold: add --threshold (calibrate has its own, with another meaning).
+    """
+    group = parser.add_argument_group(title)
     group.add_argument("--block-size", type=int, default=_DEFAULTS.block_size, choices=(64, 128),
                        help="router block size b (default %(default)s)")
-    group.add_argument("--threshold", type=float, default=_DEFAULTS.threshold, metavar="TAU",
-                       help="cumulative threshold tau; 1.0 = exactly dense (default %(default)s)")
+    if threshold:
+        group.add_argument("--threshold", type=float, default=_DEFAULTS.threshold, metavar="TAU",
+                           help="cumulative threshold tau; 1.0 = exactly dense (default %(default)s)")
     group.add_argument("--sink-blocks", type=int, default=_DEFAULTS.sink_blocks, metavar="N",
                        help="leading key blocks always kept (default %(default)s)")
     group.add_argument("--local-blocks", type=int, default=_DEFAULTS.local_blocks, metavar="N",
@@ -70,11 +79,12 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
                        help="one block list per query head or per KV group (default %(default)s)")
 
 
-def options_from(args: argparse.Namespace) -> RewriteOptions:
-    """RewriteOptions from parsed router arguments."""
+def options_from(args: argparse.Namespace, threshold: bool = True) -> RewriteOptions:
+    """RewriteOptions from parsed router arguments (`threshold`: as in add_router_arguments;
+    without it the default tau is kept)."""
     return RewriteOptions(
         block_size=args.block_size,
-        threshold=args.threshold,
+        threshold=args.threshold if threshold else _DEFAULTS.threshold,
         sink_blocks=args.sink_blocks,
         local_blocks=args.local_blocks,
         select_per=0 if args.select_per == "head" else 1,
