@@ -312,14 +312,12 @@ def test_rows_without_keys_are_zero():
     assert (vis[0] == 0).all() and (cnt[0] == 0).all()
 
 
-@pytest.mark.parametrize("field,value,needle", [
-    ("heads_kv", 3, "multiple of key/value heads"),
-    ("block_size", 32, "block_size must be 64 or 128"),
-    ("window", 0, "window must be -1"),
-    ("threshold", 0.0, "threshold must be"),
-])
-def test_invalid_params_are_reported(field, value, needle):
-    attrs = AsaAttributes()
+def _small_params(threshold: float) -> tuple[AsaParams, np.ndarray, list]:
+    """Valid params for B 1, Hq 4, Hkv 2, S 64, D 16 (fp32), ready for one field to be broken.
+
+    Returns:
+        (params, the zeroed output they point to, the inputs: keep them alive while it runs).
+    """
     q, k, v = _inputs(np.random.default_rng(0), 1, 4, 2, 64, 64, 16)
     p = AsaParams()
     p.batch, p.heads_q, p.heads_kv, p.seq_q, p.seq_kv, p.head_dim, p.head_dim_v = 1, 4, 2, 64, 64, 16, 16
@@ -327,7 +325,18 @@ def test_invalid_params_are_reported(field, value, needle):
     p.q, p.k, p.v, p.out = q.ctypes.data, k.ctypes.data, v.ctypes.data, out.ctypes.data
     p.q_stride_s = p.k_stride_s = p.v_stride_s = p.o_stride_s = 16
     p.q_stride_h = p.k_stride_h = p.v_stride_h = p.o_stride_h = 64 * 16
-    p.scale, p.block_size, p.threshold, p.window = 0.25, 64, attrs.threshold, -1
+    p.scale, p.block_size, p.threshold, p.window = 0.25, 64, threshold, -1
+    return p, out, [q, k, v]
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("heads_kv", 3, "multiple of key/value heads"),
+    ("block_size", 32, "block_size must be 64 or 128"),
+    ("window", 0, "window must be -1"),
+    ("threshold", 0.0, "threshold must be"),
+])
+def test_invalid_params_are_reported(field, value, needle):
+    p, out, _inputs_alive = _small_params(AsaAttributes().threshold)
     setattr(p, field, value)
     assert LIB.asa_cpu_forward(ctypes.byref(p), 1) == ASA_ERR_INVALID_ARGUMENT
     assert needle in LIB.asa_last_error().decode()
@@ -439,15 +448,8 @@ def test_gate_low_precision_inputs(dtype):
     ("both", 0, "gate_dim"),
 ])
 def test_invalid_gate_is_reported(which, gate_dim, needle):
-    q, k, v = _inputs(np.random.default_rng(0), 1, 4, 2, 64, 64, 16)
     wq, wk = gate_weights(np.random.default_rng(1), 4, 2, 16)
-    p = AsaParams()
-    p.batch, p.heads_q, p.heads_kv, p.seq_q, p.seq_kv, p.head_dim, p.head_dim_v = 1, 4, 2, 64, 64, 16, 16
-    out = np.zeros((1, 4, 64, 16), np.float32)
-    p.q, p.k, p.v, p.out = q.ctypes.data, k.ctypes.data, v.ctypes.data, out.ctypes.data
-    p.q_stride_s = p.k_stride_s = p.v_stride_s = p.o_stride_s = 16
-    p.q_stride_h = p.k_stride_h = p.v_stride_h = p.o_stride_h = 64 * 16
-    p.scale, p.block_size, p.threshold, p.window = 0.25, 64, 0.5, -1
+    p, out, _inputs_alive = _small_params(0.5)
     p.gate_q_weight = wq.ctypes.data if which in ("q", "both") else None
     p.gate_k_weight = wk.ctypes.data if which in ("k", "both") else None
     p.gate_dim = gate_dim

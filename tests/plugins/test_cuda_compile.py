@@ -57,23 +57,23 @@ def test_library_builds_and_exports_c_abi(built_library):
     assert not missing, f"libasa_cuda.so does not export {missing}"
 
 
-def test_hopper_machine_code_has_tensor_core_mma(built_library):
-    """The attention kernel must run on tensor cores: its sm_90a code holds HMMA instructions."""
+@pytest.fixture(scope="module")
+def sass(built_library) -> str:
+    """The library's machine code (cuobjdump --dump-sass), dumped once for the SASS checks."""
     cuobjdump = shutil.which("cuobjdump")
     if cuobjdump is None:
         pytest.skip("cuobjdump not on PATH")
-    sass = subprocess.run([cuobjdump, "--dump-sass", str(built_library)], capture_output=True,
+    return subprocess.run([cuobjdump, "--dump-sass", str(built_library)], capture_output=True,
                           text=True, check=True).stdout
+
+
+def test_hopper_machine_code_has_tensor_core_mma(sass):
+    """The attention kernel must run on tensor cores: its sm_90a code holds HMMA instructions."""
     assert "attn_mma_kernel" in sass
     assert "HMMA" in sass
 
 
-def test_hopper_machine_code_has_wgmma(built_library):
+def test_hopper_machine_code_has_wgmma(sass):
     """The Hopper prefill kernel must use warpgroup MMA: its sm_90a code holds HGMMA."""
-    cuobjdump = shutil.which("cuobjdump")
-    if cuobjdump is None:
-        pytest.skip("cuobjdump not on PATH")
-    sass = subprocess.run([cuobjdump, "--dump-sass", str(built_library)], capture_output=True,
-                          text=True, check=True).stdout
     assert "attn_wgmma_kernel" in sass
     assert "HGMMA" in sass

@@ -24,18 +24,10 @@ from onnx import TensorProto, helper
 
 from asa_export import contract, io
 from asa_export.errors import AsaExportError
-from asa_export.passes.pipeline import rewrite_model
 from asa_export.runtime import tensorrt as art
 from tests.passes.attention_graphs import build
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def rewritten() -> ir.Model:
-    model = ir.from_proto(build(hq=4, hkv=2, d=16, mask="causal+padding"))
-    rewrite_model(model)
-    return model
 
 
 # ------------------------------------------------------------------------- engine copy

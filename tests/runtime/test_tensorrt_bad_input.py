@@ -14,7 +14,6 @@ import onnx_ir as ir
 import pytest
 
 from asa_export.errors import AsaExportError
-from asa_export.passes.pipeline import rewrite_model
 from asa_export.runtime import tensorrt as art
 from tests.passes.attention_graphs import build
 
@@ -46,13 +45,6 @@ def fake_plugin_libraries(directory) -> dict[str, str]:
                         str(folder / "lib.c")], check=True, capture_output=True)
         libraries[kind] = str(folder / art.LIBRARY_NAME)
     return libraries
-
-
-@pytest.fixture
-def rewritten() -> ir.Model:
-    model = ir.from_proto(build(hq=4, hkv=2, d=16, mask="causal+padding"))
-    rewrite_model(model)
-    return model
 
 
 def test_opt_shapes_above_max_shapes_are_refused(rewritten):
