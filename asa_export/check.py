@@ -35,6 +35,7 @@ import onnx_ir as ir
 from asa_export import contract
 from asa_export.errors import AsaExportError
 from asa_export.inputs import generate_feeds, input_roles, key_padding
+from asa_export.passes.rewrite import asa_nodes
 
 logger = logging.getLogger(__name__)
 
@@ -423,7 +424,7 @@ def _mask_geometry(model: ir.Model) -> dict:
     a row that the contract lets differ.
     """
     causal, window = False, -1
-    for node in _asa_nodes(model):
+    for node in asa_nodes(model):
         attrs = {name: attr.value for name, attr in node.attributes.items()}
         causal = causal or bool(attrs.get("causal", 0))
         w = int(attrs.get("window", -1))
@@ -488,7 +489,7 @@ def _expand(positions: np.ndarray, axis: int, rank: int) -> np.ndarray:
 
 
 def _measure_density(model: ir.Model, feeds, result: CheckResult, library) -> None:
-    nodes = list(_asa_nodes(model))
+    nodes = asa_nodes(model)
     if not nodes:
         result.density_error = "the rewritten model has no AdaptiveSparseAttention node"
         return
@@ -582,12 +583,6 @@ def _four_output_node(model: ir.Model, node: ir.Node, name: str) -> ir.Node:
     replacement.outputs[0].name = out_name
     replacement.outputs[0].type, replacement.outputs[0].shape = out_type, out_shape
     return replacement
-
-
-def _asa_nodes(model: ir.Model):
-    for node in model.graph:
-        if node.op_type == contract.OP_TYPE and node.domain == contract.DOMAIN:
-            yield node
 
 
 # -- sessions and inputs ---------------------------------------------------------------------

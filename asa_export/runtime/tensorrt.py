@@ -36,6 +36,7 @@ import onnx_ir as ir
 
 from asa_export import contract
 from asa_export.errors import AsaExportError
+from asa_export.passes.rewrite import asa_nodes
 
 ENV_VAR = "ASA_TRT_PLUGIN"
 LIBRARY_NAME = "libasa_trt.so"
@@ -222,11 +223,6 @@ def load_plugin(trt, library: Path):
 
 
 # ------------------------------------------------------------------------------ engine copy
-
-def asa_nodes(model: ir.Model) -> list[ir.Node]:
-    """The AdaptiveSparseAttention nodes of the main graph."""
-    return [n for n in model.graph if n.op_type == contract.OP_TYPE and n.domain == contract.DOMAIN]
-
 
 def prepare_for_engine(model: ir.Model, precision: str = "fp16") -> int:
     """Turn a rewritten model, in place, into the copy the TensorRT parser reads.
