@@ -93,6 +93,8 @@ def parse_setting(spec: str, curves_file: pathlib.Path | None):
 
     name, _, rest = spec.partition(":")
     kv = dict(item.split("=") for item in rest.split(",") if item)
+    if "retrieval" in kv:
+        return _with_retrieval_heads(name, kv, curves_file)
     sink, local = int(kv.get("sink", 1)), int(kv.get("local", 1))
     if name in ("dense", "naive", "oracle", "lse"):
         return research.RouterSetting(router=name, threshold=float(kv.get("tau", 1.0)),
@@ -109,6 +111,27 @@ def parse_setting(spec: str, curves_file: pathlib.Path | None):
         return research.RouterSetting(router=router, threshold=1.0, sink_blocks=sink,
                                       local_blocks=local, head_thresholds=taus)
     raise AsaExportError(f"unknown setting {spec!r}: dense | naive:tau= | oracle:tau= | perhead:recall= | tradeoff:cost=")
+
+
+def retrieval_file(curves_file: pathlib.Path) -> pathlib.Path:
+    """Retrieval-head scores beside the calibration curves (same context): `cmd_retrieval`."""
+    return curves_file.parent / curves_file.name.replace("curves-", "retrieval-").replace(".npz", ".json")
+
+
+def _with_retrieval_heads(name: str, kv: dict, curves_file) -> "research.RouterSetting":
+    """`<setting>,retrieval=N`: the setting without it, plus the N highest-scoring retrieval
+    heads (`cmd_retrieval`) at tau 1 through head_thresholds (no contract change)."""
+    from asa_export.router import retrieval
+
+    base = parse_setting(name + ":" + ",".join(f"{k}={v}" for k, v in kv.items() if k != "retrieval"),
+                         curves_file)
+    path = retrieval_file(curves_file)
+    if not path.is_file():
+        raise AsaExportError(f"retrieval heads: run `retrieval` first ({path})")
+    scores = np.asarray(json.loads(path.read_text())["scores"])
+    heads = retrieval.top_heads(scores, int(kv["retrieval"]))
+    base.head_thresholds = retrieval.dense_heads(base.head_thresholds or base.threshold, heads, *scores.shape)
+    return base
 
 
 # ------------------------------------------------------------------ torch path
@@ -240,13 +263,15 @@ def _default_export(exporter: str):
     return exporters.export("smollm2", exporter, attn="sdpa")
 
 
-def ort_model(args, spec: str, source):
+def ort_model(args, spec: str, source, kv: bool = False):
     """The session of `spec`'s rewritten model (written on first use) and its telemetry names.
 
     Args:
         args: parsed arguments (out, calibration curves for perhead settings).
         spec: a setting string (dense | naive:... | perhead:... | tradeoff:...).
         source: the original SmolLM2 ONNX export.
+        kv: `source` is a KV-cache export; the model (a separate cache file) also outputs each
+            site's block_indices (`<site>__block_indices`) for the needle diagnosis.
 
     Returns:
         (onnxruntime.InferenceSession, [(block_counts name, visible_counts name)] per site).
@@ -256,10 +281,11 @@ def ort_model(args, spec: str, source):
     if spec.startswith("file:"):
         return _file_model(args, spec)
     # Fitted thresholds depend on the calibration curves: their file names the model too.
-    fitted = f"-{calib_file(args).stem}" if spec.startswith(("perhead", "tradeoff")) else ""
-    path = pathlib.Path(args.out) / "ort" / "models" / f"smollm2-{spec.replace(':', '_')}{fitted}.onnx"
+    fitted = f"-{calib_file(args).stem}" if spec.startswith(("perhead", "tradeoff")) or "retrieval=" in spec else ""
+    suffix = "-kv" if kv else ""
+    path = pathlib.Path(args.out) / "ort" / "models" / f"smollm2-{spec.replace(':', '_')}{fitted}{suffix}.onnx"
     if not path.exists():
-        _write_rewritten(spec, args, source, path)
+        _write_rewritten(spec, args, source, path, indices=kv)
     names = [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
     counts = [n for n in names if n.endswith("__block_counts")]
     telemetry = [(c, c.replace("__block_counts", "__visible_counts")) for c in counts]
@@ -291,8 +317,9 @@ def _file_model(args, spec: str):
     return _ort_session(path), [(c, c.replace("__block_counts", "__visible_counts")) for c in counts]
 
 
-def _write_rewritten(spec: str, args, source, path: pathlib.Path) -> None:
-    """Rewrite `source` at `spec`'s operating point with telemetry outputs; save to `path`."""
+def _write_rewritten(spec: str, args, source, path: pathlib.Path, indices: bool = False) -> None:
+    """Rewrite `source` at `spec`'s operating point with telemetry outputs; save to `path`
+    (`indices`: also each site's block_indices output)."""
     import onnx_ir as ir
 
     from asa_export import check, io
@@ -309,9 +336,26 @@ def _write_rewritten(spec: str, args, source, path: pathlib.Path) -> None:
     if setting.head_thresholds is not None:
         set_head_thresholds(model, report, setting.head_thresholds)
     check._add_telemetry_outputs(model, [n for n in model.graph if n.op_type == "AdaptiveSparseAttention"])
+    if indices:
+        _expose_block_indices(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     io.save_model(model, path)
     print(f"rewrote {len(report.sites)} sites ({spec}) -> {path} ({time.time() - t0:.1f} s)", flush=True)
+
+
+def _expose_block_indices(model) -> None:
+    """Make output 1 (block_indices [B, Hsel, NQ, NK]) of every 4-output ASA node a graph output
+    named `<site>__block_indices` (the kept key blocks: which heads keep the needle's block)."""
+    import onnx_ir as ir
+
+    for node in model.graph:
+        if node.op_type != "AdaptiveSparseAttention" or len(node.outputs) < 4:
+            continue
+        value = node.outputs[1]
+        value.name = f"{node.name}__block_indices"
+        value.type = ir.TensorType(ir.DataType.INT32)
+        value.shape = ir.Shape([f"{node.name}_B", f"{node.name}_Hsel", f"{node.name}_NQ", f"{node.name}_NK"])
+        model.graph.outputs.append(value)
 
 
 def set_head_thresholds(model, report, thresholds: dict) -> None:
@@ -418,6 +462,13 @@ def passkey_ids(tokenizer, filler_ids: np.ndarray, context: int, depth: float, k
     Returns:
         (ids int64 [context], number of answer tokens at the end).
     """
+    layout = passkey_layout(tokenizer, filler_ids, context, depth, key)
+    return layout["ids"], layout["n_answer"]
+
+
+def passkey_layout(tokenizer, filler_ids: np.ndarray, context: int, depth: float, key: str) -> dict:
+    """`passkey_ids` with the needle's place: dict(ids int64 [context], n_answer, needle_start,
+    needle_len) (token offsets into ids)."""
     def enc(text):
         return list(tokenizer(text).input_ids)
 
@@ -428,7 +479,8 @@ def passkey_ids(tokenizer, filler_ids: np.ndarray, context: int, depth: float, k
         raise AsaExportError(f"passkey: no room for filler at context {context}")
     cut = round(depth * room)
     ids = head + list(filler_ids[:cut]) + needle + list(filler_ids[cut:room]) + question + answer
-    return np.asarray(ids, dtype=np.int64), len(answer)
+    return {"ids": np.asarray(ids, dtype=np.int64), "n_answer": len(answer),
+            "needle_start": len(head) + cut, "needle_len": len(needle)}
 
 
 def passkey_score(logits: np.ndarray, ids: np.ndarray, n_answer: int) -> dict:
@@ -471,6 +523,8 @@ def cmd_passkey(args) -> None:
     filler = np.asarray(tok(segment(args, "kjv", "eval")).input_ids, dtype=np.int64)
     rng = np.random.default_rng(args.seed + 7)
     keys = [str(k) for k in rng.integers(10000, 100000, size=args.keys)]
+    if args.decode:
+        return cmd_passkey_decode(args, source, tok, filler, keys)
     for spec in args.settings:
         folder = pathlib.Path(args.out) / "passkey" / str(args.context) / spec.replace(":", "_")
         cases = [(d, j) for d in args.depths for j in range(args.keys)]
@@ -491,6 +545,156 @@ def cmd_passkey(args) -> None:
             print(f"passkey {spec:32s} ctx {args.context} depth {depth:.0%} key {keys[j]}: "
                   f"greedy {row['greedy']} logp {row['logprob']:.3f} margin {row['margin']:.2f} "
                   f"density {kept / visible:.3f} {row['wall_s']:.1f} s", flush=True)
+        del sess
+
+
+# ------------------------------------------------------------------ passkey, prefill + decode
+
+
+def _kv_feeds(sess, ids: np.ndarray, past: dict, start: int) -> dict:
+    """Feeds of one KV-cache step: `ids` at positions start.., `past` {input name: array}."""
+    feeds = {"input_ids": ids[None], "attention_mask": np.ones((1, start + len(ids)), dtype=np.int64),
+             "position_ids": np.arange(start, start + len(ids), dtype=np.int64)[None]}
+    return {**feeds, **past}
+
+
+def kv_step(sess, telemetry, ids: np.ndarray, past: dict, start: int) -> dict:
+    """One prefill (start 0, empty past) or decode step through a KV-cache model.
+
+    Args:
+        sess: session of an `ort_model(..., kv=True)` model.
+        telemetry: its (block_counts, visible_counts) names, one pair per site in layer order.
+        ids: int64 [Sq] new tokens.
+        past: {past_key_values.* name: array [1, Hkv, start, D]}.
+        start: position of ids[0].
+
+    Returns:
+        dict(logits [V] of the last row, past (the next step's past), kept, visible,
+        last_blocks: per site the kept key blocks of the LAST query block, a list over heads
+        of sets; this is the block list that predicts the next token).
+    """
+    names = [o.name for o in sess.get_outputs()]
+    presents = [n for n in names if n.startswith("present.")]
+    indices = [c.replace("__block_counts", "__block_indices") for c, _ in telemetry]
+    wanted = [names[0]] + presents + [n for pair in telemetry for n in pair] + indices
+    out = dict(zip(wanted, sess.run(wanted, _kv_feeds(sess, ids, past, start))))
+    kept = sum(int(out[c].sum()) for c, _ in telemetry)
+    visible = sum(int(out[v].sum()) * int(out[c].shape[1]) for c, v in telemetry)
+    last = [[set(int(k) for k in row if k >= 0) for row in out[i][0, :, -1, :]] for i in indices]
+    return {"logits": out[names[0]][0, -1], "kept": kept, "visible": visible, "last_blocks": last,
+            "past": {n.replace("present.", "past_key_values."): out[n] for n in presents}}
+
+
+def needle_drops(last_blocks: list, needle_blocks: set) -> dict:
+    """Which (layer, head) lists miss the needle: {"none": {layer: [heads keeping none of the
+    needle's key blocks]}, "part": {layer: [heads keeping some but not all]}} (layers with none
+    omitted)."""
+    drops = {"none": {}, "part": {}}
+    for layer, heads in enumerate(last_blocks):
+        for h, kept in enumerate(heads):
+            hit = len(kept & needle_blocks)
+            kind = "none" if hit == 0 else "part" if hit < len(needle_blocks) else None
+            if kind:
+                drops[kind].setdefault(layer, []).append(h)
+    return drops
+
+
+def _margin(logits: np.ndarray, token: int) -> float:
+    others = logits.astype(np.float64).copy()
+    others[token] = -np.inf
+    return float(logits[token] - others.max())
+
+
+def decode_answer(sess, telemetry, prefill: dict, start: int, answer: np.ndarray, forced: bool,
+                  needle_blocks: set) -> dict:
+    """Decode len(answer) tokens (Sq = 1 steps) after a prefill; forced feeds the answer tokens
+    (per-token margins of the correct token), greedy feeds each step's argmax (what a user gets).
+
+    Returns:
+        dict(tokens (argmax per step), margins (correct token vs best other, per step),
+        logprobs, kept, visible (decode steps only), drops (needle_drops per step; step 0 is
+        the prefill's last query block)).
+    """
+    step, pos = prefill, start
+    tokens, margins, logprobs, drops, kept, visible = [], [], [], [], 0, 0
+    for t, target in enumerate(answer):
+        logits = step["logits"]
+        tokens.append(int(np.argmax(logits)))
+        margins.append(round(_margin(logits, int(target)), 4))
+        logprobs.append(round(float(_log_softmax(logits[None])[0, int(target)]), 4))
+        drops.append(needle_drops(step["last_blocks"], needle_blocks))
+        if t + 1 == len(answer):
+            break
+        feed = int(target) if forced else tokens[-1]
+        step = kv_step(sess, telemetry, np.asarray([feed], dtype=np.int64), step["past"], pos)
+        kept, visible, pos = kept + step["kept"], visible + step["visible"], pos + 1
+    return {"tokens": tokens, "margins": margins, "logprobs": logprobs, "kept": kept,
+            "visible": visible, "drops": drops}
+
+
+def passkey_decode_case(sess, telemetry, layout: dict, tokenizer, split: int = 0) -> dict:
+    """One passkey case the way users run it: prefill the prompt (without the answer) through
+    the KV-cache model, then decode the answer token by token.
+
+    `split` > 0 prefills all but the prompt's last `split` tokens and feeds those as Sq = 1
+    steps (a runtime choice, no contract change): the row that predicts the first answer token
+    is then routed with its own query instead of its 64-row block's mean.
+
+    Returns:
+        JSON-ready dict: greedy text and digits correct, forced per-token margins / log p, prefill
+        and decode densities, needle drops at the prefill's last query block and each decode step.
+    """
+    ids, n = layout["ids"], layout["n_answer"]
+    prompt, answer = ids[:-n], ids[-n:]
+    bs = 64
+    needle = set(range(layout["needle_start"] // bs, (layout["needle_start"] + layout["needle_len"] - 1) // bs + 1))
+    layers = sum(1 for i in sess.get_inputs() if i.name.startswith("past_key_values.")) // 2
+    empty = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), dtype=np.float32)
+             for i in sess.get_inputs() if i.name.startswith("past_key_values.")}
+    assert layers == len(telemetry), "one ASA site per layer expected"
+    head = len(prompt) - split
+    prefill = kv_step(sess, telemetry, prompt[:head], empty, 0)
+    for pos in range(head, len(prompt)):
+        step = kv_step(sess, telemetry, prompt[pos:pos + 1], prefill["past"], pos)
+        prefill = {**step, "kept": prefill["kept"] + step["kept"], "visible": prefill["visible"] + step["visible"]}
+    forced = decode_answer(sess, telemetry, prefill, len(prompt), answer, True, needle)
+    wrong = [t for t, (a, b) in enumerate(zip(forced["tokens"], answer)) if a != b]
+    greedy = forced if not wrong else decode_answer(sess, telemetry, prefill, len(prompt), answer, False, needle)
+    text = tokenizer.decode(greedy["tokens"])
+    key = tokenizer.decode(answer).strip()
+    digits = sum(a == b for a, b in zip(text.strip()[:len(key)], key))
+    return {"prefill_kept": prefill["kept"], "prefill_visible": prefill["visible"],
+            "decode_kept": greedy["kept"], "decode_visible": greedy["visible"],
+            "greedy_text": text, "retrieved": text.strip().startswith(key), "digits_correct": digits,
+            "forced_all_argmax": not wrong, "margins": forced["margins"], "logprobs": forced["logprobs"],
+            "logprob": float(sum(forced["logprobs"])), "margin": float(min(forced["margins"])),
+            "needle_blocks": sorted(needle), "drops": forced["drops"]}
+
+
+def cmd_passkey_decode(args, source, tok, filler, keys) -> None:
+    """`passkey --decode`: every case prefilled then decoded (passkey_decode_case); one JSON per
+    case under <out>/passkey_decode/<context>/<setting>/, resumable."""
+    for spec in args.settings:
+        split = f"-split{args.split}" if args.split else ""
+        folder = pathlib.Path(args.out) / "passkey_decode" / str(args.context) / (spec.replace(":", "_") + split)
+        cases = [(d, j) for d in args.depths for j in range(args.keys)]
+        todo = [c for c in cases if not (folder / f"d{c[0]:g}-k{c[1]}.json").exists()]
+        if not todo:
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        sess, telemetry = ort_model(args, spec, source, kv=True)
+        for depth, j in todo:
+            layout = passkey_layout(tok, filler[j * args.context:], args.context, depth, keys[j])
+            t0 = time.time()
+            row = {"setting": spec, "context": args.context, "depth": depth, "key": keys[j], "split": args.split,
+                   **passkey_decode_case(sess, telemetry, layout, tok, args.split), "wall_s": time.time() - t0}
+            (folder / f"d{depth:g}-k{j}.json").write_text(json.dumps(row))
+            pre = row["prefill_kept"] / row["prefill_visible"]
+            misses = sum(len(v) for v in row["drops"][0]["none"].values())
+            print(f"decode{split} {spec:32s} ctx {args.context} depth {depth:.0%} key {keys[j]}: "
+                  f"{row['greedy_text']!r} digits {row['digits_correct']}/5 margins {row['margins']} "
+                  f"prefill density {pre:.3f}, needle missed by {misses} heads at the last block "
+                  f"{row['wall_s']:.1f} s", flush=True)
         del sess
 
 
@@ -516,6 +720,54 @@ def passkey_table(out: pathlib.Path) -> None:
         print(f"| {ctx} | {spec} | {dens:.3f} | " + " | ".join(cells)
               + f" | {sum(r['greedy'] for r in rs)}/{len(rs)} | {np.mean([r['logprob'] for r in rs]):.3f}"
               f" | {min(r['margin'] for r in rs):.2f} |")
+
+
+# ------------------------------------------------------------------ retrieval heads
+
+
+def cmd_retrieval(args) -> None:
+    """Score every (layer, head) by the dense attention mass that the answer-predicting rows put
+    on the needle, on passkey prompts built from the CALIBRATION text with their own keys (the
+    evaluation prompts stay unseen); write {"scores": [L][Hq], ...} (retrieval_file)."""
+    import torch
+
+    from asa_export.router import research, retrieval
+    from graphs import smollm2
+
+    found = {}
+
+    def capture(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+        scale = float(scaling) if scaling else query.shape[-1] ** -0.5
+        q, k = query[0].detach().float().numpy(), key[0].detach().float().numpy()
+        found[module.layer_idx] = retrieval.needle_mass(q, k, scale, found["rows"], found["needle"])
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True,
+                                                               scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+
+    research.register("asa_retrieval", capture)
+    model, tok = load("asa_retrieval")
+    filler = np.asarray(tok(segment(args, "kjv", "calib")).input_ids, dtype=np.int64)
+    keys = [str(k) for k in np.random.default_rng(args.seed + 1000).integers(10000, 100000, size=args.keys)]
+    total, cases = 0.0, 0
+    for depth in args.depths:
+        for j, key in enumerate(keys):
+            layout = passkey_layout(tok, filler[j * args.context:], args.context, depth, key)
+            n, seq = layout["n_answer"], args.context
+            found.update(rows=np.arange(seq - n - 1, seq - 1),
+                         needle=np.arange(layout["needle_start"], layout["needle_start"] + layout["needle_len"]))
+            t0 = time.time()
+            with torch.inference_mode():
+                model.model(input_ids=torch.from_numpy(layout["ids"])[None])
+            layers = sorted(k for k in found if isinstance(k, int))
+            total, cases = total + np.stack([found[i] for i in layers]), cases + 1
+            print(f"retrieval depth {depth:.0%} key {key}: {time.time() - t0:.1f} s", flush=True)
+    scores = total / cases
+    out = retrieval_file(calib_file(args))
+    out.write_text(json.dumps({"context": args.context, "cases": cases, "keys": keys, "depths": args.depths,
+                               "text": "kjv calibration segment (first half)",
+                               "scores": [[round(float(x), 6) for x in row] for row in scores]}))
+    order = retrieval.top_heads(scores, 20)
+    print(f"wrote {out}; top 20 heads {order}")
 
 
 # ------------------------------------------------------------------ curves
@@ -742,6 +994,12 @@ def main(argv=None) -> int:
     pk.add_argument("settings", nargs="+")
     pk.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
     pk.add_argument("--keys", type=int, default=2, help="passkeys per depth")
+    pk.add_argument("--split", type=int, default=0,
+                    help="with --decode: feed the prompt's last N tokens as Sq = 1 steps after the prefill")
+    pk.add_argument("--decode", action="store_true",
+                    help="prefill the prompt, then decode the answer token by token (Sq = 1) through a "
+                    "KV-cache export (--model, e.g. `python -m graphs --family smollm2 --exporter dynamo23 "
+                    "--attn sdpa --kv-cache`), as users run it; default: one teacher-forced forward")
     ort.add_argument("--reuse-torch", action="store_true",
                      help="take windows the torch path (`ppl`) already measured instead of rerunning them")
     for p in (ort, pk):
@@ -750,6 +1008,10 @@ def main(argv=None) -> int:
                        "repeatable")
         p.add_argument("--exporter", default="dynamo23")
         p.add_argument("--model", default=None, help="an existing SmolLM2 ONNX export (default: graphs cache)")
+    ret = sub.add_parser("retrieval", help="score retrieval heads on calibration passkey prompts")
+    ret.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    ret.add_argument("--keys", type=int, default=2, help="passkeys per depth")
+    ret.set_defaults(fn=cmd_retrieval)
     sub.add_parser("table")
     plot = sub.add_parser("plot")
     plot.add_argument("--to", default=str(REPO / "reports" / "router_ppl_vs_density.png"))
@@ -760,7 +1022,7 @@ def main(argv=None) -> int:
     thr.add_argument("--to", required=True)
     cur = sub.add_parser("curves")
     cur.add_argument("--recalls", type=float, nargs="+", default=[0.9, 0.95, 0.97, 0.98, 0.99])
-    for p in (cal, ppl, ort, cur, pool, thr, pk):
+    for p in (cal, ppl, ort, cur, pool, thr, pk, ret):
         p.add_argument("--context", type=int, default=2048)
         p.add_argument("--windows", type=int, default=8)
         p.add_argument("--calib-windows", type=int, default=2)
