@@ -122,9 +122,21 @@ def _options(threads: int):
     return opts
 
 
-def _time_interleaved(runs: list, repeats: int) -> list[dict]:
+# Idle time before each timed run of the attention-only benchmark. ONNX Runtime keeps a
+# session's intra-op workers spinning for a while after `run` returns (measured here: a full core
+# for ~40 ms), so without a pause the previous configuration's session competes with the timed
+# one for the 2 cores.
+SETTLE_S = 0.2
+
+
+def _time_interleaved(runs: list, repeats: int, settle: float = SETTLE_S) -> list[dict]:
     """Times every (session, feeds) of `runs` `repeats` times, round-robin, after one warm-up
     each, so that load from other processes falls on all configurations alike.
+
+    Args:
+        runs: (session, feeds) pairs.
+        repeats: timed runs per pair.
+        settle: seconds of sleep before each timed run (see SETTLE_S).
 
     Returns:
         per run: best and median wall time (s) and the outputs of the last run.
@@ -133,6 +145,8 @@ def _time_interleaved(runs: list, repeats: int) -> list[dict]:
     wall = [[] for _ in runs]
     for _ in range(repeats):
         for i, (sess, feeds) in enumerate(runs):
+            if settle > 0:
+                time.sleep(settle)
             t0 = time.perf_counter()
             outs[i] = sess.run(None, feeds)
             wall[i].append(time.perf_counter() - t0)
@@ -169,7 +183,7 @@ def _configs(seq: int, library) -> list[tuple[str, AsaAttributes, object]]:
 
 
 def run(seqs, threads: int, repeats: int, function_max_seq: int, library,
-        dense_max_seq: int = 4096) -> list[dict]:
+        dense_max_seq: int = 4096, settle: float = SETTLE_S) -> list[dict]:
     """Measure every configuration; returns one row per (seq, config)."""
     import onnxruntime as ort
 
@@ -193,7 +207,7 @@ def run(seqs, threads: int, repeats: int, function_max_seq: int, library,
             runs.append((asa_ort.session(asa_model(seq, attrs), library=lib,
                                          sess_options=_options(threads)), feeds))
             dens.append(attrs)
-        results = _time_interleaved(runs, repeats)
+        results = _time_interleaved(runs, repeats, settle)
         ref_out = results[0]["out"][0] if dens[0] is None else None
         for name, attrs, res in zip(names, dens, results):
             out = res.pop("out")
@@ -246,7 +260,8 @@ def section(rows, args, command: str) -> str:
         "Attention-only microbenchmark: one causal prefill attention of SmolLM2-135M's shape "
         f"(B {B}, Hq {HQ}, Hkv {HKV}, D {D}, fp32), ONNX Runtime {ort.__version__} CPU execution "
         f"provider, {args.threads} intra-op threads, best and median wall time of {args.repeats} "
-        "runs after a warm-up, configurations interleaved run by run (ratios use the best run). "
+        f"runs after a warm-up, configurations interleaved run by run with {args.settle:g} s of "
+        "idle before each timed run (ratios use the best run). "
         "Sparse rows force the kept set with 1 sink block + a local band (τ tiny) and include "
         "the router; density is measured from the op's telemetry outputs. "
         "Effective GFLOP/s = 4·B·Hq·D·S(S+1)/2·density / time.", "",
@@ -490,6 +505,9 @@ def main(argv=None) -> int:
                     help="largest S for the function-body row (it materialises S×S tensors)")
     ap.add_argument("--dense-max-seq", type=int, default=4096,
                     help="largest S for the dense-onnx row (memory: several Hq×S×S tensors)")
+    ap.add_argument("--settle", type=float, default=SETTLE_S,
+                    help="seconds of idle before each timed attention-only run, so that the "
+                         "previous session's spinning intra-op workers are not timed (0: none)")
     ap.add_argument("--library", type=Path, default=None, help="libasa_ort.so (default: found)")
     ap.add_argument("--write", type=Path, help="update this markdown file's CPU section")
     ap.add_argument("--e2e", action="store_true",
@@ -531,7 +549,7 @@ def main(argv=None) -> int:
             write_subsection(args.write, text)
         return 0
     rows = run(args.seq, args.threads, args.repeats, args.function_max_seq, library,
-               args.dense_max_seq)
+               args.dense_max_seq, args.settle)
     text = section(rows, args, command.strip())
     print(text)
     if args.write:

@@ -2,6 +2,10 @@
 // call the CPU kernel core on ONNX Runtime's intra-op thread pool.
 #include "asa_ort_cpu.h"
 
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <string>
 
@@ -19,6 +23,18 @@ void ort_parallel_for(void* pool, size_t total, void (*fn)(void*, size_t), void*
   Ort::ThrowOnError(Ort::GetApi().KernelContext_ParallelFor(ctx, fn, total, 0, user));
 }
 
+double now_ms() {
+  using namespace std::chrono;
+  return duration<double, std::milli>(steady_clock::now().time_since_epoch()).count();
+}
+
+// ASA_CPU_PROFILE=1: the adapter's own share of a call (validation and output allocation) on
+// stderr, next to the kernel core's phase line.
+bool profiling() {
+  const char* e = std::getenv("ASA_CPU_PROFILE");
+  return e && e[0] && std::strcmp(e, "0") != 0;
+}
+
 }  // namespace
 
 CpuKernel::CpuKernel(const OrtApi& api, const OrtKernelInfo* info)
@@ -26,11 +42,17 @@ CpuKernel::CpuKernel(const OrtApi& api, const OrtKernelInfo* info)
 
 OrtStatusPtr CpuKernel::ComputeV2(OrtKernelContext* context) {
   return guarded([&]() -> OrtStatusPtr {
+    const bool prof = profiling();
+    const double t0 = prof ? now_ms() : 0.0;
     Ort::KernelContext ctx(context);
     AsaParams params;
     Scratch scratch;
     if (!prepare(attrs_, ctx, params, &scratch)) return nullptr;
+    const double t1 = prof ? now_ms() : 0.0;
     const int rc = asa_cpu_forward_with(&params, ort_parallel_for, context);
+    if (prof)
+      std::fprintf(stderr, "asa_ort profile prepare=%.2f compute=%.2f ms\n", t1 - t0,
+                   now_ms() - t1);
     if (rc != ASA_OK) {
       const std::string text = "asa::AdaptiveSparseAttention node '" + attrs_.node_name +
                                "': CPU kernel failed: " + asa_last_error();

@@ -298,6 +298,41 @@ def test_threads_and_entry_points_agree():
     np.testing.assert_array_equal(no_tel[0], one[0])
 
 
+@pytest.mark.parametrize("select_per", [0, 1])
+def test_router_ties_take_lower_blocks_first(select_per):
+    """Equal block probabilities (every key the same vector, block means exact in fp32): the
+    walk keeps the lowest indices. 18 key blocks, the last one partial, so the pooling's runs of
+    blocks end mid-table."""
+    rng = np.random.default_rng(11)
+    b_, hq, hkv, s, d = 1, 4, 2, 1100, 32
+    q = rng.standard_normal((b_, hq, 300, d)).astype(np.float32)
+    key = rng.choice(np.array([-1.0, -0.5, 0.5, 1.0], np.float32), size=d)
+    k = np.broadcast_to(key, (b_, hkv, s, d)).copy()
+    v = rng.standard_normal((b_, hkv, s, d)).astype(np.float32)
+    attrs = AsaAttributes(threshold=0.45, sink_blocks=0, local_blocks=0, select_per=select_per)
+    _, idx, cnt, vis = run_core(q, k, v, attrs)
+    nk = num_blocks(s, 64)
+    assert (vis == nk).all()
+    # Uniform 1/18 per block: 8 blocks sum to 0.444 < 0.45, the 9th crosses tau.
+    assert (cnt == 9).all()
+    np.testing.assert_array_equal(idx[..., :9], np.broadcast_to(np.arange(9), idx[..., :9].shape))
+    assert (idx[..., 9:] == -1).all()
+
+
+def test_profile_line_names_every_phase(monkeypatch, capfd):
+    """ASA_CPU_PROFILE=1 prints the phases of one forward call (and nothing when unset)."""
+    q, k, v, *_ = _case_inputs((1, 4, 2, 200, 200, 32, 32), {}, 2)
+    attrs = AsaAttributes(causal=True, threshold=0.6)
+    monkeypatch.delenv("ASA_CPU_PROFILE", raising=False)
+    run_core(q, k, v, attrs)
+    assert "asa_cpu profile" not in capfd.readouterr().err
+    monkeypatch.setenv("ASA_CPU_PROFILE", "1")
+    run_core(q, k, v, attrs)
+    err = capfd.readouterr().err
+    for phase in ("visibility=", "pool=", "route=", "plan=", "pack=", "attend="):
+        assert phase in err, err
+
+
 def test_rows_without_keys_are_zero():
     attrs = AsaAttributes(causal=True, threshold=0.5)
     rng = np.random.default_rng(9)

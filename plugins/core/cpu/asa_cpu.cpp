@@ -4,9 +4,12 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <new>
 #include <thread>
 #include <vector>
@@ -45,14 +48,95 @@ void own_parallel_for(int num_threads, size_t total, void (*fn)(void*, size_t), 
   for (auto& t : threads) t.join();
 }
 
-void run_parallel(const TaskPool& tp, int num_threads, size_t total, void (*fn)(void*, size_t),
-                  void* user) {
-  if (total == 0) return;
+// ---------------------------------------------------------------- profiling
+// ASA_CPU_PROFILE=1 prints one line per call to stderr: wall time of every phase and, for the
+// parallel ones, the summed time of their tasks (busy) and the task count, so that idle threads
+// and serial parts show. Off (the default) it costs one getenv per call.
+
+double now_ms() {
+  using namespace std::chrono;
+  return duration<double, std::milli>(steady_clock::now().time_since_epoch()).count();
+}
+
+struct Profile {
+  bool on = false;
+  char text[512] = {0};
+  size_t len = 0;
+  double t0 = 0.0;
+
+  void start() {
+    const char* e = std::getenv("ASA_CPU_PROFILE");
+    on = e && e[0] && std::strcmp(e, "0") != 0;
+    len = 0;
+    t0 = on ? now_ms() : 0.0;
+  }
+  void add(const char* name, double wall, double busy, size_t tasks) {
+    if (!on || len >= sizeof(text)) return;
+    const int n = tasks ? std::snprintf(text + len, sizeof(text) - len, " %s=%.2f(busy %.2f/%zu)",
+                                        name, wall, busy, tasks)
+                        : std::snprintf(text + len, sizeof(text) - len, " %s=%.2f", name, wall);
+    if (n > 0) len += static_cast<size_t>(n);
+  }
+  void finish(const AsaParams& p) {
+    if (on)
+      std::fprintf(stderr, "asa_cpu profile S=%d total=%.2f ms:%s\n", p.seq_q, now_ms() - t0,
+                   text);
+  }
+};
+
+thread_local Profile* g_profile = nullptr;  // the calling thread's profile while forward() runs
+
+struct TimedTask {
+  void (*fn)(void*, size_t);
+  void* user;
+  std::atomic<int64_t> busy_ns{0};
+};
+
+void timed_task(void* user, size_t i) {
+  auto* t = static_cast<TimedTask*>(user);
+  const auto a = std::chrono::steady_clock::now();
+  t->fn(t->user, i);
+  t->busy_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(
+                    std::chrono::steady_clock::now() - a).count();
+}
+
+// Wall time of a serial step, recorded under `name` when profiling.
+template <typename F>
+void serial_step(const char* name, F&& body) {
+  Profile* prof = g_profile;
+  if (!prof || !prof->on) {
+    body();
+    return;
+  }
+  const double a = now_ms();
+  body();
+  prof->add(name, now_ms() - a, 0.0, 0);
+}
+
+void run_parallel_raw(const TaskPool& tp, int num_threads, size_t total,
+                      void (*fn)(void*, size_t), void* user) {
   if (tp.parallel_for) {
     tp.parallel_for(tp.pool, total, fn, user);
   } else {
     own_parallel_for(num_threads, total, fn, user);
   }
+}
+
+// `name` labels the phase in the profile line.
+void run_parallel(const TaskPool& tp, int num_threads, size_t total, void (*fn)(void*, size_t),
+                  void* user, const char* name) {
+  if (total == 0) return;
+  Profile* prof = g_profile;
+  if (!prof || !prof->on) {
+    run_parallel_raw(tp, num_threads, total, fn, user);
+    return;
+  }
+  TimedTask timed;
+  timed.fn = fn;
+  timed.user = user;
+  const double a = now_ms();
+  run_parallel_raw(tp, num_threads, total, timed_task, &timed);
+  prof->add(name, now_ms() - a, timed.busy_ns.load() * 1e-6, total);
 }
 
 // ---------------------------------------------------------------- ISA dispatch
@@ -163,18 +247,61 @@ void add_row(const void* x, int64_t off, int n, AsaDType dt, float* acc) {
   }
 }
 
+// acc[d] = Σ_r x[off + r·stride + d] over r < rows, for d < n, summed in row order (acc starts
+// at zero). fp32 keeps 16 columns in registers across the rows instead of re-reading acc.
+void sum_rows(const void* x, int64_t off, int64_t stride, int rows, int n, AsaDType dt,
+              float* acc) {
+  std::fill(acc, acc + n, 0.0f);
+  if (dt != ASA_FLOAT32) {
+    for (int r = 0; r < rows; ++r) add_row(x, off + r * stride, n, dt, acc);
+    return;
+  }
+  const float* src = static_cast<const float*>(x) + off;
+  int d0 = 0;
+  for (; d0 + 16 <= n; d0 += 16) {
+    float a[16] = {0.0f};
+    for (int r = 0; r < rows; ++r) {
+      const float* row = src + r * stride + d0;
+      for (int d = 0; d < 16; ++d) a[d] += row[d];
+    }
+    std::memcpy(acc + d0, a, sizeof(a));
+  }
+  for (int r = 0; r < rows && d0 < n; ++r)
+    for (int d = d0; d < n; ++d) acc[d] += src[r * stride + d];
+}
+
 // ---------------------------------------------------------------- router
 
 struct RouterCtx {
   const AsaParams* p;
-  const uint8_t* keep;      // [B][Skv] or NULL
+  const uint8_t* keep;       // [B][Skv] or NULL
   int nq, nk, hsel, group;
-  int emb;                  // router_dim(p): D, or Dg with the learned gate
-  std::vector<float> kemb;  // [B][Hkv][NK][emb] k̄, or f_k · gate_k_weight with the gate
-  std::vector<uint8_t> vis; // [B][NQ][NK] block visibility
-  int32_t* indices;         // [B][Hsel][NQ][NK]
-  int32_t* counts;          // [B][Hsel][NQ]
+  int emb;                   // router_dim(p): D, or Dg with the learned gate
+  // Key block embeddings k̄ (or f_k · gate_k_weight with the gate), transposed to
+  // [B][Hkv][emb][NK] so that one query block's logits against every key block are a loop over
+  // blocks that vectorises.
+  std::vector<float> kemb;
+  std::vector<uint8_t> vis;  // [B][NQ][NK] block visibility
+  int32_t* indices;          // [B][Hsel][NQ][NK]
+  int32_t* counts;           // [B][Hsel][NQ]
 };
+
+// Key blocks per pooling task (one task per (batch, KV head, run of blocks)).
+constexpr int kPoolBlocks = 8;
+
+// Per-thread buffers of the router: its tasks run on the caller's pool threads, so nothing is
+// allocated per task once a thread has seen the largest problem.
+struct RouterScratch {
+  std::vector<float> qbar, qemb, prob, acc, feat, kacc;
+  std::vector<int> rows;
+  std::vector<uint64_t> rest;  // walk keys of the blocks that are not forced
+  std::vector<uint8_t> kept;
+};
+
+RouterScratch& router_scratch() {
+  thread_local RouterScratch s;
+  return s;
+}
 
 // out[g] = Σ_x x[x] · w[x][g] over x < rows (w row-major [rows][cols]; sequential over x).
 void project(const float* x, const float* w, int rows, int cols, float* out) {
@@ -209,31 +336,42 @@ void key_features(const AsaParams& p, int n, int hkv, const std::vector<int>& ro
   for (int d = 0; d < dim; ++d) mean[d] /= static_cast<float>(rows.size());
 }
 
-// Key embedding of every key block: k̄ (mean of the kept keys, fp32 sequential sums), or with
-// the learned gate f_k · gate_k_weight[hkv].
-void pool_keys(RouterCtx& c, int n, int hkv) {
+// Embedding of key block k of (n, hkv) into column k of the transposed table: k̄ (mean of the
+// kept keys, fp32 sequential sums), or with the learned gate f_k · gate_k_weight[hkv].
+void pool_block(RouterCtx& c, int n, int hkv, int k, RouterScratch& s) {
   const AsaParams& p = *c.p;
   const int b = p.block_size, dim = p.head_dim;
-  float* dst = &c.kemb[((static_cast<size_t>(n) * p.heads_kv + hkv) * c.nk) * c.emb];
-  std::vector<int> rows;
-  std::vector<float> feat(has_gate(p) ? 3 * dim : 0);
-  for (int k = 0; k < c.nk; ++k) {
-    float* acc = dst + static_cast<size_t>(k) * c.emb;
-    rows.clear();
-    for (int j = k * b; j < std::min(p.seq_kv, (k + 1) * b); ++j)
-      if (!c.keep || c.keep[static_cast<size_t>(n) * p.seq_kv + j]) rows.push_back(j);
-    if (has_gate(p)) {
-      key_features(p, n, hkv, rows, feat.data());
-      const float* w = p.gate_k_weight + static_cast<size_t>(hkv) * 3 * dim * p.gate_dim;
-      project(feat.data(), w, 3 * dim, p.gate_dim, acc);
-      continue;
-    }
+  s.rows.clear();
+  for (int j = k * b; j < std::min(p.seq_kv, (k + 1) * b); ++j)
+    if (!c.keep || c.keep[static_cast<size_t>(n) * p.seq_kv + j]) s.rows.push_back(j);
+  s.kacc.resize(c.emb);
+  float* acc = s.kacc.data();
+  if (has_gate(p)) {
+    s.feat.resize(3 * dim);
+    key_features(p, n, hkv, s.rows, s.feat.data());
+    const float* w = p.gate_k_weight + static_cast<size_t>(hkv) * 3 * dim * p.gate_dim;
+    project(s.feat.data(), w, 3 * dim, p.gate_dim, acc);
+  } else {
     std::fill(acc, acc + dim, 0.0f);
-    for (int j : rows)
+    for (int j : s.rows)
       add_row(p.k, n * p.k_stride_b + hkv * p.k_stride_h + j * p.k_stride_s, dim, p.dtype, acc);
-    if (!rows.empty())
-      for (int d = 0; d < dim; ++d) acc[d] /= static_cast<float>(rows.size());
+    if (!s.rows.empty())
+      for (int d = 0; d < dim; ++d) acc[d] /= static_cast<float>(s.rows.size());
   }
+  float* dst = &c.kemb[(static_cast<size_t>(n) * p.heads_kv + hkv) * c.emb * c.nk];
+  for (int e = 0; e < c.emb; ++e) dst[static_cast<size_t>(e) * c.nk + k] = acc[e];
+}
+
+// Pooling task: kPoolBlocks consecutive key blocks of one (batch, KV head).
+void pool_task(void* user, size_t task) {
+  RouterCtx& c = *static_cast<RouterCtx*>(user);
+  const int runs = ceil_div(c.nk, kPoolBlocks);
+  const int run = static_cast<int>(task % runs);
+  const int slot = static_cast<int>(task / runs);
+  const int n = slot / c.p->heads_kv, hkv = slot % c.p->heads_kv;
+  RouterScratch& s = router_scratch();
+  for (int k = run * kPoolBlocks; k < std::min(c.nk, (run + 1) * kPoolBlocks); ++k)
+    pool_block(c, n, hkv, k, s);
 }
 
 // Which key blocks each query block of batch n can see, and visible_counts.
@@ -256,42 +394,54 @@ void block_visibility(RouterCtx& c, int n) {
   }
 }
 
+// dot[k] = q·kt[:, k] for k < kend (kt is [emb][nk]; dot starts at zero). Lane k accumulates in
+// embedding order, the order of a scalar dot product, so vectorising over blocks does not
+// reassociate any sum.
+void block_dots(const float* __restrict q, const float* __restrict kt, int emb, int nk, int kend,
+                float* __restrict dot) {
+  for (int e = 0; e < emb; ++e) {
+    const float qv = q[e];
+    const float* row = kt + static_cast<size_t>(e) * nk;
+    for (int k = 0; k < kend; ++k) dot[k] += qv * row[k];
+  }
+}
+
 // Softmax over the visible blocks of the router logits (scale·q̄·k̄, or with the learned gate
-// (q̄·Wq[h])·(f_k·Wk[h/G])) for one query head and block; P = 0 elsewhere.
-void head_probs(const RouterCtx& c, int n, int h, int i, const uint8_t* vis, float* prob) {
+// (q̄·Wq[h])·(f_k·Wk[h/G])) for one query head and block; P = 0 elsewhere. Blocks from `kend`
+// on are invisible.
+void head_probs(const RouterCtx& c, int n, int h, int i, const uint8_t* vis, int kend,
+                float* prob, RouterScratch& s) {
   const AsaParams& p = *c.p;
   const int dim = p.head_dim, b = p.block_size;
   const int r0 = i * b, r1 = std::min(p.seq_q, r0 + b);
-  std::vector<float> qbar(dim, 0.0f);
-  for (int r = r0; r < r1; ++r) {
-    const int64_t off = n * p.q_stride_b + h * p.q_stride_h + r * p.q_stride_s;
-    add_row(p.q, off, dim, p.dtype, qbar.data());
-  }
+  s.qbar.resize(dim);
+  float* qbar = s.qbar.data();
+  sum_rows(p.q, n * p.q_stride_b + h * p.q_stride_h + r0 * p.q_stride_s, p.q_stride_s, r1 - r0,
+           dim, p.dtype, qbar);
   for (int d = 0; d < dim; ++d) qbar[d] /= static_cast<float>(r1 - r0);
-  std::vector<float> qemb;
-  const float* qe = qbar.data();
+  const float* qe = qbar;
   if (has_gate(p)) {
-    qemb.resize(p.gate_dim);
-    project(qbar.data(), p.gate_q_weight + static_cast<size_t>(h) * dim * p.gate_dim, dim,
-            p.gate_dim, qemb.data());
-    qe = qemb.data();
+    s.qemb.resize(p.gate_dim);
+    project(qbar, p.gate_q_weight + static_cast<size_t>(h) * dim * p.gate_dim, dim, p.gate_dim,
+            s.qemb.data());
+    qe = s.qemb.data();
   }
-  const float* kb = &c.kemb[((static_cast<size_t>(n) * p.heads_kv + h / c.group) * c.nk) * c.emb];
+  const float* kt = &c.kemb[(static_cast<size_t>(n) * p.heads_kv + h / c.group) * c.emb * c.nk];
+  std::fill(prob, prob + c.nk, 0.0f);
+  block_dots(qe, kt, c.emb, c.nk, kend, prob);
   const float scale = router_scale(p);
   float mx = -INFINITY;
-  for (int k = 0; k < c.nk; ++k) {
+  for (int k = 0; k < kend; ++k) {
     if (!vis[k]) continue;
-    float dot = 0.0f;
-    for (int d = 0; d < c.emb; ++d) dot += qe[d] * kb[static_cast<size_t>(k) * c.emb + d];
-    prob[k] = scale * dot;
+    prob[k] = scale * prob[k];
     mx = std::max(mx, prob[k]);
   }
   float sum = 0.0f;
-  for (int k = 0; k < c.nk; ++k) {
+  for (int k = 0; k < kend; ++k) {
     prob[k] = vis[k] ? std::exp(prob[k] - mx) : 0.0f;
     sum += prob[k];
   }
-  for (int k = 0; k < c.nk; ++k) prob[k] = vis[k] ? prob[k] / sum : 0.0f;
+  for (int k = 0; k < kend; ++k) prob[k] = vis[k] ? prob[k] / sum : 0.0f;
 }
 
 bool is_forced(const AsaParams& p, int k, int ci) {
@@ -300,30 +450,42 @@ bool is_forced(const AsaParams& p, int k, int ci) {
   return std::abs(k - ci) < p.local_blocks;
 }
 
+// Sort key of a block in the selection walk: ascending keys = descending probability, ties by
+// ascending index. Probabilities are >= 0, whose IEEE bit patterns order like the values.
+inline uint64_t walk_key(float prob, int k) {
+  uint32_t bits;
+  std::memcpy(&bits, &prob, 4);
+  return (static_cast<uint64_t>(~bits) << 32) | static_cast<uint32_t>(k);
+}
+
 // Selection walk of SPEC.md for one list: writes ascending indices (-1 padded) and the count.
+// Forced blocks first (summed in index order), then the others by descending probability (ties:
+// lower index first) while the sum is below τ.
 void select_blocks(const RouterCtx& c, int i, const uint8_t* vis, const float* prob, float tau,
-                   int32_t* out_idx, int32_t* out_count) {
+                   int32_t* out_idx, int32_t* out_count, RouterScratch& s) {
   const AsaParams& p = *c.p;
   const int last_pos = std::min(p.seq_q, (i + 1) * p.block_size) - 1 + p.seq_kv - p.seq_q;
   const int ci = std::max(0, std::min(c.nk - 1, last_pos >= 0 ? last_pos / p.block_size : 0));
-  std::vector<uint8_t> kept(c.nk, 0);
+  s.kept.assign(c.nk, 0);
+  uint8_t* kept = s.kept.data();
   if (tau >= 1.0f) {
     for (int k = 0; k < c.nk; ++k) kept[k] = vis[k];
   } else {
-    std::vector<int> order;
-    std::vector<int> rest;
+    float acc = 0.0f;
+    s.rest.clear();
     for (int k = 0; k < c.nk; ++k) {
       if (!vis[k]) continue;
-      (is_forced(p, k, ci) ? order : rest).push_back(k);
+      if (is_forced(p, k, ci)) {
+        kept[k] = 1;
+        acc += prob[k];
+      } else {
+        s.rest.push_back(walk_key(prob[k], k));
+      }
     }
-    const size_t nforced = order.size();
-    std::stable_sort(rest.begin(), rest.end(),
-                     [&](int a, int b) { return prob[a] > prob[b]; });
-    order.insert(order.end(), rest.begin(), rest.end());
-    float acc = 0.0f;
-    for (size_t t = 0; t < order.size(); ++t) {
-      const int k = order[t];
-      if (t >= nforced && !(acc < tau)) break;
+    // Sorted only when the forced blocks do not reach τ already.
+    if (acc < tau) std::sort(s.rest.begin(), s.rest.end());
+    for (size_t t = 0; t < s.rest.size() && acc < tau; ++t) {
+      const int k = static_cast<int>(s.rest[t] & 0xffffffffu);
       kept[k] = 1;
       acc += prob[k];
     }
@@ -335,35 +497,34 @@ void select_blocks(const RouterCtx& c, int i, const uint8_t* vis, const float* p
   *out_count = cnt;
 }
 
-// Router for one (batch, selection head): every query block.
-void route_one(void* user, size_t task) {
+// Router task: one list, i.e. one (batch, selection head, query block).
+void route_list(void* user, size_t task) {
   RouterCtx& c = *static_cast<RouterCtx*>(user);
   const AsaParams& p = *c.p;
-  const int n = static_cast<int>(task / c.hsel), hs = static_cast<int>(task % c.hsel);
+  const int i = static_cast<int>(task % c.nq);
+  const size_t nh = task / c.nq;
+  const int hs = static_cast<int>(nh % c.hsel), n = static_cast<int>(nh / c.hsel);
   const int h_first = p.select_per ? hs * c.group : hs;
   const int h_count = p.select_per ? c.group : 1;
-  std::vector<float> prob(c.nk), acc(c.nk);
-  for (int i = 0; i < c.nq; ++i) {
-    const uint8_t* vis = &c.vis[(static_cast<size_t>(n) * c.nq + i) * c.nk];
-    std::fill(acc.begin(), acc.end(), 0.0f);
-    float tau = 0.0f;
-    for (int h = h_first; h < h_first + h_count; ++h)
-      tau = std::max(tau, p.head_thresholds ? p.head_thresholds[h] : p.threshold);
-    // τ >= 1 keeps every visible block: probabilities are not needed (nor pooled).
-    for (int h = h_first; tau < 1.0f && h < h_first + h_count; ++h) {
-      head_probs(c, n, h, i, vis, prob.data());
-      for (int k = 0; k < c.nk; ++k) acc[k] += prob[k];
-    }
-    if (h_count > 1)
-      for (int k = 0; k < c.nk; ++k) acc[k] /= static_cast<float>(h_count);
-    const size_t slot = (static_cast<size_t>(n) * c.hsel + hs) * c.nq + i;
-    select_blocks(c, i, vis, acc.data(), tau, c.indices + slot * c.nk, c.counts + slot);
+  const uint8_t* vis = &c.vis[(static_cast<size_t>(n) * c.nq + i) * c.nk];
+  int kend = c.nk;
+  while (kend > 0 && !vis[kend - 1]) --kend;
+  RouterScratch& s = router_scratch();
+  s.prob.resize(c.nk);
+  s.acc.assign(c.nk, 0.0f);
+  float* acc = s.acc.data();
+  float tau = 0.0f;
+  for (int h = h_first; h < h_first + h_count; ++h)
+    tau = std::max(tau, p.head_thresholds ? p.head_thresholds[h] : p.threshold);
+  // τ >= 1 keeps every visible block: probabilities are not needed (nor pooled).
+  for (int h = h_first; tau < 1.0f && h < h_first + h_count; ++h) {
+    head_probs(c, n, h, i, vis, kend, s.prob.data(), s);
+    for (int k = 0; k < kend; ++k) acc[k] += s.prob[k];
   }
-}
-
-void pool_one(void* user, size_t task) {
-  RouterCtx& c = *static_cast<RouterCtx*>(user);
-  pool_keys(c, static_cast<int>(task / c.p->heads_kv), static_cast<int>(task % c.p->heads_kv));
+  if (h_count > 1)
+    for (int k = 0; k < c.nk; ++k) acc[k] /= static_cast<float>(h_count);
+  const size_t slot = task;  // (n * Hsel + hs) * NQ + i
+  select_blocks(c, i, vis, acc, tau, c.indices + slot * c.nk, c.counts + slot, s);
 }
 
 int route(const AsaParams& p, const uint8_t* keep, const TaskPool& tp, int num_threads) {
@@ -378,18 +539,34 @@ int route(const AsaParams& p, const uint8_t* keep, const TaskPool& tp, int num_t
   c.indices = p.block_indices;
   c.counts = p.block_counts;
   c.vis.assign(static_cast<size_t>(p.batch) * c.nq * c.nk, 0);
-  for (int n = 0; n < p.batch; ++n) block_visibility(c, n);
+  serial_step("visibility", [&]() {
+    for (int n = 0; n < p.batch; ++n) block_visibility(c, n);
+  });
   // τ >= 1 everywhere keeps every visible block: no need to pool.
   bool dense = !p.head_thresholds && p.threshold >= 1.0f;
   if (!dense) {
     c.kemb.assign(static_cast<size_t>(p.batch) * p.heads_kv * c.nk * c.emb, 0.0f);
-    run_parallel(tp, num_threads, static_cast<size_t>(p.batch) * p.heads_kv, pool_one, &c);
+    const size_t tasks = static_cast<size_t>(p.batch) * p.heads_kv * ceil_div(c.nk, kPoolBlocks);
+    run_parallel(tp, num_threads, tasks, pool_task, &c, "pool");
   }
-  run_parallel(tp, num_threads, static_cast<size_t>(p.batch) * c.hsel, route_one, &c);
+  run_parallel(tp, num_threads, static_cast<size_t>(p.batch) * c.hsel * c.nq, route_list, &c,
+               "route");
   return ASA_OK;
 }
 
 // ---------------------------------------------------------------- attention
+
+// Uninitialised float storage (std::vector would zero megabytes that pack_one overwrites).
+struct FloatBuffer {
+  std::unique_ptr<float[]> ptr;
+  size_t count = 0;
+  bool empty() const { return count == 0; }
+  float* data() const { return ptr.get(); }
+  void resize(size_t n) {
+    ptr.reset(new float[n]);
+    count = n;
+  }
+};
 
 struct AttnCtx {
   const AsaParams* p;
@@ -398,8 +575,8 @@ struct AttnCtx {
   int nq, nk, hsel, group;
   std::vector<int64_t> order;   // tile ids, most kept blocks first (load balance)
   std::vector<uint8_t> used;    // [B][Hkv][NK] key block kept by some tile
-  std::vector<float> kt;        // [B][Hkv][NK][D][b] packed keys
-  std::vector<float> v;         // [B][Hkv][NK*b][dvp] packed values (unless read in place)
+  FloatBuffer kt;               // [B][Hkv][NK][D][b] packed keys
+  FloatBuffer v;                // [B][Hkv][NK*b][dvp] packed values (unless read in place)
   std::vector<int64_t> packs;   // (n, hkv, kb) ids of the blocks to pack
 };
 
@@ -500,15 +677,18 @@ int attend(const AsaParams& p, const uint8_t* keep, const TaskPool& tp, int num_
   c.nk = num_key_blocks(p);
   c.hsel = num_select_heads(p);
   c.group = p.heads_q / p.heads_kv;
-  plan_tiles(c);
+  serial_step("plan", [&]() { plan_tiles(c); });
   const size_t blocks = static_cast<size_t>(p.batch) * p.heads_kv * c.nk;
   // Unused blocks stay uninitialised: no tile reads them.
   const bool pack_keys = !keys_read_in_place(p);
   const bool pack_values = !values_usable_in_place(p);
-  if (pack_keys) c.kt.resize(blocks * packed_key_block_floats(p));
-  if (pack_values) c.v.resize(blocks * p.block_size * packed_value_row_floats(p));
-  if (pack_keys || pack_values) run_parallel(tp, num_threads, c.packs.size(), pack_one, &c);
-  run_parallel(tp, num_threads, c.order.size(), attend_one, &c);
+  serial_step("alloc", [&]() {
+    if (pack_keys) c.kt.resize(blocks * packed_key_block_floats(p));
+    if (pack_values) c.v.resize(blocks * p.block_size * packed_value_row_floats(p));
+  });
+  if (pack_keys || pack_values)
+    run_parallel(tp, num_threads, c.packs.size(), pack_one, &c, "pack");
+  run_parallel(tp, num_threads, c.order.size(), attend_one, &c, "attend");
   return ASA_OK;
 }
 
@@ -554,10 +734,17 @@ int forward(const AsaParams* params, const TaskPool& tp, int num_threads) {
       p.block_indices = idx.data();
       p.block_counts = cnt.data();
     }
+    Profile prof;
+    prof.start();
+    g_profile = &prof;
+    struct Reset {
+      ~Reset() { g_profile = nullptr; }
+    } reset;
     const std::vector<uint8_t> keep = keep_bytes(p);
     const uint8_t* kp = keep.empty() ? nullptr : keep.data();
     int rc = route(p, kp, tp, num_threads);
     if (rc == ASA_OK) rc = attend(p, kp, tp, num_threads);
+    prof.finish(p);
     return rc;
   });
 }
