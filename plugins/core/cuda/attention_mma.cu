@@ -418,25 +418,47 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
 }
 
 // Combines split-KV partials: out = Σ_s 2^(lse_s - M) o_s / Σ_s 2^(lse_s - M); zeros when every
-// slice was empty.
+// slice was empty. The splits' weights are computed once per row in parallel (one thread per
+// split) instead of by every thread in a dependent loop; both sums still run over s in order, so
+// the result is the same as a sequential merge bit for bit.
+constexpr int kMergeThreads = 128;
+constexpr int kMaxSplits = 64;  // choose_splits' cap
+
 template <typename T>
-__global__ void merge_kernel(AsaParams p, Workspace ws) {
+__global__ void __launch_bounds__(kMergeThreads) merge_kernel(AsaParams p, Workspace ws) {
+  __shared__ float weight[kMaxSplits];
+  __shared__ float warp_max[kMergeThreads / 32];
+  __shared__ float weight_sum;
   const int r = blockIdx.x, h = blockIdx.y, n = blockIdx.z;
+  const int splits = ws.splits;
   const int64_t stride = static_cast<int64_t>(p.batch) * p.heads_q * p.seq_q;
   const int64_t base = (static_cast<int64_t>(n) * p.heads_q + h) * p.seq_q + r;
-  float mx = -INFINITY;
-  for (int s = 0; s < ws.splits; ++s) mx = fmaxf(mx, ws.part_lse[s * stride + base]);
+  const int tid = threadIdx.x;
+  const float lse = tid < splits ? ws.part_lse[tid * stride + base] : -INFINITY;
+  float mx = lse;
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  if (tid % 32 == 0) warp_max[tid / 32] = mx;
+  __syncthreads();
+  mx = warp_max[0];
+  for (int w = 1; w < kMergeThreads / 32; ++w) mx = fmaxf(mx, warp_max[w]);
+  if (tid < splits) weight[tid] = lse == -INFINITY ? 0.f : exp2f(lse - mx);
+  __syncthreads();
+  if (tid == 0) {
+    float wsum = 0.f;
+    for (int s = 0; s < splits; ++s) wsum += weight[s];
+    weight_sum = wsum;
+  }
+  __syncthreads();
+  const float wsum = weight_sum;
   T* out = static_cast<T*>(p.out) + n * p.o_stride_b + h * p.o_stride_h + r * p.o_stride_s;
-  for (int d = threadIdx.x; d < p.head_dim_v; d += blockDim.x) {
-    float acc = 0.f, wsum = 0.f;
-    if (mx != -INFINITY) {
-      for (int s = 0; s < ws.splits; ++s) {
-        const float lse = ws.part_lse[s * stride + base];
-        if (lse == -INFINITY) continue;
-        const float w = exp2f(lse - mx);
-        wsum += w;
-        acc += w * ws.part_o[(s * stride + base) * p.head_dim_v + d];
-      }
+  const float* po = ws.part_o + base * p.head_dim_v;
+  const int64_t split_stride = stride * p.head_dim_v;
+  for (int d = tid; d < p.head_dim_v; d += kMergeThreads) {
+    float acc = 0.f;
+#pragma unroll 8
+    for (int s = 0; s < splits; ++s) {
+      // Empty slices have weight 0 and zero partials (skipped exactly as before).
+      if (weight[s] != 0.f) acc += weight[s] * po[s * split_stride + d];
     }
     out[d] = from_float<T>(wsum > 0.f ? acc / wsum : 0.f);
   }
@@ -446,17 +468,6 @@ __global__ void merge_kernel(AsaParams p, Workspace ws) {
 bool decode_packed(const AsaParams& p) {
   const int G = p.heads_q / p.heads_kv;
   return p.select_per == 1 && p.seq_q <= 16 && G > 1 && G * p.seq_q <= kBM;
-}
-
-int sm_count() {
-  static int sms = 0;
-  if (sms == 0) {
-    int device = 0;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    if (sms <= 0) sms = 108;
-  }
-  return sms;
 }
 
 template <typename T, int D, int MT, bool packed>
@@ -471,7 +482,7 @@ cudaError_t launch_mma(const AsaParams& p, const Workspace& ws, cudaStream_t str
   attn_mma_kernel<T, D, MT, packed><<<grid, kThreads, smem, stream>>>(p, ws);
   err = cudaGetLastError();
   if (err != cudaSuccess || ws.splits == 1) return err;
-  merge_kernel<T><<<dim3(p.seq_q, p.heads_q, p.batch), 128, 0, stream>>>(p, ws);
+  merge_kernel<T><<<dim3(p.seq_q, p.heads_q, p.batch), kMergeThreads, 0, stream>>>(p, ws);
   return cudaGetLastError();
 }
 
@@ -500,6 +511,17 @@ bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15)
 
 }  // namespace
 
+int sm_count() {  // cached: the core runs on one device per process in practice
+  static int sms = 0;
+  if (sms == 0) {
+    int device = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (sms <= 0) sms = 108;
+  }
+  return sms;
+}
+
 cudaError_t launch_simple(const AsaParams& p, const Workspace& ws, cudaStream_t stream);
 
 bool mma_path_supported(const AsaParams& p) {
@@ -523,7 +545,7 @@ int choose_splits(const AsaParams& p) {
   const int ctas = p.batch * (decode_packed(p) ? p.heads_kv : p.heads_q);
   const int nk = cdiv(p.seq_kv, p.block_size);
   int splits = cdiv(2 * sms, ctas);
-  splits = min(splits, min(nk, 64));
+  splits = min(splits, min(nk, kMaxSplits));
   return max(splits, 1);
 }
 

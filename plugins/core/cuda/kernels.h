@@ -46,6 +46,17 @@ struct GateScratch {
 cudaError_t launch_gate(const AsaParams& p, const float* qbar, const GateScratch& g,
                         cudaStream_t stream);
 
+// The gate's key features concat(mean, max, min) of key blocks [first, NK) into kfeat
+// [B, Hkv, cap, 3 * D] (gate.cu; also fills caller-kept key_block_stats rows).
+void launch_key_features(const AsaParams& p, float* kfeat, int first, int cap,
+                         cudaStream_t stream);
+
+// y = x · w[head] per row of x [B, H, NB, in] (w [H, in, out]); rows with block index <
+// cached_blocks are read from `cached` [B, H, cap, in] instead of x (gate.cu).
+void launch_gate_project(const float* x, const float* cached, int cached_blocks, int cap,
+                         const float* w, int batch, int heads, int nb, int in_dim, int out_dim,
+                         float* y, cudaStream_t stream);
+
 // launch_route with the learned gate: logits = qemb · kemb instead of scale · q̄ · k̄
 // (`gate` NULL = the training-free router, same as launch_route).
 cudaError_t launch_route_gated(const AsaParams& p, const Workspace& ws, const GateScratch* gate,
@@ -62,6 +73,9 @@ size_t select_smem_bytes(const AsaParams& p);
 
 // Split-KV factor used by launch_attention (depends on sizes and the device only, never on data).
 int choose_splits(const AsaParams& p);
+
+// Multiprocessors of the current device (queried once).
+int sm_count();
 
 }  // namespace cuda
 }  // namespace asa

@@ -172,18 +172,6 @@ struct SelectSmem {
   uint8_t* flags;  // [NK]
 };
 
-__device__ float block_max(float v) {
-  using Reduce = cub::BlockReduce<float, kSelectThreads>;
-  __shared__ typename Reduce::TempStorage tmp;
-  __shared__ float result;
-  const float r = Reduce(tmp).Reduce(v, [](float a, float b) { return fmaxf(a, b); });
-  if (threadIdx.x == 0) result = r;
-  __syncthreads();
-  const float out = result;
-  __syncthreads();
-  return out;
-}
-
 __device__ float block_sum(float v) {
   using Reduce = cub::BlockReduce<float, kSelectThreads>;
   __shared__ typename Reduce::TempStorage tmp;
@@ -196,46 +184,40 @@ __device__ float block_sum(float v) {
   return out;
 }
 
-// Turns logits into softmax probabilities over the visible blocks, in place.
-__device__ void softmax_visible(float* lg, const uint8_t* flags, int nk) {
-  float mx = -INFINITY;
-  for (int k = threadIdx.x; k < nk; k += kSelectThreads) {
-    if (flags[k] & kVisible) mx = fmaxf(mx, lg[k]);
-  }
-  mx = block_max(mx);
-  float sum = 0.f;
-  for (int k = threadIdx.x; k < nk; k += kSelectThreads) {
-    if (flags[k] & kVisible) sum += expf(lg[k] - mx);
-  }
-  sum = block_sum(sum);
-  for (int k = threadIdx.x; k < nk; k += kSelectThreads) {
-    lg[k] = (flags[k] & kVisible) ? expf(lg[k] - mx) / sum : 0.f;
-  }
-  __syncthreads();
-}
-
 // Who sorts one list: every thread of the CTA, or one warp (its lanes).
 enum class Sorter { kBlock, kWarp };
 
 // Ascending bitonic sort of n (a power of two) keys in shared memory by the CTA's kSelectThreads
-// threads (kBlock) or the calling warp's 32 lanes (kWarp).
+// threads (kBlock) or the calling warp's 32 lanes (kWarp). kBlock gives each warp the pairs of
+// one contiguous chunk of n / warps keys: a stage whose pairs stay inside the chunks (2·stride ≤
+// chunk) needs only __syncwarp, so of the 55 stages of n = 1024 only 6 wait for the whole CTA
+// (a CTA barrier per stage made the sort ~11 µs of a decode step's select on an H200).
 template <Sorter kBy>
 __device__ void bitonic_sort(uint64_t* keys, int n) {
-  constexpr int kThreads = kBy == Sorter::kBlock ? kSelectThreads : 32;
-  const int tid = kBy == Sorter::kBlock ? threadIdx.x : threadIdx.x % 32;
+  constexpr int kWarps = kBy == Sorter::kBlock ? kSelectThreads / 32 : 1;
+  const int lane = threadIdx.x % 32, warp = kBy == Sorter::kBlock ? threadIdx.x / 32 : 0;
+  const int pairs = n / 2;
+  const int per_warp = pairs >= kWarps ? pairs / kWarps : 1;  // pairs of one warp's chunk
+  const int chunk = 2 * per_warp;
+  const bool active = warp * per_warp < pairs;
   for (int size = 2; size <= n; size <<= 1) {
     for (int stride = size >> 1; stride > 0; stride >>= 1) {
-      for (int t = tid; t < n / 2; t += kThreads) {
-        const int lo = 2 * t - (t & (stride - 1));
-        const int hi = lo + stride;
-        const bool ascending = (lo & size) == 0;
-        const uint64_t a = keys[lo], b = keys[hi];
-        if ((a > b) == ascending) {
-          keys[lo] = b;
-          keys[hi] = a;
+      if (active) {
+        for (int j = lane; j < per_warp; j += 32) {
+          const int t = warp * per_warp + j;
+          const int lo = 2 * t - (t & (stride - 1));
+          const int hi = lo + stride;
+          const bool ascending = (lo & size) == 0;
+          const uint64_t a = keys[lo], b = keys[hi];
+          if ((a > b) == ascending) {
+            keys[lo] = b;
+            keys[hi] = a;
+          }
         }
       }
-      if (kBy == Sorter::kBlock) {
+      // The next stage reads across chunks when its pairs span more than one chunk.
+      const int next = stride > 1 ? stride >> 1 : size;  // stride of the next stage
+      if (kBy == Sorter::kBlock && (2 * next > chunk || (stride == 1 && size == n))) {
         __syncthreads();
       } else {
         __syncwarp();
@@ -246,29 +228,33 @@ __device__ void bitonic_sort(uint64_t* keys, int n) {
 
 // The contract's walk over the sorted keys (~bits(P) above the index, ~0 past the visible
 // non-forced blocks) by one full warp: acc starts at the forced blocks' sum and adds P left to
-// right in float32 exactly as one thread would (every lane computes the same sums, the values
-// arrive 32 at a time by shuffles off the dependency chain), then the lanes mark the kept
-// blocks in parallel. A single thread walking shared memory paid a dependent load and a flag
-// store per kept block (~100 at density 0.1 of 1024 blocks).
+// right in float32 exactly as the reference does. Lane 0 runs the sum over keys fetched eight at
+// a time (the loads do not depend on the sum, so they overlap; the chain is one add per key),
+// then the lanes mark the kept blocks in parallel.
 __device__ void walk_sorted_warp(const uint64_t* keys, int nk, float acc, float tau,
                                  uint8_t* flags) {
+  constexpr int kBatch = 8;
   const int lane = threadIdx.x % 32;
   int stop = nk;
-  for (int base = 0; base < nk; base += 32) {
-    const uint64_t key = base + lane < nk ? keys[base + lane] : ~0ull;
-    const float pk = __uint_as_float(~static_cast<uint32_t>(key >> 32));
-    const unsigned valid = __ballot_sync(0xffffffffu, key != ~0ull);
-    int j = 0;
-    for (; j < 32; ++j) {  // uniform across the warp: `valid` and `acc` are the same in every lane
-      const float pj = __shfl_sync(0xffffffffu, pk, j);
-      if (!((valid >> j) & 1u) || !(acc < tau)) break;
-      acc += pj;
-    }
-    if (j < 32) {
-      stop = base + j;
-      break;
+  if (lane == 0) {
+    bool done = false;
+    for (int base = 0; base < nk && !done; base += kBatch) {
+      uint64_t batch[kBatch];
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) batch[j] = base + j < nk ? keys[base + j] : ~0ull;
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        if (done) continue;
+        if (batch[j] == ~0ull || !(acc < tau)) {
+          stop = min(base + j, nk);
+          done = true;
+        } else {
+          acc += __uint_as_float(~static_cast<uint32_t>(batch[j] >> 32));
+        }
+      }
     }
   }
+  stop = __shfl_sync(0xffffffffu, stop, 0);
   for (int t = lane; t < stop; t += 32) flags[static_cast<int>(keys[t] & 0xffffffffu)] |= kKept;
   __syncwarp();
 }
@@ -409,6 +395,33 @@ __global__ void logits_rows_kernel(AsaParams p, const float* qbar, KeyRows kbar,
   }
 }
 
+// Heads of one list whose softmax statistics share a CTA reduction in select_kernel.
+constexpr int kHeadsPerPass = 8;
+
+// CTA-wide max (kMax) or sum of each of the kHeadsPerPass values, returned in every thread.
+template <bool kMax>
+__device__ void reduce_heads(float (&v)[kHeadsPerPass],
+                             float (*red)[kSelectThreads / 32]) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int j = 0; j < kHeadsPerPass; ++j) {
+    float x = v[j];
+    for (int o = 16; o > 0; o >>= 1) {
+      const float y = __shfl_xor_sync(0xffffffffu, x, o);
+      x = kMax ? fmaxf(x, y) : x + y;
+    }
+    if (lane == 0) red[j][warp] = x;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int j = 0; j < kHeadsPerPass; ++j) {
+    float x = red[j][0];
+    for (int w = 1; w < kSelectThreads / 32; ++w) x = kMax ? fmaxf(x, red[j][w]) : x + red[j][w];
+    v[j] = x;
+  }
+  __syncthreads();  // `red` is reused by the next reduction
+}
+
 // One CTA per (batch, selection head, query block): softmax of the logits row(s) over the visible
 // blocks, the group average for select_per 1, then the contract's walk.
 __global__ void select_kernel(AsaParams p, Workspace ws, const float* logits, int nk_pow2) {
@@ -446,26 +459,59 @@ __global__ void select_kernel(AsaParams p, Workspace ws, const float* logits, in
     ws.visible_counts[static_cast<int64_t>(n) * nq + i] = static_cast<int32_t>(nvis);
   }
 
+  // Softmax of each head's row over the visible blocks; for select_per 1 the group's heads are
+  // added in order h = 0..G-1 and divided by G, as the reference does. The maxima and sums of up
+  // to kHeadsPerPass heads come from one CTA reduction each (a reduction per head and step cost
+  // ~2 µs per head of a decode step on an H200).
+  __shared__ float red[kHeadsPerPass][kSelectThreads / 32];
+  const float* head_rows = logits + ((static_cast<int64_t>(n) * p.heads_q + h_first) * nq + i) * nk;
+  const int64_t head_stride = static_cast<int64_t>(nq) * nk;
   float tau = 0.f;
-  for (int hh = 0; hh < heads; ++hh) {
-    const int h = h_first + hh;
-    const float* row = logits + ((static_cast<int64_t>(n) * p.heads_q + h) * nq + i) * nk;
-    for (int k = threadIdx.x; k < nk; k += kSelectThreads) sm.prob[k] = row[k];
-    __syncthreads();
-    softmax_visible(sm.prob, sm.flags, nk);
-    tau = fmaxf(tau, p.head_thresholds ? p.head_thresholds[h] : p.threshold);
-    if (heads > 1) {
-      // Heads are added in order h = 0..G-1, as the reference sums them.
-      for (int k = threadIdx.x; k < nk; k += kSelectThreads) sm.pavg[k] += sm.prob[k];
-      __syncthreads();
+  for (int h0 = 0; h0 < heads; h0 += kHeadsPerPass) {
+    const int hn = min(kHeadsPerPass, heads - h0);
+    const float* rows = head_rows + h0 * head_stride;
+    float mx[kHeadsPerPass], sum[kHeadsPerPass];
+#pragma unroll
+    for (int j = 0; j < kHeadsPerPass; ++j) mx[j] = -INFINITY, sum[j] = 0.f;
+    for (int k = threadIdx.x; k < nk; k += kSelectThreads) {
+      if (!(sm.flags[k] & kVisible)) continue;
+#pragma unroll
+      for (int j = 0; j < kHeadsPerPass; ++j) {
+        if (j < hn) mx[j] = fmaxf(mx[j], rows[j * head_stride + k]);
+      }
+    }
+    reduce_heads<true>(mx, red);
+    for (int k = threadIdx.x; k < nk; k += kSelectThreads) {
+      if (!(sm.flags[k] & kVisible)) continue;
+#pragma unroll
+      for (int j = 0; j < kHeadsPerPass; ++j) {
+        if (j < hn) sum[j] += expf(rows[j * head_stride + k] - mx[j]);
+      }
+    }
+    reduce_heads<false>(sum, red);
+    for (int k = threadIdx.x; k < nk; k += kSelectThreads) {
+      const bool vis = sm.flags[k] & kVisible;
+      float acc = sm.pavg[k];
+#pragma unroll
+      for (int j = 0; j < kHeadsPerPass; ++j) {
+        if (j >= hn) continue;
+        const float pk = vis ? expf(rows[j * head_stride + k] - mx[j]) / sum[j] : 0.f;
+        if (heads == 1) sm.prob[k] = pk;
+        acc += pk;
+      }
+      sm.pavg[k] = acc;
+    }
+    for (int j = 0; j < hn; ++j) {
+      const int h = h_first + h0 + j;
+      tau = fmaxf(tau, p.head_thresholds ? p.head_thresholds[h] : p.threshold);
     }
   }
   const float* prob = sm.prob;
   if (heads > 1) {
     for (int k = threadIdx.x; k < nk; k += kSelectThreads) sm.pavg[k] /= static_cast<float>(G);
-    __syncthreads();
     prob = sm.pavg;
   }
+  __syncthreads();
   const int64_t row = (static_cast<int64_t>(n) * gridDim.y + hs) * nq + i;
   const int local_lo = max(c - p.local_blocks + 1, 0);
   const int local_hi = min(p.causal ? c : c + p.local_blocks - 1, nk - 1);
@@ -656,76 +702,16 @@ void launch_pool(const AsaParams& p, const Workspace& ws, bool keys, int first_k
   }
 }
 
-// The learned gate's key features concat(mean, max, min) for blocks k = first + blockIdx.x into
-// kfeat [B, Hkv, cap, 3 * D]. Same arithmetic, in the same order, as gate.cu's
-// key_features_kernel (thread d walks the block's keys in order), so cached rows equal the
-// router's own bit for bit (tests/plugins/test_decode_cache.py checks it).
-template <typename T>
-__global__ void key_features_rows_kernel(AsaParams p, float* kfeat, int first, int cap) {
-  const int k = first + blockIdx.x, h = blockIdx.y, n = blockIdx.z;
-  const int D = p.head_dim;
-  const int j0 = k * p.block_size;
-  const int j1 = min(j0 + p.block_size, p.seq_kv);
-  const T* key = static_cast<const T*>(p.k) + n * p.k_stride_b + h * p.k_stride_h;
-  float* out = kfeat + ((static_cast<int64_t>(n) * p.heads_kv + h) * cap + k) * 3 * D;
-  for (int d = threadIdx.x; d < D; d += kPoolThreads) {
-    float sum = 0.f, mx = -INFINITY, mn = INFINITY;
-    int count = 0;
-    for (int j = j0; j < j1; ++j) {
-      if (!key_kept(p, n, j)) continue;
-      const float x = to_float(key[j * p.k_stride_s + d]);
-      sum += x;
-      mx = fmaxf(mx, x);
-      mn = fminf(mn, x);
-      ++count;
-    }
-    out[d] = count > 0 ? sum / static_cast<float>(count) : 0.f;
-    out[D + d] = count > 0 ? mx : 0.f;
-    out[2 * D + d] = count > 0 ? mn : 0.f;
-  }
-}
-
-// y[row, g] = Σ_i x[row, i] · w[head(row), i, g] over rows [B, H, NB, in] of x, where rows with
-// block index < cached_blocks come from `cached` ([B, H, cap, in]) instead. Same arithmetic as
-// gate.cu's project_kernel (one thread per output, sum over i in order).
-constexpr int kProjRowsThreads = 256;
-
-__global__ void project_rows_kernel(const float* x, const float* cached, int cached_blocks,
-                                    int cap, const float* w, int heads, int nb, int in_dim,
-                                    int out_dim, int64_t total, float* y) {
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * kProjRowsThreads + threadIdx.x;
-  if (t >= total) return;
-  const int64_t row = t / out_dim;
-  const int g = static_cast<int>(t % out_dim);
-  const int64_t bh = row / nb;
-  const int blk = static_cast<int>(row % nb);
-  const int h = static_cast<int>(bh % heads);
-  const float* xr = blk < cached_blocks ? cached + (bh * cap + blk) * in_dim : x + row * in_dim;
-  const float* wh = w + static_cast<int64_t>(h) * in_dim * out_dim + g;
-  float acc = 0.f;
-  for (int i = 0; i < in_dim; ++i) acc += xr[i] * wh[static_cast<int64_t>(i) * out_dim];
-  y[t] = acc;
-}
-
-void launch_project_rows(const float* x, const float* cached, int cached_blocks, int cap,
-                         const float* w, int batch, int heads, int nb, int in_dim, int out_dim,
-                         float* y, cudaStream_t stream) {
-  const int64_t total = static_cast<int64_t>(batch) * heads * nb * out_dim;
-  const int64_t blocks = (total + kProjRowsThreads - 1) / kProjRowsThreads;
-  project_rows_kernel<<<static_cast<unsigned>(blocks), kProjRowsThreads, 0, stream>>>(
-      x, cached, cached_blocks, cap, w, heads, nb, in_dim, out_dim, total, y);
-}
-
 template <typename T>
 void launch_key_stats_t(const AsaParams& p, float* stats, int first, int cap, bool gate,
                         cudaStream_t stream) {
   const int nk = cdiv(p.seq_kv, p.block_size);
   if (first >= nk) return;
-  const dim3 grid(nk - first, p.heads_kv, p.batch);
   if (gate) {
-    key_features_rows_kernel<T><<<grid, kPoolThreads, 0, stream>>>(p, stats, first, cap);
+    launch_key_features(p, stats, first, cap, stream);
   } else {
-    pool_k_kernel<T><<<grid, kPoolThreads, 0, stream>>>(p, stats, first, cap);
+    pool_k_kernel<T><<<dim3(nk - first, p.heads_kv, p.batch), kPoolThreads, 0, stream>>>(
+        p, stats, first, cap);
   }
 }
 
@@ -739,9 +725,9 @@ cudaError_t launch_gate_with_stats(const AsaParams& p, const float* qbar, const 
   const int cap = p.key_block_stats_capacity > 0 ? p.key_block_stats_capacity : nk;
   const cudaError_t err = launch_key_block_stats(p, g.kfeat, first, nk, stream);
   if (err != cudaSuccess) return err;
-  launch_project_rows(qbar, nullptr, 0, 1, p.gate_q_weight, p.batch, p.heads_q, nq, p.head_dim,
+  launch_gate_project(qbar, nullptr, 0, 1, p.gate_q_weight, p.batch, p.heads_q, nq, p.head_dim,
                       p.gate_dim, g.qemb, stream);
-  launch_project_rows(g.kfeat, p.key_block_stats, first, cap, p.gate_k_weight, p.batch,
+  launch_gate_project(g.kfeat, p.key_block_stats, first, cap, p.gate_k_weight, p.batch,
                       p.heads_kv, nk, 3 * p.head_dim, p.gate_dim, g.kemb, stream);
   return cudaGetLastError();
 }
@@ -823,14 +809,16 @@ cudaError_t launch_route_gated(const AsaParams& p, const Workspace& ws, const Ga
     const dim3 lgrid(cdiv(nk, kLogitTile), cdiv(nq, kLogitTile), p.batch * p.heads_q);
     logits_kernel<<<lgrid, 256, 0, stream>>>(p, qe, ke, width, scale, ws.logits);
   }
-  if (nk <= kWarpListMax) {
+  // One warp per list when the lists are many (prefill); with fewer lists than multiprocessors
+  // (decode: B × Hkv lists) a whole CTA per list finishes sooner.
+  const int lists = p.batch * hsel * nq;
+  if (nk <= kWarpListMax && lists >= sm_count()) {
     const size_t slice = (select_smem_bytes(p) + 15) / 16 * 16;
     const size_t wsmem = slice * kListsPerCta;
     cudaError_t err = cudaFuncSetAttribute(select_warp_kernel,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(wsmem));
     if (err != cudaSuccess) return err;
-    const int lists = p.batch * hsel * nq;
     select_warp_kernel<<<cdiv(lists, kListsPerCta), 32 * kListsPerCta, wsmem, stream>>>(
         p, ws, ws.logits, next_pow2(nk), lists);
     return cudaGetLastError();
