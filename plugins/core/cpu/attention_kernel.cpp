@@ -358,11 +358,13 @@ void transform_scores(const AsaParams& p, const TileJob& job, const Scratch& sc,
   if (!block_fully_visible(sc.lo, sc.hi, nr, job.keep, j0, nk)) {
     for (int r = 0; r < nr; ++r) {
       float* srow = sc.s + r * b;
-      const int a = sc.lo[r] - j0, z = sc.hi[r] - j0;
-      for (int j = 0; j < nk; ++j) {
-        const bool vis = j >= a && j < z && (!job.keep || job.keep[j0 + j]);
-        srow[j] = vis ? srow[j] : kNegInf;
-      }
+      // Row r sees [a, z) of the block (geometry), then the padding mask within it.
+      const int a = imin(nk, imax(0, sc.lo[r] - j0));
+      const int z = imin(nk, imax(a, sc.hi[r] - j0));
+      for (int j = 0; j < a; ++j) srow[j] = kNegInf;
+      for (int j = z; j < nk; ++j) srow[j] = kNegInf;
+      if (job.keep)
+        for (int j = a; j < z; ++j) srow[j] = job.keep[j0 + j] ? srow[j] : kNegInf;
     }
   }
   for (int r = 0; r < nr; ++r)
