@@ -426,3 +426,19 @@ def test_fixture_models_library_matches_function(fixture, tmp_path):
             np.testing.assert_allclose(a[rows], b[rows], rtol=1e-3, atol=1e-3, err_msg=name)
         else:  # present KV: not attention outputs, equal up to float rounding
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_profile_env_reports_adapter_and_core_phases(monkeypatch, capfd):
+    """ASA_CPU_PROFILE=1: one line from the adapter (validation + output allocation vs the core
+    call) and one from the core per node run; nothing without it."""
+    feeds = _feeds(np.random.default_rng(4), 1, 4, 2, 200, 200, 32)
+    attrs = AsaAttributes(causal=True, threshold=0.6)
+    sess = lib_session(one_node_model(attrs, feeds))
+    monkeypatch.delenv("ASA_CPU_PROFILE", raising=False)
+    sess.run(None, feeds)
+    assert "profile" not in capfd.readouterr().err
+    monkeypatch.setenv("ASA_CPU_PROFILE", "1")
+    sess.run(None, feeds)
+    err = capfd.readouterr().err
+    assert "asa_ort profile prepare=" in err and "compute=" in err, err
+    assert "asa_cpu profile" in err and "attend=" in err, err
