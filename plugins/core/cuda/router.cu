@@ -28,7 +28,7 @@ namespace asa {
 namespace cuda {
 namespace {
 
-constexpr int kPoolThreads = 128;
+constexpr int kPoolThreads = 256;
 constexpr int kSelectThreads = 256;
 constexpr int kPrefixThreads = 1024;
 
