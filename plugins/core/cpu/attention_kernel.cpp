@@ -416,7 +416,20 @@ void pack_kv(const AsaParams& p, int n, int hkv, int kb, float* kt_dst, float* v
   const int nk = imin(bs, p.seq_kv - j0);
   float row[256];
   const int64_t kbase = n * p.k_stride_b + hkv * p.k_stride_h;
-  for (int j = 0; kt_dst && j < nk; ++j) {
+  if (kt_dst && p.dtype == ASA_FLOAT32) {
+    // fp32: 16 keys at a time, written as contiguous runs of the transposed block (the 16 key
+    // rows being read stay in L1).
+    const float* k = static_cast<const float*>(p.k) + kbase + static_cast<int64_t>(j0) * p.k_stride_s;
+    for (int jt = 0; jt < nk; jt += 16) {
+      const int jn = imin(16, nk - jt);
+      for (int d = 0; d < p.head_dim; ++d) {
+        float* dst = kt_dst + d * bs + jt;
+        const float* src = k + static_cast<int64_t>(jt) * p.k_stride_s + d;
+        for (int j = 0; j < jn; ++j) dst[j] = src[j * p.k_stride_s];
+      }
+    }
+  }
+  for (int j = 0; kt_dst && p.dtype != ASA_FLOAT32 && j < nk; ++j) {
     const int64_t off = kbase + (j0 + j) * p.k_stride_s;
     for (int d0 = 0; d0 < p.head_dim; d0 += 256) {
       const int cnt = imin(256, p.head_dim - d0);
