@@ -119,13 +119,17 @@ def retrieval_file(curves_file: pathlib.Path) -> pathlib.Path:
 
 
 def _with_retrieval_heads(name: str, kv: dict, curves_file) -> "research.RouterSetting":
-    """`<setting>,retrieval=N`: the setting without it, plus the N highest-scoring retrieval
-    heads (`cmd_retrieval`) at tau 1 through head_thresholds (no contract change)."""
+    """`<setting>,retrieval=N[,rctx=C]`: the setting without it, plus the N highest-scoring
+    retrieval heads (`cmd_retrieval`; scored on context C's prompts, default the calibration
+    context) at tau 1 through head_thresholds (no contract change)."""
     from asa_export.router import retrieval
 
-    base = parse_setting(name + ":" + ",".join(f"{k}={v}" for k, v in kv.items() if k != "retrieval"),
+    base = parse_setting(name + ":" + ",".join(f"{k}={v}" for k, v in kv.items() if k not in ("retrieval", "rctx")),
                          curves_file)
     path = retrieval_file(curves_file)
+    if "rctx" in kv:  # scores from prompts of another context than the thresholds' curves
+        stem = path.name.split("-")
+        path = path.with_name("-".join(stem[:2] + [kv["rctx"]] + stem[3:]))
     if not path.is_file():
         raise AsaExportError(f"retrieval heads: run `retrieval` first ({path})")
     scores = np.asarray(json.loads(path.read_text())["scores"])
@@ -698,6 +702,43 @@ def cmd_passkey_decode(args, source, tok, filler, keys) -> None:
         del sess
 
 
+def passkey_decode_table(out: pathlib.Path) -> None:
+    """Print the prefill + decode passkey results per (context, setting[-splitN]).
+
+    Columns: prefill density; greedy retrievals per depth and in all (the text a user gets starts
+    with the key); digits = cases whose 5 digit tokens are all the argmax when the answer's
+    previous tokens are fed (teacher-forced decode: the digits are known even where the leading
+    space token loses); mean log p(answer); min margin of the first answer token and of the
+    digits; needle misses = heads (of L x Hq) whose block list lacks every needle block, mean
+    over cases, at the prefill's last query block and per decode step.
+    """
+    rows = [json.loads(p.read_text()) for p in sorted((out / "passkey_decode").rglob("*.json"))]
+    if not rows:
+        return
+    depths = sorted({r["depth"] for r in rows})
+    print("\nPasskey retrieval, prefill + decode through the KV-cache export (greedy text / forced digits):\n")
+    print("| context | setting | density | " + " | ".join(f"depth {d:.0%}" for d in depths)
+          + " | greedy | digits | mean log p | min margin first / digits | needle misses prefill / decode |")
+    print("| --- | --- | --- | " + " | ".join("---" for _ in depths) + " | --- | --- | --- | --- | --- |")
+    groups = {}
+    for r in rows:
+        name = r["setting"] + (f" split{r['split']}" if r.get("split") else "")
+        groups.setdefault((r["context"], name), []).append(r)
+    for (ctx, name), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "dense", kv[0][1])):
+        cells = []
+        for d in depths:
+            at = [r for r in rs if r["depth"] == d]
+            cells.append(f"{sum(r['retrieved'] for r in at)}/{len(at)}" if at else "—")
+        dens = sum(r["prefill_kept"] for r in rs) / sum(r["prefill_visible"] for r in rs)
+        digits = sum(min(r["margins"][1:]) > 0 for r in rs)
+        miss0 = np.mean([sum(len(v) for v in r["drops"][0]["none"].values()) for r in rs])
+        miss1 = np.mean([sum(len(v) for v in d["none"].values()) for r in rs for d in r["drops"][1:]])
+        print(f"| {ctx} | {name} | {dens:.3f} | " + " | ".join(cells)
+              + f" | {sum(r['retrieved'] for r in rs)}/{len(rs)} | {digits}/{len(rs)}"
+              f" | {np.mean([r['logprob'] for r in rs]):.2f} | {min(r['margins'][0] for r in rs):.2f} / "
+              f"{min(min(r['margins'][1:]) for r in rs):.2f} | {miss0:.0f} / {miss1:.0f} |")
+
+
 def passkey_table(out: pathlib.Path) -> None:
     """Print the passkey results: per (context, setting) and depth, correct / cases."""
     rows = [json.loads(p.read_text()) for p in sorted((out / "passkey").rglob("*.json"))]
@@ -931,12 +972,15 @@ def short_label(setting: str) -> str:
     kv = dict(item.split("=") for item in rest.split(",") if item)
     value = next((kv[k] for k in ("recall", "tau", "cost", "density") if k in kv), "")
     head = {"perhead": "r", "naive": "τ", "oracle": "o", "lse": "lse", "tradeoff": "c", "gate": "g"}.get(name, name)
-    return head + value.removeprefix("0") + ("" if kv.get("local", "1") == "2" else f" l{kv.get('local', '1')}")
+    extra = f"+R{kv['retrieval']}" if "retrieval" in kv else ""
+    return (head + value.removeprefix("0") + extra
+            + ("" if kv.get("local", "1") == "2" else f" l{kv.get('local', '1')}"))
 
 
 def cmd_plot(args) -> None:
-    """Δperplexity vs density, one panel per context (KJV): filled = ONNX Runtime rows (the
-    windows given by --windows), hollow = torch research-path rows (fewer windows)."""
+    """Δperplexity vs density, one panel per context (KJV): filled = ONNX Runtime rows with at
+    least 8 windows (screening rows on fewer windows are left out), hollow = torch research-path
+    rows (fewer windows)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -951,7 +995,7 @@ def cmd_plot(args) -> None:
             if key[:2] != (args.text, ctx) or not a["visible"] or key[2].removeprefix("ort:") == "dense":
                 continue
             d, _ = delta(rows, key)
-            if d is None or "tau1.0" in key[2]:
+            if d is None or "tau1.0" in key[2] or (key[2].startswith("ort:") and a["n"] < 8):
                 continue
             fam = family(key[2])
             color = colors.setdefault(fam, f"C{len(colors)}")
@@ -1043,6 +1087,7 @@ def main(argv=None) -> int:
     if args.cmd == "table":
         cmd_table(args)
         passkey_table(pathlib.Path(args.out))
+        passkey_decode_table(pathlib.Path(args.out))
         return 0
     t0 = time.time()
     try:
