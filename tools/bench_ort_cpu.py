@@ -125,7 +125,8 @@ def _options(threads: int):
 # Idle time before each timed run of the attention-only benchmark. ONNX Runtime keeps a
 # session's intra-op workers spinning for a while after `run` returns (measured here: a full core
 # for ~40 ms), so without a pause the previous configuration's session competes with the timed
-# one for the 2 cores.
+# one for the 2 cores. After the pause one untimed run of the same session wakes its own workers
+# (inside a model, the ops before the attention keep them awake), then the timed run follows.
 SETTLE_S = 0.2
 
 
@@ -136,7 +137,8 @@ def _time_interleaved(runs: list, repeats: int, settle: float = SETTLE_S) -> lis
     Args:
         runs: (session, feeds) pairs.
         repeats: timed runs per pair.
-        settle: seconds of sleep before each timed run (see SETTLE_S).
+        settle: seconds of sleep, then one untimed run, before each timed run (see SETTLE_S);
+            0: neither.
 
     Returns:
         per run: best and median wall time (s) and the outputs of the last run.
@@ -147,6 +149,7 @@ def _time_interleaved(runs: list, repeats: int, settle: float = SETTLE_S) -> lis
         for i, (sess, feeds) in enumerate(runs):
             if settle > 0:
                 time.sleep(settle)
+                sess.run(None, feeds)
             t0 = time.perf_counter()
             outs[i] = sess.run(None, feeds)
             wall[i].append(time.perf_counter() - t0)
@@ -260,8 +263,9 @@ def section(rows, args, command: str) -> str:
         "Attention-only microbenchmark: one causal prefill attention of SmolLM2-135M's shape "
         f"(B {B}, Hq {HQ}, Hkv {HKV}, D {D}, fp32), ONNX Runtime {ort.__version__} CPU execution "
         f"provider, {args.threads} intra-op threads, best and median wall time of {args.repeats} "
-        f"runs after a warm-up, configurations interleaved run by run with {args.settle:g} s of "
-        "idle before each timed run (ratios use the best run). "
+        f"runs after a warm-up, configurations interleaved run by run; before each timed run "
+        f"{args.settle:g} s of idle, then one untimed run of the same session (ratios use the "
+        "best run). "
         "Sparse rows force the kept set with 1 sink block + a local band (τ tiny) and include "
         "the router; density is measured from the op's telemetry outputs. "
         "Effective GFLOP/s = 4·B·Hq·D·S(S+1)/2·density / time.", "",
@@ -506,8 +510,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dense-max-seq", type=int, default=4096,
                     help="largest S for the dense-onnx row (memory: several Hq×S×S tensors)")
     ap.add_argument("--settle", type=float, default=SETTLE_S,
-                    help="seconds of idle before each timed attention-only run, so that the "
-                         "previous session's spinning intra-op workers are not timed (0: none)")
+                    help="seconds of idle, then one untimed run of the same session, before each "
+                         "timed attention-only run, so that the previous session's spinning "
+                         "intra-op workers are not timed and the timed session's own are awake "
+                         "(0: neither)")
     ap.add_argument("--library", type=Path, default=None, help="libasa_ort.so (default: found)")
     ap.add_argument("--write", type=Path, help="update this markdown file's CPU section")
     ap.add_argument("--e2e", action="store_true",
