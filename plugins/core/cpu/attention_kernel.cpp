@@ -465,8 +465,14 @@ void tile_impl(const TileJob& job) {
   const int64_t qbase = job.n * p.q_stride_b + job.h * p.q_stride_h;
   for (int r = 0; r < nr; ++r) {
     float* qr = sc.q + r * dp;
-    load_row(p.q, qbase + (r0 + r) * p.q_stride_s, p.head_dim, p.dtype, qr);
-    for (int d = 0; d < p.head_dim; ++d) qr[d] *= p.scale;
+    const int64_t off = qbase + (r0 + r) * p.q_stride_s;
+    if (p.dtype == ASA_FLOAT32) {  // one pass: load and scale
+      const float* src = static_cast<const float*>(p.q) + off;
+      for (int d = 0; d < p.head_dim; ++d) qr[d] = src[d] * p.scale;
+    } else {
+      load_row(p.q, off, p.head_dim, p.dtype, qr);
+      for (int d = 0; d < p.head_dim; ++d) qr[d] *= p.scale;
+    }
   }
   for (int r = nr; r < nr_pad; ++r) memset(sc.q + r * dp, 0, sizeof(float) * dp);
   memset(sc.o, 0, sizeof(float) * nr_pad * dvp);
@@ -509,6 +515,11 @@ void tile_impl(const TileJob& job) {
     float* orow = sc.o + r * dvp;
     // A row that saw no key keeps l = 0 and outputs zeros, never NaN.
     const float inv = sc.l[r] > 0.0f ? 1.0f / sc.l[r] : 0.0f;
+    if (p.dtype == ASA_FLOAT32) {  // one pass: normalise into the output row
+      float* dst = static_cast<float*>(p.out) + obase + (r0 + r) * p.o_stride_s;
+      for (int c = 0; c < p.head_dim_v; ++c) dst[c] = orow[c] * inv;
+      continue;
+    }
     for (int c = 0; c < p.head_dim_v; ++c) orow[c] *= inv;
     store_row(p.out, obase + (r0 + r) * p.o_stride_s, p.head_dim_v, p.dtype, orow);
   }
