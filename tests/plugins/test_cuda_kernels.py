@@ -406,6 +406,30 @@ def test_hopper_dispatch_takes_wgmma_kernel(op, monkeypatch):
     assert not any("attn_wgmma_kernel" in n for n in names), names
 
 
+# Packed decode groups of at most 16 query rows (G·Sq ≤ 16) split each key tile over the warps by
+# default (covered by test_matches_reference); ASA_CUDA_SPLIT_KEYS=0 keeps the 64-row tile.
+SPLIT_KEY_CASES = ["decode1_kv4099_d128_bf16_group", "decode2_packed_kv4099_d128_bf16_window"]
+
+
+@pytest.mark.parametrize("name", SPLIT_KEY_CASES)
+def test_packed_decode_without_key_split_matches_reference(op, name, monkeypatch):
+    monkeypatch.setenv("ASA_CUDA_SPLIT_KEYS", "0")
+    check_case(op, CASES[name], seed=hash(name) % 1000)
+
+
+def test_packed_decode_dispatch_splits_keys(op, monkeypatch):
+    """G·Sq ≤ 16 takes the key-split kernel (template flag split_keys = true); 16 rows per head
+    group do not, and ASA_CUDA_SPLIT_KEYS=0 turns it off."""
+    split = ", true, true>"
+    names = attention_kernels_run(op, CASES["decode1_kv4099_d128_bf16_group"])
+    assert any("attn_mma_kernel" in n and split in n for n in names), names
+    names = attention_kernels_run(op, CASES["decode16_packed_kv1025_d64_fp16_softcap_bias_padding"])
+    assert names and not any(split in n for n in names), names
+    monkeypatch.setenv("ASA_CUDA_SPLIT_KEYS", "0")
+    names = attention_kernels_run(op, CASES["decode1_kv4099_d128_bf16_group"])
+    assert names and not any(split in n for n in names), names
+
+
 @pytest.mark.parametrize("path", ["wgmma", "mma"])
 def test_caller_lists_with_invisible_blocks(op, path, monkeypatch):
     """asa_cuda_attention on caller-made (ascending) lists that also hold blocks no row of the

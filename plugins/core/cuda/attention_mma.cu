@@ -10,6 +10,8 @@
 // cases check each element. With split-KV (decode, ws.splits > 1) each CTA handles a slice of
 // the kept list and writes a normalized partial output plus its log2-sum-exp2; merge_kernel
 // combines the slices.
+#include <cstdlib>
+
 #include "common.cuh"
 #include "kernels.h"
 
@@ -145,7 +147,7 @@ struct TileCursor {
   }
 };
 
-template <typename T, int D, int MT, bool packed>
+template <typename T, int D, int MT, bool packed, bool split_keys = false>
 __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Workspace ws) {
   // packed (decode, select_per 1): the CTA serves a whole KV group; its rows are the G heads'
   // Sq <= 16 query rows (row rho = head (rho / Sq) of the group, query row rho % Sq), so each
@@ -228,7 +230,14 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
   __syncthreads();
 
   // Warp w owns rows [w * 16 * MT, (w + 1) * 16 * MT) of the CTA; m-tile mt = 16 of them.
-  const int wrow = warp * 16 * MT;
+  // split_keys (packed decode with G·Sq <= 16): every warp owns the same 16 rows and a quarter
+  // of each 64-key tile (keys [16·warp, 16·warp + 16)); the four partial softmax states are
+  // merged at the end. Otherwise warp w owns rows [w·16·MT, (w+1)·16·MT) and every key.
+  static_assert(!split_keys || (packed && MT == 1), "split_keys is a packed-decode mode");
+  constexpr int kNT = split_keys ? 2 : 8;   // n8 score tiles per warp and key tile
+  constexpr int kKS = split_keys ? 1 : 4;   // k16 slices of P·V per warp and key tile
+  const int kofs = split_keys ? 16 * warp : 0;
+  const int wrow = split_keys ? 0 : warp * 16 * MT;
   float o[MT][D / 8][4];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
@@ -256,11 +265,11 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
 
     const T* kt = sk + stage * kTile;
     const T* vt = sv + stage * kTile;
-    float s[MT][8][4];
+    float s[MT][kNT][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
+      for (int nt = 0; nt < kNT; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
     }
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
@@ -270,9 +279,9 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
         ldmatrix_x4(qf[mt], sq + (wrow + mt * 16 + lane % 16) * kPitch + kk * 16 + (lane / 16) * 8);
       }
 #pragma unroll
-      for (int nb = 0; nb < 4; ++nb) {
+      for (int nb = 0; nb < kNT / 2; ++nb) {
         uint32_t b[4];
-        ldmatrix_x4(b, kt + (nb * 16 + (lane / 16) * 8 + lane % 8) * kPitch + kk * 16 +
+        ldmatrix_x4(b, kt + (kofs + nb * 16 + (lane / 16) * 8 + lane % 8) * kPitch + kk * 16 +
                            ((lane / 8) % 2) * 8);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
@@ -288,18 +297,18 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
       // Scores to the log2 domain, masked where needed.
       if (kind == kFull) {
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
+        for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) s[mt][nt][e] *= scale_log2;
         }
       } else {
 #pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
+        for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int rho = rho_base + (e >= 2 ? 8 : 0);
             const int r = row_index(rho);
-            const int j = j0 + nt * 8 + 2 * tq + (e & 1);
+            const int j = j0 + kofs + nt * 8 + 2 * tq + (e & 1);
             float x = s[mt][nt][e] * p.scale;
             bool vis = row_valid(rho) && j < p.seq_kv && position_visible(p, r + shift, j);
             if constexpr (!kLean) {
@@ -319,7 +328,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
       // Online softmax; each row lives in the 4 threads of a quad.
       float mx[2] = {m[mt][0], m[mt][1]};
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
+      for (int nt = 0; nt < kNT; ++nt) {
         mx[0] = fmaxf(mx[0], fmaxf(s[mt][nt][0], s[mt][nt][1]));
         mx[1] = fmaxf(mx[1], fmaxf(s[mt][nt][2], s[mt][nt][3]));
       }
@@ -334,7 +343,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
       }
       float rs[2] = {0.f, 0.f};
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
+      for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           s[mt][nt][e] = fast_exp2(s[mt][nt][e] - mu[e >> 1]);
@@ -354,7 +363,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
 
     // O += P V; a V fragment serves every m-tile.
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
+    for (int kk = 0; kk < kKS; ++kk) {
       uint32_t a[MT][4];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
@@ -366,7 +375,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
         uint32_t b[4];
-        ldmatrix_x4_trans(b, vt + (kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * kPitch +
+        ldmatrix_x4_trans(b, vt + (kofs + kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * kPitch +
                                  dp * 16 + (lane / 16) * 8);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
@@ -380,6 +389,55 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
     kind = kind_n;
     j0 = j0_n;
     stage ^= 1;
+  }
+
+  if constexpr (split_keys) {
+    // Merge the four warps' softmax states of the same 16 rows into warp 0: M = max_w m_w,
+    // l = Σ_w l_w 2^(m_w − M), o = Σ_w o_w 2^(m_w − M). Lane λ of every warp holds the same
+    // (row, column) fragments, so the exchange is lane to lane through the free K/V buffers.
+    cp_async_wait<0>();
+    __syncthreads();
+    constexpr int kVals = D / 8 * 4 + 4;  // o fragments, m[2], l[2]
+    float* xch = reinterpret_cast<float*>(sk);
+    if (warp > 0) {
+      float* mine = xch + ((warp - 1) * 32 + lane) * kVals;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) mine[dt * 4 + e] = o[0][dt][e];
+      }
+      mine[D / 2] = m[0][0];
+      mine[D / 2 + 1] = m[0][1];
+      mine[D / 2 + 2] = l[0][0];
+      mine[D / 2 + 3] = l[0][1];
+    }
+    __syncthreads();
+    if (warp > 0) return;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      float mx = m[0][rr];
+      for (int w = 1; w < kThreads / 32; ++w) mx = fmaxf(mx, xch[((w - 1) * 32 + lane) * kVals + D / 2 + rr]);
+      const float mu = mx == -INFINITY ? 0.f : mx;
+      const float a0 = m[0][rr] == -INFINITY ? 0.f : fast_exp2(m[0][rr] - mu);
+      l[0][rr] *= a0;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        o[0][dt][2 * rr] *= a0;
+        o[0][dt][2 * rr + 1] *= a0;
+      }
+      for (int w = 1; w < kThreads / 32; ++w) {
+        const float* theirs = xch + ((w - 1) * 32 + lane) * kVals;
+        const float mw = theirs[D / 2 + rr];
+        const float aw = mw == -INFINITY ? 0.f : fast_exp2(mw - mu);
+        l[0][rr] += aw * theirs[D / 2 + 2 + rr];
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt) {
+          o[0][dt][2 * rr] += aw * theirs[dt * 4 + 2 * rr];
+          o[0][dt][2 * rr + 1] += aw * theirs[dt * 4 + 2 * rr + 1];
+        }
+      }
+      m[0][rr] = mx;
+    }
   }
 
 #pragma unroll
@@ -470,16 +528,16 @@ bool decode_packed(const AsaParams& p) {
   return p.select_per == 1 && p.seq_q <= 16 && G > 1 && G * p.seq_q <= kBM;
 }
 
-template <typename T, int D, int MT, bool packed>
+template <typename T, int D, int MT, bool packed, bool split_keys = false>
 cudaError_t launch_mma(const AsaParams& p, const Workspace& ws, cudaStream_t stream) {
   const size_t smem = static_cast<size_t>(4 + MT) * kBN * (D + 8) * sizeof(T);
-  cudaError_t err = cudaFuncSetAttribute(attn_mma_kernel<T, D, MT, packed>,
+  cudaError_t err = cudaFuncSetAttribute(attn_mma_kernel<T, D, MT, packed, split_keys>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   const dim3 grid(packed ? 1 : cdiv(p.seq_q, kBM * MT), packed ? p.heads_kv : p.heads_q,
                   p.batch * ws.splits);
-  attn_mma_kernel<T, D, MT, packed><<<grid, kThreads, smem, stream>>>(p, ws);
+  attn_mma_kernel<T, D, MT, packed, split_keys><<<grid, kThreads, smem, stream>>>(p, ws);
   err = cudaGetLastError();
   if (err != cudaSuccess || ws.splits == 1) return err;
   merge_kernel<T><<<dim3(p.seq_q, p.heads_q, p.batch), kMergeThreads, 0, stream>>>(p, ws);
@@ -497,11 +555,18 @@ cudaError_t launch_mma_dtype(const AsaParams& p, const Workspace& ws, cudaStream
   const bool two = p.block_size == 128 && p.seq_q > 16 && !generic &&
                    ctas_two >= 4 * sm_count();
   const bool packed = decode_packed(p);
+  // A packed group of at most 16 rows fills one m16 tile: the warps split the keys instead
+  // (ASA_CUDA_SPLIT_KEYS=0 keeps the 64-row tile; read at each launch, the tests compare both).
+  const char* split_env = getenv("ASA_CUDA_SPLIT_KEYS");
+  const bool split = packed && (p.heads_q / p.heads_kv) * p.seq_q <= 16 &&
+                     !(split_env != nullptr && split_env[0] == '0');
   if (p.head_dim == 64) {
+    if (split) return launch_mma<T, 64, 1, true, true>(p, ws, stream);
     if (packed) return launch_mma<T, 64, 1, true>(p, ws, stream);
     return two ? launch_mma<T, 64, 2, false>(p, ws, stream)
                : launch_mma<T, 64, 1, false>(p, ws, stream);
   }
+  if (split) return launch_mma<T, 128, 1, true, true>(p, ws, stream);
   if (packed) return launch_mma<T, 128, 1, true>(p, ws, stream);
   return two ? launch_mma<T, 128, 2, false>(p, ws, stream)
              : launch_mma<T, 128, 1, false>(p, ws, stream);
