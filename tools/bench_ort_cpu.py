@@ -214,7 +214,6 @@ def run(seqs, threads: int, repeats: int, function_max_seq: int, library,
         ref_out = results[0]["out"][0] if dens[0] is None else None
         for name, attrs, res in zip(names, dens, results):
             out = res.pop("out")
-            res.pop("runs")
             density = 1.0 if attrs is None else float(out[1].sum()) / float(out[2].sum() * HQ)
             if attrs is not None and attrs.threshold >= 1 and ref_out is not None:
                 err = float(np.abs(out[0] - ref_out).max())
@@ -224,10 +223,17 @@ def run(seqs, threads: int, repeats: int, function_max_seq: int, library,
     return rows
 
 
+def paired_ratio(base_runs: list[float], runs: list[float]) -> float:
+    """Median over rounds of base time / time: runs of one round are adjacent in time, so a
+    load burst from other processes moves both sides of most ratios (steadier than best / best
+    on a shared machine)."""
+    return statistics.median(b / t for b, t in zip(base_runs, runs))
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| S | configuration | density | best (ms) | median (ms) | "
-             "GFLOP/s (eff., best) | vs dense-onnx | vs asa-lib τ=1 |",
-             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "GFLOP/s (eff., best) | vs dense-onnx | vs asa-lib τ=1 | vs τ=1, paired median |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in rows:
         base = next((r for r in rows if r["seq"] == row["seq"] and r["config"].startswith("dense")),
                     None)
@@ -236,9 +242,10 @@ def table(rows: list[dict]) -> str:
         gflops = _flops(row["seq"], row["density"]) / row["s"] / 1e9
         vs_lib = f"{lib1['s'] / row['s']:.2f}×" if lib1 else "—"
         vs_dense = f"{base['s'] / row['s']:.2f}×" if base else "—"
+        paired = f"{paired_ratio(lib1['runs'], row['runs']):.2f}×" if lib1 else "—"
         lines.append(f"| {row['seq']} | {row['config']} | {row['density']:.3f} | "
                      f"{row['s'] * 1e3:.1f} | {row['median'] * 1e3:.1f} | {gflops:.1f} | "
-                     f"{vs_dense} | {vs_lib} |")
+                     f"{vs_dense} | {vs_lib} | {paired} |")
     return "\n".join(lines)
 
 
@@ -265,7 +272,7 @@ def section(rows, args, command: str) -> str:
         f"provider, {args.threads} intra-op threads, best and median wall time of {args.repeats} "
         f"runs after a warm-up, configurations interleaved run by run; before each timed run "
         f"{args.settle:g} s of idle, then one untimed run of the same session (ratios use the "
-        "best run). "
+        "best run; the last column is the median over rounds of the τ=1 time / this time). "
         "Sparse rows force the kept set with 1 sink block + a local band (τ tiny) and include "
         "the router; density is measured from the op's telemetry outputs. "
         "Effective GFLOP/s = 4·B·Hq·D·S(S+1)/2·density / time.", "",
