@@ -229,7 +229,6 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
   cp_async_wait<0>();
   __syncthreads();
 
-  // Warp w owns rows [w * 16 * MT, (w + 1) * 16 * MT) of the CTA; m-tile mt = 16 of them.
   // split_keys (packed decode with G·Sq <= 16): every warp owns the same 16 rows and a quarter
   // of each 64-key tile (keys [16·warp, 16·warp + 16)); the four partial softmax states are
   // merged at the end. Otherwise warp w owns rows [w·16·MT, (w+1)·16·MT) and every key.
@@ -416,7 +415,9 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
 #pragma unroll
     for (int rr = 0; rr < 2; ++rr) {
       float mx = m[0][rr];
-      for (int w = 1; w < kThreads / 32; ++w) mx = fmaxf(mx, xch[((w - 1) * 32 + lane) * kVals + D / 2 + rr]);
+      for (int w = 1; w < kThreads / 32; ++w) {
+        mx = fmaxf(mx, xch[((w - 1) * 32 + lane) * kVals + D / 2 + rr]);
+      }
       const float mu = mx == -INFINITY ? 0.f : mx;
       const float a0 = m[0][rr] == -INFINITY ? 0.f : fast_exp2(m[0][rr] - mu);
       l[0][rr] *= a0;
