@@ -958,6 +958,8 @@ def cmd_table(args) -> None:
 def family(setting: str) -> str:
     """Router family of a setting string, for the plot legend."""
     name = setting.removeprefix("ort:").split(":")[0]
+    if "retrieval=" in setting:
+        return "per-head τ + retrieval heads at τ 1"
     return {"naive": "global τ (contract v1)", "perhead": "per-head τ (contract v1)",
             "tradeoff": "per-head τ (contract v1)", "oracle": "oracle (ceiling)",
             "lse": "lse pooling (research)", "gate": "calibrated gate",
