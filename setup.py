@@ -25,7 +25,9 @@ setup(
         "calibrate": ["tokenizers", "transformers", "gguf", "matplotlib", "torch"],
         "test": ["pytest", "torch", "transformers", "onnxscript", "gguf", "accelerate", "matplotlib",
                  # CPU-side TensorRT-family parse/build tests (no GPU needed).
-                 "tensorrt-rtx-cu13-libs==1.7.1.116", "tensorrt-rtx-cu13-bindings==1.7.1.116"],
+                 "tensorrt-rtx-cu13-libs==1.7.1.116", "tensorrt-rtx-cu13-bindings==1.7.1.116",
+                 # SASS checks of the CUDA core's sm_90a build (tests/plugins/test_cuda_compile.py).
+                 "nvidia-cuda-cuobjdump==13.5.37", "nvidia-cuda-nvdisasm==13.5.37"],
         "tensorrt": ["tensorrt"],
     },
     entry_points={"console_scripts": ["asa-export=asa_export.cli.main:main"]},

@@ -2,12 +2,17 @@
 architecture (sm_90a, the Hopper build), then the C ABI symbols must be exported.
 
 Skipped when nvcc or cmake is missing. The build folder is cached under .cache/ keyed by a hash
-of the sources, so an unchanged tree costs nothing on the next run.
+of the sources, so an unchanged tree costs nothing on the next run. The SASS checks need
+cuobjdump and nvdisasm: from PATH, or from the PyPI wheels nvidia-cuda-cuobjdump /
+nvidia-cuda-nvdisasm that the `[test]` extra installs (their binaries land in
+site-packages/nvidia/cu13/bin, not on PATH).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import os
 import pathlib
 import shutil
 import subprocess
@@ -57,14 +62,29 @@ def test_library_builds_and_exports_c_abi(built_library):
     assert not missing, f"libasa_cuda.so does not export {missing}"
 
 
+def cuda_tool(name: str) -> str | None:
+    """Path of a CUDA binary tool: on PATH, else from an nvidia-cuda-* wheel, else None."""
+    found = shutil.which(name)
+    if found:
+        return found
+    spec = importlib.util.find_spec("nvidia")
+    for root in spec.submodule_search_locations if spec else []:
+        for candidate in sorted(pathlib.Path(root).glob(f"cu*/bin/{name}")):
+            return str(candidate)
+    return None
+
+
 @pytest.fixture(scope="module")
 def sass(built_library) -> str:
     """The library's machine code (cuobjdump --dump-sass), dumped once for the SASS checks."""
-    cuobjdump = shutil.which("cuobjdump")
-    if cuobjdump is None:
-        pytest.skip("cuobjdump not on PATH")
+    cuobjdump, nvdisasm = cuda_tool("cuobjdump"), cuda_tool("nvdisasm")
+    if cuobjdump is None or nvdisasm is None:
+        pytest.skip("cuobjdump / nvdisasm not found (pip install nvidia-cuda-cuobjdump "
+                    "nvidia-cuda-nvdisasm, or put them on PATH)")
+    env = dict(os.environ, PATH=f"{pathlib.Path(nvdisasm).parent}{os.pathsep}"
+                                f"{os.environ.get('PATH', '')}")
     return subprocess.run([cuobjdump, "--dump-sass", str(built_library)], capture_output=True,
-                          text=True, check=True).stdout
+                          text=True, check=True, env=env).stdout
 
 
 def test_hopper_machine_code_has_tensor_core_mma(sass):
