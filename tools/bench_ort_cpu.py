@@ -284,9 +284,10 @@ def section(rows, args, command: str) -> str:
 
 
 def write_section(path: Path, text: str) -> None:
-    """Replace (or append) the '## CPU (ONNX Runtime)' section of `path`."""
+    """Replace (or append) the head of the '## CPU (ONNX Runtime)' section of `path`: its text
+    up to the first '###' subsection (the subsections, e.g. end to end and precision, stay)."""
     old = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^## {re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^## {re.escape(SECTION)}\n.*?(?=^## |^### |\Z)", re.S | re.M)
     new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else (
         old.rstrip("\n") + "\n\n" + text + "\n")
     path.write_text(new)
