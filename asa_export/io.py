@@ -146,30 +146,59 @@ def model_files(model: ir.Model) -> list[str]:
     return files
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a small text file (a JSON report) atomically: temp file, fsync, rename.
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
+    """A temporary path beside `path` that becomes `path` when the block succeeds.
+
+    Write the file at the yielded path (any writer: text, np.savez, torch.save, bytes); on a
+    normal exit it gets the usual file mode (0666 minus the umask), is fsynced and renamed onto
+    `path` (then the directory is fsynced); on an exception it is removed and `path` is left as
+    it was. Nested blocks rename innermost first.
+
+    Args:
+        path: the final file; its directory must exist.
+        suffix: ending of the temporary name, for writers that add one (np.savez: ".npz").
+
+    Yields:
+        The temporary path.
 
     Raises:
         AsaExportError: the directory is missing or not writable.
     """
     path = os.path.abspath(os.fspath(path))
-    check_output_path(path)
     out_dir, name = os.path.split(path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=f".tmp{suffix}")
     except OSError as err:
         raise AsaExportError(f"cannot write to the directory {out_dir}: {err.strerror}") from err
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
+        _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     _fsync_dir(out_dir)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a small text file (a JSON report) atomically (`atomic_path`).
+
+    Raises:
+        AsaExportError: the directory is missing or not writable.
+    """
+    check_output_path(path)
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _probe_writable(out_dir: str) -> None:

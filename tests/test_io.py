@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 
 import numpy as np
 import onnx
@@ -190,3 +191,22 @@ def test_write_text_atomic(tmp_path):
     assert listing(tmp_path) == ["r.json"]
     with pytest.raises(AsaExportError, match="does not exist"):
         io.write_text_atomic(tmp_path / "missing" / "r.json", "{}")
+
+
+def test_atomic_path_renames_on_success_and_cleans_up_on_error(tmp_path):
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with io.atomic_path(target) as tmp:
+            pathlib.Path(tmp).write_bytes(b"half")
+            raise RuntimeError("writer failed")
+    assert target.read_bytes() == b"old"
+    assert listing(tmp_path) == ["out.bin"]
+    with io.atomic_path(target, suffix=".npz") as tmp:
+        assert tmp.endswith(".npz") and os.path.dirname(tmp) == str(tmp_path)
+        pathlib.Path(tmp).write_bytes(b"new")
+    assert target.read_bytes() == b"new"
+    assert listing(tmp_path) == ["out.bin"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (target.stat().st_mode & 0o777) == 0o666 & ~mask

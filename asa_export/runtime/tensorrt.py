@@ -34,7 +34,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from asa_export import contract
+from asa_export import contract, io
 from asa_export.errors import AsaExportError
 from asa_export.passes.rewrite import asa_nodes
 
@@ -529,8 +529,6 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
         AsaExportError: TensorRT or the plugin missing, a model without ASA nodes, bad shapes or
             precision, a parser or builder failure. Nothing is written then.
     """
-    from asa_export import io
-
     say = progress or (lambda message: None)
     trt = import_tensorrt(backend)
     if backend == "tensorrt-rtx":
@@ -584,29 +582,11 @@ def _sidecar(trt, backend, precision, target, profiles, library: Path, embedded,
 
 
 def _write_atomically(engine: Path, plan: bytes, sidecar: Path, text: str) -> None:
-    """Both files go to temporaries beside their targets, are fsynced, then renamed."""
-    temps = []
-    try:
-        for path, data in ((engine, plan), (sidecar, text.encode())):
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-            temps.append(tmp)
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual mode
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(temps[1], sidecar)
-        os.replace(temps[0], engine)
-    finally:
-        for tmp in temps:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """Both files go to temporaries beside their targets; the sidecar is renamed first, then
+    the engine (an engine is never left without its sidecar)."""
+    with io.atomic_path(engine) as engine_tmp, io.atomic_path(sidecar) as sidecar_tmp:
+        Path(engine_tmp).write_bytes(plan)
+        Path(sidecar_tmp).write_text(text, encoding="utf-8")
 
 
 def load_engine(engine_path: str | os.PathLike, *, plugin_library=None, backend="tensorrt"):
