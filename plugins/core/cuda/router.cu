@@ -190,8 +190,9 @@ enum class Sorter { kBlock, kWarp };
 // Ascending bitonic sort of n (a power of two) keys in shared memory by the CTA's kSelectThreads
 // threads (kBlock) or the calling warp's 32 lanes (kWarp). kBlock gives each warp the pairs of
 // one contiguous chunk of n / warps keys: a stage whose pairs stay inside the chunks (2·stride ≤
-// chunk) needs only __syncwarp, so of the 55 stages of n = 1024 only 6 wait for the whole CTA
-// (a CTA barrier per stage made the sort ~11 µs of a decode step's select on an H200).
+// chunk) needs only __syncwarp, so of the 55 stages of n = 1024 only 6 wait for the whole CTA.
+// (Measured on an H200: this saved little; the sort's ~11 µs at n = 1024 is shared-memory
+// traffic, not barriers. BENCHMARKS.md optimization step 16.)
 template <Sorter kBy>
 __device__ void bitonic_sort(uint64_t* keys, int n) {
   constexpr int kWarps = kBy == Sorter::kBlock ? kSelectThreads / 32 : 1;
