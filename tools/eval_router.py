@@ -6,13 +6,19 @@
       ppl:       one forward per (setting, window) with the torch research path
                  (asa_export.router.research) -> one JSON per window (resumable)
       ort:       the rewritten ONNX export in ONNX Runtime (asa_export.runtime.ort.session)
+      passkey:   needle retrieval, teacher-forced in one forward; --decode: prefill the prompt
+                 through the rewritten KV-cache export, then decode the answer Sq = 1 (as users
+                 run it), with the needle-block drops per layer / head from block_indices
+      retrieval: retrieval-head scores on passkey prompts built from the calibration text
       table:     per (text, context, setting): density, perplexity, delta vs dense
 
 Settings are strings: `dense`, `naive:tau=0.9`, `oracle:tau=0.9`, `naive:tau=0.9,sink=2,local=2`,
 `perhead:recall=0.95[,sink=1,local=1]` (per-head tau reaching that attention-mass recall on the
 calibration curves), `tradeoff:cost=0.2` (per-head tau maximizing recall - cost * density);
 `lse:tau=0.99` and `perhead:...,router=lse` are a research pooling outside contract v1
-(research.pooled_probs "lse"), measured for a contract proposal.
+(research.pooled_probs "lse"), measured for a contract proposal. `<setting>,retrieval=N[,rctx=C]`
+adds the N highest-scoring retrieval heads (`retrieval` command; scored at context C) at tau 1
+through head_thresholds.
 Seeded (window choice), resumable (existing JSON files are skipped), prints wall times.
 
 Example:
