@@ -43,6 +43,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from asa_export.errors import AsaExportError  # noqa: E402
+from asa_export.router import retrieval  # noqa: E402  (numpy only: no heavy import)
+from asa_export.router.retrieval import PASSKEY_NEEDLE, PASSKEY_PREFIX, PASSKEY_QUESTION  # noqa: E402,F401
 
 DEFAULT_OUT = REPO / ".cache" / "eval_router"
 
@@ -128,7 +130,6 @@ def _with_retrieval_heads(name: str, kv: dict, curves_file) -> "research.RouterS
     """`<setting>,retrieval=N[,rctx=C]`: the setting without it, plus the N highest-scoring
     retrieval heads (`cmd_retrieval`; scored on context C's prompts, default the calibration
     context) at tau 1 through head_thresholds (no contract change)."""
-    from asa_export.router import retrieval
 
     base = parse_setting(name + ":" + ",".join(f"{k}={v}" for k, v in kv.items() if k not in ("retrieval", "rctx")),
                          curves_file)
@@ -460,10 +461,9 @@ def ort_window(sess, telemetry, ids: np.ndarray) -> tuple[float, int, int, int]:
 
 # ------------------------------------------------------------------ passkey retrieval
 
-PASSKEY_PREFIX = ("There is an important piece of information hidden inside a lot of irrelevant text. "
-                  "Find it and memorize it. I will quiz you about it.\n\n")
-PASSKEY_NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
-PASSKEY_QUESTION = "\n\nWhat is the pass key? The pass key is"
+def _encoder(tokenizer):
+    """text -> ids of a transformers tokenizer, called the way this tool always did."""
+    return lambda text: tokenizer(text).input_ids
 
 
 def passkey_ids(tokenizer, filler_ids: np.ndarray, context: int, depth: float, key: str):
@@ -477,20 +477,9 @@ def passkey_ids(tokenizer, filler_ids: np.ndarray, context: int, depth: float, k
 
 
 def passkey_layout(tokenizer, filler_ids: np.ndarray, context: int, depth: float, key: str) -> dict:
-    """`passkey_ids` with the needle's place: dict(ids int64 [context], n_answer, needle_start,
-    needle_len) (token offsets into ids)."""
-    def enc(text):
-        return list(tokenizer(text).input_ids)
-
-    head, needle, question, answer = (enc(PASSKEY_PREFIX), enc(PASSKEY_NEEDLE.format(key=key)),
-                                      enc(PASSKEY_QUESTION), enc(" " + key))
-    room = context - len(head) - len(needle) - len(question) - len(answer)
-    if room <= 0 or len(filler_ids) < room:
-        raise AsaExportError(f"passkey: no room for filler at context {context}")
-    cut = round(depth * room)
-    ids = head + list(filler_ids[:cut]) + needle + list(filler_ids[cut:room]) + question + answer
-    return {"ids": np.asarray(ids, dtype=np.int64), "n_answer": len(answer),
-            "needle_start": len(head) + cut, "needle_len": len(needle)}
+    """`passkey_ids` with the needle's place: retrieval.passkey_prompt's dict (ids int64
+    [context], n_answer, needle_start, needle_len, rows, needle; token offsets into ids)."""
+    return retrieval.passkey_prompt(_encoder(tokenizer), filler_ids, context, depth, key)
 
 
 def passkey_score(logits: np.ndarray, ids: np.ndarray, n_answer: int) -> dict:
@@ -778,7 +767,7 @@ def cmd_retrieval(args) -> None:
     evaluation prompts stay unseen); write {"scores": [L][Hq], ...} (retrieval_file)."""
     import torch
 
-    from asa_export.router import research, retrieval
+    from asa_export.router import research
     from graphs import smollm2
 
     found = {}
@@ -794,20 +783,19 @@ def cmd_retrieval(args) -> None:
     research.register("asa_retrieval", capture)
     model, tok = load("asa_retrieval")
     filler = np.asarray(tok(segment(args, "kjv", "calib")).input_ids, dtype=np.int64)
-    keys = [str(k) for k in np.random.default_rng(args.seed + 1000).integers(10000, 100000, size=args.keys)]
+    prompts = retrieval.passkey_prompts(_encoder(tok), filler, args.context, args.depths,
+                                        args.keys, args.seed)
+    keys = retrieval.passkey_keys(args.keys, args.seed)
     total, cases = 0.0, 0
-    for depth in args.depths:
-        for j, key in enumerate(keys):
-            layout = passkey_layout(tok, filler[j * args.context:], args.context, depth, key)
-            n, seq = layout["n_answer"], args.context
-            found.update(rows=np.arange(seq - n - 1, seq - 1),
-                         needle=np.arange(layout["needle_start"], layout["needle_start"] + layout["needle_len"]))
-            t0 = time.time()
-            with torch.inference_mode():
-                model.model(input_ids=torch.from_numpy(layout["ids"])[None])
-            layers = sorted(k for k in found if isinstance(k, int))
-            total, cases = total + np.stack([found[i] for i in layers]), cases + 1
-            print(f"retrieval depth {depth:.0%} key {key}: {time.time() - t0:.1f} s", flush=True)
+    for layout in prompts:
+        found.update(rows=layout["rows"], needle=layout["needle"])
+        t0 = time.time()
+        with torch.inference_mode():
+            model.model(input_ids=torch.from_numpy(layout["ids"])[None])
+        layers = sorted(k for k in found if isinstance(k, int))
+        total, cases = total + np.stack([found[i] for i in layers]), cases + 1
+        print(f"retrieval depth {layout['depth']:.0%} key {layout['key']}: {time.time() - t0:.1f} s",
+              flush=True)
     scores = total / cases
     out = retrieval_file(calib_file(args))
     out.write_text(json.dumps({"context": args.context, "cases": cases, "keys": keys, "depths": args.depths,
