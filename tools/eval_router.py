@@ -43,8 +43,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from asa_export.errors import AsaExportError  # noqa: E402
-from asa_export.router import retrieval  # noqa: E402  (numpy only: no heavy import)
-from asa_export.router.retrieval import PASSKEY_NEEDLE, PASSKEY_PREFIX, PASSKEY_QUESTION  # noqa: E402,F401
+from asa_export.router import retrieval  # noqa: E402
+from asa_export.router.retrieval import PASSKEY_NEEDLE, PASSKEY_PREFIX, PASSKEY_QUESTION  # noqa: F401
 
 DEFAULT_OUT = REPO / ".cache" / "eval_router"
 

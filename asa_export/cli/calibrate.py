@@ -42,6 +42,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="calibration windows (default %(default)s)")
     parser.add_argument("--seed", type=int, default=_DEFAULTS.seed, metavar="S",
                         help="seeds the window choice and the gate (default %(default)s)")
+    parser.add_argument("--retrieval-heads", type=int, default=_DEFAULTS.retrieval_heads,
+                        metavar="N",
+                        help="after fitting, keep the N query heads (over all layers) that "
+                        "attend most to a pass key hidden in the calibration text dense "
+                        "(tau 1): scored on passkey prompts at --context tokens; these heads "
+                        "read far-away facts that the block router can drop. 20 was the "
+                        "measured choice for SmolLM2-135M at 4K (BENCHMARKS.md, Router "
+                        "accuracy); works with --gate too; their density comes on top of --target-density "
+                        "(default %(default)s: none)")
     parser.add_argument("--report", metavar="FILE.json", help="write the JSON report")
     parser.add_argument("--plots", metavar="DIR", help="write PNG plots into DIR (matplotlib)")
     parser.add_argument("--resume", metavar="DIR",
@@ -67,8 +76,9 @@ def options_from(args: argparse.Namespace) -> cal.CalibrateOptions:
     return cal.CalibrateOptions(
         target_recall=args.target_recall, target_density=args.target_density,
         threshold=args.threshold, gate=args.gate, context=args.context, windows=args.windows,
-        seed=args.seed, rewrite=rewrite_options_from(args, threshold=False), gate_dim=args.gate_dim, gate_steps=args.gate_steps,
-        device=args.device)
+        seed=args.seed, rewrite=rewrite_options_from(args, threshold=False),
+        gate_dim=args.gate_dim, gate_steps=args.gate_steps,
+        device=args.device, retrieval_heads=args.retrieval_heads)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,6 +107,11 @@ def summary_table(report: dict) -> str:
         tf = t["training_free"]
         lines.append(f"training-free router at the same target: density {tf['density']:.4f}, "
                      f"recall {tf['recall']:.4f}")
+    if "retrieval" in report:
+        heads = report["retrieval"]["heads"]
+        lines.append(f"retrieval heads at tau 1 ({len(heads)}, layer:head): "
+                     + " ".join(f"{layer}:{head}" for layer, head in heads)
+                     + f"; fitted density {report['retrieval']['fitted']['density']:.4f}")
     lines.append("wall: " + ", ".join(
         f"{k} {v if isinstance(v, float) else sum(v):.1f} s" for k, v in report["wall_s"].items()))
     return "\n".join(lines)

@@ -8,6 +8,9 @@
       --phase 2 (gate=True): router.gate.train_gate per site on the first half of the windows,
         curves on the gate's probabilities over the other half (gate_split)
         --> gate weights + per-head tau
+      --retrieval heads (retrieval_heads = N > 0): passkey prompts built from the calibration
+        text at the calibration context, run through the same capture copy; dense needle mass
+        per (site, query head), mean over prompts --top N--> those heads at tau 1 (dense)
       --> model.asa.onnx (head_thresholds [Hq], gate_q_weight, gate_k_weight initializers on
           ASA inputs 5-7), report.json, plots
 
@@ -21,6 +24,7 @@ folder and settings skips what is there:
                                    mass, curves, forced-block mass); key = hash of the tau grid
                                    and the sites' attributes, so other sink/local settings reuse
                                    the captures
+    retrieval-{key}.npy  needle-mass scores [sites, Hq] (key = prompts' settings + tokenizer)
     curves-{key}/gate-{key}/s{j}.npz  trained gate of site j and its curves (+ s{j}.ckpt,
                                    train_gate's checkpoint); key = hash of the gate settings
 
@@ -48,7 +52,7 @@ from asa_export import contract
 from asa_export.contract import AsaAttributes, reference
 from asa_export.errors import AsaExportError
 from asa_export.passes.pipeline import RewriteOptions
-from asa_export.router import stats
+from asa_export.router import retrieval, stats
 
 logger = logging.getLogger("asa_export")
 
@@ -87,6 +91,16 @@ class CalibrateOptions:
         gate_lr: Adam learning rate.
         device: torch device for the gate ("auto": cuda when torch sees one, else cpu).
         library: ONNX Runtime ASA library for the capture (None = find it, else the function).
+        retrieval_heads: after fitting, set the N query heads (over all sites) that put the most
+            dense attention mass on a pass key's needle to tau 1 (exactly dense). The router's
+            block mean hides a short needle, and these heads read it (BENCHMARKS.md "Router
+            accuracy": 20 for SmolLM2-135M at 4K). Works with `gate` too: tau 1 keeps every
+            visible block whatever the router's probabilities are. The fit's target (recall,
+            density) holds for the fitted thresholds; the retrieval heads' density comes on
+            top (the report's "retrieval"."fitted" holds the totals without them). 0 = off.
+        retrieval_depths: needle depths of the scoring prompts (fractions of the filler).
+        retrieval_keys: pass keys per depth; key j's filler starts at token j * context of the
+            calibration text, so the text needs about retrieval_keys * context tokens.
     """
 
     target_recall: float | None = None
@@ -104,6 +118,9 @@ class CalibrateOptions:
     gate_lr: float = 1e-2
     device: str = "auto"
     library: object = None
+    retrieval_heads: int = 0
+    retrieval_depths: tuple[float, ...] = retrieval.DEFAULT_DEPTHS
+    retrieval_keys: int = retrieval.DEFAULT_KEYS
 
     def mode(self) -> tuple[str, float]:
         """("recall" | "density" | "threshold", value)."""
@@ -178,7 +195,13 @@ def calibrate(model_path: str | os.PathLike, texts: Sequence[str | os.PathLike],
         ids = _timed(walls, "tokenize", _token_ids, texts, tokenizer, model, work)
         wins = choose_windows(len(ids), options.context, options.windows, options.seed)
         _check_run(work, _fingerprint(model_path, ids, wins, options))
+        _check_retrieval_count(model, sites, options.retrieval_heads)
         result = _fit(model, sites, ids, wins, work, options, mode, walls)
+        if options.retrieval_heads:
+            scores = _timed(walls, "retrieval", score_retrieval_heads, model, sites, ids,
+                            tokenizer, work, options)
+            result["retrieval"] = apply_retrieval_heads(result, sites, scores,
+                                                        options.retrieval_heads)
         _timed(walls, "write", _write_model, model, sites, result, output_path)
     walls["total"] = time.perf_counter() - start
     report = build_report(model_path, output_path, texts, tokenizer, options, mode, sites, wins,
@@ -421,7 +444,7 @@ def capture_windows(model, sites: list[SiteInfo], ids: np.ndarray, wins: list[in
             arrays[f"k{site.index}"] = np.asarray(outs[names.index(site.inputs[1])], np.float32)
             if site.inputs[2] is not None:
                 arrays[f"m{site.index}"] = np.asarray(outs[names.index(site.inputs[2])])
-        _save_npz(folder / f"w{i}.npz", arrays)
+        _save_arrays(folder / f"w{i}.npz", arrays)
         walls[i] = time.perf_counter() - t0
         size = sum(a.nbytes for a in arrays.values()) / 2**20
         logger.info("capture window %d/%d (offset %d): %.1f s, %.0f MB of q/k", n + 1, len(todo),
@@ -538,7 +561,7 @@ def phase1_statistics(sites: list[SiteInfo], wins: list[int], work, folder,
                 arrays[f"mass{site.index}"] = mass
                 arrays[f"forced{site.index}"] = _forced_mass(mass, visible, site.attrs,
                                                               q.shape[2], k.shape[2])
-        _save_npz(path, arrays)
+        _save_arrays(path, arrays)
         walls[i] = time.perf_counter() - t0
         logger.info("statistics window %d/%d: %.1f s (%d sites)", i + 1, len(wins), walls[i],
                     len(sites))
@@ -724,7 +747,7 @@ def phase2_gates(sites: list[SiteInfo], wins: list[int], work, curves_dir,
         if not path.exists():
             g, curve = _train_site(gate_mod, site, wins, work, curves_dir, folder, options,
                                    device)
-            _save_npz(path, {"q_weight": g.q_weight, "k_weight": g.k_weight,
+            _save_arrays(path, {"q_weight": g.q_weight, "k_weight": g.k_weight,
                              **_curve_arrays("gate", curve)})
         with np.load(path) as arrays:
             gates[site.index] = gate_mod.Gate(arrays["q_weight"], arrays["k_weight"])
@@ -781,6 +804,129 @@ def _train_site(gate_mod, site: SiteInfo, wins, work, curves_dir, folder, option
         curve = _site_curve(probs, mass, visible, site.attrs, q.shape[2], k.shape[2], taus)
         total = curve if total is None else total + curve
     return g, total
+
+
+# ---------------------------------------------------------------------------- retrieval heads
+
+
+def _check_retrieval_count(model, sites: list[SiteInfo], count: int) -> None:
+    """Refuse more retrieval heads than the model has query heads (before any capture)."""
+    from asa_export.passes import rewrite
+
+    if not count:
+        return
+    heads = [rewrite._node_heads(node)[0] for node in rewrite.asa_nodes(model)]
+    if None not in heads and count > sum(heads):
+        raise AsaExportError(f"--retrieval-heads {count} is more than the model's {sum(heads)} "
+                             f"query heads ({len(sites)} attention sites): give at most "
+                             f"{sum(heads)}")
+
+
+def score_retrieval_heads(model, sites: list[SiteInfo], ids: np.ndarray, tokenizer, work,
+                          options: CalibrateOptions) -> np.ndarray:
+    """Mean dense needle mass per (site, query head) on passkey prompts from the calibration text.
+
+    The prompts (retrieval.passkey_prompts: options.retrieval_keys keys x
+    options.retrieval_depths, at options.context tokens, filler from `ids`) run through the
+    capture copy of phase 1 (dense, one prompt at a time); retrieval.needle_mass scores the rows
+    that predict the answer. Cached in the work folder.
+
+    Args:
+        model: the ASA model (its capture copy is in `work`, or is written there).
+        sites: its ASA sites.
+        ids: the calibration token stream.
+        tokenizer: the tokenizer path (encodes the prompt's fixed text).
+        work: the work folder.
+        options: context, seed and the retrieval_* settings.
+
+    Returns:
+        float64 [sites, max Hq]; -inf where a site has fewer query heads.
+
+    Raises:
+        AsaExportError: the text is too short for the prompts.
+    """
+    key = _key(options.context, _floats(options.retrieval_depths), options.retrieval_keys,
+               options.seed, _file_id(tokenizer))
+    path = work / f"retrieval-{key}.npy"
+    if path.exists():
+        logger.info("retrieval heads: scores found in %s", path)
+        return np.load(path)
+    prompts = retrieval.passkey_prompts(load_tokenizer(tokenizer), ids, options.context,
+                                        options.retrieval_depths, options.retrieval_keys,
+                                        options.seed)
+    sess = _capture_session(model, sites, work, options.library)
+    names = _capture_names(sites)
+    total = 0.0
+    for n, prompt in enumerate(prompts):
+        t0 = time.perf_counter()
+        outs = sess.run(names, _feeds(sess, prompt["ids"]))
+        total = total + _needle_scores(sites, names, outs, prompt)
+        del outs  # one prompt's q/k at a time
+        logger.info("retrieval prompt %d/%d (needle depth %.0f%%): %.1f s", n + 1, len(prompts),
+                    100 * prompt["depth"], time.perf_counter() - t0)
+    scores = total / len(prompts)
+    from asa_export import io
+
+    with io.atomic_path(path, suffix=".npy") as tmp:
+        np.save(tmp, scores)
+    return scores
+
+
+def _needle_scores(sites: list[SiteInfo], names: list[str], outs, prompt: dict) -> np.ndarray:
+    """[sites, max Hq] needle mass of one prompt (-inf pads sites with fewer heads)."""
+    rows = []
+    for site in sites:
+        q = np.asarray(outs[names.index(site.inputs[0])], np.float32)[0]
+        k = np.asarray(outs[names.index(site.inputs[1])], np.float32)[0]
+        scale = site.attrs.resolved_scale(q.shape[-1])
+        rows.append(retrieval.needle_mass(q, k, scale, prompt["rows"], prompt["needle"]))
+    out = np.full((len(sites), max(len(r) for r in rows)), -np.inf)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
+
+
+def apply_retrieval_heads(result: dict, sites: list[SiteInfo], scores: np.ndarray,
+                          count: int) -> dict:
+    """Set the `count` best-scoring query heads to tau 1 in result["fit"] (in place).
+
+    With select_per = KV group the chosen head's group gets tau 1 (a group keeps the max of its
+    heads' thresholds). The fit's overall density and recall are recomputed from the curves.
+
+    Args:
+        result: _fit's result (its "fit" thresholds per selection unit, "curves").
+        sites: the ASA sites (site index = row of `scores`).
+        scores: [sites, Hq] from score_retrieval_heads.
+        count: how many heads.
+
+    Returns:
+        {"heads": [[site, head], ...], "head_scores", "scores" [sites][Hq],
+         "fitted": {"density", "recall"} before the retrieval heads}.
+
+    Raises:
+        AsaExportError: more heads asked for than the model has.
+    """
+    available = int(np.isfinite(scores).sum())
+    if count > available:
+        raise AsaExportError(f"--retrieval-heads {count} is more than the model's {available} "
+                             f"query heads: give at most {available}")
+    chosen = retrieval.top_heads(scores, count)
+    fit = result["fit"]
+    before = {"density": fit["density"], "recall": fit["recall"]}
+    new = []
+    for site, taus in zip(sites, fit["thresholds"]):
+        group = int(np.isfinite(scores[site.index]).sum()) // len(taus)
+        units = sorted({h // group for h in chosen.get(site.index, [])})
+        new.append(retrieval.dense_heads({0: taus}, {0: units}, 1, len(taus))[0])
+    fit["thresholds"] = new
+    fit["density"], fit["recall"] = _overall(result["curves"], new)
+    heads = [[layer, h] for layer, hs in chosen.items() for h in hs]
+    logger.info("retrieval heads at tau 1 (site, head): %s; density %.4f -> %.4f", heads,
+                before["density"], fit["density"])
+    return {"heads": heads, "head_scores": [round(float(scores[l, h]), 6) for l, h in heads],
+            "scores": [[round(float(x), 6) if np.isfinite(x) else None for x in row]
+                       for row in scores],
+            "fitted": before}
 
 
 # ---------------------------------------------------------------------------- output
@@ -849,8 +995,13 @@ def build_report(model_path, output_path, texts, tokenizer, options, mode, sites
                      "windows": len(wins), "window_offsets": wins, "seed": options.seed,
                      "gate": options.gate, "gate_dim": options.gate_dim,
                      "gate_steps": options.gate_steps, "taus": _floats(options.grid()),
-                     "low_density": options.low_density, "low_density_recall": recall_bar},
+                     "low_density": options.low_density, "low_density_recall": recall_bar,
+                     "retrieval_heads": options.retrieval_heads},
         "sites": site_rows, "totals": totals, "wall_s": _rounded(walls),
+        **({"retrieval": {**result["retrieval"], "context": options.context,
+                          "depths": _floats(options.retrieval_depths),
+                          "keys": retrieval.passkey_keys(options.retrieval_keys, options.seed)}}
+           if result.get("retrieval") else {}),
     }
 
 
@@ -958,6 +1109,12 @@ def _check_options(options: CalibrateOptions) -> tuple[str, float]:
         raise AsaExportError("context and windows must be >= 1")
     if options.gate and (options.gate_dim < 1 or options.gate_steps < 1):
         raise AsaExportError("gate dim and steps must be >= 1")
+    if options.retrieval_heads < 0:
+        raise AsaExportError(f"retrieval heads must be >= 0 (0 = none), got "
+                             f"{options.retrieval_heads}")
+    if options.retrieval_heads and (options.retrieval_keys < 1 or not options.retrieval_depths
+                                    or not all(0 <= d <= 1 for d in options.retrieval_depths)):
+        raise AsaExportError("retrieval heads need >= 1 pass key and needle depths in [0, 1]")
     return mode
 
 
@@ -1029,11 +1186,12 @@ class _work_dir:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _save_npz(path: pathlib.Path, arrays: dict) -> None:
-    """np.savez to a temporary name, then rename: a killed run leaves no half file."""
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+def _save_arrays(path: pathlib.Path, arrays: dict) -> None:
+    """np.savez through io.atomic_path: a killed run leaves no half file to resume from."""
+    from asa_export import io
+
+    with io.atomic_path(path, suffix=".npz") as tmp:
+        np.savez(tmp, **arrays)
 
 
 def _timed(walls: dict, key: str, func, *args):

@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import hashlib
 import math
-import os
 import pathlib
 from typing import Callable, Sequence
 
@@ -115,7 +114,9 @@ def _optimize(data, wq, wk, opt, start: int, steps: int, key: str, checkpoint,
         loss.backward()
         opt.step()
         if checkpoint is not None and ((step + 1) % _CHECKPOINT_EVERY == 0 or step + 1 == steps):
-            _save_checkpoint(checkpoint, key, step + 1, wq, wk, opt)
+            _save_checkpoint(checkpoint, {"key": key, "step": step + 1,
+                                          "wq": wq.detach().clone(), "wk": wk.detach().clone(),
+                                          "opt": opt.state_dict()})
         if progress is not None:
             progress(step + 1, steps, float(loss.detach()))
 
@@ -383,23 +384,23 @@ def _load_checkpoint(path, key: str, device: str):
     return state
 
 
-def _save_checkpoint(path, key: str, step: int, wq, wk, opt) -> None:
-    """Atomic write (temp file + rename) so an interrupted save never leaves a torn file."""
+def _save_checkpoint(path, state: dict) -> None:
+    """torch.save through io.atomic_path: an interrupted save never leaves a torn file."""
     import torch
+
+    from asa_export import io
 
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"key": key, "step": step, "wq": wq.detach().clone(), "wk": wk.detach().clone(),
-                "opt": opt.state_dict()}, tmp)
-    os.replace(tmp, path)
+    with io.atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def save_gates(path: pathlib.Path, gates: dict) -> None:
-    """Write {layer index: Gate} to one .npz (keys q<layer>, k<layer>).
+    """Write {layer index: Gate} to one .npz (keys q<layer>, k<layer>), atomically.
 
     Args:
-        path: the .npz file.
+        path: the file (written at exactly this name, which should end in .npz).
         gates: {layer index: Gate}.
     """
     arrays = {}
@@ -407,7 +408,10 @@ def save_gates(path: pathlib.Path, gates: dict) -> None:
         arrays[f"q{int(layer)}"], arrays[f"k{int(layer)}"] = g.q_weight, g.k_weight
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)
+    from asa_export import io  # onnx / onnx_ir: imported when a file is written
+
+    with io.atomic_path(path, suffix=".npz") as tmp:
+        np.savez(tmp, **arrays)
 
 
 def load_gates(path: pathlib.Path) -> dict:

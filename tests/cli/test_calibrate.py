@@ -32,12 +32,19 @@ def test_calibrate_command_writes_model_report_and_table(inputs, capsys):
     status = main(["calibrate", model, "--text", str(root / "text.txt"), "--tokenizer",
                    str(root / "tok"), "--out", str(root / "m.asa.onnx"), "--context", "256",
                    "--windows", "2", "--target-density", "0.95", "--local-blocks", "1",
-                   "--report", str(root / "r.json"), "-q"])
+                   "--retrieval-heads", "2", "--report", str(root / "r.json"), "-q"])
     out = capsys.readouterr().out
     assert status == 0
     report = json.loads((root / "r.json").read_text())
+    heads = report["retrieval"]["heads"]
+    assert len(heads) == 2 and report["settings"]["retrieval_heads"] == 2
+    assert "retrieval heads at tau 1 (2, layer:head): " + " ".join(f"{a}:{b}" for a, b in heads) in out
+    for layer, head in heads:
+        assert report["sites"][layer]["thresholds"][head] == 1.0
     assert report["settings"]["mode"] == "density" and report["settings"]["context"] == 256
-    assert report["totals"]["density"] <= 0.95
+    # The density target holds for the fitted thresholds; the retrieval heads come on top.
+    assert report["retrieval"]["fitted"]["density"] <= 0.95
+    assert report["totals"]["density"] >= report["retrieval"]["fitted"]["density"]
     assert all(s["attributes"]["local_blocks"] == 1 for s in report["sites"])
     assert "asa_attention_0" in out and "total: density" in out
     assert (root / "m.asa.onnx").is_file()
@@ -68,10 +75,27 @@ def test_every_option_maps_to_calibrate_options():
         ["calibrate", "m.onnx", "--text", "a", "b", "--tokenizer", "t", "--out", "o.onnx",
          "--threshold", "0.9", "--gate", "--context", "128", "--windows", "3", "--seed", "5",
          "--block-size", "128", "--sink-blocks", "2", "--local-blocks", "3",
-         "--select-per", "group", "--gate-dim", "16", "--gate-steps", "7", "--device", "cpu"])
+         "--select-per", "group", "--gate-dim", "16", "--gate-steps", "7", "--device", "cpu",
+         "--retrieval-heads", "20"])
     opts = cli_calibrate.options_from(args)
     assert (opts.threshold, opts.gate, opts.context, opts.windows, opts.seed) == (0.9, True, 128, 3, 5)
     assert (opts.rewrite.block_size, opts.rewrite.sink_blocks, opts.rewrite.local_blocks,
             opts.rewrite.select_per) == (128, 2, 3, 1)
     assert (opts.gate_dim, opts.gate_steps, opts.device) == (16, 7, "cpu")
+    assert opts.retrieval_heads == 20
+    default = build_parser().parse_args(["calibrate", "m.onnx", "--text", "a", "--tokenizer", "t",
+                                         "--out", "o.onnx"])
+    assert cli_calibrate.options_from(default).retrieval_heads == 0
     assert args.text == ["a", "b"]
+
+
+@pytest.mark.parametrize("count, message", [("-3", "retrieval heads must be >= 0"),
+                                            ("1000", "more than the model's 16 query heads")])
+def test_bad_retrieval_head_counts_exit_1(inputs, capsys, tmp_path, count, message):
+    model, root = inputs
+    status = main(["calibrate", model, "--text", str(root / "text.txt"), "--tokenizer",
+                   str(root / "tok"), "--out", str(tmp_path / "m.onnx"), "--context", "256",
+                   "--retrieval-heads", count])
+    err = capsys.readouterr().err
+    assert status == 1 and message in err and "Traceback" not in err
+    assert not (tmp_path / "m.onnx").exists()

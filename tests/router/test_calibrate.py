@@ -160,6 +160,85 @@ def test_select_per_group_thresholds_are_repeated_over_the_group(setup):
         np.testing.assert_allclose(written[site["name"]], np.repeat(site["thresholds"], 4))
 
 
+# ---------------------------------------------------------------------------- retrieval heads
+
+
+@pytest.fixture(scope="module")
+def with_retrieval(setup, first):
+    """The `first` run again (same work folder) with 2 retrieval heads at tau 1."""
+    model, text, tokenizer, root = setup
+    out = root / "retrieval.asa.onnx"
+    report = cal.calibrate(model, [text], tokenizer, out,
+                           _options(target_recall=0.95, retrieval_heads=2),
+                           report_path=root / "retrieval.json", resume_dir=root / "work")
+    return report, out
+
+
+def _with_heads_dense(thresholds: dict, report: dict, heads) -> dict:
+    names = [s["name"] for s in report["sites"]]
+    out = {name: np.array(taus, copy=True) for name, taus in thresholds.items()}
+    for layer, head in heads:
+        out[names[layer]][head] = 1.0
+    return out
+
+
+def test_retrieval_heads_are_exactly_the_top_scored_heads_at_tau_1(setup, first, with_retrieval):
+    report, out = with_retrieval
+    info = report["retrieval"]
+    heads = info["heads"]
+    assert len(heads) == 2 and report["settings"]["retrieval_heads"] == 2
+    scores = np.array(info["scores"], dtype=np.float64)
+    top = np.argsort(-scores, axis=None, kind="stable")[:2]
+    assert sorted(heads) == sorted([list(divmod(int(f), scores.shape[1])) for f in top])
+    assert info["head_scores"] == [scores[layer, head] for layer, head in heads]
+    assert np.all((scores >= 0) & (scores <= 1))
+    # Written model = the run without retrieval heads + exactly the listed heads at 1.0.
+    expected = _with_heads_dense(_thresholds(first[1]), report, heads)
+    written = _thresholds(out)
+    assert sorted(written) == sorted(expected)
+    for name in written:
+        np.testing.assert_array_equal(written[name], expected[name])
+    # The report's thresholds and totals describe the written model.
+    for site in report["sites"]:
+        np.testing.assert_allclose(written[site["name"]], site["thresholds"], atol=1e-6)
+    assert info["fitted"]["density"] == first[0]["totals"]["density"]
+    assert report["totals"]["density"] >= info["fitted"]["density"]
+    assert json.loads((setup[3] / "retrieval.json").read_text())["retrieval"]["heads"] == heads
+
+
+def test_retrieval_heads_resume_from_the_work_folder(setup, with_retrieval, tmp_path):
+    model, text, tokenizer, root = setup
+    assert len(list((root / "work").glob("retrieval-*.npy"))) == 1
+    again = cal.calibrate(model, [text], tokenizer, tmp_path / "again.asa.onnx",
+                          _options(target_recall=0.95, retrieval_heads=2),
+                          resume_dir=root / "work")
+    assert again["wall_s"]["capture"] == [0.0] * WINDOWS
+    assert again["retrieval"]["scores"] == with_retrieval[0]["retrieval"]["scores"]
+    assert again["sites"] == with_retrieval[0]["sites"]
+    assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temporary file
+
+
+def test_retrieval_heads_with_select_per_group_make_the_group_dense(setup, with_retrieval):
+    model, text, tokenizer, root = setup
+    out = root / "group-retrieval.asa.onnx"
+    report = cal.calibrate(model, [text], tokenizer, out,
+                           _options(rewrite=RewriteOptions(select_per=1), retrieval_heads=1),
+                           resume_dir=root / "work")
+    (layer, head), = report["retrieval"]["heads"]
+    written = _thresholds(out)[report["sites"][layer]["name"]]
+    group = slice(head // 4 * 4, head // 4 * 4 + 4)  # 8 query heads, 2 KV groups
+    assert np.all(written[group] == 1.0)
+
+
+@pytest.mark.parametrize("count, match", [(-1, "must be >= 0"), (10**6, "more than the model")])
+def test_bad_retrieval_head_counts_are_refused(setup, tmp_path, count, match):
+    model, text, tokenizer, _ = setup
+    with pytest.raises(AsaExportError, match=match):
+        cal.calibrate(model, [text], tokenizer, tmp_path / "o.onnx",
+                      _options(retrieval_heads=count))
+    assert not (tmp_path / "o.onnx").exists()
+
+
 # ---------------------------------------------------------------------------- bad input
 
 
@@ -231,9 +310,11 @@ def test_gate_phase_writes_gate_inputs(setup, tmp_path):
     model, text, tokenizer, root = setup
     out = tmp_path / "gate.asa.onnx"
     report = cal.calibrate(model, [text], tokenizer, out,
-                           _options(gate=True, gate_steps=10, gate_dim=8),
+                           _options(gate=True, gate_steps=10, gate_dim=8, retrieval_heads=1),
                            resume_dir=root / "work")
     assert {s["router"] for s in report["sites"]} == {"gate"}
+    (layer, head), = report["retrieval"]["heads"]  # retrieval heads work with the gate
+    assert _thresholds(out)[report["sites"][layer]["name"]][head] == 1.0
     assert "training_free" in report["totals"]
     proto = onnx.load(str(out))
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
