@@ -61,3 +61,43 @@ def test_dense_heads_sets_chosen_heads_and_keeps_the_rest():
     glob = retrieval.dense_heads(0.98, {0: [0]}, layers=2, num_heads=3)
     np.testing.assert_allclose(glob[0], [1.0, 0.98, 0.98])
     np.testing.assert_allclose(glob[1], [0.98, 0.98, 0.98])
+
+
+def _chars(text):
+    return [ord(c) for c in text]
+
+
+def test_passkey_prompt_layout_rows_and_needle():
+    filler = np.array(_chars("abcdefghij" * 200), dtype=np.int64)
+    for depth in (0.0, 0.5, 1.0):
+        p = retrieval.passkey_prompt(_chars, filler, 600, depth, "31415")
+        text = "".join(map(chr, p["ids"]))
+        assert len(p["ids"]) == 600 and text.endswith("The pass key is 31415")
+        needle = "".join(chr(p["ids"][j]) for j in p["needle"])
+        assert needle == retrieval.PASSKEY_NEEDLE.format(key="31415")
+        # rows predict the answer tokens: row r's next token is ids[r + 1]
+        assert "".join(chr(p["ids"][r + 1]) for r in p["rows"]) == " 31415"
+        before = text.index(retrieval.PASSKEY_NEEDLE[:10]) - len(retrieval.PASSKEY_PREFIX)
+        room = 600 - len(_chars(retrieval.PASSKEY_PREFIX + retrieval.PASSKEY_NEEDLE.format(
+            key="31415") + retrieval.PASSKEY_QUESTION + " 31415"))
+        assert before == round(depth * room)
+
+
+def test_passkey_prompts_seeded_keys_and_filler_per_key():
+    filler = np.arange(3000, dtype=np.int64) + 1000  # distinct ids: where the filler came from
+    prompts = retrieval.passkey_prompts(_chars, filler, 700, depths=(0.2, 0.8), keys=2, seed=4)
+    assert [(p["depth"], p["key"]) for p in prompts] == [
+        (d, k) for d in (0.2, 0.8) for k in retrieval.passkey_keys(2, 4)]
+    assert retrieval.passkey_keys(2, 4) == retrieval.passkey_keys(2, 4) != retrieval.passkey_keys(2, 5)
+    assert all(len(k) == 5 and k.isdigit() for k in retrieval.passkey_keys(3, 0))
+    # key j's filler starts at token j * context
+    first = [int(i) for i in prompts[0]["ids"] if i >= 1000][0]
+    second = [int(i) for i in prompts[1]["ids"] if i >= 1000][0]
+    assert (first, second) == (1000, 1700)
+
+
+def test_passkey_prompt_without_room_is_a_user_error():
+    with pytest.raises(AsaExportError, match="no room for filler"):
+        retrieval.passkey_prompt(_chars, np.zeros(10, np.int64), 200, 0.5, "12345")
+    with pytest.raises(AsaExportError, match="no room for filler"):
+        retrieval.passkey_prompts(_chars, np.zeros(900, np.int64), 600, keys=2)
