@@ -48,7 +48,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from asa_export import contract
+from asa_export import contract, io
 from asa_export.contract import AsaAttributes, reference
 from asa_export.errors import AsaExportError
 from asa_export.passes.pipeline import RewriteOptions
@@ -444,7 +444,8 @@ def capture_windows(model, sites: list[SiteInfo], ids: np.ndarray, wins: list[in
             arrays[f"k{site.index}"] = np.asarray(outs[names.index(site.inputs[1])], np.float32)
             if site.inputs[2] is not None:
                 arrays[f"m{site.index}"] = np.asarray(outs[names.index(site.inputs[2])])
-        _save_arrays(folder / f"w{i}.npz", arrays)
+        with io.atomic_path(folder / f"w{i}.npz", suffix=".npz") as tmp:  # resume: no half file
+            np.savez(tmp, **arrays)
         walls[i] = time.perf_counter() - t0
         size = sum(a.nbytes for a in arrays.values()) / 2**20
         logger.info("capture window %d/%d (offset %d): %.1f s, %.0f MB of q/k", n + 1, len(todo),
@@ -561,7 +562,8 @@ def phase1_statistics(sites: list[SiteInfo], wins: list[int], work, folder,
                 arrays[f"mass{site.index}"] = mass
                 arrays[f"forced{site.index}"] = _forced_mass(mass, visible, site.attrs,
                                                               q.shape[2], k.shape[2])
-        _save_arrays(path, arrays)
+        with io.atomic_path(path, suffix=".npz") as tmp:
+            np.savez(tmp, **arrays)
         walls[i] = time.perf_counter() - t0
         logger.info("statistics window %d/%d: %.1f s (%d sites)", i + 1, len(wins), walls[i],
                     len(sites))
@@ -747,8 +749,9 @@ def phase2_gates(sites: list[SiteInfo], wins: list[int], work, curves_dir,
         if not path.exists():
             g, curve = _train_site(gate_mod, site, wins, work, curves_dir, folder, options,
                                    device)
-            _save_arrays(path, {"q_weight": g.q_weight, "k_weight": g.k_weight,
-                             **_curve_arrays("gate", curve)})
+            with io.atomic_path(path, suffix=".npz") as tmp:
+                np.savez(tmp, q_weight=g.q_weight, k_weight=g.k_weight,
+                         **_curve_arrays("gate", curve))
         with np.load(path) as arrays:
             gates[site.index] = gate_mod.Gate(arrays["q_weight"], arrays["k_weight"])
             curves.append(_curve_from(arrays, "gate"))
@@ -865,8 +868,6 @@ def score_retrieval_heads(model, sites: list[SiteInfo], ids: np.ndarray, tokeniz
         logger.info("retrieval prompt %d/%d (needle depth %.0f%%): %.1f s", n + 1, len(prompts),
                     100 * prompt["depth"], time.perf_counter() - t0)
     scores = total / len(prompts)
-    from asa_export import io
-
     with io.atomic_path(path, suffix=".npy") as tmp:
         np.save(tmp, scores)
     return scores
@@ -1184,14 +1185,6 @@ class _work_dir:
     def __exit__(self, *exc) -> None:
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def _save_arrays(path: pathlib.Path, arrays: dict) -> None:
-    """np.savez through io.atomic_path: a killed run leaves no half file to resume from."""
-    from asa_export import io
-
-    with io.atomic_path(path, suffix=".npz") as tmp:
-        np.savez(tmp, **arrays)
 
 
 def _timed(walls: dict, key: str, func, *args):
