@@ -215,7 +215,8 @@ def test_retrieval_heads_resume_from_the_work_folder(setup, with_retrieval, tmp_
     assert again["wall_s"]["capture"] == [0.0] * WINDOWS
     assert again["retrieval"]["scores"] == with_retrieval[0]["retrieval"]["scores"]
     assert again["sites"] == with_retrieval[0]["sites"]
-    assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temporary file
+    # atomic writes (io.atomic_path) leave no temporary file in the work or output folder
+    assert not [p for d in (root / "work", tmp_path) for p in d.rglob(".*.tmp*")]
 
 
 def test_retrieval_heads_with_select_per_group_make_the_group_dense(setup, with_retrieval):
