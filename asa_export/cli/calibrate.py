@@ -45,12 +45,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retrieval-heads", type=int, default=_DEFAULTS.retrieval_heads,
                         metavar="N",
                         help="after fitting, keep the N query heads (over all layers) that "
-                        "attend most to a pass key hidden in the calibration text dense "
-                        "(tau 1): scored on passkey prompts at --context tokens; these heads "
+                        "attend most to a pass key hidden in the calibration text dense (tau 1): "
+                        "scored on passkey prompts of --retrieval-context tokens; these heads "
                         "read far-away facts that the block router can drop. 20 was the "
                         "measured choice for SmolLM2-135M at 4K (BENCHMARKS.md, Router "
-                        "accuracy); works with --gate too; their density comes on top of --target-density "
-                        "(default %(default)s: none)")
+                        "accuracy). Works with --gate; their density comes on top of "
+                        "--target-density (default %(default)s: none)")
+    parser.add_argument("--retrieval-context", type=int, metavar="N",
+                        help="tokens per --retrieval-heads scoring prompt (default: --context; "
+                        "SmolLM2-135M's measured point: --context 2048, --retrieval-context "
+                        "4096)")
     parser.add_argument("--report", metavar="FILE.json", help="write the JSON report")
     parser.add_argument("--plots", metavar="DIR", help="write PNG plots into DIR (matplotlib)")
     parser.add_argument("--resume", metavar="DIR",
@@ -78,7 +82,8 @@ def options_from(args: argparse.Namespace) -> cal.CalibrateOptions:
         threshold=args.threshold, gate=args.gate, context=args.context, windows=args.windows,
         seed=args.seed, rewrite=rewrite_options_from(args, threshold=False),
         gate_dim=args.gate_dim, gate_steps=args.gate_steps,
-        device=args.device, retrieval_heads=args.retrieval_heads)
+        device=args.device, retrieval_heads=args.retrieval_heads,
+        retrieval_context=args.retrieval_context)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -98,9 +98,12 @@ class CalibrateOptions:
             visible block whatever the router's probabilities are. The fit's target (recall,
             density) holds for the fitted thresholds; the retrieval heads' density comes on
             top (the report's "retrieval"."fitted" holds the totals without them). 0 = off.
+        retrieval_context: tokens per scoring prompt (None: `context`). Heads scored on longer
+            prompts than the threshold windows were the measured choice for SmolLM2-135M
+            (thresholds at 2K, heads scored at 4K; BENCHMARKS.md).
         retrieval_depths: needle depths of the scoring prompts (fractions of the filler).
         retrieval_keys: pass keys per depth; key j's filler starts at token j * context of the
-            calibration text, so the text needs about retrieval_keys * context tokens.
+            calibration text, so the text needs about retrieval_keys * retrieval_context tokens.
     """
 
     target_recall: float | None = None
@@ -119,6 +122,7 @@ class CalibrateOptions:
     device: str = "auto"
     library: object = None
     retrieval_heads: int = 0
+    retrieval_context: int | None = None
     retrieval_depths: tuple[float, ...] = retrieval.DEFAULT_DEPTHS
     retrieval_keys: int = retrieval.DEFAULT_KEYS
 
@@ -130,6 +134,10 @@ class CalibrateOptions:
         if len(chosen) > 1:
             raise AsaExportError("give at most one of target recall, target density, threshold")
         return chosen[0] if chosen else ("recall", DEFAULT_TARGET_RECALL)
+
+    def prompt_context(self) -> int:
+        """Tokens per retrieval-head scoring prompt."""
+        return self.retrieval_context or self.context
 
     def grid(self) -> np.ndarray:
         """The tau grid, including the fixed threshold when one is given."""
@@ -830,7 +838,7 @@ def score_retrieval_heads(model, sites: list[SiteInfo], ids: np.ndarray, tokeniz
     """Mean dense needle mass per (site, query head) on passkey prompts from the calibration text.
 
     The prompts (retrieval.passkey_prompts: options.retrieval_keys keys x
-    options.retrieval_depths, at options.context tokens, filler from `ids`) run through the
+    options.retrieval_depths, at options.prompt_context() tokens, filler from `ids`) run through the
     capture copy of phase 1 (dense, one prompt at a time); retrieval.needle_mass scores the rows
     that predict the answer. Cached in the work folder.
 
@@ -848,13 +856,13 @@ def score_retrieval_heads(model, sites: list[SiteInfo], ids: np.ndarray, tokeniz
     Raises:
         AsaExportError: the text is too short for the prompts.
     """
-    key = _key(options.context, _floats(options.retrieval_depths), options.retrieval_keys,
+    key = _key(options.prompt_context(), _floats(options.retrieval_depths), options.retrieval_keys,
                options.seed, _file_id(tokenizer))
     path = work / f"retrieval-{key}.npy"
     if path.exists():
         logger.info("retrieval heads: scores found in %s", path)
         return np.load(path)
-    prompts = retrieval.passkey_prompts(load_tokenizer(tokenizer), ids, options.context,
+    prompts = retrieval.passkey_prompts(load_tokenizer(tokenizer), ids, options.prompt_context(),
                                         options.retrieval_depths, options.retrieval_keys,
                                         options.seed)
     sess = _capture_session(model, sites, work, options.library)
@@ -999,7 +1007,7 @@ def build_report(model_path, output_path, texts, tokenizer, options, mode, sites
                      "low_density": options.low_density, "low_density_recall": recall_bar,
                      "retrieval_heads": options.retrieval_heads},
         "sites": site_rows, "totals": totals, "wall_s": _rounded(walls),
-        **({"retrieval": {**result["retrieval"], "context": options.context,
+        **({"retrieval": {**result["retrieval"], "context": options.prompt_context(),
                           "depths": _floats(options.retrieval_depths),
                           "keys": retrieval.passkey_keys(options.retrieval_keys, options.seed)}}
            if result.get("retrieval") else {}),
@@ -1113,6 +1121,8 @@ def _check_options(options: CalibrateOptions) -> tuple[str, float]:
     if options.retrieval_heads < 0:
         raise AsaExportError(f"retrieval heads must be >= 0 (0 = none), got "
                              f"{options.retrieval_heads}")
+    if options.retrieval_context is not None and options.retrieval_context < 1:
+        raise AsaExportError(f"retrieval context must be >= 1, got {options.retrieval_context}")
     if options.retrieval_heads and (options.retrieval_keys < 1 or not options.retrieval_depths
                                     or not all(0 <= d <= 1 for d in options.retrieval_depths)):
         raise AsaExportError("retrieval heads need >= 1 pass key and needle depths in [0, 1]")

@@ -21,8 +21,8 @@ import numpy as np
 
 from asa_export.errors import AsaExportError
 
-PASSKEY_PREFIX = ("There is an important piece of information hidden inside a lot of irrelevant text. "
-                  "Find it and memorize it. I will quiz you about it.\n\n")
+PASSKEY_PREFIX = ("There is an important piece of information hidden inside a lot of irrelevant "
+                  "text. Find it and memorize it. I will quiz you about it.\n\n")
 PASSKEY_NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
 PASSKEY_QUESTION = "\n\nWhat is the pass key? The pass key is"
 DEFAULT_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)

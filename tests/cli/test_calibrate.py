@@ -76,16 +76,17 @@ def test_every_option_maps_to_calibrate_options():
          "--threshold", "0.9", "--gate", "--context", "128", "--windows", "3", "--seed", "5",
          "--block-size", "128", "--sink-blocks", "2", "--local-blocks", "3",
          "--select-per", "group", "--gate-dim", "16", "--gate-steps", "7", "--device", "cpu",
-         "--retrieval-heads", "20"])
+         "--retrieval-heads", "20", "--retrieval-context", "4096"])
     opts = cli_calibrate.options_from(args)
     assert (opts.threshold, opts.gate, opts.context, opts.windows, opts.seed) == (0.9, True, 128, 3, 5)
     assert (opts.rewrite.block_size, opts.rewrite.sink_blocks, opts.rewrite.local_blocks,
             opts.rewrite.select_per) == (128, 2, 3, 1)
     assert (opts.gate_dim, opts.gate_steps, opts.device) == (16, 7, "cpu")
-    assert opts.retrieval_heads == 20
+    assert (opts.retrieval_heads, opts.retrieval_context, opts.prompt_context()) == (20, 4096, 4096)
     default = build_parser().parse_args(["calibrate", "m.onnx", "--text", "a", "--tokenizer", "t",
                                          "--out", "o.onnx"])
-    assert cli_calibrate.options_from(default).retrieval_heads == 0
+    opts = cli_calibrate.options_from(default)
+    assert (opts.retrieval_heads, opts.retrieval_context, opts.prompt_context()) == (0, None, 2048)
     assert args.text == ["a", "b"]
 
 

@@ -208,7 +208,7 @@ def test_retrieval_heads_are_exactly_the_top_scored_heads_at_tau_1(setup, first,
 
 def test_retrieval_heads_resume_from_the_work_folder(setup, with_retrieval, tmp_path):
     model, text, tokenizer, root = setup
-    assert len(list((root / "work").glob("retrieval-*.npy"))) == 1
+    assert list((root / "work").glob("retrieval-*.npy"))  # the scores are cached
     again = cal.calibrate(model, [text], tokenizer, tmp_path / "again.asa.onnx",
                           _options(target_recall=0.95, retrieval_heads=2),
                           resume_dir=root / "work")
@@ -229,6 +229,18 @@ def test_retrieval_heads_with_select_per_group_make_the_group_dense(setup, with_
     written = _thresholds(out)[report["sites"][layer]["name"]]
     group = slice(head // 4 * 4, head // 4 * 4 + 4)  # 8 query heads, 2 KV groups
     assert np.all(written[group] == 1.0)
+
+
+def test_retrieval_context_sets_the_prompt_length(setup, with_retrieval):
+    model, text, tokenizer, root = setup
+    cached = set((root / "work").glob("retrieval-*.npy"))
+    report = cal.calibrate(model, [text], tokenizer, root / "rctx.asa.onnx",
+                           _options(target_recall=0.95, retrieval_heads=2,
+                                    retrieval_context=CONTEXT * 2), resume_dir=root / "work")
+    assert report["retrieval"]["context"] == 2 * CONTEXT
+    assert report["settings"]["context"] == CONTEXT
+    assert len(set((root / "work").glob("retrieval-*.npy")) - cached) == 1  # scored, cached apart
+    assert report["retrieval"]["scores"] != with_retrieval[0]["retrieval"]["scores"]
 
 
 @pytest.mark.parametrize("count, match", [(-1, "must be >= 0"), (10**6, "more than the model")])
