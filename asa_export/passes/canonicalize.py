@@ -11,7 +11,10 @@ The graph's nodes are not changed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import tempfile
 
 import onnx
 import onnx_ir as ir
@@ -60,7 +63,8 @@ def _infer(proto: onnx.ModelProto) -> onnx.ModelProto:
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-        return SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
+        with _in_temporary_directory():
+            return SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
     except Exception as exc:  # unsupported op or failed merge: fall back to ONNX's inference
         logger.info("symbolic shape inference failed (%s); using onnx shape inference", exc)
     try:
@@ -68,6 +72,24 @@ def _infer(proto: onnx.ModelProto) -> onnx.ModelProto:
     except Exception as exc:
         logger.info("onnx shape inference failed (%s); keeping the model's own shapes", exc)
         return proto
+
+
+@contextlib.contextmanager
+def _in_temporary_directory():
+    """Run the block with a fresh temporary directory as the working directory.
+
+    ONNX Runtime's SymbolicShapeInference saves "sym_shape_infer_temp.onnx" into the current
+    directory before raising when its inference is incomplete (any op it does not know); without
+    this the tool would leave that file in the user's directory. The working directory is
+    process-wide, so concurrent rewrites in other threads must not rely on relative paths.
+    """
+    previous = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="asa_shapes_") as tmp:
+        os.chdir(tmp)
+        try:
+            yield
+        finally:
+            os.chdir(previous)
 
 
 def _shape_from_proto(type_proto: onnx.TypeProto) -> ir.Shape | None:
