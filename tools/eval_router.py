@@ -697,6 +697,28 @@ def cmd_passkey_decode(args, source, tok, filler, keys) -> None:
         del sess
 
 
+def _result_rows(folder: pathlib.Path) -> list[dict]:
+    """Every result JSON under `folder` (sorted by path)."""
+    return [json.loads(p.read_text()) for p in sorted(folder.rglob("*.json"))]
+
+
+def _passkey_groups(rows: list[dict], name) -> list:
+    """[((context, name(row)), rows)], by context, dense first, then by name."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["context"], name(r)), []).append(r)
+    return sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "dense", kv[0][1]))
+
+
+def _depth_cells(rows: list[dict], depths, field: str) -> list[str]:
+    """Per depth "hits/cases" of the boolean `field`, "—" where no case ran."""
+    cells = []
+    for d in depths:
+        at = [r for r in rows if r["depth"] == d]
+        cells.append(f"{sum(r[field] for r in at)}/{len(at)}" if at else "—")
+    return cells
+
+
 def passkey_decode_table(out: pathlib.Path) -> None:
     """Print the prefill + decode passkey results per (context, setting[-splitN]).
 
@@ -707,7 +729,7 @@ def passkey_decode_table(out: pathlib.Path) -> None:
     digits; needle misses = heads (of L x Hq) whose block list lacks every needle block, mean
     over cases, at the prefill's last query block and per decode step.
     """
-    rows = [json.loads(p.read_text()) for p in sorted((out / "passkey_decode").rglob("*.json"))]
+    rows = _result_rows(out / "passkey_decode")
     if not rows:
         return
     depths = sorted({r["depth"] for r in rows})
@@ -715,15 +737,11 @@ def passkey_decode_table(out: pathlib.Path) -> None:
     print("| context | setting | density | " + " | ".join(f"depth {d:.0%}" for d in depths)
           + " | greedy | digits | mean log p | min margin first / digits | needle misses prefill / decode |")
     print("| --- | --- | --- | " + " | ".join("---" for _ in depths) + " | --- | --- | --- | --- | --- |")
-    groups = {}
-    for r in rows:
-        name = r["setting"] + (f" split{r['split']}" if r.get("split") else "")
-        groups.setdefault((r["context"], name), []).append(r)
-    for (ctx, name), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "dense", kv[0][1])):
-        cells = []
-        for d in depths:
-            at = [r for r in rs if r["depth"] == d]
-            cells.append(f"{sum(r['retrieved'] for r in at)}/{len(at)}" if at else "—")
+    def named(r):
+        return r["setting"] + (f" split{r['split']}" if r.get("split") else "")
+
+    for (ctx, name), rs in _passkey_groups(rows, named):
+        cells = _depth_cells(rs, depths, "retrieved")
         dens = sum(r["prefill_kept"] for r in rs) / sum(r["prefill_visible"] for r in rs)
         digits = sum(min(r["margins"][1:]) > 0 for r in rs)
         miss0 = np.mean([sum(len(v) for v in r["drops"][0]["none"].values()) for r in rs])
@@ -736,7 +754,7 @@ def passkey_decode_table(out: pathlib.Path) -> None:
 
 def passkey_table(out: pathlib.Path) -> None:
     """Print the passkey results: per (context, setting) and depth, correct / cases."""
-    rows = [json.loads(p.read_text()) for p in sorted((out / "passkey").rglob("*.json"))]
+    rows = _result_rows(out / "passkey")
     if not rows:
         return
     depths = sorted({r["depth"] for r in rows})
@@ -744,14 +762,8 @@ def passkey_table(out: pathlib.Path) -> None:
     print("| context | setting | density | " + " | ".join(f"depth {d:.0%}" for d in depths)
           + " | all | mean log p(answer) | min margin |")
     print("| --- | --- | --- | " + " | ".join("---" for _ in depths) + " | --- | --- | --- |")
-    groups = {}
-    for r in rows:
-        groups.setdefault((r["context"], r["setting"]), []).append(r)
-    for (ctx, spec), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "dense", kv[0][1])):
-        cells = []
-        for d in depths:
-            at = [r for r in rs if r["depth"] == d]
-            cells.append(f"{sum(r['greedy'] for r in at)}/{len(at)}" if at else "—")
+    for (ctx, spec), rs in _passkey_groups(rows, lambda r: r["setting"]):
+        cells = _depth_cells(rs, depths, "greedy")
         dens = sum(r["kept"] for r in rs) / sum(r["visible"] for r in rs)
         print(f"| {ctx} | {spec} | {dens:.3f} | " + " | ".join(cells)
               + f" | {sum(r['greedy'] for r in rs)}/{len(rs)} | {np.mean([r['logprob'] for r in rs]):.3f}"
