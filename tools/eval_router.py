@@ -290,7 +290,7 @@ def ort_model(args, spec: str, source, kv: bool = False):
     import onnx
 
     if spec.startswith("file:"):
-        return _file_model(args, spec)
+        return _file_model(args, spec, source if kv else None)
     # Fitted thresholds depend on the calibration curves: their file names the model too.
     fitted = f"-{calib_file(args).stem}" if spec.startswith(("perhead", "tradeoff")) or "retrieval=" in spec else ""
     suffix = "-kv" if kv else ""
@@ -303,29 +303,64 @@ def ort_model(args, spec: str, source, kv: bool = False):
     return _ort_session(path), telemetry
 
 
-def _file_model(args, spec: str):
-    """`file:NAME`: a model already holding ASA nodes (e.g. `asa-export calibrate --gate` output,
-    given as --asa-model NAME=PATH), copied with telemetry outputs; returns (session, telemetry)."""
+def _file_model(args, spec: str, kv_source=None):
+    """`file:NAME`: a model already holding ASA nodes (e.g. `asa-export calibrate` output, given as
+    --asa-model NAME=PATH), copied with telemetry outputs; returns (session, telemetry).
+
+    With `kv_source` (a KV-cache export of the same network, for `passkey --decode`) the model
+    run is that export, rewritten, with NAME's router (attributes, head_thresholds, gate weights)
+    carried over site by site (asa_export.router.transfer), plus each site's block_indices.
+    """
     import onnx_ir as ir
 
     from asa_export import check, io
 
     name = spec.removeprefix("file:")
     known = dict(item.split("=", 1) for item in args.asa_model or [])
-    path = pathlib.Path(args.out) / "ort" / "models" / f"file-{name}.onnx"
+    suffix = "-kv" if kv_source is not None else ""
+    path = pathlib.Path(args.out) / "ort" / "models" / f"file-{name}{suffix}.onnx"
     if not path.exists():
         if name not in known:
             raise AsaExportError(f"{spec}: pass --asa-model {name}=PATH (a model with ASA nodes)")
-        model = ir.load(known[name])
+        model = ir.load(known[name]) if kv_source is None else kv_with_router(kv_source, known[name])
         nodes = [n for n in model.graph if n.op_type == "AdaptiveSparseAttention"]
         if not nodes:
             raise AsaExportError(f"{known[name]} has no AdaptiveSparseAttention node")
         check._add_telemetry_outputs(model, nodes)
+        if kv_source is not None:
+            _expose_block_indices(model)
         path.parent.mkdir(parents=True, exist_ok=True)
         io.save_model(model, path)
-        (path.parent / f"file-{name}.source").write_text(str(pathlib.Path(known[name]).resolve()))
+        (path.parent / f"file-{name}{suffix}.source").write_text(str(pathlib.Path(known[name]).resolve()))
     counts = [o.name for o in ir.load(str(path)).graph.outputs if o.name.endswith("__block_counts")]
     return _ort_session(path), [(c, c.replace("__block_counts", "__visible_counts")) for c in counts]
+
+
+def kv_with_router(kv_source, calibrated) -> "onnx_ir.Model":
+    """The KV-cache export `kv_source` rewritten, with the router of the calibrated model at
+    `calibrated` written onto its sites (matched by order, names and shapes; AsaExportError when
+    they do not correspond).
+
+    Args:
+        kv_source: path of the original (not rewritten) KV-cache export.
+        calibrated: path of a model written by `asa-export calibrate` from the same network.
+
+    Returns:
+        onnx_ir model (not saved).
+    """
+    import onnx_ir as ir
+
+    from asa_export.passes.pipeline import RewriteOptions, rewrite_model
+    from asa_export.router import transfer
+
+    t0 = time.time()
+    model = ir.load(str(kv_source))
+    # Threshold 1 until the transfer: every router value then comes from the calibrated model.
+    report = rewrite_model(model, RewriteOptions(threshold=1.0))
+    names = transfer.transfer_routers(calibrated, model)
+    print(f"rewrote {len(report.sites)} KV-cache sites, router of {calibrated} on {len(names)} "
+          f"({time.time() - t0:.1f} s)", flush=True)
+    return model
 
 
 def _write_rewritten(spec: str, args, source, path: pathlib.Path, indices: bool = False) -> None:
