@@ -19,6 +19,8 @@ calibration curves), `tradeoff:cost=0.2` (per-head tau maximizing recall - cost 
 (research.pooled_probs "lse"), measured for a contract proposal. `<setting>,retrieval=N[,rctx=C]`
 adds the N highest-scoring retrieval heads (`retrieval` command; scored at context C) at tau 1
 through head_thresholds.
+`<setting>,dense=0-4[+10-14]` makes every head of those layers tau 1 (which layers carry the loss);
+`perhead:recall=R,recall2=R2,layers2=0-9` fits recall R2 in the layers listed, R elsewhere.
 Seeded (window choice), resumable (existing JSON files are skipped), prints wall times.
 
 Example:
@@ -45,6 +47,9 @@ sys.path.insert(0, str(REPO))
 from asa_export.errors import AsaExportError  # noqa: E402
 from asa_export.router import retrieval  # noqa: E402
 from asa_export.router.retrieval import PASSKEY_NEEDLE, PASSKEY_PREFIX, PASSKEY_QUESTION  # noqa: F401
+
+# SmolLM2-135M: 30 layers of 9 query heads (the `dense=` layer option builds [Hq] rows for them).
+SMOLLM2_LAYERS, SMOLLM2_HEADS = 30, 9
 
 DEFAULT_OUT = REPO / ".cache" / "eval_router"
 
@@ -105,20 +110,45 @@ def parse_setting(spec: str, curves_file: pathlib.Path | None):
         return _with_retrieval_heads(name, kv, curves_file)
     sink, local = int(kv.get("sink", 1)), int(kv.get("local", 1))
     if name in ("dense", "naive", "oracle", "lse"):
-        return research.RouterSetting(router=name, threshold=float(kv.get("tau", 1.0)),
-                                      sink_blocks=sink, local_blocks=local)
+        return _with_dense_layers(research.RouterSetting(router=name, threshold=float(kv.get("tau", 1.0)),
+                                                         sink_blocks=sink, local_blocks=local), kv)
     if name in ("perhead", "tradeoff"):
         if curves_file is None or not curves_file.is_file():
             raise AsaExportError(f"perhead needs calibration curves: run `calibrate` first ({curves_file})")
         router = kv.get("router", "naive")  # "lse": research pooling, outside contract v1
         curves = research.arrays_to_curves(np.load(curves_file))[(router, sink, local)]
         if name == "perhead":
-            taus = {i: stats.fit_head_thresholds(c, float(kv["recall"])) for i, c in enumerate(curves)}
+            recall = {i: float(kv["recall"]) for i in range(len(curves))}
+            if "layers2" in kv:  # another recall target in those layers (sensitivity studies)
+                recall.update({i: float(kv["recall2"]) for i in layer_list(kv["layers2"])})
+            taus = {i: stats.fit_head_thresholds(c, recall[i]) for i, c in enumerate(curves)}
         else:
             taus = {i: stats.fit_head_thresholds_tradeoff(c, float(kv["cost"])) for i, c in enumerate(curves)}
-        return research.RouterSetting(router=router, threshold=1.0, sink_blocks=sink,
-                                      local_blocks=local, head_thresholds=taus)
+        return _with_dense_layers(research.RouterSetting(router=router, threshold=1.0, sink_blocks=sink,
+                                                         local_blocks=local, head_thresholds=taus), kv)
     raise AsaExportError(f"unknown setting {spec!r}: dense | naive:tau= | oracle:tau= | perhead:recall= | tradeoff:cost=")
+
+
+def layer_list(text: str) -> list[int]:
+    """'0-4+10+25-29' -> [0, 1, 2, 3, 4, 10, 25, ..., 29] (',' separates setting keys)."""
+    layers = []
+    for part in text.split("+"):
+        first, _, last = part.partition("-")
+        layers.extend(range(int(first), int(last or first) + 1))
+    return layers
+
+
+def _with_dense_layers(setting, kv: dict, layers: int = SMOLLM2_LAYERS, heads: int = SMOLLM2_HEADS):
+    """`dense=a-b[+c-d]`: every head of those layers at tau 1 through head_thresholds (which
+    layers carry a setting's perplexity loss); the setting unchanged without the key."""
+    if "dense" not in kv:
+        return setting
+    if setting.router not in ("naive", "dense"):
+        raise AsaExportError("dense=LAYERS applies to contract-v1 settings (naive, perhead) only")
+    chosen = {layer: list(range(heads)) for layer in layer_list(kv["dense"])}
+    setting.head_thresholds = retrieval.dense_heads(setting.head_thresholds or setting.threshold, chosen,
+                                                    layers, heads)
+    return setting
 
 
 def retrieval_file(curves_file: pathlib.Path) -> pathlib.Path:

@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "tools"))
 
 import eval_router as er  # noqa: E402
+from asa_export.errors import AsaExportError  # noqa: E402
 
 
 class CharTokenizer:
@@ -83,3 +84,23 @@ def test_delta_without_baseline_covering_windows(tmp_path):
     _write(tmp_path / "kjv/2048/naive", "naive:tau=0.9", 1, 2.0)
     rows = er.aggregate(tmp_path)
     assert er.delta(rows, ("kjv", 2048, "naive:tau=0.9")) == (None, [])
+
+
+def test_layer_list_ranges_and_singles():
+    assert er.layer_list("0-2+5+28-29") == [0, 1, 2, 5, 28, 29]
+
+
+def test_dense_layers_make_exactly_those_layers_tau_1():
+    setting = er.parse_setting("naive:tau=0.9,local=2,dense=1+3-4", None)
+    assert setting.threshold == pytest.approx(0.9) and setting.local_blocks == 2
+    rows = setting.head_thresholds
+    assert sorted(rows) == list(range(er.SMOLLM2_LAYERS))
+    for layer, row in rows.items():
+        assert row.shape == (er.SMOLLM2_HEADS,)
+        assert np.all(row == (1.0 if layer in (1, 3, 4) else np.float32(0.9)))
+    assert er.parse_setting("naive:tau=0.9", None).head_thresholds is None
+
+
+def test_dense_layers_outside_contract_v1_are_refused():
+    with pytest.raises(AsaExportError, match="dense=LAYERS"):
+        er.parse_setting("oracle:tau=0.9,dense=0-1", None)
