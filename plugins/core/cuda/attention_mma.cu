@@ -4,7 +4,7 @@
 // One CTA = 4 warps = 64 * MT query rows of one (batch, query head); each warp owns 16 * MT
 // rows (MT = 2 when the router block is 128 rows, so K/V fragments are reused twice). The CTA
 // walks the kept key blocks of its query block (ws.block_indices) in 64-key tiles, K/V tiles
-// double-buffered in shared memory with cp.async. Scores are kept in the log2 domain
+// in a ring of shared-memory stages filled by cp.async (two stages; three for split-keys decode). Scores are kept in the log2 domain
 // (x = s * log2 e) so the online softmax uses exp2. Tiles that every row sees completely take a
 // fast path without per-element masking; boundary tiles and the softcap / bias / padding-mask
 // cases check each element. With split-KV (decode, ws.splits > 1) each CTA handles a slice of
@@ -95,7 +95,7 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 // Copies rows [row0, row0 + 64) of a [S, D] tensor (row stride `stride`) into a padded smem tile,
-// zero-filling rows at or past `limit`.
+// zero-filling rows at or past `limit` (the query tile; K/V tiles go through TileLoader).
 template <typename T, int D>
 __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t stride, int row0,
                                           int limit) {
@@ -108,6 +108,44 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t stride, 
     cp_async16(dst + r * kPitch + cc * 8, s, ok ? 16 : 0);
   }
 }
+
+// Per-thread share of copying 64-row K or V tiles: thread t always copies 16-byte chunk
+// t % (D / 8) of rows t / (D / 8) + i · kRowStep, so its source and shared-memory addresses
+// advance by constants and a tile costs one 64-bit multiply plus one add per copy (the generic
+// index arithmetic of load_tile was half of the decode kernel's instructions).
+template <typename T, int D>
+struct TileLoader {
+  static constexpr int kChunks = D / 8;
+  static constexpr int kRowStep = kThreads / kChunks;
+  static constexpr int kIters = kBN / kRowStep;
+  static_assert(kThreads % kChunks == 0 && kBN % kRowStep == 0, "tile split");
+  const T* base;  // row 0 of the tensor slice
+  int64_t stride;
+  int row;        // first row of this thread in a tile
+  int offset;     // element offset of (row, chunk) in the tile and in a source row
+
+  __device__ __forceinline__ TileLoader(const T* src, int64_t row_stride)
+      : base(src), stride(row_stride), row(threadIdx.x / kChunks),
+        offset((threadIdx.x % kChunks) * 8) {}
+
+  // Rows [row0, row0 + 64) into the padded tile `dst`; rows at or past `limit` are zero-filled.
+  __device__ __forceinline__ void load(T* dst, int row0, int limit) const {
+    constexpr int kPitch = D + 8;
+    const T* src = base + static_cast<int64_t>(row0 + row) * stride + offset;
+    T* out = dst + row * kPitch + offset;
+    const int64_t step = kRowStep * stride;
+    if (row0 + kBN <= limit) {
+#pragma unroll
+      for (int i = 0; i < kIters; ++i) cp_async16(out + i * kRowStep * kPitch, src + i * step, 16);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kIters; ++i) {
+        const bool ok = row0 + row + i * kRowStep < limit;
+        cp_async16(out + i * kRowStep * kPitch, ok ? src + i * step : base, ok ? 16 : 0);
+      }
+    }
+  }
+};
 
 enum TileKind { kSkip = 0, kFull = 1, kPartial = 2 };
 
@@ -147,6 +185,14 @@ struct TileCursor {
   }
 };
 
+// K/V stages in flight: two for prefill (compute overlaps the next load), three for packed
+// decode with split keys, which only streams K/V (more bytes in flight per multiprocessor).
+template <bool split_keys>
+constexpr int kv_stages() { return split_keys ? 3 : 2; }
+// Query rows held in shared memory: a split-keys CTA has at most 16 (one m16 tile).
+template <int MT, bool split_keys>
+constexpr int q_rows() { return split_keys ? 16 : kBM * MT; }
+
 template <typename T, int D, int MT, bool packed, bool split_keys = false>
 __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Workspace ws) {
   // packed (decode, select_per 1): the CTA serves a whole KV group; its rows are the G heads'
@@ -156,10 +202,11 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
   constexpr int kRows = kBM * MT;  // query rows per CTA
   constexpr int kPitch = D + 8;
   constexpr int kTile = kBN * kPitch;
+  constexpr int kStages = kv_stages<split_keys>();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sq = reinterpret_cast<T*>(smem_raw);
-  T* sk = sq + kRows * kPitch;  // [2][kBN][kPitch]
-  T* sv = sk + 2 * kTile;       // [2][kBN][kPitch]
+  T* sk = sq + q_rows<MT, split_keys>() * kPitch;  // [kStages][kBN][kPitch]
+  T* sv = sk + kStages * kTile;                      // [kStages][kBN][kPitch]
 
   // Last query tiles first: under a causal mask they hold the most work, so the tail of the
   // grid is made of short CTAs.
@@ -181,15 +228,18 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
   const int hsel = p.select_per ? hkv : h;
   const int hsel_count = p.select_per ? p.heads_kv : p.heads_q;
   const int64_t row = (static_cast<int64_t>(n) * hsel_count + hsel) * nq + q0 / bs;
+  // Split s takes tiles [s·T/S, (s+1)·T/S) of the T = count · (bs / 64) tiles of the list: the
+  // slices differ by at most one tile, so every split has work (a split per whole block left
+  // up to a fifth of the CTAs idle in decode at density 0.1).
   const int count = ws.block_counts[row];
-  const int per = cdiv(count, ws.splits);
-  const int b0 = min(count, split * per), b1 = min(count, b0 + per);
+  const int tiles = count * (bs / kBN);
+  const int t_begin = split * tiles / ws.splits, t_end = (split + 1) * tiles / ws.splits;
 
   TileCursor cur;
   cur.list = ws.block_indices + row * nk;
   cur.bs = bs;
   cur.sub = bs / kBN;
-  cur.end = b1 * cur.sub;
+  cur.end = t_end;
   const int shift = p.seq_kv - p.seq_q;
   cur.pos_lo = q0 + shift;
   cur.pos_hi = min(q0 + kRows, p.seq_q) - 1 + shift;
@@ -204,7 +254,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
 
   if constexpr (packed) {
     const T* qn = static_cast<const T*>(p.q) + n * p.q_stride_b;
-    for (int c = threadIdx.x; c < kBN * (D / 8); c += kThreads) {
+    for (int c = threadIdx.x; c < q_rows<MT, split_keys>() * (D / 8); c += kThreads) {
       const int rho = c / (D / 8), cc = c % (D / 8);
       const bool ok = rho < packed_rows;
       const T* src = ok ? qn + row_head(rho) * p.q_stride_h +
@@ -218,16 +268,27 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
       load_tile<T, D>(sq + mt * kTile, qg, p.q_stride_s, q0 + mt * kBN, p.seq_q);
     }
   }
+  // Two cursors walk the same tiles: `tl` issues loads kStages - 1 tiles ahead of `t`, which
+  // computes. Every step commits one cp.async group (empty past the end), so waiting until at
+  // most kStages - 1 groups are pending means tile t (and, in the first group, Q) has landed.
+  const TileLoader<T, D> kload(kg, p.k_stride_s), vload(vg, p.v_stride_s);
   int kind = kSkip, j0 = 0;
-  int t = cur.next(p, b0 * cur.sub, &kind, &j0);
-  int stage = 0;
-  if (t < cur.end) {
-    load_tile<T, D>(sk, kg, p.k_stride_s, j0, p.seq_kv);
-    load_tile<T, D>(sv, vg, p.v_stride_s, j0, p.seq_kv);
+  int t = cur.next(p, t_begin, &kind, &j0);
+  int tl = t, load_stage = 0, stage = 0;
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (tl < cur.end) {
+      int kind_l, j0_l;
+      tl = cur.next(p, tl, &kind_l, &j0_l);
+      if (tl < cur.end) {
+        kload.load(sk + load_stage * kTile, j0_l, p.seq_kv);
+        vload.load(sv + load_stage * kTile, j0_l, p.seq_kv);
+        load_stage = load_stage + 1 == kStages ? 0 : load_stage + 1;
+        ++tl;
+      }
+    }
+    cp_async_commit();
   }
-  cp_async_commit();
-  cp_async_wait<0>();
-  __syncthreads();
 
   // split_keys (packed decode with G·Sq <= 16): every warp owns the same 16 rows and a quarter
   // of each 64-key tile (keys [16·warp, 16·warp + 16)); the four partial softmax states are
@@ -252,14 +313,18 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
   const float scale_log2 = p.scale * kLog2e;
 
   while (t < cur.end) {
-    int kind_n = kSkip, j0_n = 0;
-    const int tn = cur.next(p, t + 1, &kind_n, &j0_n);
-    if (tn < cur.end) {
-      load_tile<T, D>(sk + (stage ^ 1) * kTile, kg, p.k_stride_s, j0_n, p.seq_kv);
-      load_tile<T, D>(sv + (stage ^ 1) * kTile, vg, p.v_stride_s, j0_n, p.seq_kv);
+    if (tl < cur.end) {
+      int kind_l, j0_l;
+      tl = cur.next(p, tl, &kind_l, &j0_l);
+      if (tl < cur.end) {
+        kload.load(sk + load_stage * kTile, j0_l, p.seq_kv);
+        vload.load(sv + load_stage * kTile, j0_l, p.seq_kv);
+        load_stage = load_stage + 1 == kStages ? 0 : load_stage + 1;
+        ++tl;
+      }
     }
     cp_async_commit();
-    cp_async_wait<1>();
+    cp_async_wait<kStages - 1>();
     __syncthreads();
 
     const T* kt = sk + stage * kTile;
@@ -384,17 +449,15 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
       }
     }
     __syncthreads();  // the next iteration's prefetch overwrites this stage
-    t = tn;
-    kind = kind_n;
-    j0 = j0_n;
-    stage ^= 1;
+    t = cur.next(p, t + 1, &kind, &j0);
+    stage = stage + 1 == kStages ? 0 : stage + 1;
   }
+  cp_async_wait<0>();  // only empty groups (or Q, when the slice had no tile) can be pending
 
   if constexpr (split_keys) {
     // Merge the four warps' softmax states of the same 16 rows into warp 0: M = max_w m_w,
     // l = Σ_w l_w 2^(m_w − M), o = Σ_w o_w 2^(m_w − M). Lane λ of every warp holds the same
     // (row, column) fragments, so the exchange is lane to lane through the free K/V buffers.
-    cp_async_wait<0>();
     __syncthreads();
     constexpr int kVals = D / 8 * 4 + 4;  // o fragments, m[2], l[2]
     float* xch = reinterpret_cast<float*>(sk);
@@ -531,7 +594,9 @@ bool decode_packed(const AsaParams& p) {
 
 template <typename T, int D, int MT, bool packed, bool split_keys = false>
 cudaError_t launch_mma(const AsaParams& p, const Workspace& ws, cudaStream_t stream) {
-  const size_t smem = static_cast<size_t>(4 + MT) * kBN * (D + 8) * sizeof(T);
+  const size_t smem = static_cast<size_t>(q_rows<MT, split_keys>() +
+                                          2 * kv_stages<split_keys>() * kBN) *
+                      (D + 8) * sizeof(T);
   cudaError_t err = cudaFuncSetAttribute(attn_mma_kernel<T, D, MT, packed, split_keys>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));

@@ -8,10 +8,11 @@
 //      asa_cuda_key_block_stats fills with these same kernels;
 //   2. logits: a batched float32 GEMM q̄ . k̄ (scaled) into the workspace; with the learned gate
 //      (gate.cu) the same GEMM over the gate's embeddings qemb . kemb (width Dg, no scale);
-//   3. select: one CTA per (batch, selection head, query block) softmaxes over visible blocks
-//      (averaging the group's heads for select_per 1), and walks the
-//      contract's order (forced blocks, then descending probability, ties to the lower index)
-//      with a sequential float32 running sum so that the kept set matches the reference;
+//   3. select: one CTA (or, for many short lists, one warp) per (batch, selection head, query
+//      block) softmaxes over visible blocks (averaging the group's heads for select_per 1), and
+//      walks the contract's order (forced blocks, then descending probability, ties to the lower
+//      index) with a sequential float32 running sum so that the kept set matches the reference;
+//      decode (few query blocks, no gate) computes q̄ and the logits in one kernel;
 //   4. write the ascending kept lists (padded with -1), their counts and the visible counts.
 // With τ ≥ 1 from the attribute (no head_thresholds) every visible block is kept: steps 1-3 are
 // skipped and dense_lists_kernel writes the visible blocks directly (ASA_CUDA_DENSE_FASTPATH=0
@@ -227,35 +228,109 @@ __device__ void bitonic_sort(uint64_t* keys, int n) {
   }
 }
 
-// The contract's walk over the sorted keys (~bits(P) above the index, ~0 past the visible
-// non-forced blocks) by one full warp: acc starts at the forced blocks' sum and adds P left to
-// right in float32 exactly as the reference does. Lane 0 runs the sum over keys fetched eight at
-// a time (the loads do not depend on the sum, so they overlap; the chain is one add per key),
-// then the lanes mark the kept blocks in parallel.
-__device__ void walk_sorted_warp(const uint64_t* keys, int nk, float acc, float tau,
-                                 uint8_t* flags) {
-  constexpr int kBatch = 8;
-  const int lane = threadIdx.x % 32;
-  int stop = nk;
-  if (lane == 0) {
-    bool done = false;
-    for (int base = 0; base < nk && !done; base += kBatch) {
-      uint64_t batch[kBatch];
+// Ascending bitonic sort of n = kSelectThreads · E keys with the keys in registers: thread t
+// holds keys [t·E, t·E + E). Partners inside the thread swap in registers, partners in another
+// lane of the warp come by shuffles, and only strides of 32·E and more go through shared memory
+// with CTA barriers (6 of the 55 stages at n = 1024), which makes the sort several times faster
+// than the shared-memory sort for the few-lists (decode) case.
+template <int E>
+__device__ void bitonic_sort_registers(uint64_t* keys, int n) {
+  const int t = threadIdx.x;
+  uint64_t a[E];
 #pragma unroll
-      for (int j = 0; j < kBatch; ++j) batch[j] = base + j < nk ? keys[base + j] : ~0ull;
+  for (int e = 0; e < E; ++e) a[e] = keys[t * E + e];
+  for (int size = 2; size <= n; size <<= 1) {
+    int stride = size >> 1;
+    if (stride >= 32 * E) {  // partners in other warps
 #pragma unroll
-      for (int j = 0; j < kBatch; ++j) {
-        if (done) continue;
-        if (batch[j] == ~0ull || !(acc < tau)) {
-          stop = min(base + j, nk);
-          done = true;
-        } else {
-          acc += __uint_as_float(~static_cast<uint32_t>(batch[j] >> 32));
+      for (int e = 0; e < E; ++e) keys[t * E + e] = a[e];
+      __syncthreads();
+      for (; stride >= 32 * E; stride >>= 1) {
+        for (int q = t; q < n / 2; q += kSelectThreads) {
+          const int lo = 2 * q - (q & (stride - 1)), hi = lo + stride;
+          const uint64_t x = keys[lo], y = keys[hi];
+          if ((x > y) == ((lo & size) == 0)) {
+            keys[lo] = y;
+            keys[hi] = x;
+          }
+        }
+        __syncthreads();
+      }
+#pragma unroll
+      for (int e = 0; e < E; ++e) a[e] = keys[t * E + e];
+      __syncthreads();  // nobody writes keys again before everyone has read them
+    }
+    for (; stride >= E; stride >>= 1) {  // partners in another lane
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        const int i = t * E + e;
+        const uint64_t b = __shfl_xor_sync(0xffffffffu, a[e], stride / E);
+        const bool keep_min = ((i & stride) == 0) == ((i & size) == 0);
+        a[e] = keep_min ? (a[e] < b ? a[e] : b) : (a[e] < b ? b : a[e]);
+      }
+    }
+#pragma unroll
+    for (int st = E / 2; st > 0; st >>= 1) {  // partners in this thread
+      if (st >= size) continue;
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        if (e & st) continue;
+        const bool ascending = ((t * E + e) & size) == 0;
+        if ((a[e] > a[e | st]) == ascending) {
+          const uint64_t x = a[e];
+          a[e] = a[e | st];
+          a[e | st] = x;
         }
       }
     }
   }
-  stop = __shfl_sync(0xffffffffu, stop, 0);
+#pragma unroll
+  for (int e = 0; e < E; ++e) keys[t * E + e] = a[e];
+  __syncthreads();
+}
+
+// The CTA's sort of n keys: in registers when n is 1, 2, 4 or 8 keys per thread, else in shared
+// memory.
+__device__ void bitonic_sort_block(uint64_t* keys, int n) {
+  switch (n / kSelectThreads) {
+    case 8: if (n == 8 * kSelectThreads) return bitonic_sort_registers<8>(keys, n); break;
+    case 4: if (n == 4 * kSelectThreads) return bitonic_sort_registers<4>(keys, n); break;
+    case 2: if (n == 2 * kSelectThreads) return bitonic_sort_registers<2>(keys, n); break;
+    case 1: if (n == kSelectThreads) return bitonic_sort_registers<1>(keys, n); break;
+    default: break;
+  }
+  bitonic_sort<Sorter::kBlock>(keys, n);
+}
+
+// The contract's walk over the sorted keys (~bits(P) above the index, ~0 past the visible
+// non-forced blocks) by one full warp: acc starts at the forced blocks' sum and adds P left to
+// right in float32 exactly as the reference does. The warp takes 32 keys at a time: every lane
+// runs the same chain acc + x_0 + x_1 + ... (each x_j comes by a shuffle, off the chain, so the
+// chain is one dependent add per key) and keeps the sum before its own key; a ballot finds the
+// first lane whose key ends the walk. The lanes then mark the kept blocks in parallel.
+__device__ void walk_sorted_warp(const uint64_t* keys, int nk, float acc, float tau,
+                                 uint8_t* flags) {
+  const int lane = threadIdx.x % 32;
+  int stop = nk;
+  for (int base = 0; base < nk; base += 32) {
+    const int t = base + lane;
+    const uint64_t key = t < nk ? keys[t] : ~0ull;
+    const float x = __uint_as_float(~static_cast<uint32_t>(key >> 32));
+    float before = acc;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      const float xj = __shfl_sync(0xffffffffu, x, j);
+      if (lane == j) before = acc;
+      acc += xj;
+    }
+    const unsigned ends = __ballot_sync(0xffffffffu, key == ~0ull || !(before < tau));
+    if (ends != 0) {
+      const int j = __ffs(ends) - 1;
+      stop = min(base + j, nk);
+      acc = __shfl_sync(0xffffffffu, before, j);  // the sum where the walk stopped
+      break;
+    }
+  }
   for (int t = lane; t < stop; t += 32) flags[static_cast<int>(keys[t] & 0xffffffffu)] |= kKept;
   __syncwarp();
 }
@@ -272,13 +347,6 @@ __device__ void select_and_write(const AsaParams& p, const Workspace& ws, const 
   }
   __syncthreads();
   if (tau < 1.f) {
-    for (int t = threadIdx.x; t < nk_pow2; t += kSelectThreads) {
-      uint64_t key = ~0ull;
-      if (t < nk && sm.flags[t] == kVisible) {
-        key = (static_cast<uint64_t>(~__float_as_uint(prob[t])) << 32) | static_cast<uint32_t>(t);
-      }
-      sm.keys[t] = key;
-    }
     if (threadIdx.x == 0) {
       // Forced blocks come first in ascending index order: their sum is sequential too. They
       // lie in [0, sink) and the local band [local_lo, local_hi]: walk only those.
@@ -293,7 +361,15 @@ __device__ void select_and_write(const AsaParams& p, const Workspace& ws, const 
       forced_acc = acc;
     }
     __syncthreads();
-    bitonic_sort<Sorter::kBlock>(sm.keys, nk_pow2);
+    for (int t = threadIdx.x; t < nk_pow2; t += kSelectThreads) {
+      uint64_t key = ~0ull;
+      if (t < nk && sm.flags[t] == kVisible) {
+        key = (static_cast<uint64_t>(~__float_as_uint(prob[t])) << 32) | static_cast<uint32_t>(t);
+      }
+      sm.keys[t] = key;
+    }
+    __syncthreads();
+    bitonic_sort_block(sm.keys, nk_pow2);
     if (threadIdx.x < 32) walk_sorted_warp(sm.keys, nk, forced_acc, tau, sm.flags);
     __syncthreads();
   }
@@ -394,6 +470,83 @@ __global__ void logits_rows_kernel(AsaParams p, const float* qbar, KeyRows kbar,
       if (lane == 0) out[static_cast<int64_t>(i) * nk] = scale * s;
     }
   }
+}
+
+// Decode without the learned gate (few query blocks): q̄ and the logits in one launch. A key
+// block's k̄ row is shared by L = D / 32 lanes, each holding 8 of its float4 columns (column
+// b·L + lane % L), so every lane issues its 8 loads at once and the whole CTA's rows are in
+// flight together: one round trip to memory, which is what this step costs at decode. The CTA
+// pools q̄ of its KV group's G heads into shared memory meanwhile (rows added in order, then
+// scaled: the same float32 values as pool_q_kernel for blocks of at most 16 rows). Each lane
+// accumulates its columns for the G · NQ query rows, and L-lane shuffles finish the sums.
+constexpr int kDecodeLogitsWarps = 4;
+constexpr int kDecodeLogitsCols = 8;  // float4 columns of a k̄ row per lane
+constexpr int kDecodeLogitsRows = 8;  // G · NQ query rows at most (register accumulators)
+
+template <typename T>
+__global__ void __launch_bounds__(32 * kDecodeLogitsWarps) logits_decode_kernel(
+    AsaParams p, KeyRows kbar, float* logits) {
+  extern __shared__ __align__(16) float qs[];  // [G · NQ][D]
+  const int nq = cdiv(p.seq_q, p.block_size), nk = cdiv(p.seq_kv, p.block_size);
+  const int G = p.heads_q / p.heads_kv, D = p.head_dim;
+  const int L = D / (4 * kDecodeLogitsCols);  // lanes per key block
+  const int per_cta = kDecodeLogitsWarps * 32 / L;
+  const int bh = blockIdx.y, n = bh / p.heads_kv, hk = bh % p.heads_kv;
+  const int k = blockIdx.x * per_cta + threadIdx.x / L, part = threadIdx.x % L;
+  float4 kv[kDecodeLogitsCols];
+  const float4* kb = k < nk ? reinterpret_cast<const float4*>(kbar.row(bh, k, nk, D)) : nullptr;
+#pragma unroll
+  for (int b = 0; b < kDecodeLogitsCols; ++b) {
+    kv[b] = kb != nullptr ? kb[b * L + part] : make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+  const int rows = G * nq;  // (head of the group, query block) pairs, hr = head · NQ + block
+  for (int hr = 0; hr < rows; ++hr) {
+    const int h = hk * G + hr / nq, i = hr % nq;
+    const int r0 = i * p.block_size, r1 = min(r0 + p.block_size, p.seq_q);
+    const T* q = static_cast<const T*>(p.q) + n * p.q_stride_b + h * p.q_stride_h;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+      float sum = 0.f;
+      for (int r = r0; r < r1; ++r) sum += to_float(q[r * p.q_stride_s + d]);
+      qs[hr * D + d] = sum * (1.f / static_cast<float>(r1 - r0));
+    }
+  }
+  __syncthreads();
+  float acc[kDecodeLogitsRows];
+#pragma unroll
+  for (int hr = 0; hr < kDecodeLogitsRows; ++hr) {
+    acc[hr] = 0.f;
+    if (hr >= rows) continue;
+    const float4* qb = reinterpret_cast<const float4*>(qs + hr * D);
+#pragma unroll
+    for (int b = 0; b < kDecodeLogitsCols; ++b) {
+      const float4 a = qb[b * L + part];
+      acc[hr] = fmaf(a.x, kv[b].x, acc[hr]);
+      acc[hr] = fmaf(a.y, kv[b].y, acc[hr]);
+      acc[hr] = fmaf(a.z, kv[b].z, acc[hr]);
+      acc[hr] = fmaf(a.w, kv[b].w, acc[hr]);
+    }
+  }
+#pragma unroll
+  for (int hr = 0; hr < kDecodeLogitsRows; ++hr) {
+    if (hr >= rows) continue;
+    for (int o = 1; o < L; o <<= 1) acc[hr] += __shfl_xor_sync(0xffffffffu, acc[hr], o);
+    if (part == 0 && k < nk) {
+      const int h = hk * G + hr / nq, i = hr % nq;
+      logits[((static_cast<int64_t>(n) * p.heads_q + h) * nq + i) * nk + k] = p.scale * acc[hr];
+    }
+  }
+}
+
+// Whether logits_decode_kernel serves these params: few query blocks, at most
+// kDecodeLogitsRows query rows per KV group, D = 32 · L with L lanes per key block dividing a
+// warp, 16-byte k̄ rows (the caller's key_block_stats must be 16-byte aligned).
+bool decode_logits_fits(const AsaParams& p, int nq) {
+  const int G = p.heads_q / p.heads_kv;
+  const int lanes = p.head_dim / (4 * kDecodeLogitsCols);
+  const bool aligned = p.key_block_stats == nullptr ||
+                       (reinterpret_cast<uintptr_t>(p.key_block_stats) & 15) == 0;
+  return nq < 8 && G * nq <= kDecodeLogitsRows && p.head_dim % (4 * kDecodeLogitsCols) == 0 &&
+         lanes >= 1 && 32 % lanes == 0 && aligned;
 }
 
 // Heads of one list whose softmax statistics share a CTA reduction in select_kernel.
@@ -693,10 +846,12 @@ bool dense_fastpath(const AsaParams& p) {
 // q̄ always; k̄ only for the training-free router (the gate pools its own key features), and
 // only for the blocks from `first_key_block` on (those before come from key_block_stats).
 template <typename T>
-void launch_pool(const AsaParams& p, const Workspace& ws, bool keys, int first_key_block,
-                 cudaStream_t stream) {
+void launch_pool(const AsaParams& p, const Workspace& ws, bool queries, bool keys,
+                 int first_key_block, cudaStream_t stream) {
   const int nq = cdiv(p.seq_q, p.block_size), nk = cdiv(p.seq_kv, p.block_size);
-  pool_q_kernel<T><<<dim3(nq, p.heads_q, p.batch), kPoolThreads, 0, stream>>>(p, ws.qbar);
+  if (queries) {
+    pool_q_kernel<T><<<dim3(nq, p.heads_q, p.batch), kPoolThreads, 0, stream>>>(p, ws.qbar);
+  }
   if (keys && first_key_block < nk) {
     pool_k_kernel<T><<<dim3(nk - first_key_block, p.heads_kv, p.batch), kPoolThreads, 0,
                        stream>>>(p, ws.kbar, first_key_block, nk);
@@ -782,10 +937,12 @@ cudaError_t launch_route_gated(const AsaParams& p, const Workspace& ws, const Ga
   }
   // Key blocks before `cached` come from the caller's key_block_stats (no key is read for them).
   const int cached = p.key_block_stats ? p.key_block_stats_blocks : 0;
+  // Decode without the gate: q̄ is pooled inside logits_decode_kernel (one launch fewer).
+  const bool fused = gate == nullptr && decode_logits_fits(p, nq);
   switch (p.dtype) {
-    case ASA_FLOAT32: launch_pool<float>(p, ws, gate == nullptr, cached, stream); break;
-    case ASA_FLOAT16: launch_pool<__half>(p, ws, gate == nullptr, cached, stream); break;
-    default: launch_pool<__nv_bfloat16>(p, ws, gate == nullptr, cached, stream); break;
+    case ASA_FLOAT32: launch_pool<float>(p, ws, !fused, gate == nullptr, cached, stream); break;
+    case ASA_FLOAT16: launch_pool<__half>(p, ws, !fused, gate == nullptr, cached, stream); break;
+    default: launch_pool<__nv_bfloat16>(p, ws, !fused, gate == nullptr, cached, stream); break;
   }
   // The logits GEMM runs on q̄ / k̄ (width D, the score scale) or on the gate's embeddings
   // (width Dg, no scale: SPEC.md "Router (learned gate)").
@@ -803,7 +960,25 @@ cudaError_t launch_route_gated(const AsaParams& p, const Workspace& ws, const Ga
     width = p.gate_dim;
     scale = 1.f;
   }
-  if (nq < 8) {
+  if (fused) {
+    const int per_cta = kDecodeLogitsWarps * 32 / (p.head_dim / (4 * kDecodeLogitsCols));
+    const dim3 grid(cdiv(nk, per_cta), p.batch * p.heads_kv);
+    const size_t qsmem = static_cast<size_t>(p.heads_q / p.heads_kv) * nq * p.head_dim * 4;
+    switch (p.dtype) {
+      case ASA_FLOAT32:
+        logits_decode_kernel<float><<<grid, 32 * kDecodeLogitsWarps, qsmem, stream>>>(
+            p, ke, ws.logits);
+        break;
+      case ASA_FLOAT16:
+        logits_decode_kernel<__half><<<grid, 32 * kDecodeLogitsWarps, qsmem, stream>>>(
+            p, ke, ws.logits);
+        break;
+      default:
+        logits_decode_kernel<__nv_bfloat16><<<grid, 32 * kDecodeLogitsWarps, qsmem, stream>>>(
+            p, ke, ws.logits);
+        break;
+    }
+  } else if (nq < 8) {
     logits_rows_kernel<<<dim3(cdiv(nk, 8), p.batch * p.heads_kv), 256, 0, stream>>>(
         p, qe, ke, width, scale, ws.logits);
   } else {
