@@ -260,9 +260,9 @@ CASES = {
         1, 32, 8, 2, 4099, 128, "bf16", A(causal=True, threshold=0.6, select_per=1, window=2000)),
     "s97_d96_bf16_simple_path": Case(1, 4, 2, 97, 97, 96, "bf16", A(causal=True, threshold=0.7)),
     # >= 512 key blocks in few lists: the CTA selection sorting 1024 keys in registers.
-    "decode1_kv40000_d64_bf16_prefilter": Case(1, 8, 2, 1, 40000, 64, "bf16",
+    "decode1_kv40000_d64_bf16_cta_select": Case(1, 8, 2, 1, 40000, 64, "bf16",
                                                A(causal=True, threshold=0.5)),
-    "decode1_packed_kv70000_d128_bf16_prefilter": Case(
+    "decode1_packed_kv70000_d128_bf16_cta_select": Case(
         1, 16, 4, 1, 70000, 128, "bf16", A(causal=True, threshold=0.3, block_size=128,
                                            select_per=1)),
 }
