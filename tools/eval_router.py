@@ -21,6 +21,7 @@ adds the N highest-scoring retrieval heads (`retrieval` command; scored at conte
 through head_thresholds.
 `<setting>,dense=0-4[+10-14]` makes every head of those layers tau 1 (which layers carry the loss);
 `perhead:recall=R,recall2=R2,layers2=0-9` fits recall R2 in the layers listed, R elsewhere.
+`perhead:...,floor=F` raises every fitted tau below F to F.
 Seeded (window choice), resumable (existing JSON files are skipped), prints wall times.
 
 Example:
@@ -122,6 +123,8 @@ def parse_setting(spec: str, curves_file: pathlib.Path | None):
             if "layers2" in kv:  # another recall target in those layers (sensitivity studies)
                 recall.update({i: float(kv["recall2"]) for i in layer_list(kv["layers2"])})
             taus = {i: stats.fit_head_thresholds(c, recall[i]) for i, c in enumerate(curves)}
+            if "floor" in kv:  # no head below this tau (heads the 2K fit sends to the grid's floor)
+                taus = {i: np.maximum(t, np.float32(kv["floor"])) for i, t in taus.items()}
         else:
             taus = {i: stats.fit_head_thresholds_tradeoff(c, float(kv["cost"])) for i, c in enumerate(curves)}
         return _with_dense_layers(research.RouterSetting(router=router, threshold=1.0, sink_blocks=sink,
@@ -1088,7 +1091,7 @@ def cmd_plot(args) -> None:
     from matplotlib.lines import Line2D
 
     handles["filled: ONNX Runtime path"] = Line2D([], [], marker="o", ls="", color="k")
-    handles["hollow: torch research path (3-4 windows)"] = Line2D([], [], marker="o", ls="", color="k", mfc="none")
+    handles["hollow: torch research path"] = Line2D([], [], marker="o", ls="", color="k", mfc="none")
     axes[0][-1].legend(handles.values(), handles.keys(), fontsize=6, loc="best")
     fig.tight_layout()
     fig.savefig(args.to, dpi=80)

@@ -104,3 +104,22 @@ def test_dense_layers_make_exactly_those_layers_tau_1():
 def test_dense_layers_outside_contract_v1_are_refused():
     with pytest.raises(AsaExportError, match="dense=LAYERS"):
         er.parse_setting("oracle:tau=0.9,dense=0-1", None)
+
+
+def test_floor_raises_only_the_thresholds_below_it(tmp_path):
+    from asa_export.router import research, stats
+
+    # Per head, recall 0.99 from the given tau up, 0.5 below it.
+    taus = np.asarray(stats.DEFAULT_TAUS, dtype=np.float64)
+
+    def curve(at):
+        mass = np.where(taus[None, :] >= np.asarray(at, dtype=np.float64)[:, None], 0.99, 0.5)
+        return stats.ThresholdCurve(taus, taus[None, :].repeat(2, 0) * 10, np.full(2, 10.0), mass, np.ones(2))
+
+    path = tmp_path / "curves.npz"
+    np.savez(path, **research.curves_to_arrays({("naive", 1, 2): {0: curve([0.5, 0.95]), 1: curve([0.5, 0.5])}}))
+    plain = er.parse_setting("perhead:recall=0.9,local=2", path).head_thresholds
+    floored = er.parse_setting("perhead:recall=0.9,local=2,floor=0.85", path).head_thresholds
+    np.testing.assert_allclose(plain[0], [0.5, 0.95])
+    np.testing.assert_allclose(floored[0], [0.85, 0.95])
+    np.testing.assert_allclose(floored[1], [0.85, 0.85])
