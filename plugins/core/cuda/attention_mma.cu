@@ -5,9 +5,9 @@
 // rows (MT = 2 when the router block is 128 rows, so K/V fragments are reused twice). The CTA
 // walks the kept key blocks of its query block (ws.block_indices) in 64-key tiles, K/V tiles in a
 // ring of shared-memory stages filled by cp.async (two stages; three for split-keys decode).
-// Scores are kept in the log2 domain (x = s * log2 e) so the online softmax uses exp2. Tiles that every row sees completely take a
-// fast path without per-element masking; boundary tiles and the softcap / bias / padding-mask
-// cases check each element. With split-KV (decode, ws.splits > 1) each CTA handles a slice of
+// Scores are kept in the log2 domain (x = s * log2 e) so the online softmax uses exp2. Tiles
+// that every row sees completely take a fast path without per-element masking; boundary tiles
+// and the softcap / bias / padding-mask cases check each element. With split-KV (decode, ws.splits > 1) each CTA handles a slice of
 // the kept list and writes a normalized partial output plus its log2-sum-exp2; merge_kernel
 // combines the slices.
 #include <cstdlib>
