@@ -7,9 +7,9 @@
 // ring of shared-memory stages filled by cp.async (two stages; three for split-keys decode).
 // Scores are kept in the log2 domain (x = s * log2 e) so the online softmax uses exp2. Tiles
 // that every row sees completely take a fast path without per-element masking; boundary tiles
-// and the softcap / bias / padding-mask cases check each element. With split-KV (decode, ws.splits > 1) each CTA handles a slice of
-// the kept list and writes a normalized partial output plus its log2-sum-exp2; merge_kernel
-// combines the slices.
+// and the softcap / bias / padding-mask cases check each element. With split-KV (decode,
+// ws.splits > 1) each CTA handles a slice of the kept list and writes a normalized partial output
+// plus its log2-sum-exp2; merge_kernel combines the slices.
 #include <cstdlib>
 
 #include "common.cuh"
