@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from asa_export.cli.export import add_router_arguments
+from asa_export.errors import AsaExportError
 from asa_export.cli.export import options_from as rewrite_options_from
 from asa_export.router import calibrate as cal
 
@@ -55,6 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens per --retrieval-heads scoring prompt (default: --context; "
                         "SmolLM2-135M's measured point: --context 2048, --retrieval-context "
                         "4096)")
+    parser.add_argument("--layer-recall", action="append", default=[], metavar="LAYERS=R",
+                        help="another --target-recall for some layers (ASA sites in graph "
+                        "order), e.g. 0-9,25-29=0.90; repeatable. SmolLM2-135M at 4K: recall "
+                        "0.95 with 0-9,25-29=0.90 and 20 retrieval heads (BENCHMARKS.md, Router "
+                        "accuracy)")
     parser.add_argument("--report", metavar="FILE.json", help="write the JSON report")
     parser.add_argument("--plots", metavar="DIR", help="write PNG plots into DIR (matplotlib)")
     parser.add_argument("--resume", metavar="DIR",
@@ -83,7 +89,35 @@ def options_from(args: argparse.Namespace) -> cal.CalibrateOptions:
         seed=args.seed, rewrite=rewrite_options_from(args, threshold=False),
         gate_dim=args.gate_dim, gate_steps=args.gate_steps,
         device=args.device, retrieval_heads=args.retrieval_heads,
-        retrieval_context=args.retrieval_context)
+        retrieval_context=args.retrieval_context,
+        layer_recall=parse_layer_recall(args.layer_recall))
+
+
+def parse_layer_recall(specs: list[str]) -> tuple[tuple[int, float], ...]:
+    """(layer, recall) pairs from `LAYERS=R` strings, LAYERS a comma list of indices and ranges.
+
+    Raises:
+        AsaExportError: a malformed spec, or a layer named twice.
+    """
+    pairs: dict[int, float] = {}
+    for spec in specs:
+        layers, sep, value = spec.partition("=")
+        try:
+            if not sep or not layers:
+                raise ValueError
+            recall = float(value)
+            indices = []
+            for part in layers.split(","):
+                lo, dash, hi = part.partition("-")
+                indices.extend(range(int(lo), int(hi) + 1) if dash else [int(lo)])
+        except ValueError:
+            raise AsaExportError(f"--layer-recall wants LAYERS=R, e.g. 0-9,25-29=0.90; got "
+                                 f"{spec!r}") from None
+        for i in indices:
+            if i in pairs:
+                raise AsaExportError(f"--layer-recall names layer {i} twice")
+            pairs[i] = recall
+    return tuple(sorted(pairs.items()))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -104,6 +104,10 @@ class CalibrateOptions:
         retrieval_depths: needle depths of the scoring prompts (fractions of the filler).
         retrieval_keys: pass keys per depth; key j's filler starts at token j * context of the
             calibration text, so the text needs about retrieval_keys * retrieval_context tokens.
+        layer_recall: (site index, recall) pairs that replace `target_recall` at those sites
+            (ASA nodes in graph order: the model's layers). Recall mode only. Measured on
+            SmolLM2-135M at 4K: layers 10-24 carry the perplexity loss and the others tolerate
+            recall 0.90 (BENCHMARKS.md "Router accuracy").
     """
 
     target_recall: float | None = None
@@ -125,6 +129,7 @@ class CalibrateOptions:
     retrieval_context: int | None = None
     retrieval_depths: tuple[float, ...] = retrieval.DEFAULT_DEPTHS
     retrieval_keys: int = retrieval.DEFAULT_KEYS
+    layer_recall: tuple[tuple[int, float], ...] = ()
 
     def mode(self) -> tuple[str, float]:
         """("recall" | "density" | "threshold", value)."""
@@ -199,6 +204,7 @@ def calibrate(model_path: str | os.PathLike, texts: Sequence[str | os.PathLike],
     if options.gate:
         _gate_module()
     model, sites, rewritten = _timed(walls, "load", _load_sites, model_path, options.rewrite)
+    _check_layer_recall(options, sites)
     with _work_dir(resume_dir) as work:
         ids = _timed(walls, "tokenize", _token_ids, texts, tokenizer, model, work)
         wins = choose_windows(len(ids), options.context, options.windows, options.seed)
@@ -647,7 +653,8 @@ def fit_thresholds(curves: list[stats.ThresholdCurve], options: CalibrateOptions
     target = None
     if kind == "recall":
         target = value
-        taus = [stats.fit_head_thresholds(c, value) for c in curves]
+        per_site = dict(options.layer_recall)
+        taus = [stats.fit_head_thresholds(c, per_site.get(i, value)) for i, c in enumerate(curves)]
     elif kind == "threshold":
         taus = [np.full(c.kept.shape[0], min(value, 1.0), np.float32) for c in curves]
     else:
@@ -1005,7 +1012,8 @@ def build_report(model_path, output_path, texts, tokenizer, options, mode, sites
                      "gate": options.gate, "gate_dim": options.gate_dim,
                      "gate_steps": options.gate_steps, "taus": _floats(options.grid()),
                      "low_density": options.low_density, "low_density_recall": recall_bar,
-                     "retrieval_heads": options.retrieval_heads},
+                     "retrieval_heads": options.retrieval_heads,
+                     "layer_recall": {str(i): r for i, r in options.layer_recall}},
         "sites": site_rows, "totals": totals, "wall_s": _rounded(walls),
         **({"retrieval": {**result["retrieval"], "context": options.prompt_context(),
                           "depths": _floats(options.retrieval_depths),
@@ -1126,7 +1134,23 @@ def _check_options(options: CalibrateOptions) -> tuple[str, float]:
     if options.retrieval_heads and (options.retrieval_keys < 1 or not options.retrieval_depths
                                     or not all(0 <= d <= 1 for d in options.retrieval_depths)):
         raise AsaExportError("retrieval heads need >= 1 pass key and needle depths in [0, 1]")
+    if options.layer_recall:
+        if kind != "recall":
+            raise AsaExportError("per-layer recall targets apply to the target-recall fit, not "
+                                 f"to a target {kind}")
+        for site, recall in options.layer_recall:
+            if site < 0 or not 0.0 < recall <= 1.0:
+                raise AsaExportError(f"per-layer recall needs a layer index >= 0 and a recall in "
+                                     f"(0, 1], got layer {site} recall {recall}")
     return mode
+
+
+def _check_layer_recall(options: CalibrateOptions, sites: list) -> None:
+    """Every layer named by `layer_recall` must be one of the model's ASA sites."""
+    bad = sorted({i for i, _ in options.layer_recall if i >= len(sites)})
+    if bad:
+        raise AsaExportError(f"per-layer recall names layer(s) {bad}, but the model has "
+                             f"{len(sites)} attention sites (layers 0-{len(sites) - 1})")
 
 
 def _check_paths(model_path, output_path, report_path, plots_dir) -> None:

@@ -76,18 +76,39 @@ def test_every_option_maps_to_calibrate_options():
          "--threshold", "0.9", "--gate", "--context", "128", "--windows", "3", "--seed", "5",
          "--block-size", "128", "--sink-blocks", "2", "--local-blocks", "3",
          "--select-per", "group", "--gate-dim", "16", "--gate-steps", "7", "--device", "cpu",
-         "--retrieval-heads", "20", "--retrieval-context", "4096"])
+         "--retrieval-heads", "20", "--retrieval-context", "4096",
+         "--layer-recall", "0-2,5=0.9", "--layer-recall", "7=0.8"])
     opts = cli_calibrate.options_from(args)
     assert (opts.threshold, opts.gate, opts.context, opts.windows, opts.seed) == (0.9, True, 128, 3, 5)
     assert (opts.rewrite.block_size, opts.rewrite.sink_blocks, opts.rewrite.local_blocks,
             opts.rewrite.select_per) == (128, 2, 3, 1)
     assert (opts.gate_dim, opts.gate_steps, opts.device) == (16, 7, "cpu")
     assert (opts.retrieval_heads, opts.retrieval_context, opts.prompt_context()) == (20, 4096, 4096)
+    assert opts.layer_recall == ((0, 0.9), (1, 0.9), (2, 0.9), (5, 0.9), (7, 0.8))
     default = build_parser().parse_args(["calibrate", "m.onnx", "--text", "a", "--tokenizer", "t",
                                          "--out", "o.onnx"])
     opts = cli_calibrate.options_from(default)
     assert (opts.retrieval_heads, opts.retrieval_context, opts.prompt_context()) == (0, None, 2048)
+    assert opts.layer_recall == ()
     assert args.text == ["a", "b"]
+
+
+@pytest.mark.parametrize("spec, message", [("0-2", "wants LAYERS=R"), ("a=0.9", "wants LAYERS=R"),
+                                           ("1=x", "wants LAYERS=R"), ("=0.9", "wants LAYERS=R")])
+def test_malformed_layer_recall_exits_1(inputs, capsys, tmp_path, spec, message):
+    model, root = inputs
+    status = main(["calibrate", model, "--text", str(root / "text.txt"), "--tokenizer",
+                   str(root / "tok"), "--out", str(tmp_path / "m.onnx"), "--layer-recall", spec])
+    err = capsys.readouterr().err
+    assert status == 1 and message in err and "Traceback" not in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_layer_named_twice_is_refused():
+    from asa_export.errors import AsaExportError
+
+    with pytest.raises(AsaExportError, match="layer 3 twice"):
+        cli_calibrate.parse_layer_recall(["1-3=0.9", "3=0.8"])
 
 
 @pytest.mark.parametrize("count, message", [("-3", "retrieval heads must be >= 0"),

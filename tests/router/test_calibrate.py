@@ -114,6 +114,35 @@ def test_lower_recall_target_gives_lower_thresholds_and_density(setup, first):
     assert len(list((root / "work").glob("tokens-*.npy"))) == 1  # token ids cached too
 
 
+def test_layer_recall_replaces_the_target_in_those_layers_only(setup, first):
+    """`layer_recall` fits the named sites at their own recall (here lower: thresholds no higher,
+    the recall bar is theirs), every other site exactly as with the plain target."""
+    model, text, tokenizer, root = setup
+    report = cal.calibrate(model, [text], tokenizer, root / "layer.asa.onnx",
+                           _options(target_recall=0.95, layer_recall=((0, 0.6),)),
+                           resume_dir=root / "work")
+    base = first[0]["sites"]
+    low, rest = report["sites"][0], report["sites"][1:]
+    assert all(x <= y for x, y in zip(low["thresholds"], base[0]["thresholds"]))
+    assert low["thresholds"] != base[0]["thresholds"]  # 0.6 is a different fit on this model
+    for tau, recall in zip(low["thresholds"], low["head_recall"]):
+        assert recall >= 0.6 - 1e-9 or tau == 1.0
+    assert [s["thresholds"] for s in rest] == [s["thresholds"] for s in base[1:]]
+    assert report["settings"]["layer_recall"] == {"0": 0.6}
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"target_recall": 0.9, "layer_recall": ((99, 0.9),)}, r"layer\(s\) \[99\]"),
+    ({"target_density": 0.5, "layer_recall": ((0, 0.9),)}, "target-recall fit"),
+    ({"target_recall": 0.9, "layer_recall": ((0, 1.5),)}, "recall in"),
+])
+def test_bad_layer_recall_is_refused(setup, tmp_path, kw, match):
+    model, text, tokenizer, _ = setup
+    with pytest.raises(AsaExportError, match=match):
+        cal.calibrate(model, [text], tokenizer, tmp_path / "o.onnx", _options(**kw))
+    assert not (tmp_path / "o.onnx").exists()
+
+
 def test_deterministic_given_the_seed(setup, first):
     model, text, tokenizer, root = setup
     again = cal.calibrate(model, [text], tokenizer, root / "again.asa.onnx",
