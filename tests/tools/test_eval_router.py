@@ -123,3 +123,14 @@ def test_floor_raises_only_the_thresholds_below_it(tmp_path):
     np.testing.assert_allclose(plain[0], [0.5, 0.95])
     np.testing.assert_allclose(floored[0], [0.85, 0.95])
     np.testing.assert_allclose(floored[1], [0.85, 0.85])
+
+
+def test_ort_window_nll_in_row_chunks_equals_one_log_softmax(monkeypatch):
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 50, size=2300)
+    logits = rng.normal(size=(2300, 50)).astype(np.float32) * 3
+    monkeypatch.setattr(er, "ort_forward", lambda sess, telemetry, x: (logits, 7, 9))
+    nll, n, kept, visible = er.ort_window(None, None, ids)
+    whole = er._log_softmax(logits[:-1])
+    assert (n, kept, visible) == (2299, 7, 9)
+    assert nll == pytest.approx(-whole[np.arange(2299), ids[1:]].sum(), rel=1e-12)
