@@ -275,8 +275,8 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
   int kind = kSkip, j0 = 0;
   int t = cur.next(p, t_begin, &kind, &j0);
   int tl = t, load_stage = 0, stage = 0;
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
+  // Issue the next visible tile's K/V copy (if any) into the ring; commit one group always.
+  auto load_next = [&] {
     if (tl < cur.end) {
       int kind_l, j0_l;
       tl = cur.next(p, tl, &kind_l, &j0_l);
@@ -288,7 +288,9 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
       }
     }
     cp_async_commit();
-  }
+  };
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) load_next();
 
   // split_keys (packed decode with G·Sq <= 16): every warp owns the same 16 rows and a quarter
   // of each 64-key tile (keys [16·warp, 16·warp + 16)); the four partial softmax states are
@@ -313,17 +315,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
   const float scale_log2 = p.scale * kLog2e;
 
   while (t < cur.end) {
-    if (tl < cur.end) {
-      int kind_l, j0_l;
-      tl = cur.next(p, tl, &kind_l, &j0_l);
-      if (tl < cur.end) {
-        kload.load(sk + load_stage * kTile, j0_l, p.seq_kv);
-        vload.load(sv + load_stage * kTile, j0_l, p.seq_kv);
-        load_stage = load_stage + 1 == kStages ? 0 : load_stage + 1;
-        ++tl;
-      }
-    }
-    cp_async_commit();
+    load_next();
     cp_async_wait<kStages - 1>();
     __syncthreads();
 

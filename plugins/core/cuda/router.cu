@@ -550,8 +550,10 @@ bool decode_logits_fits(const AsaParams& p, int nq) {
          lanes >= 1 && 32 % lanes == 0 && aligned;
 }
 
-// Heads of one list whose softmax statistics share a CTA reduction in select_kernel.
-constexpr int kHeadsPerPass = 8;
+// Heads of one list whose softmax statistics share a CTA reduction in select_kernel. 4 = one
+// pass for GQA groups of 4 (Llama-3-8B); 8 made the unrolled per-head code twice as long and
+// the 128K decode select 2.2 µs slower on an H200 (BENCHMARKS.md optimization step 29).
+constexpr int kHeadsPerPass = 4;
 
 // CTA-wide max (kMax) or sum of each of the kHeadsPerPass values, returned in every thread.
 template <bool kMax>
@@ -628,19 +630,25 @@ __global__ void select_kernel(AsaParams p, Workspace ws, const float* logits, in
     float mx[kHeadsPerPass], sum[kHeadsPerPass];
 #pragma unroll
     for (int j = 0; j < kHeadsPerPass; ++j) mx[j] = -INFINITY, sum[j] = 0.f;
+    // The loads do not wait for the visibility flag, so one loop step has all its loads in
+    // flight at once (the first pass is bound by their latency).
+#pragma unroll 2
     for (int k = threadIdx.x; k < nk; k += kSelectThreads) {
-      if (!(sm.flags[k] & kVisible)) continue;
+      const bool vis = sm.flags[k] & kVisible;
 #pragma unroll
       for (int j = 0; j < kHeadsPerPass; ++j) {
-        if (j < hn) mx[j] = fmaxf(mx[j], rows[j * head_stride + k]);
+        const float x = j < hn ? rows[j * head_stride + k] : -INFINITY;
+        if (vis) mx[j] = fmaxf(mx[j], x);
       }
     }
     reduce_heads<true>(mx, red);
+#pragma unroll 2
     for (int k = threadIdx.x; k < nk; k += kSelectThreads) {
-      if (!(sm.flags[k] & kVisible)) continue;
+      const bool vis = sm.flags[k] & kVisible;
 #pragma unroll
       for (int j = 0; j < kHeadsPerPass; ++j) {
-        if (j < hn) sum[j] += expf(rows[j * head_stride + k] - mx[j]);
+        const float x = j < hn ? rows[j * head_stride + k] : 0.f;
+        if (vis && j < hn) sum[j] += expf(x - mx[j]);
       }
     }
     reduce_heads<false>(sum, red);
