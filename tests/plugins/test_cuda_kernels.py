@@ -323,6 +323,26 @@ def test_selection_exact_on_exact_scores(op):
         np.testing.assert_array_equal(counts.cpu().numpy(), ref_counts)
 
 
+def test_selection_exact_ties_many_blocks(op):
+    """More than 512 key blocks (the one-CTA-per-list selection, which sorts values only) with
+    every router probability exactly equal (K = 0: every logit 0, P = 1 / visible): the walk
+    stops inside the run of ties and must keep the lowest block indices, as the reference does."""
+    nk, d = 600, 64
+    q = torch.randn(1, 4, 1, d, generator=torch.Generator().manual_seed(3)).cuda().to(torch.bfloat16)
+    k = torch.zeros(1, 2, nk * 64, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, 2, nk * 64, d, generator=torch.Generator().manual_seed(4)).cuda().to(torch.bfloat16)
+    for select_per, tau in ((0, 0.5), (1, 0.3), (0, 0.9)):
+        a = A(causal=True, threshold=tau, block_size=64, sink_blocks=1, local_blocks=1,
+              select_per=select_per)
+        _, (indices, counts, _) = run_poisoned(op, q, k, v, a)
+        probs, visible = ref.router_probs(q.float().cpu().numpy(), k.float().cpu().numpy(), a)
+        ref_idx, ref_counts, _ = ref.telemetry(
+            ref.select_blocks(probs, visible, a, 1, nk * 64), visible)
+        assert 2 < ref_counts.min() and ref_counts.max() < nk  # the walk stopped inside the ties
+        np.testing.assert_array_equal(counts.cpu().numpy(), ref_counts)
+        np.testing.assert_array_equal(indices.cpu().numpy(), ref_idx)
+
+
 def test_head_thresholds(op):
     """Per-head tau replaces the attribute; a group uses the max of its heads."""
     case = Case(1, 4, 2, 513, 513, 64, "bf16", A(causal=True, threshold=0.9))

@@ -194,8 +194,8 @@ enum class Sorter { kBlock, kWarp };
 // chunk) needs only __syncwarp, so of the 55 stages of n = 1024 only 6 wait for the whole CTA.
 // (Measured on an H200: this saved little; the sort's ~11 µs at n = 1024 is shared-memory
 // traffic, not barriers. BENCHMARKS.md optimization step 16.)
-template <Sorter kBy>
-__device__ void bitonic_sort(uint64_t* keys, int n) {
+template <Sorter kBy, typename Key>
+__device__ void bitonic_sort(Key* keys, int n) {
   constexpr int kWarps = kBy == Sorter::kBlock ? kSelectThreads / 32 : 1;
   const int lane = threadIdx.x % 32, warp = kBy == Sorter::kBlock ? threadIdx.x / 32 : 0;
   const int pairs = n / 2;
@@ -210,7 +210,7 @@ __device__ void bitonic_sort(uint64_t* keys, int n) {
           const int lo = 2 * t - (t & (stride - 1));
           const int hi = lo + stride;
           const bool ascending = (lo & size) == 0;
-          const uint64_t a = keys[lo], b = keys[hi];
+          const Key a = keys[lo], b = keys[hi];
           if ((a > b) == ascending) {
             keys[lo] = b;
             keys[hi] = a;
@@ -233,10 +233,10 @@ __device__ void bitonic_sort(uint64_t* keys, int n) {
 // lane of the warp come by shuffles, and only strides of 32·E and more go through shared memory
 // with CTA barriers (6 of the 55 stages at n = 1024), which makes the sort several times faster
 // than the shared-memory sort for the few-lists (decode) case.
-template <int E>
-__device__ void bitonic_sort_registers(uint64_t* keys, int n) {
+template <int E, typename Key>
+__device__ void bitonic_sort_registers(Key* keys, int n) {
   const int t = threadIdx.x;
-  uint64_t a[E];
+  Key a[E];
 #pragma unroll
   for (int e = 0; e < E; ++e) a[e] = keys[t * E + e];
   for (int size = 2; size <= n; size <<= 1) {
@@ -248,7 +248,7 @@ __device__ void bitonic_sort_registers(uint64_t* keys, int n) {
       for (; stride >= 32 * E; stride >>= 1) {
         for (int q = t; q < n / 2; q += kSelectThreads) {
           const int lo = 2 * q - (q & (stride - 1)), hi = lo + stride;
-          const uint64_t x = keys[lo], y = keys[hi];
+          const Key x = keys[lo], y = keys[hi];
           if ((x > y) == ((lo & size) == 0)) {
             keys[lo] = y;
             keys[hi] = x;
@@ -264,7 +264,7 @@ __device__ void bitonic_sort_registers(uint64_t* keys, int n) {
 #pragma unroll
       for (int e = 0; e < E; ++e) {
         const int i = t * E + e;
-        const uint64_t b = __shfl_xor_sync(0xffffffffu, a[e], stride / E);
+        const Key b = __shfl_xor_sync(0xffffffffu, a[e], stride / E);
         const bool keep_min = ((i & stride) == 0) == ((i & size) == 0);
         a[e] = keep_min ? (a[e] < b ? a[e] : b) : (a[e] < b ? b : a[e]);
       }
@@ -277,7 +277,7 @@ __device__ void bitonic_sort_registers(uint64_t* keys, int n) {
         if (e & st) continue;
         const bool ascending = ((t * E + e) & size) == 0;
         if ((a[e] > a[e | st]) == ascending) {
-          const uint64_t x = a[e];
+          const Key x = a[e];
           a[e] = a[e | st];
           a[e | st] = x;
         }
@@ -291,7 +291,8 @@ __device__ void bitonic_sort_registers(uint64_t* keys, int n) {
 
 // The CTA's sort of n keys: in registers when n is 1, 2, 4 or 8 keys per thread, else in shared
 // memory.
-__device__ void bitonic_sort_block(uint64_t* keys, int n) {
+template <typename Key>
+__device__ void bitonic_sort_block(Key* keys, int n) {
   switch (n / kSelectThreads) {
     case 8: if (n == 8 * kSelectThreads) return bitonic_sort_registers<8>(keys, n); break;
     case 4: if (n == 4 * kSelectThreads) return bitonic_sort_registers<4>(keys, n); break;
@@ -335,6 +336,54 @@ __device__ void walk_sorted_warp(const uint64_t* keys, int nk, float acc, float 
   __syncwarp();
 }
 
+// Where the walk over sorted values stopped: the kept candidates are those with a key below
+// `key` plus, of the candidates whose key equals `key`, all of them (all_ties) or the `ties`
+// ones of lowest block index. kept = 0: no candidate is kept.
+struct WalkCut {
+  uint32_t key;
+  int ties;
+  int kept;
+  bool all_ties;
+};
+
+// walk_sorted_warp for 32-bit value keys (~bits(P), ascending) of n candidates: the same float32
+// chain, then the cut (where the equal-value run around the last kept key starts and ends).
+__device__ void walk_sorted_values_warp(const uint32_t* keys, int n, float acc, float tau,
+                                        WalkCut* cut) {
+  const int lane = threadIdx.x % 32;
+  int stop = n;
+  for (int base = 0; base < n; base += 32) {
+    const int t = base + lane;
+    const uint32_t key = t < n ? keys[t] : ~0u;
+    const float x = __uint_as_float(~key);
+    float before = acc;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      const float xj = __shfl_sync(0xffffffffu, x, j);
+      if (lane == j) before = acc;
+      acc += xj;
+    }
+    const unsigned ends = __ballot_sync(0xffffffffu, t >= n || !(before < tau));
+    if (ends != 0) {
+      stop = min(base + __ffs(ends) - 1, n);
+      break;
+    }
+  }
+  if (lane == 0) {
+    cut->kept = stop;
+    if (stop > 0) {
+      const uint32_t last = keys[stop - 1];
+      int first = stop - 1, end = stop;
+      while (first > 0 && keys[first - 1] == last) --first;
+      while (end < n && keys[end] == last) ++end;
+      cut->key = last;
+      cut->ties = stop - first;
+      cut->all_ties = end == stop;
+    }
+  }
+  __syncwarp();
+}
+
 // Marks kKept in flags by the contract's walk and writes one list row.
 __device__ void select_and_write(const AsaParams& p, const Workspace& ws, const SelectSmem& sm,
                                  const float* prob, float tau, int nk, int nk_pow2,
@@ -360,17 +409,47 @@ __device__ void select_and_write(const AsaParams& p, const Workspace& ws, const 
       }
       forced_acc = acc;
     }
+    // Sort the candidates' values only (32-bit keys ~bits(P), ascending = P descending): the
+    // walk's sums depend on the values, not on which of two equal values comes first, and the
+    // index order of ties is settled when marking (WalkCut).
+    __shared__ int num_cand;
+    __shared__ WalkCut cut;
+    if (threadIdx.x == 0) num_cand = 0;
     __syncthreads();
+    uint32_t* keys = reinterpret_cast<uint32_t*>(sm.keys);
+    int cand = 0;
     for (int t = threadIdx.x; t < nk_pow2; t += kSelectThreads) {
-      uint64_t key = ~0ull;
+      uint32_t key = ~0u;
       if (t < nk && sm.flags[t] == kVisible) {
-        key = (static_cast<uint64_t>(~__float_as_uint(prob[t])) << 32) | static_cast<uint32_t>(t);
+        key = ~__float_as_uint(prob[t]);
+        ++cand;
       }
-      sm.keys[t] = key;
+      keys[t] = key;
     }
+    if (cand) atomicAdd(&num_cand, cand);
     __syncthreads();
-    bitonic_sort_block(sm.keys, nk_pow2);
-    if (threadIdx.x < 32) walk_sorted_warp(sm.keys, nk, forced_acc, tau, sm.flags);
+    bitonic_sort_block(keys, nk_pow2);
+    if (threadIdx.x < 32) walk_sorted_values_warp(keys, num_cand, forced_acc, tau, &cut);
+    __syncthreads();
+    if (cut.kept > 0) {
+      for (int k = threadIdx.x; k < nk; k += kSelectThreads) {
+        if (sm.flags[k] != kVisible) continue;
+        const uint32_t key = ~__float_as_uint(prob[k]);
+        if (key < cut.key || (cut.all_ties && key == cut.key)) sm.flags[k] |= kKept;
+      }
+      if (!cut.all_ties) {  // the walk stopped inside a run of equal values: lowest indices first
+        __syncthreads();
+        if (threadIdx.x == 0) {
+          int left = cut.ties;
+          for (int k = 0; k < nk && left > 0; ++k) {
+            if (sm.flags[k] == kVisible && ~__float_as_uint(prob[k]) == cut.key) {
+              sm.flags[k] |= kKept;
+              --left;
+            }
+          }
+        }
+      }
+    }
     __syncthreads();
   }
   // Ascending compaction of the kept flags.
