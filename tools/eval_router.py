@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -1044,6 +1045,25 @@ def family(setting: str) -> str:
             "file": "calibrated (asa-export calibrate)"}.get(name, name)
 
 
+def family_overrides(specs) -> list:
+    """'NAME=REGEX' strings -> [(NAME, compiled REGEX)] for `plot --family` (bad input: error)."""
+    out = []
+    for spec in specs or []:
+        name, sep, pattern = spec.partition("=")
+        if not sep or not name or not pattern:
+            raise AsaExportError(f"--family wants NAME=REGEX, got {spec!r}")
+        try:
+            out.append((name, re.compile(pattern)))
+        except re.error as err:
+            raise AsaExportError(f"--family {spec!r}: bad regular expression: {err}") from err
+    return out
+
+
+def plot_family(setting: str, overrides: list) -> str:
+    """The legend family of a row: the first `--family` regex that matches it, else `family`."""
+    return next((name for name, rx in overrides if rx.search(setting)), family(setting))
+
+
 def short_label(setting: str) -> str:
     """'ort:perhead:recall=0.97,local=2' -> 'r.97'; local other than 2 is appended ('l1')."""
     name, _, rest = setting.removeprefix("ort:").partition(":")
@@ -1067,6 +1087,10 @@ def cmd_plot(args) -> None:
     import matplotlib.pyplot as plt
 
     rows = aggregate(pathlib.Path(args.out))
+    overrides = family_overrides(args.family)
+    if args.match:  # only the rows a comparison is about
+        match = re.compile(args.match)
+        rows = {k: a for k, a in rows.items() if match.search(k[2]) or k[2].removeprefix("ort:") == "dense"}
     contexts = sorted({k[1] for k in rows if k[0] == args.text})
     fig, axes = plt.subplots(1, len(contexts), figsize=(4.8 * len(contexts), 3.6), squeeze=False)
     colors = {}
@@ -1077,7 +1101,7 @@ def cmd_plot(args) -> None:
             d, _ = delta(rows, key)
             if d is None or "tau1.0" in key[2] or (key[2].startswith("ort:") and a["n"] < 8):
                 continue
-            fam = family(key[2])
+            fam = plot_family(key[2], overrides)
             color = colors.setdefault(fam, f"C{len(colors)}")
             ort_row = key[2].startswith("ort:")
             x = a["kept"] / a["visible"]
@@ -1140,6 +1164,9 @@ def main(argv=None) -> int:
     plot = sub.add_parser("plot")
     plot.add_argument("--to", default=str(REPO / "reports" / "router_ppl_vs_density.png"))
     plot.add_argument("--text", choices=("kjv", "pydoc"), default="kjv")
+    plot.add_argument("--match", help="plot only the settings this regular expression finds")
+    plot.add_argument("--family", action="append", metavar="NAME=REGEX",
+                      help="legend family NAME for the settings REGEX finds (repeatable; first wins)")
     pool = sub.add_parser("pooling")
     thr = sub.add_parser("thresholds")
     thr.add_argument("setting")

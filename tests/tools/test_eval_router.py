@@ -134,3 +134,13 @@ def test_ort_window_nll_in_row_chunks_equals_one_log_softmax(monkeypatch):
     whole = er._log_softmax(logits[:-1])
     assert (n, kept, visible) == (2299, 7, 9)
     assert nll == pytest.approx(-whole[np.arange(2299), ids[1:]].sum(), rel=1e-12)
+
+
+def test_plot_family_overrides_first_match_wins_else_default():
+    overrides = er.family_overrides(["per-layer=^ort:file:w16_", "any file=file:"])
+    assert er.plot_family("ort:file:w16_95_92", overrides) == "per-layer"
+    assert er.plot_family("ort:file:tf_r95", overrides) == "any file"
+    assert er.plot_family("ort:naive:tau=0.98,local=2", overrides) == er.family("ort:naive:tau=0.98")
+    for bad in ("no-equals", "=x", "name=(unclosed"):
+        with pytest.raises(AsaExportError):
+            er.family_overrides([bad])
