@@ -303,6 +303,21 @@ __device__ void bitonic_sort_block(Key* keys, int n) {
   bitonic_sort<Sorter::kBlock>(keys, n);
 }
 
+// One warp step of the walk: the 32 lanes' values x are added to acc in lane order (every lane
+// runs the same float32 chain, each x_j fetched by a shuffle off the chain); returns, in each
+// lane, the running sum before its own value.
+__device__ __forceinline__ float walk_step(float x, float& acc) {
+  const int lane = threadIdx.x % 32;
+  float before = acc;
+#pragma unroll
+  for (int j = 0; j < 32; ++j) {
+    const float xj = __shfl_sync(0xffffffffu, x, j);
+    if (lane == j) before = acc;
+    acc += xj;
+  }
+  return before;
+}
+
 // The contract's walk over the sorted keys (~bits(P) above the index, ~0 past the visible
 // non-forced blocks) by one full warp: acc starts at the forced blocks' sum and adds P left to
 // right in float32 exactly as the reference does. The warp takes 32 keys at a time: every lane
@@ -316,14 +331,7 @@ __device__ void walk_sorted_warp(const uint64_t* keys, int nk, float acc, float 
   for (int base = 0; base < nk; base += 32) {
     const int t = base + lane;
     const uint64_t key = t < nk ? keys[t] : ~0ull;
-    const float x = __uint_as_float(~static_cast<uint32_t>(key >> 32));
-    float before = acc;
-#pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      const float xj = __shfl_sync(0xffffffffu, x, j);
-      if (lane == j) before = acc;
-      acc += xj;
-    }
+    const float before = walk_step(__uint_as_float(~static_cast<uint32_t>(key >> 32)), acc);
     const unsigned ends = __ballot_sync(0xffffffffu, key == ~0ull || !(before < tau));
     if (ends != 0) {
       const int j = __ffs(ends) - 1;
@@ -355,14 +363,7 @@ __device__ void walk_sorted_values_warp(const uint32_t* keys, int n, float acc, 
   for (int base = 0; base < n; base += 32) {
     const int t = base + lane;
     const uint32_t key = t < n ? keys[t] : ~0u;
-    const float x = __uint_as_float(~key);
-    float before = acc;
-#pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      const float xj = __shfl_sync(0xffffffffu, x, j);
-      if (lane == j) before = acc;
-      acc += xj;
-    }
+    const float before = walk_step(__uint_as_float(~key), acc);
     const unsigned ends = __ballot_sync(0xffffffffu, t >= n || !(before < tau));
     if (ends != 0) {
       stop = min(base + __ffs(ends) - 1, n);
