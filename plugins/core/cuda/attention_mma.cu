@@ -568,12 +568,12 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(AsaParams p, Works
   const float* po = ws.part_o + base * p.head_dim_v;
   const int64_t split_stride = stride * p.head_dim_v;
   for (int d = tid; d < p.head_dim_v; d += kMergeThreads) {
+    // No branch on the weight, so the unrolled loads are all in flight together: an empty slice
+    // has weight 0 and zero partials (the attention kernel writes every slice), and adding
+    // 0 · 0 leaves the sum unchanged.
     float acc = 0.f;
 #pragma unroll 8
-    for (int s = 0; s < splits; ++s) {
-      // Empty slices have weight 0 and zero partials (skipped exactly as before).
-      if (weight[s] != 0.f) acc += weight[s] * po[s * split_stride + d];
-    }
+    for (int s = 0; s < splits; ++s) acc += weight[s] * po[s * split_stride + d];
     out[d] = from_float<T>(wsum > 0.f ? acc / wsum : 0.f);
   }
 }
