@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 
 from asa_export.cli.export import add_router_arguments
-from asa_export.errors import AsaExportError
 from asa_export.cli.export import options_from as rewrite_options_from
+from asa_export.errors import AsaExportError
 from asa_export.router import calibrate as cal
 
 HELP = ("calibrate the router of MODEL on text: per-head thresholds (and, with --gate, a learned "
