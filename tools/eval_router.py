@@ -1045,6 +1045,14 @@ def family(setting: str) -> str:
             "file": "calibrated (asa-export calibrate)"}.get(name, name)
 
 
+def compile_regex(pattern: str, option: str) -> "re.Pattern":
+    """re.compile with a clear AsaExportError naming the option for a bad expression."""
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise AsaExportError(f"{option} {pattern!r}: bad regular expression: {err}") from err
+
+
 def family_overrides(specs) -> list:
     """'NAME=REGEX' strings -> [(NAME, compiled REGEX)] for `plot --family` (bad input: error)."""
     out = []
@@ -1052,10 +1060,7 @@ def family_overrides(specs) -> list:
         name, sep, pattern = spec.partition("=")
         if not sep or not name or not pattern:
             raise AsaExportError(f"--family wants NAME=REGEX, got {spec!r}")
-        try:
-            out.append((name, re.compile(pattern)))
-        except re.error as err:
-            raise AsaExportError(f"--family {spec!r}: bad regular expression: {err}") from err
+        out.append((name, compile_regex(pattern, f"--family {name}=")))
     return out
 
 
@@ -1089,7 +1094,7 @@ def cmd_plot(args) -> None:
     rows = aggregate(pathlib.Path(args.out))
     overrides = family_overrides(args.family)
     if args.match:  # only the rows a comparison is about
-        match = re.compile(args.match)
+        match = compile_regex(args.match, "--match")
         rows = {k: a for k, a in rows.items() if match.search(k[2]) or k[2].removeprefix("ort:") == "dense"}
     contexts = sorted({k[1] for k in rows if k[0] == args.text})
     fig, axes = plt.subplots(1, len(contexts), figsize=(4.8 * len(contexts), 3.6), squeeze=False)
@@ -1189,7 +1194,11 @@ def main(argv=None) -> int:
     thr.set_defaults(fn=cmd_thresholds)
     args = parser.parse_args(argv)
     if args.cmd == "plot":
-        cmd_plot(args)
+        try:
+            cmd_plot(args)
+        except AsaExportError as exc:  # bad --match / --family
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         return 0
     if args.cmd == "table":
         cmd_table(args)

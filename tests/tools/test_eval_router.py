@@ -144,3 +144,5 @@ def test_plot_family_overrides_first_match_wins_else_default():
     for bad in ("no-equals", "=x", "name=(unclosed"):
         with pytest.raises(AsaExportError):
             er.family_overrides([bad])
+    with pytest.raises(AsaExportError, match="--match"):
+        er.compile_regex("(unclosed", "--match")
