@@ -292,6 +292,8 @@ def bench_decode(args, kv: int, rows: list):
                       "graph_dense_ms": dense_graph}
             graphs["graph_cached_speedup"] = dense_graph / graphs["graph_cached_ms"]
             graphs["graph_partial_speedup"] = dense_graph / graphs["graph_partial_ms"]
+        if args.decode_kernels:
+            graphs["kernels_us"] = kernel_times_us(partial.call)
         rows.append({"kind": "decode", "seq": kv, "target": target, "tau": tau,
                      "density": runner.density(), "asa_ms": ms, "tok_s": B / ms * 1e3,
                      "dense_tok_s": B / best_dense * 1e3, "cudnn_ms": dense["cudnn"],
@@ -302,6 +304,24 @@ def bench_decode(args, kv: int, rows: list):
                      "cached_lists_equal": same, "cached_last_pooled_ms": pms,
                      "cached_last_pooled_speedup": best_dense / pms, **graphs})
         print(json.dumps(rows[-1]), flush=True)
+
+
+def kernel_times_us(fn, reps: int = 50) -> dict:
+    """Mean GPU time per call of each kernel that `fn` launches (torch profiler over a warm
+    loop), by short kernel name, in microseconds."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    totals: dict = {}
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = e.name.split("(")[0].split("<")[0].split("::")[-1].split(" ")[-1]
+        totals[name] = totals.get(name, 0.0) + e.device_time / reps
+    return {k: round(v, 2) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 
 MODEL_SHAPES = {
@@ -435,6 +455,12 @@ def print_table(rows: list, gpu: str):
                           f"{r.get('graph_partial_ms', float('nan')):>8.3f} "
                           f"{r['graph_dense_ms']:>8.3f} {r['graph_cached_speedup']:>7.2f} "
                           f"{r.get('graph_partial_speedup', float('nan')):>7.2f}")
+        if any("kernels_us" in r for r in dec):
+            print("\nkernels of the one-call step (us per call, torch profiler):")
+            for r in dec:
+                if "kernels_us" in r:
+                    print(f"{r['seq']:>7} {r['density']:>5.2f} " + ", ".join(
+                        f"{n} {t:.1f}" for n, t in r["kernels_us"].items()))
 
 
 def main(argv=None):
@@ -451,6 +477,8 @@ def main(argv=None):
     parser.add_argument("--decode-batch", type=int, default=1)
     parser.add_argument("--decode-graphs", action=argparse.BooleanOptionalAction, default=True,
                         help="also time decode steps replayed from CUDA graphs")
+    parser.add_argument("--decode-kernels", action="store_true",
+                        help="also time each kernel of the one-call decode step (torch profiler)")
     parser.add_argument("--models", nargs="*", default=[], choices=sorted(MODEL_SHAPES))
     parser.add_argument("--model-seqs", type=int, nargs="+", default=[8192, 32768, 131072])
     parser.add_argument("--json", type=pathlib.Path)

@@ -265,12 +265,71 @@ CASES = {
     "decode1_packed_kv70000_d128_bf16_cta_select": Case(
         1, 16, 4, 1, 70000, 128, "bf16", A(causal=True, threshold=0.3, block_size=128,
                                            select_per=1)),
+    # Decode cases for the cluster router (router.cu route_cluster_kernel): 1025 key
+    # blocks = 16 CTAs of 65; forced sink / local ranges across several CTAs' slices; a
+    # non-causal decode (local band on both sides of the last block) in fp32.
+    "decode1_packed_kv131077_d128_bf16_cluster16": Case(
+        1, 8, 2, 1, 131077, 128, "bf16", A(causal=True, threshold=0.2, block_size=128,
+                                           select_per=1)),
+    "decode1_kv40000_d64_bf16_wide_forced": Case(
+        1, 4, 2, 1, 40000, 64, "bf16", A(causal=True, threshold=0.5, sink_blocks=100,
+                                         local_blocks=70)),
+    "decode3_kv5000_d64_fp32_full_group": Case(
+        2, 4, 2, 3, 5000, 64, "fp32", A(threshold=0.6, local_blocks=2, select_per=1)),
 }
+
+# Decode cases (one query block) of CASES below tau 1, run through both decode routers:
+# "cluster" (ASA_CUDA_CLUSTER_ROUTER=1, Hopper only, opt-in) and "cta" (logits_decode +
+# select_kernel, the default and the path of other GPUs).
+DECODE_ROUTER_CASES = [n for n, c in CASES.items()
+                       if c.seq_q <= c.attrs.block_size and c.attrs.threshold < 1.0]
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_reference(op, name):
     check_case(op, CASES[name], seed=hash(name) % 1000)
+
+
+@pytest.mark.parametrize("router", ["cluster", "cta"])
+@pytest.mark.parametrize("name", DECODE_ROUTER_CASES)
+def test_decode_routers_match_reference(op, name, router, monkeypatch):
+    monkeypatch.setenv("ASA_CUDA_CLUSTER_ROUTER", "1" if router == "cluster" else "0")
+    check_case(op, CASES[name], seed=hash(name) % 1000)
+
+
+def test_decode_dispatch_takes_cluster_router(op, monkeypatch):
+    """On Hopper with ASA_CUDA_CLUSTER_ROUTER=1 a decode call routes in one launch of
+    route_cluster_kernel (no logits or select kernel; with caller-kept stats for all but the
+    last block, no pooling launch either), per-head thresholds of 1 keep every visible block
+    there, and ASA_CUDA_CLUSTER_ROUTER=0 gives logits_decode + select_kernel."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("needs a Hopper GPU")
+    monkeypatch.setenv("ASA_CUDA_CLUSTER_ROUTER", "1")
+    case = CASES["decode1_packed_kv131077_d128_bf16_cluster16"]
+    q, k, v, _, _ = make_inputs(case, 2)
+    stats = op.key_block_stats(k, case.attrs)
+
+    def kernels(**kw):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            result = op.route(q, k, case.attrs, **kw)
+            torch.cuda.synchronize()
+        names = {e.name for e in prof.events() if "asa" in e.name}
+        return names, result
+
+    names, _ = kernels(key_block_stats=stats, key_block_stats_blocks=stats.shape[2] - 1)
+    assert any("route_cluster_kernel" in n for n in names), names
+    assert not any(part in n for n in names for part in ("logits", "select", "pool")), names
+    ones = torch.ones(case.heads_q, device="cuda")
+    names, (indices, counts, vis) = kernels(head_thresholds=ones)
+    assert any("route_cluster_kernel" in n for n in names), names
+    assert (counts == vis[:, None]).all() and (counts > 0).all()
+    nk = indices.shape[-1]
+    want = torch.arange(nk, device="cuda", dtype=torch.int32)
+    assert torch.equal(indices, torch.where(want < counts[..., None], want, -1))
+    monkeypatch.setenv("ASA_CUDA_CLUSTER_ROUTER", "0")
+    names, _ = kernels()
+    assert any("select_kernel" in n for n in names), names
+    assert not any("route_cluster_kernel" in n for n in names), names
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
@@ -323,10 +382,14 @@ def test_selection_exact_on_exact_scores(op):
         np.testing.assert_array_equal(counts.cpu().numpy(), ref_counts)
 
 
-def test_selection_exact_ties_many_blocks(op):
-    """More than 512 key blocks (the one-CTA-per-list selection, which sorts values only) with
-    every router probability exactly equal (K = 0: every logit 0, P = 1 / visible): the walk
-    stops inside the run of ties and must keep the lowest block indices, as the reference does."""
+@pytest.mark.parametrize("router", ["cluster", "cta"])
+def test_selection_exact_ties_many_blocks(op, router, monkeypatch):
+    """More than 512 key blocks in decode ("cluster": the cluster router, which ranks (value,
+    index) keys, on Hopper; "cta": the one-CTA-per-list selection, which sorts values only)
+    with every router probability exactly equal (K = 0: every logit 0, P = 1 / visible): the
+    walk stops inside the run of ties and must keep the lowest block indices, as the reference
+    does."""
+    monkeypatch.setenv("ASA_CUDA_CLUSTER_ROUTER", "1" if router == "cluster" else "0")
     nk, d = 600, 64
     q = torch.randn(1, 4, 1, d, generator=torch.Generator().manual_seed(3)).cuda().to(torch.bfloat16)
     k = torch.zeros(1, 2, nk * 64, d, device="cuda", dtype=torch.bfloat16)

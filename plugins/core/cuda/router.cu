@@ -19,6 +19,7 @@
 // forces the full router).
 #include <cstdlib>
 
+#include <cooperative_groups.h>
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
@@ -147,13 +148,14 @@ __global__ void pool_q_kernel(AsaParams p, float* qbar) {
 // for blocks k = first + blockIdx.x, into kbar laid out [B, Hkv, cap, D]. The router's own
 // scratch (cap = NK) and the caller's key_block_stats come from this one kernel, so they agree
 // bit for bit.
+// k̄ of key block k of (batch n, KV head h) into out[D], by the CTA's kPoolThreads threads (every
+// thread must call it). pool_k_kernel and the decode cluster router both pool through it, so
+// their rows agree bit for bit.
 template <typename T>
-__global__ void pool_k_kernel(AsaParams p, float* kbar, int first, int cap) {
-  const int k = first + blockIdx.x, h = blockIdx.y, n = blockIdx.z;
+__device__ void pool_key_block(const AsaParams& p, int n, int h, int k, float* out) {
   const int j0 = k * p.block_size;
   const int j1 = min(j0 + p.block_size, p.seq_kv);
   const T* key = static_cast<const T*>(p.k) + n * p.k_stride_b + h * p.k_stride_h;
-  float* out = kbar + ((static_cast<int64_t>(n) * p.heads_kv + h) * cap + k) * p.head_dim;
   int count = j1 - j0;
   if (p.mask_dtype != ASA_MASK_NONE) {
     count = 0;
@@ -162,6 +164,13 @@ __global__ void pool_k_kernel(AsaParams p, float* kbar, int first, int cap) {
   const float inv = count > 0 ? 1.f / static_cast<float>(count) : 0.f;
   pool_rows(key, p.k_stride_s, j0, j1, p.head_dim, inv,
             [&p, n](int j) { return key_kept(p, n, j); }, out);
+}
+
+template <typename T>
+__global__ void pool_k_kernel(AsaParams p, float* kbar, int first, int cap) {
+  const int k = first + blockIdx.x, h = blockIdx.y, n = blockIdx.z;
+  pool_key_block<T>(p, n, h, k,
+                    kbar + ((static_cast<int64_t>(n) * p.heads_kv + h) * cap + k) * p.head_dim);
 }
 
 enum : uint8_t { kVisible = 1, kForced = 2, kKept = 4 };
@@ -923,6 +932,359 @@ __global__ void __launch_bounds__(32 * kListsPerCta) dense_lists_kernel(AsaParam
   }
 }
 
+// ---- Decode router: one thread-block cluster per list (sm_90) ----
+//
+// Decode (one query block) without the learned gate: q̄, the logits, the softmax, the group
+// average and the contract's walk in one launch, with each list's key blocks split over the C
+// CTAs of a cluster (a slice of S ≤ kSelectThreads blocks per CTA, one per thread), where
+// select_kernel gives a list one CTA and needs the separate logits (and pooling) launches before
+// it. Fresh key blocks (not in the caller's key_block_stats; at most kInlinePoolBlocks) are
+// pooled inside with pool_key_block, so a decode step with caller-kept statistics is this one
+// launch. The CTAs exchange three times through distributed shared memory:
+//   1. per head the slice's softmax max and sum of exp at that max (combined in rank order:
+//      sum = Σ_r s_r · exp(m_r - m)), and the slice's visible and candidate counts;
+//   2. the slice's candidate keys (~bits(P) << 32 | block: ascending = P descending, ties to the
+//      lower block, the contract's order), sorted, and the forced blocks' P and kept flags;
+//   3. each candidate's rank in the whole list (its place in its run plus a binary search in
+//      every other run) places its key into every CTA's rank-ordered array.
+// Every CTA then runs the same float32 walk over that array (forced blocks first in ascending
+// order, then the candidates, left to right, as the reference), so nothing is sent back: it
+// keeps its own candidates ranked below the walk's stop and writes its slice of the ascending
+// list at the number of kept blocks below the slice.
+constexpr int kClusterMax = 16;                   // CTAs per list (above 8 is non-portable)
+constexpr int kClusterMinSlice = 64;              // key blocks per CTA below which C shrinks
+constexpr int kClusterHeads = kDecodeLogitsRows;  // query heads behind one list at most
+constexpr int kInlinePoolBlocks = 2;              // fresh key blocks pooled inside at most
+constexpr int kRankLanes = 16;                    // lanes per candidate in the rank search
+
+// Byte offsets of the cluster router's dynamic shared memory regions (host and device).
+struct ClusterSmem {
+  size_t runs, sorted, forced_p, logits, qs, fresh, forced_kept, bytes;
+  __host__ __device__ static size_t up16(size_t x) { return (x + 15) / 16 * 16; }
+  __host__ __device__ ClusterSmem(int C, int Sp, int nk, int heads, int S, int D) {
+    runs = 0;                                                    // uint64 [C][Sp] sorted runs
+    sorted = runs + up16(sizeof(uint64_t) * C * Sp);             // uint64 [nk] by rank
+    forced_p = sorted + up16(sizeof(uint64_t) * nk);             // float [nk] P of forced blocks
+    logits = forced_p + up16(sizeof(float) * nk);                // float [heads][S]
+    qs = logits + up16(sizeof(float) * heads * S);               // float [heads][D] q̄
+    fresh = qs + up16(sizeof(float) * heads * D);                // float [kInlinePool][D] k̄
+    forced_kept = fresh + up16(sizeof(float) * kInlinePoolBlocks * D);  // uint8 [nk]
+    bytes = forced_kept + up16(nk);
+  }
+};
+
+// Lower bound of `key` in an ascending run of n = 2^m keys: how many are smaller.
+__device__ __forceinline__ int run_lower_bound(const uint64_t* run, int n, uint64_t key) {
+  int pos = 0;
+  for (int step = n >> 1; step > 0; step >>= 1) {
+    if (run[pos + step - 1] < key) pos += step;
+  }
+  return pos + (run[pos] < key ? 1 : 0);
+}
+
+// How many of the n rank-ordered candidate keys the contract's walk keeps (one full warp; the
+// same float32 chain as walk_sorted_warp, starting at the forced blocks' sum `acc`).
+__device__ int walk_count_warp(const uint64_t* keys, int n, float acc, float tau) {
+  const int lane = threadIdx.x % 32;
+  for (int base = 0; base < n; base += 32) {
+    const int t = base + lane;
+    const uint64_t key = t < n ? keys[t] : ~0ull;
+    const float before = walk_step(__uint_as_float(~static_cast<uint32_t>(key >> 32)), acc);
+    const unsigned ends = __ballot_sync(0xffffffffu, t >= n || !(before < tau));
+    if (ends != 0) return min(base + __ffs(ends) - 1, n);
+  }
+  return n;
+}
+
+__device__ int block_sum_int(int v) {
+  using Reduce = cub::BlockReduce<int, kSelectThreads>;
+  __shared__ typename Reduce::TempStorage tmp;
+  __shared__ int result;
+  const int r = Reduce(tmp).Sum(v);
+  if (threadIdx.x == 0) result = r;
+  __syncthreads();
+  const int out = result;
+  __syncthreads();
+  return out;
+}
+
+// Grid (C, B · Hsel), cluster (C, 1, 1): CTA r of list (n, hs) owns key blocks [r·S, r·S + S).
+// `pool_fresh`: key blocks from kbar.cached_blocks on are pooled here (else read from kbar).
+template <typename T>
+__global__ void __launch_bounds__(kSelectThreads) route_cluster_kernel(AsaParams p, Workspace ws,
+                                                                       KeyRows kbar, int S, int Sp,
+                                                                       int pool_fresh) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  // The peers' shared memory must exist before the first remote store: arrive now, wait there.
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+  const int C = static_cast<int>(cluster.num_blocks()), r = static_cast<int>(cluster.block_rank());
+  const int t = threadIdx.x;
+  const int nk = cdiv(p.seq_kv, p.block_size), D = p.head_dim, G = p.heads_q / p.heads_kv;
+  const int hsel = p.select_per ? p.heads_kv : p.heads_q;
+  const int list = blockIdx.y, n = list / hsel, hs = list % hsel;
+  const int heads = p.select_per ? G : 1, h_first = p.select_per ? hs * G : hs;
+  const int64_t bh = static_cast<int64_t>(n) * p.heads_kv + h_first / G;
+  const int k0 = r * S;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const ClusterSmem lay(C, Sp, nk, heads, S, D);
+  uint64_t* runs = reinterpret_cast<uint64_t*>(smem_raw + lay.runs);
+  uint64_t* sorted = reinterpret_cast<uint64_t*>(smem_raw + lay.sorted);
+  float* forced_p = reinterpret_cast<float*>(smem_raw + lay.forced_p);
+  float* lg = reinterpret_cast<float*>(smem_raw + lay.logits);
+  float* qs = reinterpret_cast<float*>(smem_raw + lay.qs);
+  float* fresh = reinterpret_cast<float*>(smem_raw + lay.fresh);
+  uint8_t* forced_kept = smem_raw + lay.forced_kept;
+  __shared__ uint8_t flags[kSelectThreads];  // kVisible | kForced of slice block j
+  __shared__ float stat_m[kClusterMax][kClusterHeads], stat_s[kClusterMax][kClusterHeads];
+  __shared__ int cnt_vis[kClusterMax], cnt_cand[kClusterMax];
+  __shared__ float slice_m[kClusterHeads], slice_s[kClusterHeads];  // this slice's statistics
+  __shared__ float g_m[kClusterHeads], g_s[kClusterHeads];            // the list's
+  __shared__ float red[kHeadsPerPass][kSelectThreads / 32];
+  __shared__ int walk_stop;
+  __shared__ float forced_acc;
+
+  // q̄ of the list's heads (the query block is rows [0, Sq)), as logits_decode_kernel pools it.
+  for (int e = t; e < heads * D; e += kSelectThreads) {
+    const int h = h_first + e / D, d = e % D;
+    const T* q = static_cast<const T*>(p.q) + n * p.q_stride_b + h * p.q_stride_h;
+    float sum = 0.f;
+    for (int row = 0; row < p.seq_q; ++row) sum += to_float(q[row * p.q_stride_s + d]);
+    qs[e] = sum * (1.f / static_cast<float>(p.seq_q));
+  }
+  // Fresh key blocks of this slice (the caller's statistics end before them).
+  const int fresh_first = max(k0, kbar.cached_blocks);
+  if (pool_fresh) {
+    for (int k = fresh_first; k < min(k0 + S, nk); ++k) {
+      pool_key_block<T>(p, n, static_cast<int>(bh % p.heads_kv), k, fresh + (k - fresh_first) * D);
+      __syncthreads();  // pool_rows' scratch is reused by the next block
+    }
+  }
+  __syncthreads();
+
+  // Logits of the slice (D / 32 lanes per key block, every lane's loads in flight at once, as
+  // logits_decode_kernel) and its visibility / forced flags.
+  int lo, hi, c;
+  query_block_keys(p, 0, nk, &lo, &hi, &c);
+  const int L = D / (4 * kDecodeLogitsCols), part = t % L;
+  int my_vis = 0, my_cand = 0;
+  for (int base = 0; base < S; base += kSelectThreads / L) {
+    const int j = base + t / L, k = k0 + j;
+    const bool in = j < S && k < nk;
+    const float4* kb = nullptr;
+    if (in) {
+      kb = reinterpret_cast<const float4*>(pool_fresh && k >= kbar.cached_blocks
+                                               ? fresh + (k - fresh_first) * D
+                                               : kbar.row(bh, k, nk, D));
+    }
+    float4 kv[kDecodeLogitsCols];
+#pragma unroll
+    for (int b = 0; b < kDecodeLogitsCols; ++b) {
+      kv[b] = in ? kb[b * L + part] : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    float acc[kClusterHeads];
+#pragma unroll
+    for (int hh = 0; hh < kClusterHeads; ++hh) {
+      acc[hh] = 0.f;
+      if (hh >= heads) continue;
+      const float4* qb = reinterpret_cast<const float4*>(qs + hh * D);
+#pragma unroll
+      for (int b = 0; b < kDecodeLogitsCols; ++b) {
+        const float4 a = qb[b * L + part];
+        acc[hh] = fmaf(a.x, kv[b].x, acc[hh]);
+        acc[hh] = fmaf(a.y, kv[b].y, acc[hh]);
+        acc[hh] = fmaf(a.z, kv[b].z, acc[hh]);
+        acc[hh] = fmaf(a.w, kv[b].w, acc[hh]);
+      }
+      for (int o = 1; o < L; o <<= 1) acc[hh] += __shfl_xor_sync(0xffffffffu, acc[hh], o);
+      if (part == 0 && in) lg[hh * S + j] = p.scale * acc[hh];
+    }
+    if (part == 0 && in) {
+      const bool vis = key_block_visible(p, ws.kept_prefix, n, k, lo, hi);
+      bool forced = k < p.sink_blocks;
+      if (p.causal) {
+        forced = forced || (k <= c && k > c - p.local_blocks);
+      } else {
+        forced = forced || (abs(k - c) < p.local_blocks);
+      }
+      flags[j] = (vis ? kVisible : 0) | (forced ? kForced : 0);
+      my_vis += vis;
+      my_cand += vis && !forced;
+    }
+  }
+  __syncthreads();
+
+  // 1. Softmax statistics of the slice per head, sent to every CTA with the counts.
+  const int j = t;  // from here on thread j owns slice block k = k0 + j
+  const int k = k0 + j;
+  const bool in = j < S && k < nk;
+  const bool vis = in && (flags[j] & kVisible);
+  const bool forced = in && (flags[j] & kForced);
+  const int nvis_slice = block_sum_int(my_vis), ncand_slice = block_sum_int(my_cand);
+  for (int h0 = 0; h0 < heads; h0 += kHeadsPerPass) {
+    float v[kHeadsPerPass];
+#pragma unroll
+    for (int e = 0; e < kHeadsPerPass; ++e) {
+      v[e] = vis && h0 + e < heads ? lg[(h0 + e) * S + j] : -INFINITY;
+    }
+    reduce_heads<true>(v, red);
+    float s[kHeadsPerPass];
+#pragma unroll
+    for (int e = 0; e < kHeadsPerPass; ++e) {
+      s[e] = vis && h0 + e < heads ? expf(lg[(h0 + e) * S + j] - v[e]) : 0.f;
+    }
+    reduce_heads<false>(s, red);
+    if (t == 0) {
+      for (int e = 0; e < kHeadsPerPass && h0 + e < heads; ++e) {
+        slice_m[h0 + e] = v[e];
+        slice_s[h0 + e] = s[e];
+      }
+    }
+  }
+  __syncthreads();
+  asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
+  if (t < C * heads) {
+    const int peer = t / heads, hh = t % heads;
+    cluster.map_shared_rank(&stat_m[0][0], peer)[r * kClusterHeads + hh] = slice_m[hh];
+    cluster.map_shared_rank(&stat_s[0][0], peer)[r * kClusterHeads + hh] = slice_s[hh];
+  }
+  if (t < C) {
+    cluster.map_shared_rank(cnt_vis, t)[r] = nvis_slice;
+    cluster.map_shared_rank(cnt_cand, t)[r] = ncand_slice;
+  }
+  cluster.sync();
+  if (t < heads) {
+    float m = -INFINITY;
+    for (int q = 0; q < C; ++q) m = fmaxf(m, stat_m[q][t]);
+    float s = 0.f;
+    for (int q = 0; q < C; ++q) {
+      if (stat_m[q][t] > -INFINITY) s += stat_s[q][t] * expf(stat_m[q][t] - m);
+    }
+    g_m[t] = m;
+    g_s[t] = s;
+  }
+  int nvis = 0, ncand = 0, below = 0;  // visible / candidate blocks of the list; kept below k0
+  for (int q = 0; q < C; ++q) {
+    nvis += cnt_vis[q];
+    ncand += cnt_cand[q];
+  }
+  float tau = 0.f;
+  for (int hh = 0; hh < heads; ++hh) {
+    const int h = h_first + hh;
+    tau = fmaxf(tau, p.head_thresholds ? p.head_thresholds[h] : p.threshold);
+  }
+  __syncthreads();
+
+  // P of slice block j: the head's softmax, added over the group's heads in order and divided
+  // by G (select_per 1), as select_kernel computes it.
+  float P = 0.f;
+  for (int hh = 0; hh < heads; ++hh) {
+    const float pk = vis ? expf(lg[hh * S + j] - g_m[hh]) / g_s[hh] : 0.f;
+    P += pk;
+  }
+  if (heads > 1) P /= static_cast<float>(G);
+  bool kept = vis && (tau >= 1.f || forced);
+  const bool cand = vis && !forced && tau < 1.f;
+  const uint64_t key = cand ? (static_cast<uint64_t>(~__float_as_uint(P)) << 32) |
+                                  static_cast<uint32_t>(k)
+                            : ~0ull;
+  if (tau >= 1.f) {  // every visible block is kept (uniform over the cluster)
+    for (int q = 0; q < r; ++q) below += cnt_vis[q];
+  } else {
+    // 2. The slice's candidates sorted into its run, sent to every CTA, and the forced blocks'
+    // probabilities and kept flags.
+    uint64_t* run = runs + r * Sp;
+    if (j < Sp) run[j] = j < S ? key : ~0ull;
+    if (forced) {
+      for (int q = 0; q < C; ++q) {
+        cluster.map_shared_rank(forced_p, q)[k] = kept ? P : 0.f;
+        cluster.map_shared_rank(forced_kept, q)[k] = kept ? 1 : 0;
+      }
+    }
+    __syncthreads();
+    bitonic_sort<Sorter::kBlock>(run, Sp);
+    __syncthreads();
+    for (int e = t; e < C * Sp; e += kSelectThreads) {
+      const int q = e / Sp;
+      if (q != r) cluster.map_shared_rank(runs, q)[r * Sp + e % Sp] = run[e % Sp];
+    }
+    cluster.sync();
+
+    // 3. Ranks: kRankLanes lanes per candidate, lane q searching run q; lane q then stores the
+    // key at its rank in CTA q's array.
+    const int lane = t % kRankLanes;
+    for (int base = 0; base < ncand_slice; base += kSelectThreads / kRankLanes) {
+      const int a = base + t / kRankLanes;  // candidate a of this slice (position in its run)
+      const uint64_t mine = a < ncand_slice ? run[a] : ~0ull;
+      int rank = lane < C && a < ncand_slice ? run_lower_bound(runs + lane * Sp, Sp, mine) : 0;
+      for (int o = kRankLanes / 2; o > 0; o >>= 1) {
+        rank += __shfl_xor_sync(0xffffffffu, rank, o, kRankLanes);
+      }
+      if (lane < C && a < ncand_slice) cluster.map_shared_rank(sorted, lane)[rank] = mine;
+    }
+    cluster.sync();  // no remote access after this barrier
+
+    // The walk, in every CTA alike: forced blocks ascending, then the candidates by rank.
+    if (t == 0) {
+      float acc = 0.f;
+      const int sink_end = min(p.sink_blocks, nk);
+      const int local_lo = max(c - p.local_blocks + 1, 0);
+      const int local_hi = min(p.causal ? c : c + p.local_blocks - 1, nk - 1);
+      for (int q = 0; q < sink_end; ++q) acc += forced_p[q];
+      for (int q = max(sink_end, local_lo); q <= local_hi; ++q) acc += forced_p[q];
+      forced_acc = acc;
+    }
+    __syncthreads();
+    if (t < 32) {
+      const int stop = walk_count_warp(sorted, ncand, forced_acc, tau);
+      if (t == 0) walk_stop = stop;
+    }
+    __syncthreads();
+    const int stop = walk_stop;
+    if (cand && stop > 0 && key <= sorted[stop - 1]) kept = true;
+    // Kept blocks below this slice: forced ones (their flags) and walked ones (their keys).
+    const int sink_end = min(p.sink_blocks, nk);
+    const int local_lo = max(max(c - p.local_blocks + 1, 0), sink_end);
+    const int local_hi = min(p.causal ? c : c + p.local_blocks - 1, nk - 1);
+    int mine = 0;
+    for (int q = t; q < min(sink_end, k0); q += kSelectThreads) mine += forced_kept[q];
+    for (int q = local_lo + t; q <= min(local_hi, k0 - 1); q += kSelectThreads) {
+      mine += forced_kept[q];
+    }
+    for (int q = t; q < stop; q += kSelectThreads) {
+      mine += static_cast<int>(sorted[q] & 0xffffffffu) < k0 ? 1 : 0;
+    }
+    below = block_sum_int(mine);
+  }
+  // Kept blocks of the whole list and this slice's part of the ascending list.
+  using Scan = cub::BlockScan<int, kSelectThreads>;
+  __shared__ typename Scan::TempStorage scan_tmp;
+  int pos = 0;
+  Scan(scan_tmp).ExclusiveSum(kept ? 1 : 0, pos);
+  int total_forced = 0;
+  if (tau < 1.f) {
+    const int sink_end = min(p.sink_blocks, nk);
+    const int local_lo = max(max(c - p.local_blocks + 1, 0), sink_end);
+    const int local_hi = min(p.causal ? c : c + p.local_blocks - 1, nk - 1);
+    int mine = 0;
+    for (int q = t; q < sink_end; q += kSelectThreads) mine += forced_kept[q];
+    for (int q = local_lo + t; q <= local_hi; q += kSelectThreads) mine += forced_kept[q];
+    total_forced = block_sum_int(mine);
+  }
+  __syncthreads();
+  const int total = tau < 1.f ? total_forced + walk_stop : nvis;
+  int32_t* out = ws.block_indices + static_cast<int64_t>(list) * nk;
+  if (kept) out[below + pos] = k;
+  if (in && k >= total) out[k] = -1;
+  if (r == 0 && t == 0) {
+    ws.block_counts[list] = total;
+    if (hs == 0 && ws.visible_counts) ws.visible_counts[n] = nvis;
+  }
+#endif
+}
+
 // Whether the router can write dense lists without routing: τ ≥ 1 from the attribute (per-head
 // thresholds go through the full router). ASA_CUDA_DENSE_FASTPATH=0 in the environment forces the
 // full router (read at each launch; the tests compare both).
@@ -990,6 +1352,99 @@ size_t select_smem_bytes(const AsaParams& p) {
   return static_cast<size_t>(next_pow2(nk)) * 8 + static_cast<size_t>(nk) * 9 + 16;
 }
 
+namespace {
+
+// The decode cluster router's cluster size for these params, 0 when it does not serve them:
+// one query block, no learned gate, logits_decode_kernel's layout (D = 32 · L, at most
+// kDecodeLogitsRows heads per list, 16-byte k̄ rows), D ≤ 256, at most kSelectThreads key blocks
+// per CTA, a compute capability 9.x GPU with the sm_90a code in the library, and a cluster of
+// that size that the GPU can place. C = ceil(NK / 64) up to 16 (8 when 16 does not fit).
+// Opt-in until it has run on a GPU (BENCHMARKS.md optimization step 32): ASA_CUDA_CLUSTER_ROUTER=1
+// in the environment takes it, anything else keeps logits_decode + select (read at each launch;
+// the GPU tests run both).
+bool cluster_fits_device(int C) {
+  static int state[kClusterMax + 1] = {};  // 0 unknown, 1 yes, 2 no; per cluster size
+  if (state[C] == 0) {
+    cudaFuncAttributes attr{};
+    int device = 0, major = 0, clusters = 0;
+    bool ok = cudaGetDevice(&device) == cudaSuccess &&
+              cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) ==
+                  cudaSuccess &&
+              major == 9 &&
+              cudaFuncGetAttributes(&attr, route_cluster_kernel<__nv_bfloat16>) == cudaSuccess &&
+              attr.binaryVersion >= 90;
+    if (ok) {  // the largest shared memory any list of C slices asks for
+      const size_t smem = ClusterSmem(C, kSelectThreads, C * kSelectThreads, kClusterHeads,
+                                      kSelectThreads, 256).bytes;
+      auto kernel = route_cluster_kernel<__nv_bfloat16>;
+      ok = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                static_cast<int>(smem)) == cudaSuccess &&
+           (C <= 8 || cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed,
+                                           1) == cudaSuccess);
+      cudaLaunchConfig_t cfg{};
+      cudaLaunchAttribute attrs[1];
+      attrs[0].id = cudaLaunchAttributeClusterDimension;
+      attrs[0].val.clusterDim.x = C;
+      attrs[0].val.clusterDim.y = 1;
+      attrs[0].val.clusterDim.z = 1;
+      cfg.gridDim = dim3(C, 1, 1);
+      cfg.blockDim = dim3(kSelectThreads, 1, 1);
+      cfg.dynamicSmemBytes = smem;
+      cfg.attrs = attrs;
+      cfg.numAttrs = 1;
+      ok = ok && cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess &&
+           clusters >= 1;
+    }
+    cudaGetLastError();  // a failed query must not leak into the caller's error check
+    state[C] = ok ? 1 : 2;
+  }
+  return state[C] == 1;
+}
+
+int cluster_route_size(const AsaParams& p, int nq, int nk) {
+  const char* env = getenv("ASA_CUDA_CLUSTER_ROUTER");
+  if (env == nullptr || env[0] != '1') return 0;
+  if (nq != 1 || !decode_logits_fits(p, nq) || p.head_dim > 256) return 0;
+  for (int max_c = kClusterMax; max_c >= 8; max_c /= 2) {
+    const int C = min(max_c, cdiv(nk, kClusterMinSlice));
+    if (cdiv(nk, C) > kSelectThreads) return 0;
+    if (cluster_fits_device(C)) return C;
+  }
+  return 0;
+}
+
+template <typename T>
+cudaError_t launch_route_cluster_t(const AsaParams& p, const Workspace& ws, const KeyRows& kbar,
+                                   int C, bool pool_fresh, cudaStream_t stream) {
+  const int nk = cdiv(p.seq_kv, p.block_size);
+  const int heads = p.select_per ? p.heads_q / p.heads_kv : 1;
+  const int lists = p.batch * (p.select_per ? p.heads_kv : p.heads_q);
+  const int S = cdiv(nk, C), Sp = next_pow2(S);
+  const size_t smem = ClusterSmem(C, Sp, nk, heads, S, p.head_dim).bytes;
+  auto kernel = route_cluster_kernel<T>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+  if (err == cudaSuccess && C > 8) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  }
+  if (err != cudaSuccess) return err;
+  cudaLaunchConfig_t cfg{};
+  cudaLaunchAttribute attrs[1];
+  attrs[0].id = cudaLaunchAttributeClusterDimension;
+  attrs[0].val.clusterDim.x = C;
+  attrs[0].val.clusterDim.y = 1;
+  attrs[0].val.clusterDim.z = 1;
+  cfg.gridDim = dim3(C, lists, 1);
+  cfg.blockDim = dim3(kSelectThreads, 1, 1);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attrs;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, p, ws, kbar, S, Sp, pool_fresh ? 1 : 0);
+}
+
+}  // namespace
+
 cudaError_t launch_key_block_stats(const AsaParams& p, float* stats, int first_block,
                                    int capacity, cudaStream_t stream) {
   const bool gate = p.gate_q_weight != nullptr;
@@ -1026,6 +1481,25 @@ cudaError_t launch_route_gated(const AsaParams& p, const Workspace& ws, const Ga
   }
   // Key blocks before `cached` come from the caller's key_block_stats (no key is read for them).
   const int cached = p.key_block_stats ? p.key_block_stats_blocks : 0;
+  const int cap = p.key_block_stats_capacity > 0 ? p.key_block_stats_capacity : nk;
+  // Decode without the gate on Hopper (opt-in, see cluster_route_size): the whole router in one
+  // cluster launch (pool_k first only when more than kInlinePoolBlocks blocks are fresh).
+  const int cluster = gate == nullptr ? cluster_route_size(p, nq, nk) : 0;
+  if (cluster > 0) {
+    const bool pool_fresh = nk - cached <= kInlinePoolBlocks;
+    const KeyRows rows{ws.kbar, p.key_block_stats, cached, cap};
+    switch (p.dtype) {
+      case ASA_FLOAT32:
+        if (!pool_fresh) launch_pool<float>(p, ws, false, true, cached, stream);
+        return launch_route_cluster_t<float>(p, ws, rows, cluster, pool_fresh, stream);
+      case ASA_FLOAT16:
+        if (!pool_fresh) launch_pool<__half>(p, ws, false, true, cached, stream);
+        return launch_route_cluster_t<__half>(p, ws, rows, cluster, pool_fresh, stream);
+      default:
+        if (!pool_fresh) launch_pool<__nv_bfloat16>(p, ws, false, true, cached, stream);
+        return launch_route_cluster_t<__nv_bfloat16>(p, ws, rows, cluster, pool_fresh, stream);
+    }
+  }
   // Decode without the gate: q̄ is pooled inside logits_decode_kernel (one launch fewer).
   const bool fused = gate == nullptr && decode_logits_fits(p, nq);
   switch (p.dtype) {
@@ -1036,8 +1510,7 @@ cudaError_t launch_route_gated(const AsaParams& p, const Workspace& ws, const Ga
   // The logits GEMM runs on q̄ / k̄ (width D, the score scale) or on the gate's embeddings
   // (width Dg, no scale: SPEC.md "Router (learned gate)").
   const float* qe = ws.qbar;
-  KeyRows ke{ws.kbar, p.key_block_stats, cached,
-             p.key_block_stats_capacity > 0 ? p.key_block_stats_capacity : nk};
+  KeyRows ke{ws.kbar, p.key_block_stats, cached, cap};
   int width = p.head_dim;
   float scale = p.scale;
   if (gate) {
