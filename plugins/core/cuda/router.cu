@@ -1068,6 +1068,10 @@ __global__ void __launch_bounds__(kSelectThreads) route_cluster_kernel(AsaParams
   // logits_decode_kernel) and its visibility / forced flags.
   int lo, hi, c;
   query_block_keys(p, 0, nk, &lo, &hi, &c);
+  // The forced blocks: sink [0, sink_end) and the local band [band_lo, band_hi] beyond it.
+  const int sink_end = min(p.sink_blocks, nk);
+  const int band_lo = max(max(c - p.local_blocks + 1, 0), sink_end);
+  const int band_hi = min(p.causal ? c : c + p.local_blocks - 1, nk - 1);
   const int L = D / (4 * kDecodeLogitsCols), part = t % L;
   int my_vis = 0, my_cand = 0;
   for (int base = 0; base < S; base += kSelectThreads / L) {
@@ -1229,11 +1233,8 @@ __global__ void __launch_bounds__(kSelectThreads) route_cluster_kernel(AsaParams
     // The walk, in every CTA alike: forced blocks ascending, then the candidates by rank.
     if (t == 0) {
       float acc = 0.f;
-      const int sink_end = min(p.sink_blocks, nk);
-      const int local_lo = max(c - p.local_blocks + 1, 0);
-      const int local_hi = min(p.causal ? c : c + p.local_blocks - 1, nk - 1);
       for (int q = 0; q < sink_end; ++q) acc += forced_p[q];
-      for (int q = max(sink_end, local_lo); q <= local_hi; ++q) acc += forced_p[q];
+      for (int q = band_lo; q <= band_hi; ++q) acc += forced_p[q];
       forced_acc = acc;
     }
     __syncthreads();
@@ -1245,12 +1246,9 @@ __global__ void __launch_bounds__(kSelectThreads) route_cluster_kernel(AsaParams
     const int stop = walk_stop;
     if (cand && stop > 0 && key <= sorted[stop - 1]) kept = true;
     // Kept blocks below this slice: forced ones (their flags) and walked ones (their keys).
-    const int sink_end = min(p.sink_blocks, nk);
-    const int local_lo = max(max(c - p.local_blocks + 1, 0), sink_end);
-    const int local_hi = min(p.causal ? c : c + p.local_blocks - 1, nk - 1);
     int mine = 0;
     for (int q = t; q < min(sink_end, k0); q += kSelectThreads) mine += forced_kept[q];
-    for (int q = local_lo + t; q <= min(local_hi, k0 - 1); q += kSelectThreads) {
+    for (int q = band_lo + t; q <= min(band_hi, k0 - 1); q += kSelectThreads) {
       mine += forced_kept[q];
     }
     for (int q = t; q < stop; q += kSelectThreads) {
@@ -1265,12 +1263,9 @@ __global__ void __launch_bounds__(kSelectThreads) route_cluster_kernel(AsaParams
   Scan(scan_tmp).ExclusiveSum(kept ? 1 : 0, pos);
   int total_forced = 0;
   if (tau < 1.f) {
-    const int sink_end = min(p.sink_blocks, nk);
-    const int local_lo = max(max(c - p.local_blocks + 1, 0), sink_end);
-    const int local_hi = min(p.causal ? c : c + p.local_blocks - 1, nk - 1);
     int mine = 0;
     for (int q = t; q < sink_end; q += kSelectThreads) mine += forced_kept[q];
-    for (int q = local_lo + t; q <= local_hi; q += kSelectThreads) mine += forced_kept[q];
+    for (int q = band_lo + t; q <= band_hi; q += kSelectThreads) mine += forced_kept[q];
     total_forced = block_sum_int(mine);
   }
   __syncthreads();
