@@ -85,6 +85,13 @@ __device__ __forceinline__ bool key_block_visible(const AsaParams& p, const int3
   return kept_in_range(p, prefix, n, a, b) > 0;
 }
 
+// Whether key block k is forced (SPEC.md "Selection": a sink block, or in the local band around
+// c, the key block of the query block's last row); kept only where visible.
+__device__ __forceinline__ bool block_forced(const AsaParams& p, int k, int c) {
+  if (k < p.sink_blocks) return true;
+  return p.causal ? (k <= c && k > c - p.local_blocks) : abs(k - c) < p.local_blocks;
+}
+
 // Sum of rows [r0, r1) of a [S, D] slice (rows kept by `keep_row`), times `inv`, into out[D].
 // 16-byte loads: thread t reads chunk t % cpr of rows r0 + t / cpr, r0 + t / cpr + rows_par...;
 // the row groups are then added in order through shared memory.
@@ -573,6 +580,24 @@ constexpr int kDecodeLogitsWarps = 4;
 constexpr int kDecodeLogitsCols = 8;  // float4 columns of a k̄ row per lane
 constexpr int kDecodeLogitsRows = 8;  // G · NQ query rows at most (register accumulators)
 
+// One lane's part of q̄ · k̄ for a k̄ row shared by L lanes: its kDecodeLogitsCols float4 columns
+// b·L + part of the row (already loaded into kv) against the same columns of q̄ (shared memory).
+__device__ __forceinline__ float lane_dot(const float* qbar_row,
+                                          const float4 (&kv)[kDecodeLogitsCols], int L,
+                                          int part) {
+  const float4* qb = reinterpret_cast<const float4*>(qbar_row);
+  float acc = 0.f;
+#pragma unroll
+  for (int b = 0; b < kDecodeLogitsCols; ++b) {
+    const float4 a = qb[b * L + part];
+    acc = fmaf(a.x, kv[b].x, acc);
+    acc = fmaf(a.y, kv[b].y, acc);
+    acc = fmaf(a.z, kv[b].z, acc);
+    acc = fmaf(a.w, kv[b].w, acc);
+  }
+  return acc;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(32 * kDecodeLogitsWarps) logits_decode_kernel(
     AsaParams p, KeyRows kbar, float* logits) {
@@ -606,15 +631,7 @@ __global__ void __launch_bounds__(32 * kDecodeLogitsWarps) logits_decode_kernel(
   for (int hr = 0; hr < kDecodeLogitsRows; ++hr) {
     acc[hr] = 0.f;
     if (hr >= rows) continue;
-    const float4* qb = reinterpret_cast<const float4*>(qs + hr * D);
-#pragma unroll
-    for (int b = 0; b < kDecodeLogitsCols; ++b) {
-      const float4 a = qb[b * L + part];
-      acc[hr] = fmaf(a.x, kv[b].x, acc[hr]);
-      acc[hr] = fmaf(a.y, kv[b].y, acc[hr]);
-      acc[hr] = fmaf(a.z, kv[b].z, acc[hr]);
-      acc[hr] = fmaf(a.w, kv[b].w, acc[hr]);
-    }
+    acc[hr] = lane_dot(qs + hr * D, kv, L, part);
   }
 #pragma unroll
   for (int hr = 0; hr < kDecodeLogitsRows; ++hr) {
@@ -690,12 +707,7 @@ __global__ void select_kernel(AsaParams p, Workspace ws, const float* logits, in
   int nvis_local = 0;
   for (int k = threadIdx.x; k < nk; k += kSelectThreads) {
     const bool vis = key_block_visible(p, ws.kept_prefix, n, k, lo, hi);
-    bool forced = k < p.sink_blocks;
-    if (p.causal) {
-      forced = forced || (k <= c && k > c - p.local_blocks);
-    } else {
-      forced = forced || (abs(k - c) < p.local_blocks);
-    }
+    const bool forced = block_forced(p, k, c);
     sm.flags[k] = (vis ? kVisible : 0) | (forced ? kForced : 0);
     sm.pavg[k] = 0.f;
     nvis_local += vis;
@@ -810,12 +822,7 @@ __global__ void __launch_bounds__(32 * kListsPerCta) select_warp_kernel(
   int nvis = 0;
   for (int k = lane; k < nk; k += 32) {
     const bool vis = key_block_visible(p, ws.kept_prefix, n, k, lo, hi);
-    bool forced = k < p.sink_blocks;
-    if (p.causal) {
-      forced = forced || (k <= c && k > c - p.local_blocks);
-    } else {
-      forced = forced || (abs(k - c) < p.local_blocks);
-    }
+    const bool forced = block_forced(p, k, c);
     flags[k] = (vis ? kVisible : 0) | (forced ? kForced : 0);
     pavg[k] = 0.f;
     nvis += vis;
@@ -1093,26 +1100,13 @@ __global__ void __launch_bounds__(kSelectThreads) route_cluster_kernel(AsaParams
     for (int hh = 0; hh < kClusterHeads; ++hh) {
       acc[hh] = 0.f;
       if (hh >= heads) continue;
-      const float4* qb = reinterpret_cast<const float4*>(qs + hh * D);
-#pragma unroll
-      for (int b = 0; b < kDecodeLogitsCols; ++b) {
-        const float4 a = qb[b * L + part];
-        acc[hh] = fmaf(a.x, kv[b].x, acc[hh]);
-        acc[hh] = fmaf(a.y, kv[b].y, acc[hh]);
-        acc[hh] = fmaf(a.z, kv[b].z, acc[hh]);
-        acc[hh] = fmaf(a.w, kv[b].w, acc[hh]);
-      }
+      acc[hh] = lane_dot(qs + hh * D, kv, L, part);
       for (int o = 1; o < L; o <<= 1) acc[hh] += __shfl_xor_sync(0xffffffffu, acc[hh], o);
       if (part == 0 && in) lg[hh * S + j] = p.scale * acc[hh];
     }
     if (part == 0 && in) {
       const bool vis = key_block_visible(p, ws.kept_prefix, n, k, lo, hi);
-      bool forced = k < p.sink_blocks;
-      if (p.causal) {
-        forced = forced || (k <= c && k > c - p.local_blocks);
-      } else {
-        forced = forced || (abs(k - c) < p.local_blocks);
-      }
+      const bool forced = block_forced(p, k, c);
       flags[j] = (vis ? kVisible : 0) | (forced ? kForced : 0);
       my_vis += vis;
       my_cand += vis && !forced;
@@ -1349,6 +1343,37 @@ size_t select_smem_bytes(const AsaParams& p) {
 
 namespace {
 
+// Launch configuration of route_cluster_kernel: grid (C, lists), clusters of C CTAs along x.
+struct ClusterLaunch {
+  cudaLaunchAttribute attrs[1];
+  cudaLaunchConfig_t cfg{};
+  ClusterLaunch(int C, int lists, size_t smem, cudaStream_t stream) {
+    attrs[0].id = cudaLaunchAttributeClusterDimension;
+    attrs[0].val.clusterDim.x = C;
+    attrs[0].val.clusterDim.y = 1;
+    attrs[0].val.clusterDim.z = 1;
+    cfg.gridDim = dim3(C, lists, 1);
+    cfg.blockDim = dim3(kSelectThreads, 1, 1);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = attrs;
+    cfg.numAttrs = 1;
+  }
+  ClusterLaunch(const ClusterLaunch&) = delete;  // cfg.attrs points into this object
+};
+
+// Kernel attributes for clusters of C CTAs with `smem` bytes of dynamic shared memory.
+template <typename T>
+cudaError_t prepare_cluster_kernel(int C, size_t smem) {
+  auto kernel = route_cluster_kernel<T>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+  if (err == cudaSuccess && C > 8) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  }
+  return err;
+}
+
 // The decode cluster router's cluster size for these params, 0 when it does not serve them:
 // one query block, no learned gate, logits_decode_kernel's layout (D = 32 · L, at most
 // kDecodeLogitsRows heads per list, 16-byte k̄ rows), D ≤ 256, at most kSelectThreads key blocks
@@ -1371,23 +1396,10 @@ bool cluster_fits_device(int C) {
     if (ok) {  // the largest shared memory any list of C slices asks for
       const size_t smem = ClusterSmem(C, kSelectThreads, C * kSelectThreads, kClusterHeads,
                                       kSelectThreads, 256).bytes;
-      auto kernel = route_cluster_kernel<__nv_bfloat16>;
-      ok = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                static_cast<int>(smem)) == cudaSuccess &&
-           (C <= 8 || cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed,
-                                           1) == cudaSuccess);
-      cudaLaunchConfig_t cfg{};
-      cudaLaunchAttribute attrs[1];
-      attrs[0].id = cudaLaunchAttributeClusterDimension;
-      attrs[0].val.clusterDim.x = C;
-      attrs[0].val.clusterDim.y = 1;
-      attrs[0].val.clusterDim.z = 1;
-      cfg.gridDim = dim3(C, 1, 1);
-      cfg.blockDim = dim3(kSelectThreads, 1, 1);
-      cfg.dynamicSmemBytes = smem;
-      cfg.attrs = attrs;
-      cfg.numAttrs = 1;
-      ok = ok && cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess &&
+      const ClusterLaunch launch(C, 1, smem, nullptr);
+      ok = prepare_cluster_kernel<__nv_bfloat16>(C, smem) == cudaSuccess &&
+           cudaOccupancyMaxActiveClusters(&clusters, route_cluster_kernel<__nv_bfloat16>,
+                                          &launch.cfg) == cudaSuccess &&
            clusters >= 1;
     }
     cudaGetLastError();  // a failed query must not leak into the caller's error check
@@ -1416,26 +1428,11 @@ cudaError_t launch_route_cluster_t(const AsaParams& p, const Workspace& ws, cons
   const int lists = p.batch * (p.select_per ? p.heads_kv : p.heads_q);
   const int S = cdiv(nk, C), Sp = next_pow2(S);
   const size_t smem = ClusterSmem(C, Sp, nk, heads, S, p.head_dim).bytes;
-  auto kernel = route_cluster_kernel<T>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
-  if (err == cudaSuccess && C > 8) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-  }
+  const cudaError_t err = prepare_cluster_kernel<T>(C, smem);
   if (err != cudaSuccess) return err;
-  cudaLaunchConfig_t cfg{};
-  cudaLaunchAttribute attrs[1];
-  attrs[0].id = cudaLaunchAttributeClusterDimension;
-  attrs[0].val.clusterDim.x = C;
-  attrs[0].val.clusterDim.y = 1;
-  attrs[0].val.clusterDim.z = 1;
-  cfg.gridDim = dim3(C, lists, 1);
-  cfg.blockDim = dim3(kSelectThreads, 1, 1);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cfg.attrs = attrs;
-  cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, kernel, p, ws, kbar, S, Sp, pool_fresh ? 1 : 0);
+  const ClusterLaunch launch(C, lists, smem, stream);
+  return cudaLaunchKernelEx(&launch.cfg, route_cluster_kernel<T>, p, ws, kbar, S, Sp,
+                            pool_fresh ? 1 : 0);
 }
 
 }  // namespace
