@@ -10,6 +10,7 @@ Skipped without a CUDA GPU; the library comes from $ASA_CUDA_LIB or is built wit
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -509,7 +510,7 @@ def test_packed_decode_without_key_split_matches_reference(op, name, monkeypatch
 def test_packed_decode_dispatch_splits_keys(op, monkeypatch):
     """G·Sq ≤ 16 takes the key-split kernel (template flag split_keys = true); 16 rows per head
     group do not, and ASA_CUDA_SPLIT_KEYS=0 turns it off."""
-    split = ", true, true>"
+    split = "true, true"  # packed, split_keys
     names = attention_kernels_run(op, CASES["decode1_kv4099_d128_bf16_group"])
     assert any("attn_mma_kernel" in n and split in n for n in names), names
     names = attention_kernels_run(op, CASES["decode16_packed_kv1025_d64_fp16_softcap_bias_padding"])
@@ -517,6 +518,75 @@ def test_packed_decode_dispatch_splits_keys(op, monkeypatch):
     monkeypatch.setenv("ASA_CUDA_SPLIT_KEYS", "0")
     names = attention_kernels_run(op, CASES["decode1_kv4099_d128_bf16_group"])
     assert names and not any(split in n for n in names), names
+
+
+# The cluster decode attention (ASA_CUDA_DECODE_CLUSTER=1, Hopper only, opt-in; attention_mma.cu
+# launch_decode_cluster): packed split-key decode with block_size 128, 8 warps per CTA over
+# 128-key tiles, the C slices of a list in one cluster merged through distributed shared
+# memory. Cases: 16 slices at 1025 blocks; 6 lists of 40 blocks with padding, per-head bias and
+# softcap (the per-element path); two query rows per head under a window; 3 key blocks (C = 3,
+# not a power of two, partial last block); dense lists at tau 1.
+DECODE_CLUSTER_CASES = {
+    "decode1_packed_kv131077_d128_bf16_cluster16": CASES[
+        "decode1_packed_kv131077_d128_bf16_cluster16"],
+    "decode1_packed_kv5000_d64_fp16_b128_padding_bias_softcap": Case(
+        3, 8, 2, 1, 5000, 64, "fp16", A(causal=True, threshold=0.5, block_size=128,
+                                        select_per=1, softcap=30.0),
+        padding=True, bias=True, bias_per_head=True),
+    "decode2_packed_kv4099_d128_bf16_b128_window": Case(
+        1, 32, 8, 2, 4099, 128, "bf16", A(causal=True, threshold=0.6, select_per=1,
+                                          window=2000, block_size=128)),
+    "decode1_packed_kv300_d128_bf16_three_blocks": Case(
+        2, 8, 2, 1, 300, 128, "bf16", A(causal=True, threshold=0.5, block_size=128,
+                                        select_per=1, local_blocks=1)),
+    "decode1_packed_kv9000_d128_fp16_dense": Case(
+        1, 16, 4, 1, 9000, 128, "fp16", A(causal=True, threshold=1.0, block_size=128,
+                                          select_per=1)),
+}
+
+
+@pytest.mark.parametrize("name", list(DECODE_CLUSTER_CASES))
+def test_decode_cluster_attention_matches_reference(op, name, monkeypatch):
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("needs a Hopper GPU")
+    monkeypatch.setenv("ASA_CUDA_DECODE_CLUSTER", "1")
+    case = DECODE_CLUSTER_CASES[name]
+    check_case(op, case, seed=hash(name) % 1000)
+    # Repeated calls on the same inputs give the same output (no race between the slices).
+    q, k, v, mask, bias = make_inputs(case, 3)
+    first, _ = run_poisoned(op, q, k, v, case.attrs, mask, bias)
+    for _ in range(3):
+        again, _ = run_poisoned(op, q, k, v, case.attrs, mask, bias)
+        assert torch.equal(first, again)
+
+
+def test_decode_dispatch_takes_cluster_attention(op, monkeypatch):
+    """With ASA_CUDA_DECODE_CLUSTER=1 on Hopper, packed split-key decode with block_size 128 runs
+    the 8-warp kernel (template NW = 8) and no merge_kernel; without it, the 4-warp kernel and
+    merge_kernel; block_size 64 keeps the 4-warp kernel."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("needs a Hopper GPU")
+    case = DECODE_CLUSTER_CASES["decode2_packed_kv4099_d128_bf16_b128_window"]
+
+    def kernels(c):
+        q, k, v, _, _ = make_inputs(c, 1)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            run_poisoned(op, q, k, v, c.attrs)
+        return {e.name for e in prof.events() if "asa" in e.name}
+
+    monkeypatch.setenv("ASA_CUDA_DECODE_CLUSTER", "1")
+    names = kernels(case)
+    eight = re.compile(r"attn_mma_kernel<.*true, true, 8>")
+    assert any(eight.search(n) for n in names), names
+    assert not any("merge_kernel" in n for n in names), names
+    names = kernels(CASES["decode1_kv4099_d128_bf16_group"])  # block_size 64
+    assert any("attn_mma_kernel" in n for n in names) and not any(
+        eight.search(n) for n in names), names
+    monkeypatch.setenv("ASA_CUDA_DECODE_CLUSTER", "0")
+    names = kernels(case)
+    assert any("attn_mma_kernel" in n for n in names) and not any(
+        eight.search(n) for n in names), names
+    assert any("merge_kernel" in n for n in names), names
 
 
 @pytest.mark.parametrize("path", ["wgmma", "mma"])

@@ -12,6 +12,8 @@
 // plus its log2-sum-exp2; merge_kernel combines the slices.
 #include <cstdlib>
 
+#include <cooperative_groups.h>
+
 #include "common.cuh"
 #include "kernels.h"
 
@@ -109,16 +111,16 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t stride, 
   }
 }
 
-// Per-thread share of copying 64-row K or V tiles: thread t always copies 16-byte chunk
-// t % (D / 8) of rows t / (D / 8) + i · kRowStep, so its source and shared-memory addresses
-// advance by constants and a tile costs one 64-bit multiply plus one add per copy (the generic
-// index arithmetic of load_tile was half of the decode kernel's instructions).
-template <typename T, int D>
+// Per-thread share of copying TN-row K or V tiles with NT threads: thread t always copies
+// 16-byte chunk t % (D / 8) of rows t / (D / 8) + i · kRowStep, so its source and shared-memory
+// addresses advance by constants and a tile costs one 64-bit multiply plus one add per copy (the
+// generic index arithmetic of load_tile was half of the decode kernel's instructions).
+template <typename T, int D, int TN = kBN, int NT = kThreads>
 struct TileLoader {
   static constexpr int kChunks = D / 8;
-  static constexpr int kRowStep = kThreads / kChunks;
-  static constexpr int kIters = kBN / kRowStep;
-  static_assert(kThreads % kChunks == 0 && kBN % kRowStep == 0, "tile split");
+  static constexpr int kRowStep = NT / kChunks;
+  static constexpr int kIters = TN / kRowStep;
+  static_assert(NT % kChunks == 0 && TN % kRowStep == 0, "tile split");
   const T* base;  // row 0 of the tensor slice
   int64_t stride;
   int row;        // first row of this thread in a tile
@@ -128,13 +130,13 @@ struct TileLoader {
       : base(src), stride(row_stride), row(threadIdx.x / kChunks),
         offset((threadIdx.x % kChunks) * 8) {}
 
-  // Rows [row0, row0 + 64) into the padded tile `dst`; rows at or past `limit` are zero-filled.
+  // Rows [row0, row0 + TN) into the padded tile `dst`; rows at or past `limit` are zero-filled.
   __device__ __forceinline__ void load(T* dst, int row0, int limit) const {
     constexpr int kPitch = D + 8;
     const T* src = base + static_cast<int64_t>(row0 + row) * stride + offset;
     T* out = dst + row * kPitch + offset;
     const int64_t step = kRowStep * stride;
-    if (row0 + kBN <= limit) {
+    if (row0 + TN <= limit) {
 #pragma unroll
       for (int i = 0; i < kIters; ++i) cp_async16(out + i * kRowStep * kPitch, src + i * step, 16);
     } else {
@@ -149,10 +151,10 @@ struct TileLoader {
 
 enum TileKind { kSkip = 0, kFull = 1, kPartial = 2 };
 
-// Classifies key tile [j0, j0 + 64) for query positions [pos_lo, pos_hi].
-__device__ __forceinline__ int classify_tile(const AsaParams& p, int j0, int pos_lo, int pos_hi,
-                                             bool generic) {
-  const int j1 = j0 + kBN - 1;
+// Classifies key tile [j0, j0 + tn) for query positions [pos_lo, pos_hi].
+__device__ __forceinline__ int classify_tile(const AsaParams& p, int j0, int tn, int pos_lo,
+                                             int pos_hi, bool generic) {
+  const int j1 = j0 + tn - 1;
   if (j0 >= p.seq_kv) return kSkip;
   if (p.causal && j0 > pos_hi) return kSkip;
   if (p.window > 0) {
@@ -168,17 +170,34 @@ __device__ __forceinline__ int classify_tile(const AsaParams& p, int j0, int pos
   return kFull;
 }
 
+// Decode (split-KV) CTAs copy their slice's list entries to shared memory before the first tile
+// is issued (kCache): a slice is a few entries, and reading each from global memory in the loop
+// put one dependent L2 round trip in front of every tile's copy. Prefill CTAs read the list in
+// the loop, where the compute of the previous tile hides it.
+constexpr int kListCache = 64;
+
+template <bool kCache>
 struct TileCursor {
   const int32_t* list;
-  int bs, sub, end;
+  const int* cached;  // entries [e0, e0 + ncached) of `list`, in shared memory
+  int e0, ncached;
+  int bs, tn, sub, end;  // block size, keys per tile, tiles per block, end of the tile range
   int pos_lo, pos_hi;
   bool generic;
+
+  __device__ __forceinline__ int entry(int e) const {
+    if constexpr (kCache) {
+      const unsigned c = static_cast<unsigned>(e - e0);
+      if (c < static_cast<unsigned>(ncached)) return cached[c];
+    }
+    return list[e];
+  }
 
   // First tile index >= t that is not skipped, or `end`.
   __device__ __forceinline__ int next(const AsaParams& p, int t, int* kind, int* j0) const {
     for (; t < end; ++t) {
-      *j0 = list[t / sub] * bs + (t % sub) * kBN;
-      *kind = classify_tile(p, *j0, pos_lo, pos_hi, generic);
+      *j0 = entry(t / sub) * bs + (t % sub) * tn;
+      *kind = classify_tile(p, *j0, tn, pos_lo, pos_hi, generic);
       if (*kind != kSkip) return t;
     }
     return end;
@@ -193,20 +212,108 @@ constexpr int kv_stages() { return split_keys ? 3 : 2; }
 template <int MT, bool split_keys>
 constexpr int q_rows() { return split_keys ? 16 : kBM * MT; }
 
-template <typename T, int D, int MT, bool packed, bool split_keys = false>
-__global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Workspace ws) {
+constexpr int kDecodeClusterMax = 16;  // CTAs (slices) per list of the cluster decode kernel
+
+// The cluster decode kernel's merge of its C slices (C = the cluster size, slice s = cluster
+// rank s), the same arithmetic as merge_kernel in the same order. `holder` threads (warp 0)
+// hold the CTA's merged softmax state of the 16 packed rows in mma accumulator layout:
+// o[dt][2·rr + e] is row lane / 4 + 8·rr, column 8·dt + 2·(lane % 4) + e; m and l are per row,
+// l still per thread. `buf` (shared memory, ≥ 16·(D + 1) floats, free by now) receives the
+// slice's normalized output and log2-sum-exp2; every CTA then computes rows·D / C outputs from
+// all slices' buffers through distributed shared memory.
+template <typename T, int D>
+__device__ __forceinline__ void cluster_merge(const AsaParams& p, void* buf, bool holder,
+                                              const float (&o)[D / 8][4], const float (&m)[2],
+                                              const float (&l)[2], int n, int h, int rows) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  float* po = static_cast<float*>(buf);  // [16][D] normalized partial output
+  float* plse = po + 16 * D;             // [16] its log2-sum-exp2 (-inf: nothing visible)
+  if (holder) {
+    const int lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      float lsum = l[rr];
+      lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
+      lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
+      const int rho = g + 8 * rr;
+      const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        po[rho * D + dt * 8 + 2 * tq] = o[dt][2 * rr] * inv;
+        po[rho * D + dt * 8 + 2 * tq + 1] = o[dt][2 * rr + 1] * inv;
+      }
+      if (tq == 0) plse[rho] = lsum > 0.f ? m[rr] + log2f(lsum) : -INFINITY;
+    }
+  }
+  cluster.sync();  // every slice's buffer written (release / acquire at cluster scope)
+  const int C = static_cast<int>(cluster.num_blocks()), r = static_cast<int>(cluster.block_rank());
+  const float* peer_o[kDecodeClusterMax];
+  const float* peer_lse[kDecodeClusterMax];
+#pragma unroll
+  for (int s = 0; s < kDecodeClusterMax; ++s) {
+    if (s < C) {
+      peer_o[s] = cluster.map_shared_rank(po, s);
+      peer_lse[s] = peer_o[s] + 16 * D;
+    }
+  }
+  // Output e = r + C·i (row e / D, column e % D): the CTAs share the rows · D outputs evenly.
+  for (int e = r + C * static_cast<int>(threadIdx.x); e < rows * D; e += C * blockDim.x) {
+    const int rho = e / D, d = e % D;
+    float lse[kDecodeClusterMax], val[kDecodeClusterMax];
+#pragma unroll
+    for (int s = 0; s < kDecodeClusterMax; ++s) {  // every remote load in flight at once
+      lse[s] = s < C ? peer_lse[s][rho] : -INFINITY;
+      val[s] = s < C ? peer_o[s][rho * D + d] : 0.f;
+    }
+    float mx = -INFINITY;
+#pragma unroll
+    for (int s = 0; s < kDecodeClusterMax; ++s) mx = fmaxf(mx, lse[s]);
+    float wsum = 0.f, acc = 0.f;
+#pragma unroll
+    for (int s = 0; s < kDecodeClusterMax; ++s) {
+      if (s < C) {
+        const float w = lse[s] == -INFINITY ? 0.f : exp2f(lse[s] - mx);
+        wsum += w;
+        acc += w * val[s];
+      }
+    }
+    const int hr = h + rho / p.seq_q, row = rho % p.seq_q;
+    T* out = static_cast<T*>(p.out) + n * p.o_stride_b + hr * p.o_stride_h + row * p.o_stride_s;
+    out[d] = from_float<T>(wsum > 0.f ? acc / wsum : 0.f);
+  }
+  cluster.sync();  // no CTA leaves while a peer may still read its buffer
+#else
+  __trap();  // launched only on compute capability 9.x (decode_cluster_size)
+#endif
+}
+
+// Warps per CTA: 4, or 8 for the cluster decode kernel (split keys over 128-key tiles, one CTA
+// per multiprocessor, the slices merged through distributed shared memory; see
+// launch_decode_cluster).
+template <int NW>
+constexpr int ctas_per_sm() { return NW == 8 ? 1 : 2; }
+
+template <typename T, int D, int MT, bool packed, bool split_keys = false, int NW = 4>
+__global__ void __launch_bounds__(32 * NW, ctas_per_sm<NW>())
+    attn_mma_kernel(AsaParams p, Workspace ws) {
   // packed (decode, select_per 1): the CTA serves a whole KV group; its rows are the G heads'
   // Sq <= 16 query rows (row rho = head (rho / Sq) of the group, query row rho % Sq), so each
   // K/V tile is loaded once per group.
   // MT m16 row tiles per warp: a K/V fragment read from shared memory feeds MT mma's.
+  static_assert(NW == 4 || (NW == 8 && split_keys), "8 warps only split the keys of a tile");
+  constexpr bool kCluster = NW == 8;  // slices merged in the cluster, not by merge_kernel
+  constexpr int kThr = 32 * NW;
   constexpr int kRows = kBM * MT;  // query rows per CTA
   constexpr int kPitch = D + 8;
-  constexpr int kTile = kBN * kPitch;
+  constexpr int TN = split_keys ? 16 * NW : kBN;  // keys per K/V tile (16 per warp when split)
+  constexpr int kTile = TN * kPitch;
   constexpr int kStages = kv_stages<split_keys>();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sq = reinterpret_cast<T*>(smem_raw);
-  T* sk = sq + q_rows<MT, split_keys>() * kPitch;  // [kStages][kBN][kPitch]
-  T* sv = sk + kStages * kTile;                      // [kStages][kBN][kPitch]
+  T* sk = sq + q_rows<MT, split_keys>() * kPitch;  // [kStages][TN][kPitch]
+  T* sv = sk + kStages * kTile;                      // [kStages][TN][kPitch]
 
   // Last query tiles first: under a causal mask they hold the most work, so the tail of the
   // grid is made of short CTAs.
@@ -228,17 +335,18 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
   const int hsel = p.select_per ? hkv : h;
   const int hsel_count = p.select_per ? p.heads_kv : p.heads_q;
   const int64_t row = (static_cast<int64_t>(n) * hsel_count + hsel) * nq + q0 / bs;
-  // Split s takes tiles [s·T/S, (s+1)·T/S) of the T = count · (bs / 64) tiles of the list: the
+  // Split s takes tiles [s·T/S, (s+1)·T/S) of the T = count · (bs / TN) tiles of the list: the
   // slices differ by at most one tile, so every split has work (a split per whole block left
   // up to a fifth of the CTAs idle in decode at density 0.1).
   const int count = ws.block_counts[row];
-  const int tiles = count * (bs / kBN);
+  const int tiles = count * (bs / TN);
   const int t_begin = split * tiles / ws.splits, t_end = (split + 1) * tiles / ws.splits;
 
-  TileCursor cur;
+  TileCursor<packed> cur;
   cur.list = ws.block_indices + row * nk;
   cur.bs = bs;
-  cur.sub = bs / kBN;
+  cur.tn = TN;
+  cur.sub = bs / TN;
   cur.end = t_end;
   const int shift = p.seq_kv - p.seq_q;
   cur.pos_lo = q0 + shift;
@@ -254,7 +362,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
 
   if constexpr (packed) {
     const T* qn = static_cast<const T*>(p.q) + n * p.q_stride_b;
-    for (int c = threadIdx.x; c < q_rows<MT, split_keys>() * (D / 8); c += kThreads) {
+    for (int c = threadIdx.x; c < q_rows<MT, split_keys>() * (D / 8); c += kThr) {
       const int rho = c / (D / 8), cc = c % (D / 8);
       const bool ok = rho < packed_rows;
       const T* src = ok ? qn + row_head(rho) * p.q_stride_h +
@@ -265,13 +373,23 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
   } else {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-      load_tile<T, D>(sq + mt * kTile, qg, p.q_stride_s, q0 + mt * kBN, p.seq_q);
+      load_tile<T, D>(sq + mt * kBN * kPitch, qg, p.q_stride_s, q0 + mt * kBN, p.seq_q);
     }
   }
+  if constexpr (packed) {
+    // The slice's list entries (the first kListCache of them) to shared memory for both cursors.
+    __shared__ int list_cache[kListCache];
+    cur.e0 = t_begin / cur.sub;
+    cur.ncached = t_end > t_begin ? min(cdiv(t_end, cur.sub) - cur.e0, kListCache) : 0;
+    cur.cached = list_cache;
+    for (int i = threadIdx.x; i < cur.ncached; i += kThr) list_cache[i] = cur.list[cur.e0 + i];
+    __syncthreads();
+  }
+
   // Two cursors walk the same tiles: `tl` issues loads kStages - 1 tiles ahead of `t`, which
   // computes. Every step commits one cp.async group (empty past the end), so waiting until at
   // most kStages - 1 groups are pending means tile t (and, in the first group, Q) has landed.
-  const TileLoader<T, D> kload(kg, p.k_stride_s), vload(vg, p.v_stride_s);
+  const TileLoader<T, D, TN, kThr> kload(kg, p.k_stride_s), vload(vg, p.v_stride_s);
   int kind = kSkip, j0 = 0;
   int t = cur.next(p, t_begin, &kind, &j0);
   int tl = t, load_stage = 0, stage = 0;
@@ -292,8 +410,8 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) load_next();
 
-  // split_keys (packed decode with G·Sq <= 16): every warp owns the same 16 rows and a quarter
-  // of each 64-key tile (keys [16·warp, 16·warp + 16)); the four partial softmax states are
+  // split_keys (packed decode with G·Sq <= 16): every warp owns the same 16 rows and 16 keys
+  // of each TN-key tile (keys [16·warp, 16·warp + 16)); the NW partial softmax states are
   // merged at the end. Otherwise warp w owns rows [w·16·MT, (w+1)·16·MT) and every key.
   static_assert(!split_keys || (packed && MT == 1), "split_keys is a packed-decode mode");
   constexpr int kNT = split_keys ? 2 : 8;   // n8 score tiles per warp and key tile
@@ -447,7 +565,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
   cp_async_wait<0>();  // only empty groups (or Q, when the slice had no tile) can be pending
 
   if constexpr (split_keys) {
-    // Merge the four warps' softmax states of the same 16 rows into warp 0: M = max_w m_w,
+    // Merge the NW warps' softmax states of the same 16 rows into warp 0: M = max_w m_w,
     // l = Σ_w l_w 2^(m_w − M), o = Σ_w o_w 2^(m_w − M). Lane λ of every warp holds the same
     // (row, column) fragments, so the exchange is lane to lane through the free K/V buffers.
     __syncthreads();
@@ -466,66 +584,74 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
       mine[D / 2 + 3] = l[0][1];
     }
     __syncthreads();
-    if (warp > 0) return;
+    // The 4-warp kernel's other warps are done; the cluster kernel's wait for its merge.
+    if (!kCluster && warp > 0) return;
+    if (warp == 0) {
 #pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      float mx = m[0][rr];
-      for (int w = 1; w < kThreads / 32; ++w) {
-        mx = fmaxf(mx, xch[((w - 1) * 32 + lane) * kVals + D / 2 + rr]);
-      }
-      const float mu = mx == -INFINITY ? 0.f : mx;
-      const float a0 = m[0][rr] == -INFINITY ? 0.f : fast_exp2(m[0][rr] - mu);
-      l[0][rr] *= a0;
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        o[0][dt][2 * rr] *= a0;
-        o[0][dt][2 * rr + 1] *= a0;
-      }
-      for (int w = 1; w < kThreads / 32; ++w) {
-        const float* theirs = xch + ((w - 1) * 32 + lane) * kVals;
-        const float mw = theirs[D / 2 + rr];
-        const float aw = mw == -INFINITY ? 0.f : fast_exp2(mw - mu);
-        l[0][rr] += aw * theirs[D / 2 + 2 + rr];
+      for (int rr = 0; rr < 2; ++rr) {
+        float mx = m[0][rr];
+        for (int w = 1; w < NW; ++w) {
+          mx = fmaxf(mx, xch[((w - 1) * 32 + lane) * kVals + D / 2 + rr]);
+        }
+        const float mu = mx == -INFINITY ? 0.f : mx;
+        const float a0 = m[0][rr] == -INFINITY ? 0.f : fast_exp2(m[0][rr] - mu);
+        l[0][rr] *= a0;
 #pragma unroll
         for (int dt = 0; dt < D / 8; ++dt) {
-          o[0][dt][2 * rr] += aw * theirs[dt * 4 + 2 * rr];
-          o[0][dt][2 * rr + 1] += aw * theirs[dt * 4 + 2 * rr + 1];
+          o[0][dt][2 * rr] *= a0;
+          o[0][dt][2 * rr + 1] *= a0;
         }
+        for (int w = 1; w < NW; ++w) {
+          const float* theirs = xch + ((w - 1) * 32 + lane) * kVals;
+          const float mw = theirs[D / 2 + rr];
+          const float aw = mw == -INFINITY ? 0.f : fast_exp2(mw - mu);
+          l[0][rr] += aw * theirs[D / 2 + 2 + rr];
+#pragma unroll
+          for (int dt = 0; dt < D / 8; ++dt) {
+            o[0][dt][2 * rr] += aw * theirs[dt * 4 + 2 * rr];
+            o[0][dt][2 * rr + 1] += aw * theirs[dt * 4 + 2 * rr + 1];
+          }
+        }
+        m[0][rr] = mx;
       }
-      m[0][rr] = mx;
     }
   }
 
+  if constexpr (kCluster) {
+    cluster_merge<T, D>(p, sv, warp == 0, o[0], m[0], l[0], n, h, packed_rows);
+  } else {
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
+    for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      float lsum = l[mt][rr];
-      lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
-      lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
-      const int rho = wrow + mt * 16 + g + rr * 8;
-      if (!row_valid(rho)) continue;
-      const int r = row_index(rho), hr = row_head(rho);
-      const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
-      if (ws.splits == 1) {
-        T* out = static_cast<T*>(p.out) + n * p.o_stride_b + hr * p.o_stride_h + r * p.o_stride_s;
+      for (int rr = 0; rr < 2; ++rr) {
+        float lsum = l[mt][rr];
+        lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
+        lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
+        const int rho = wrow + mt * 16 + g + rr * 8;
+        if (!row_valid(rho)) continue;
+        const int r = row_index(rho), hr = row_head(rho);
+        const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+        if (ws.splits == 1) {
+          T* out = static_cast<T*>(p.out) + n * p.o_stride_b + hr * p.o_stride_h +
+                   r * p.o_stride_s;
 #pragma unroll
-        for (int dt = 0; dt < D / 8; ++dt) {
-          const int d = dt * 8 + 2 * tq;
-          out[d] = from_float<T>(o[mt][dt][2 * rr] * inv);
-          out[d + 1] = from_float<T>(o[mt][dt][2 * rr + 1] * inv);
+          for (int dt = 0; dt < D / 8; ++dt) {
+            const int d = dt * 8 + 2 * tq;
+            out[d] = from_float<T>(o[mt][dt][2 * rr] * inv);
+            out[d + 1] = from_float<T>(o[mt][dt][2 * rr + 1] * inv);
+          }
+        } else {
+          const int64_t prow =
+              ((static_cast<int64_t>(split) * p.batch + n) * p.heads_q + hr) * p.seq_q + r;
+          float* po = ws.part_o + prow * p.head_dim_v;
+#pragma unroll
+          for (int dt = 0; dt < D / 8; ++dt) {
+            const int d = dt * 8 + 2 * tq;
+            po[d] = o[mt][dt][2 * rr] * inv;
+            po[d + 1] = o[mt][dt][2 * rr + 1] * inv;
+          }
+          if (tq == 0) ws.part_lse[prow] = lsum > 0.f ? m[mt][rr] + log2f(lsum) : -INFINITY;
         }
-      } else {
-        const int64_t prow =
-            ((static_cast<int64_t>(split) * p.batch + n) * p.heads_q + hr) * p.seq_q + r;
-        float* po = ws.part_o + prow * p.head_dim_v;
-#pragma unroll
-        for (int dt = 0; dt < D / 8; ++dt) {
-          const int d = dt * 8 + 2 * tq;
-          po[d] = o[mt][dt][2 * rr] * inv;
-          po[d + 1] = o[mt][dt][2 * rr + 1] * inv;
-        }
-        if (tq == 0) ws.part_lse[prow] = lsum > 0.f ? m[mt][rr] + log2f(lsum) : -INFINITY;
       }
     }
   }
@@ -584,6 +710,101 @@ bool decode_packed(const AsaParams& p) {
   return p.select_per == 1 && p.seq_q <= 16 && G > 1 && G * p.seq_q <= kBM;
 }
 
+// A packed group of at most 16 rows fills one m16 tile: the warps split the keys instead
+// (ASA_CUDA_SPLIT_KEYS=0 keeps the 64-row tile; read at each launch, the tests compare both).
+bool decode_split_keys(const AsaParams& p) {
+  const char* env = getenv("ASA_CUDA_SPLIT_KEYS");
+  return decode_packed(p) && (p.heads_q / p.heads_kv) * p.seq_q <= 16 &&
+         !(env != nullptr && env[0] == '0');
+}
+
+// Whether a cluster of C cluster-decode CTAs (head dim D) can run on this device: compute
+// capability 9.x, the sm_90a code in the library, and room for one such cluster (queried once
+// per C and D).
+template <int D>
+bool decode_cluster_fits(int C) {
+  static int state[kDecodeClusterMax + 1] = {};  // 0 unknown, 1 yes, 2 no
+  if (state[C] == 0) {
+    auto kernel = attn_mma_kernel<__nv_bfloat16, D, 1, true, true, 8>;
+    const size_t smem =
+        static_cast<size_t>(16 + 2 * kv_stages<true>() * 128) * (D + 8) * sizeof(__nv_bfloat16);
+    cudaFuncAttributes attr{};
+    int device = 0, major = 0, clusters = 0;
+    bool ok = cudaGetDevice(&device) == cudaSuccess &&
+              cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) ==
+                  cudaSuccess &&
+              major == 9 && cudaFuncGetAttributes(&attr, kernel) == cudaSuccess &&
+              attr.binaryVersion >= 90 &&
+              cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   static_cast<int>(smem)) == cudaSuccess &&
+              (C <= 8 || cudaFuncSetAttribute(
+                             kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) ==
+                             cudaSuccess);
+    if (ok) {
+      cudaLaunchAttribute cl[1];
+      cl[0].id = cudaLaunchAttributeClusterDimension;
+      cl[0].val.clusterDim.x = 1;
+      cl[0].val.clusterDim.y = 1;
+      cl[0].val.clusterDim.z = C;
+      cudaLaunchConfig_t cfg{};
+      cfg.gridDim = dim3(1, 1, C);
+      cfg.blockDim = dim3(256, 1, 1);
+      cfg.dynamicSmemBytes = smem;
+      cfg.attrs = cl;
+      cfg.numAttrs = 1;
+      ok = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess && clusters >= 1;
+    }
+    cudaGetLastError();  // a failed query must not leak into the caller's error check
+    state[C] = ok ? 1 : 2;
+  }
+  return state[C] == 1;
+}
+
+// Slices per list of the cluster decode kernel for these params (= its cluster size), 0 when it
+// does not serve them. It serves split-keys packed decode with block_size 128 on Hopper: one
+// 8-warp CTA per multiprocessor takes a slice of 128-key tiles, and the C slices of a list, one
+// cluster, merge through distributed shared memory (no merge_kernel launch). C = min(16,
+// SMs / lists, NK), at least 2. Opt-in until it has run on a GPU (BENCHMARKS.md optimization
+// step 33): ASA_CUDA_DECODE_CLUSTER=1 in the environment, read at each call (the workspace
+// size and the launch must see the same value).
+int decode_cluster_size(const AsaParams& p) {
+  const char* env = getenv("ASA_CUDA_DECODE_CLUSTER");
+  if (env == nullptr || env[0] != '1') return 0;
+  if (!mma_path_supported(p) || !decode_split_keys(p) || p.block_size != 128) return 0;
+  const int lists = p.batch * p.heads_kv;
+  const int C = min(min(kDecodeClusterMax, sm_count() / lists), cdiv(p.seq_kv, p.block_size));
+  if (C < 2) return 0;
+  const bool fits = p.head_dim == 64 ? decode_cluster_fits<64>(C) : decode_cluster_fits<128>(C);
+  return fits ? C : 0;
+}
+
+// The cluster decode kernel: grid (1, Hkv, B·C), clusters of the C slices of a list along z
+// (cluster rank = slice), 8 warps and 128-key tiles, one CTA per multiprocessor.
+template <typename T, int D>
+cudaError_t launch_decode_cluster(const AsaParams& p, const Workspace& ws, cudaStream_t stream) {
+  auto kernel = attn_mma_kernel<T, D, 1, true, true, 8>;
+  const size_t smem = static_cast<size_t>(16 + 2 * kv_stages<true>() * 128) * (D + 8) * sizeof(T);
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+  if (err == cudaSuccess && ws.splits > 8) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  }
+  if (err != cudaSuccess) return err;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 1;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = ws.splits;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(1, p.heads_kv, p.batch * ws.splits);
+  cfg.blockDim = dim3(256, 1, 1);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, p, ws);
+}
+
 template <typename T, int D, int MT, bool packed, bool split_keys = false>
 cudaError_t launch_mma(const AsaParams& p, const Workspace& ws, cudaStream_t stream) {
   const size_t smem = static_cast<size_t>(q_rows<MT, split_keys>() +
@@ -613,11 +834,11 @@ cudaError_t launch_mma_dtype(const AsaParams& p, const Workspace& ws, cudaStream
   const bool two = p.block_size == 128 && p.seq_q > 16 && !generic &&
                    ctas_two >= 4 * sm_count();
   const bool packed = decode_packed(p);
-  // A packed group of at most 16 rows fills one m16 tile: the warps split the keys instead
-  // (ASA_CUDA_SPLIT_KEYS=0 keeps the 64-row tile; read at each launch, the tests compare both).
-  const char* split_env = getenv("ASA_CUDA_SPLIT_KEYS");
-  const bool split = packed && (p.heads_q / p.heads_kv) * p.seq_q <= 16 &&
-                     !(split_env != nullptr && split_env[0] == '0');
+  const bool split = decode_split_keys(p);
+  if (split && ws.splits > 1 && ws.splits == decode_cluster_size(p)) {
+    return p.head_dim == 64 ? launch_decode_cluster<T, 64>(p, ws, stream)
+                            : launch_decode_cluster<T, 128>(p, ws, stream);
+  }
   if (p.head_dim == 64) {
     if (split) return launch_mma<T, 64, 1, true, true>(p, ws, stream);
     if (packed) return launch_mma<T, 64, 1, true>(p, ws, stream);
@@ -663,6 +884,7 @@ bool mma_path_supported(const AsaParams& p) {
 
 int choose_splits(const AsaParams& p) {
   if (!mma_path_supported(p) || p.seq_q > 16) return 1;
+  if (const int C = decode_cluster_size(p)) return C;
   const int sms = sm_count();
   // One query tile per head when Sq <= 16, one per KV group when packed.
   const int ctas = p.batch * (decode_packed(p) ? p.heads_kv : p.heads_q);
