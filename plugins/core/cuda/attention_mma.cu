@@ -718,12 +718,11 @@ bool decode_split_keys(const AsaParams& p) {
          !(env != nullptr && env[0] == '0');
 }
 
-// Whether a cluster of C cluster-decode CTAs (head dim D) can run on this device: compute
-// capability 9.x, the sm_90a code in the library, and room for one such cluster (queried once
-// per C and D).
+// How many clusters of C cluster-decode CTAs (head dim D) this device runs at once: 0 without
+// compute capability 9.x or the sm_90a code in the library (queried once per C and D).
 template <int D>
-bool decode_cluster_fits(int C) {
-  static int state[kDecodeClusterMax + 1] = {};  // 0 unknown, 1 yes, 2 no
+int decode_clusters_resident(int C) {
+  static int state[kDecodeClusterMax + 1] = {};  // 0 unknown, else clusters + 1
   if (state[C] == 0) {
     auto kernel = attn_mma_kernel<__nv_bfloat16, D, 1, true, true, 8>;
     const size_t smem =
@@ -752,30 +751,34 @@ bool decode_cluster_fits(int C) {
       cfg.dynamicSmemBytes = smem;
       cfg.attrs = cl;
       cfg.numAttrs = 1;
-      ok = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess && clusters >= 1;
+      ok = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess;
     }
     cudaGetLastError();  // a failed query must not leak into the caller's error check
-    state[C] = ok ? 1 : 2;
+    state[C] = 1 + (ok ? clusters : 0);
   }
-  return state[C] == 1;
+  return state[C] - 1;
 }
 
 // Slices per list of the cluster decode kernel for these params (= its cluster size), 0 when it
 // does not serve them. It serves split-keys packed decode with block_size 128 on Hopper: one
 // 8-warp CTA per multiprocessor takes a slice of 128-key tiles, and the C slices of a list, one
-// cluster, merge through distributed shared memory (no merge_kernel launch). C = min(16,
-// SMs / lists, NK), at least 2. Opt-in until it has run on a GPU (BENCHMARKS.md optimization
-// step 33): ASA_CUDA_DECODE_CLUSTER=1 in the environment, read at each call (the workspace
-// size and the launch must see the same value).
+// cluster, merge through distributed shared memory (no merge_kernel launch). C is the largest
+// size ≤ min(16, SMs / lists, NK) whose clusters all run at once (one per list), at least 2.
+// Opt-in until it has run on a GPU (BENCHMARKS.md optimization step 33):
+// ASA_CUDA_DECODE_CLUSTER=1 in the environment, read at each call (the workspace size and the
+// launch must see the same value).
 int decode_cluster_size(const AsaParams& p) {
   const char* env = getenv("ASA_CUDA_DECODE_CLUSTER");
   if (env == nullptr || env[0] != '1') return 0;
   if (!mma_path_supported(p) || !decode_split_keys(p) || p.block_size != 128) return 0;
   const int lists = p.batch * p.heads_kv;
-  const int C = min(min(kDecodeClusterMax, sm_count() / lists), cdiv(p.seq_kv, p.block_size));
-  if (C < 2) return 0;
-  const bool fits = p.head_dim == 64 ? decode_cluster_fits<64>(C) : decode_cluster_fits<128>(C);
-  return fits ? C : 0;
+  for (int C = min(min(kDecodeClusterMax, sm_count() / lists), cdiv(p.seq_kv, p.block_size));
+       C >= 2; --C) {
+    const int resident = p.head_dim == 64 ? decode_clusters_resident<64>(C)
+                                          : decode_clusters_resident<128>(C);
+    if (resident >= lists) return C;
+  }
+  return 0;
 }
 
 // The cluster decode kernel: grid (1, Hkv, B·C), clusters of the C slices of a list along z
