@@ -19,8 +19,10 @@ import dataclasses
 import json
 import math
 import pathlib
+import re
 import statistics
 import sys
+import tempfile
 
 import torch
 
@@ -306,21 +308,33 @@ def bench_decode(args, kv: int, rows: list):
         print(json.dumps(rows[-1]), flush=True)
 
 
+def short_kernel_name(name: str) -> str:
+    """`void asa::cuda::(anonymous namespace)::select_kernel<float>(AsaParams, ...)` -> `select_kernel`."""
+    name = name.replace("(anonymous namespace)::", "").removeprefix("void ")
+    match = re.match(r"[\w:]+", name)
+    return match.group(0).split("::")[-1] if match else name
+
+
 def kernel_times_us(fn, reps: int = 50) -> dict:
     """Mean GPU time per call of each kernel that `fn` launches (torch profiler over a warm
-    loop), by short kernel name, in microseconds."""
+    loop), keyed by short kernel name and launch grid, in microseconds."""
     fn()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             fn()
         torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = pathlib.Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text()).get("traceEvents", [])
     totals: dict = {}
-    for e in prof.events():
-        if e.device_type != torch.autograd.DeviceType.CUDA:
+    for e in events:
+        if e.get("cat") != "kernel":
             continue
-        name = e.name.split("(")[0].split("<")[0].split("::")[-1].split(" ")[-1]
-        totals[name] = totals.get(name, 0.0) + e.device_time / reps
+        grid = "x".join(str(g) for g in e.get("args", {}).get("grid", []))
+        key = f"{short_kernel_name(e['name'])}[{grid}]"
+        totals[key] = totals.get(key, 0.0) + e.get("dur", 0.0) / reps
     return {k: round(v, 2) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 

@@ -1,0 +1,28 @@
+"""tools/bench_kernels.py helpers that run without a GPU: kernel names from the profiler."""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import pytest
+
+pytest.importorskip("torch")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "tools"))
+
+import bench_kernels as bench  # noqa: E402
+
+
+@pytest.mark.parametrize("name,short", [
+    # Kernels in an anonymous namespace: the old split on "(" left an empty name for all of
+    # them, so --decode-kernels summed every kernel under one key.
+    ("void asa::cuda::(anonymous namespace)::select_kernel<float>(AsaParams, "
+     "asa::cuda::Workspace, int)", "select_kernel"),
+    ("void asa::cuda::(anonymous namespace)::attn_mma_kernel<__nv_bfloat16, 128, 1, true, "
+     "true, 8>(AsaParams, asa::cuda::Workspace)", "attn_mma_kernel"),
+    ("void asa::cuda::merge_kernel<__half>(AsaParams, asa::cuda::Workspace)", "merge_kernel"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop",
+     "cudnn_generated_fort_native_sdpa_sm90_flash_fprop"),
+])
+def test_short_kernel_name(name, short):
+    assert bench.short_kernel_name(name) == short
