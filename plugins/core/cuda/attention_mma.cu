@@ -764,9 +764,9 @@ int decode_clusters_resident(int C) {
 // 8-warp CTA per multiprocessor takes a slice of 128-key tiles, and the C slices of a list, one
 // cluster, merge through distributed shared memory (no merge_kernel launch). C is the largest
 // size ≤ min(16, SMs / lists, NK) whose clusters all run at once (one per list), at least 2.
-// Opt-in until it has run on a GPU (BENCHMARKS.md optimization step 33):
-// ASA_CUDA_DECODE_CLUSTER=1 in the environment, read at each call (the workspace size and the
-// launch must see the same value).
+// Opt-in, since it measured slower than the 4-warp kernel + merge_kernel on an H200
+// (BENCHMARKS.md optimization step 33): ASA_CUDA_DECODE_CLUSTER=1 in the environment, read at
+// each call (the workspace size and the launch must see the same value).
 int decode_cluster_size(const AsaParams& p) {
   const char* env = getenv("ASA_CUDA_DECODE_CLUSTER");
   if (env == nullptr || env[0] != '1') return 0;

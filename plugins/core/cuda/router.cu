@@ -1379,9 +1379,9 @@ cudaError_t prepare_cluster_kernel(int C, size_t smem) {
 // kDecodeLogitsRows heads per list, 16-byte k̄ rows), D ≤ 256, at most kSelectThreads key blocks
 // per CTA, a compute capability 9.x GPU with the sm_90a code in the library, and a cluster of
 // that size that the GPU can place. C = ceil(NK / 64) up to 16 (8 when 16 does not fit).
-// Opt-in until it has run on a GPU (BENCHMARKS.md optimization step 32): ASA_CUDA_CLUSTER_ROUTER=1
-// in the environment takes it, anything else keeps logits_decode + select (read at each launch;
-// the GPU tests run both).
+// Opt-in, since it measured slower than logits_decode + select on an H200 (BENCHMARKS.md
+// optimization step 32): ASA_CUDA_CLUSTER_ROUTER=1 in the environment takes it, anything else
+// keeps logits_decode + select (read at each launch; the GPU tests run both).
 bool cluster_fits_device(int C) {
   static int state[kClusterMax + 1] = {};  // 0 unknown, 1 yes, 2 no; per cluster size
   if (state[C] == 0) {
