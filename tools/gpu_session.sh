@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device call for the CUDA kernel core: build libasa_cuda.so (sm_90a + sm_80), run the GPU
 # tests, run the kernel benchmark. Logs land under $OUT (the device tool brings them back).
-#   tools/gpu_session.sh [all|test|bench] [extra bench_kernels.py args...]
+#   tools/gpu_session.sh [all|test|bench|diag|decode] [extra bench_kernels.py args...]
 # ASA_PREBUILT=path/libasa_cuda.so skips the build when that library loads here (built on the
 # CPU machine with the same nvcc, carried in an ignored folder; saves device time); then the
 # compile test is left to the CPU machine. BENCH_TAG names a second benchmark's logs.
@@ -51,4 +51,21 @@ if [ "$MODE" = diag ]; then
     --metrics gpu__time_duration.sum python3 tools/bench_kernels.py --profile-router \
     > "$OUT/ncu_router.log" 2>&1
   grep -E "pool|select|attn|merge|logits|feature|project|gpu__time" "$OUT/ncu_router.log" | head -60
+fi
+if [ "$MODE" = decode ]; then
+  # Decode A/B (BENCHMARKS.md steps 32-33): the default path and each opt-in cluster path, one
+  # process each, per-kernel times with launch grids; then ncu launch / occupancy / warp-state
+  # sections of the cluster kernels under both variables.
+  for cfg in "default 0 0" "cluster_router 1 0" "cluster_attention 0 1" "both 1 1"; do
+    set -- $cfg
+    ASA_CUDA_CLUSTER_ROUTER=$2 ASA_CUDA_DECODE_CLUSTER=$3 timeout 90 python3 tools/bench_kernels.py \
+      --seqs --decode-kv 131072 32768 --densities 0.1 0.4 --decode-kernels > "$OUT/decode_$1.log" 2>&1
+    echo "== $1"; grep -v '^{' "$OUT/decode_$1.log" | sed -n '/CUDA graph replay/,$p'
+  done
+  ASA_CUDA_CLUSTER_ROUTER=1 ASA_CUDA_DECODE_CLUSTER=1 timeout 150 ncu --clock-control none \
+    --kernel-name regex:"route_cluster|attn_mma" --launch-count 4 --section LaunchStats \
+    --section Occupancy --section WarpStateStats --section SpeedOfLight \
+    python3 tools/bench_kernels.py --profile-router > "$OUT/ncu_decode_cluster.txt" 2>&1
+  grep -E "^  [a-z].*\(|Duration|Cluster Size|Grid Size|Achieved Occupancy|DRAM Throughput" \
+    "$OUT/ncu_decode_cluster.txt" | sed 's/(AsaParams.*)//' | head -40
 fi
