@@ -9,7 +9,9 @@
 // that every row sees completely take a fast path without per-element masking; boundary tiles
 // and the softcap / bias / padding-mask cases check each element. With split-KV (decode,
 // ws.splits > 1) each CTA handles a slice of the kept list and writes a normalized partial output
-// plus its log2-sum-exp2; merge_kernel combines the slices.
+// plus its log2-sum-exp2; merge_kernel combines the slices (opt-in on Hopper: the cluster
+// decode kernel, 8 warps over 128-key tiles, merges the slices of a list inside a thread-block
+// cluster instead; launch_decode_cluster).
 #include <cstdlib>
 
 #include <cooperative_groups.h>
@@ -584,7 +586,7 @@ __global__ void __launch_bounds__(32 * NW, ctas_per_sm<NW>())
       mine[D / 2 + 3] = l[0][1];
     }
     __syncthreads();
-    // The 4-warp kernel's other warps are done; the cluster kernel's wait for its merge.
+    // The 4-warp kernel's other warps are done; the cluster kernel's take part in its merge.
     if (!kCluster && warp > 0) return;
     if (warp == 0) {
 #pragma unroll
