@@ -720,40 +720,57 @@ bool decode_split_keys(const AsaParams& p) {
          !(env != nullptr && env[0] == '0');
 }
 
+// The cluster decode kernel (head dim D): its shared memory (16 query rows and the K/V ring of
+// 128-key tiles), the kernel attributes for clusters of C, and the launch configuration with
+// grid (1, Hkv, B·C) and clusters of the C slices of a list along z (cluster rank = slice). One
+// copy for the occupancy query and the launch.
+template <typename T, int D>
+struct DecodeClusterLaunch {
+  static constexpr size_t kSmem =
+      static_cast<size_t>(16 + 2 * kv_stages<true>() * 128) * (D + 8) * sizeof(T);
+  static constexpr auto kernel = attn_mma_kernel<T, D, 1, true, true, 8>;
+  cudaLaunchAttribute attrs[1];
+  cudaLaunchConfig_t cfg{};
+  DecodeClusterLaunch(int C, int heads_kv, int batch, cudaStream_t stream) {
+    attrs[0].id = cudaLaunchAttributeClusterDimension;
+    attrs[0].val.clusterDim.x = 1;
+    attrs[0].val.clusterDim.y = 1;
+    attrs[0].val.clusterDim.z = C;
+    cfg.gridDim = dim3(1, heads_kv, batch * C);
+    cfg.blockDim = dim3(256, 1, 1);
+    cfg.dynamicSmemBytes = kSmem;
+    cfg.stream = stream;
+    cfg.attrs = attrs;
+    cfg.numAttrs = 1;
+  }
+  DecodeClusterLaunch(const DecodeClusterLaunch&) = delete;  // cfg.attrs points into this object
+  static cudaError_t prepare(int C) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(kSmem));
+    if (err == cudaSuccess && C > 8) {
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    }
+    return err;
+  }
+};
+
 // How many clusters of C cluster-decode CTAs (head dim D) this device runs at once: 0 without
 // compute capability 9.x or the sm_90a code in the library (queried once per C and D).
 template <int D>
 int decode_clusters_resident(int C) {
   static int state[kDecodeClusterMax + 1] = {};  // 0 unknown, else clusters + 1
   if (state[C] == 0) {
-    auto kernel = attn_mma_kernel<__nv_bfloat16, D, 1, true, true, 8>;
-    const size_t smem =
-        static_cast<size_t>(16 + 2 * kv_stages<true>() * 128) * (D + 8) * sizeof(__nv_bfloat16);
+    using Launch = DecodeClusterLaunch<__nv_bfloat16, D>;
     cudaFuncAttributes attr{};
     int device = 0, major = 0, clusters = 0;
     bool ok = cudaGetDevice(&device) == cudaSuccess &&
               cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) ==
                   cudaSuccess &&
-              major == 9 && cudaFuncGetAttributes(&attr, kernel) == cudaSuccess &&
-              attr.binaryVersion >= 90 &&
-              cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                   static_cast<int>(smem)) == cudaSuccess &&
-              (C <= 8 || cudaFuncSetAttribute(
-                             kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) ==
-                             cudaSuccess);
+              major == 9 && cudaFuncGetAttributes(&attr, Launch::kernel) == cudaSuccess &&
+              attr.binaryVersion >= 90 && Launch::prepare(C) == cudaSuccess;
     if (ok) {
-      cudaLaunchAttribute cl[1];
-      cl[0].id = cudaLaunchAttributeClusterDimension;
-      cl[0].val.clusterDim.x = 1;
-      cl[0].val.clusterDim.y = 1;
-      cl[0].val.clusterDim.z = C;
-      cudaLaunchConfig_t cfg{};
-      cfg.gridDim = dim3(1, 1, C);
-      cfg.blockDim = dim3(256, 1, 1);
-      cfg.dynamicSmemBytes = smem;
-      cfg.attrs = cl;
-      cfg.numAttrs = 1;
-      ok = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess;
+      const Launch launch(C, 1, 1, nullptr);
+      ok = cudaOccupancyMaxActiveClusters(&clusters, Launch::kernel, &launch.cfg) == cudaSuccess;
     }
     cudaGetLastError();  // a failed query must not leak into the caller's error check
     state[C] = 1 + (ok ? clusters : 0);
@@ -783,31 +800,13 @@ int decode_cluster_size(const AsaParams& p) {
   return 0;
 }
 
-// The cluster decode kernel: grid (1, Hkv, B·C), clusters of the C slices of a list along z
-// (cluster rank = slice), 8 warps and 128-key tiles, one CTA per multiprocessor.
 template <typename T, int D>
 cudaError_t launch_decode_cluster(const AsaParams& p, const Workspace& ws, cudaStream_t stream) {
-  auto kernel = attn_mma_kernel<T, D, 1, true, true, 8>;
-  const size_t smem = static_cast<size_t>(16 + 2 * kv_stages<true>() * 128) * (D + 8) * sizeof(T);
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
-  if (err == cudaSuccess && ws.splits > 8) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-  }
+  using Launch = DecodeClusterLaunch<T, D>;
+  const cudaError_t err = Launch::prepare(ws.splits);
   if (err != cudaSuccess) return err;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = 1;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = ws.splits;
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(1, p.heads_kv, p.batch * ws.splits);
-  cfg.blockDim = dim3(256, 1, 1);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, kernel, p, ws);
+  const Launch launch(ws.splits, p.heads_kv, p.batch, stream);
+  return cudaLaunchKernelEx(&launch.cfg, Launch::kernel, p, ws);
 }
 
 template <typename T, int D, int MT, bool packed, bool split_keys = false>
