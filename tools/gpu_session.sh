@@ -53,19 +53,23 @@ if [ "$MODE" = diag ]; then
   grep -E "pool|select|attn|merge|logits|feature|project|gpu__time" "$OUT/ncu_router.log" | head -60
 fi
 if [ "$MODE" = decode ]; then
-  # Decode A/B (BENCHMARKS.md steps 32-33): the default path and each opt-in cluster path, one
-  # process each, per-kernel times with launch grids; then ncu launch / occupancy / warp-state
-  # sections of the cluster kernels under both variables.
-  for cfg in "default 0 0" "cluster_router 1 0" "cluster_attention 0 1" "both 1 1"; do
+  # Decode A/B (BENCHMARKS.md optimization steps 34-35): chained launches (ASA_CUDA_PDL) and the
+  # selection's candidate cutoff (ASA_CUDA_SELECT_CUTOFF) on and off, one process each, with
+  # per-kernel times and launch grids (ASA_CUDA_PDL=0 for those: a chained kernel's time includes
+  # its wait for the previous one); then ncu's stall sampling of select_kernel per source line.
+  for cfg in "pdl0_cut0 0 0" "pdl0_cut1 0 1" "pdl1_cut1 1 1"; do
     set -- $cfg
-    ASA_CUDA_CLUSTER_ROUTER=$2 ASA_CUDA_DECODE_CLUSTER=$3 timeout 90 python3 tools/bench_kernels.py \
+    ASA_CUDA_PDL=$2 ASA_CUDA_SELECT_CUTOFF=$3 timeout 100 python3 tools/bench_kernels.py \
       --seqs --decode-kv 131072 32768 --densities 0.1 0.4 --decode-kernels > "$OUT/decode_$1.log" 2>&1
     echo "== $1"; grep -v '^{' "$OUT/decode_$1.log" | sed -n '/CUDA graph replay/,$p'
   done
-  ASA_CUDA_CLUSTER_ROUTER=1 ASA_CUDA_DECODE_CLUSTER=1 timeout 150 ncu --clock-control none \
-    --kernel-name regex:"route_cluster|attn_mma" --launch-count 4 --section LaunchStats \
-    --section Occupancy --section WarpStateStats --section SpeedOfLight \
-    python3 tools/bench_kernels.py --profile-router > "$OUT/ncu_decode_cluster.txt" 2>&1
-  grep -E "^  [a-z].*\(|Duration|Cluster Size|Grid Size|Achieved Occupancy|DRAM Throughput" \
-    "$OUT/ncu_decode_cluster.txt" | sed 's/(AsaParams.*)//' | head -40
+  timeout 120 ncu --clock-control none --kernel-name regex:"select_kernel" --launch-count 1 \
+    --section LaunchStats --section WarpStateStats --section SourceCounters \
+    --import-source yes -o "$OUT/select" -f \
+    python3 tools/bench_kernels.py --profile-router > "$OUT/ncu_select_run.txt" 2>&1
+  { ncu -i "$OUT/select.ncu-rep" --page details; echo "=== source";
+    ncu -i "$OUT/select.ncu-rep" --page source --csv --print-source cuda; } \
+    > "$OUT/ncu_select.txt" 2>&1
+  rm -f "$OUT/select.ncu-rep"
+  grep -E "Duration|Warp Cycles Per Issued" "$OUT/ncu_select.txt" | head -5
 fi

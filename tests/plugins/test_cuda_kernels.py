@@ -10,7 +10,6 @@ Skipped without a CUDA GPU; the library comes from $ASA_CUDA_LIB or is built wit
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import numpy as np
 import pytest
@@ -266,10 +265,9 @@ CASES = {
     "decode1_packed_kv70000_d128_bf16_cta_select": Case(
         1, 16, 4, 1, 70000, 128, "bf16", A(causal=True, threshold=0.3, block_size=128,
                                            select_per=1)),
-    # Decode cases for the cluster router (router.cu route_cluster_kernel): 1025 key
-    # blocks = 16 CTAs of 65; forced sink / local ranges across several CTAs' slices; a
-    # non-causal decode (local band on both sides of the last block) in fp32.
-    "decode1_packed_kv131077_d128_bf16_cluster16": Case(
+    # Long decode lists (1025 key blocks: the selection's candidate cutoff), wide forced sink
+    # and local ranges, a non-causal decode (local band on both sides of the last block) in fp32.
+    "decode1_packed_kv131077_d128_bf16_1025_blocks": Case(
         1, 8, 2, 1, 131077, 128, "bf16", A(causal=True, threshold=0.2, block_size=128,
                                            select_per=1)),
     "decode1_kv40000_d64_bf16_wide_forced": Case(
@@ -279,58 +277,50 @@ CASES = {
         2, 4, 2, 3, 5000, 64, "fp32", A(threshold=0.6, local_blocks=2, select_per=1)),
 }
 
-# Decode cases (one query block) of CASES below tau 1, run through both decode routers:
-# "cluster" (ASA_CUDA_CLUSTER_ROUTER=1, Hopper only, opt-in) and "cta" (logits_decode +
-# select_kernel, the default and the path of other GPUs).
-DECODE_ROUTER_CASES = [n for n, c in CASES.items()
-                       if c.seq_q <= c.attrs.block_size and c.attrs.threshold < 1.0]
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_reference(op, name):
     check_case(op, CASES[name], seed=hash(name) % 1000)
 
 
-@pytest.mark.parametrize("router", ["cluster", "cta"])
-@pytest.mark.parametrize("name", DECODE_ROUTER_CASES)
-def test_decode_routers_match_reference(op, name, router, monkeypatch):
-    monkeypatch.setenv("ASA_CUDA_CLUSTER_ROUTER", "1" if router == "cluster" else "0")
-    check_case(op, CASES[name], seed=hash(name) % 1000)
+@pytest.mark.parametrize("name", ["decode1_packed_kv131077_d128_bf16_1025_blocks",
+                                  "decode1_kv40000_d64_bf16_wide_forced",
+                                  "decode1_packed_kv70000_d128_bf16_cta_select"])
+@pytest.mark.parametrize("tau", [0.02, 0.3, 0.9, 0.999])
+def test_select_candidate_cutoff_keeps_the_lists(op, name, tau, monkeypatch):
+    """select_kernel sorts only the candidates a histogram says the walk can reach (router.cu
+    candidate_cut); the walk's float32 sums decide, so the lists must equal those of the full
+    sort (ASA_CUDA_SELECT_CUTOFF=0) exactly, from tau that keeps a few blocks to tau that keeps
+    almost all."""
+    case = CASES[name]
+    attrs = dataclasses.replace(case.attrs, threshold=tau)
+    q, k, v, mask, _ = make_inputs(case, 5)
+    lists = {}
+    for cutoff in ("1", "0"):
+        monkeypatch.setenv("ASA_CUDA_SELECT_CUTOFF", cutoff)
+        lists[cutoff] = op.route(q, k, attrs, key_padding_mask=mask)
+    for a, b in zip(lists["1"], lists["0"]):
+        assert torch.equal(a, b)
+    counts, vis = lists["1"][1], lists["1"][2]
+    assert (counts > 0).all() and (counts <= vis[:, None]).all()
 
 
-def test_decode_dispatch_takes_cluster_router(op, monkeypatch):
-    """On Hopper with ASA_CUDA_CLUSTER_ROUTER=1 a decode call routes in one launch of
-    route_cluster_kernel (no logits or select kernel; with caller-kept stats for all but the
-    last block, no pooling launch either), per-head thresholds of 1 keep every visible block
-    there, and ASA_CUDA_CLUSTER_ROUTER=0 gives logits_decode + select_kernel."""
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("needs a Hopper GPU")
-    monkeypatch.setenv("ASA_CUDA_CLUSTER_ROUTER", "1")
-    case = CASES["decode1_packed_kv131077_d128_bf16_cluster16"]
-    q, k, v, _, _ = make_inputs(case, 2)
-    stats = op.key_block_stats(k, case.attrs)
-
-    def kernels(**kw):
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            result = op.route(q, k, case.attrs, **kw)
-            torch.cuda.synchronize()
-        names = {e.name for e in prof.events() if "asa" in e.name}
-        return names, result
-
-    names, _ = kernels(key_block_stats=stats, key_block_stats_blocks=stats.shape[2] - 1)
-    assert any("route_cluster_kernel" in n for n in names), names
-    assert not any(part in n for n in names for part in ("logits", "select", "pool")), names
-    ones = torch.ones(case.heads_q, device="cuda")
-    names, (indices, counts, vis) = kernels(head_thresholds=ones)
-    assert any("route_cluster_kernel" in n for n in names), names
-    assert (counts == vis[:, None]).all() and (counts > 0).all()
-    nk = indices.shape[-1]
-    want = torch.arange(nk, device="cuda", dtype=torch.int32)
-    assert torch.equal(indices, torch.where(want < counts[..., None], want, -1))
-    monkeypatch.setenv("ASA_CUDA_CLUSTER_ROUTER", "0")
-    names, _ = kernels()
-    assert any("select_kernel" in n for n in names), names
-    assert not any("route_cluster_kernel" in n for n in names), names
+@pytest.mark.parametrize("name", ["decode1_packed_kv131077_d128_bf16_1025_blocks",
+                                  "s1025_d128_g3_fp16_full_b128_group"])
+def test_chained_launches_change_nothing(op, name, monkeypatch):
+    """Programmatic dependent launch (ASA_CUDA_PDL, compute capability 9+: each kernel of the
+    chain may start before the previous one ends and waits for it before touching memory) gives
+    the same lists and the same output, bit for bit, as ordinary launches, call after call."""
+    case = CASES[name]
+    q, k, v, mask, bias = make_inputs(case, 6)
+    results = {}
+    for pdl in ("0", "1"):
+        monkeypatch.setenv("ASA_CUDA_PDL", pdl)
+        results[pdl] = [run_poisoned(op, q, k, v, case.attrs, mask, bias) for _ in range(3)]
+    first_out, first_lists = results["0"][0]
+    for out, lists in results["0"][1:] + results["1"]:
+        assert torch.equal(out, first_out)
+        for a, b in zip(lists, first_lists):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
@@ -383,14 +373,11 @@ def test_selection_exact_on_exact_scores(op):
         np.testing.assert_array_equal(counts.cpu().numpy(), ref_counts)
 
 
-@pytest.mark.parametrize("router", ["cluster", "cta"])
-def test_selection_exact_ties_many_blocks(op, router, monkeypatch):
-    """More than 512 key blocks in decode ("cluster": the cluster router, which ranks (value,
-    index) keys, on Hopper; "cta": the one-CTA-per-list selection, which sorts values only)
-    with every router probability exactly equal (K = 0: every logit 0, P = 1 / visible): the
-    walk stops inside the run of ties and must keep the lowest block indices, as the reference
-    does."""
-    monkeypatch.setenv("ASA_CUDA_CLUSTER_ROUTER", "1" if router == "cluster" else "0")
+def test_selection_exact_ties_many_blocks(op):
+    """More than 512 key blocks in decode (the one-CTA-per-list selection, which sorts values
+    only) with every router probability exactly equal (K = 0: every logit 0, P = 1 / visible):
+    the walk stops inside the run of ties and must keep the lowest block indices, as the
+    reference does."""
     nk, d = 600, 64
     q = torch.randn(1, 4, 1, d, generator=torch.Generator().manual_seed(3)).cuda().to(torch.bfloat16)
     k = torch.zeros(1, 2, nk * 64, d, device="cuda", dtype=torch.bfloat16)
@@ -520,15 +507,12 @@ def test_packed_decode_dispatch_splits_keys(op, monkeypatch):
     assert names and not any(split in n for n in names), names
 
 
-# The cluster decode attention (ASA_CUDA_DECODE_CLUSTER=1, Hopper only, opt-in; attention_mma.cu
-# launch_decode_cluster): packed split-key decode with block_size 128, 8 warps per CTA over
-# 128-key tiles, the C slices of a list in one cluster merged through distributed shared
-# memory. Cases: 16 slices at 1025 blocks; 6 lists of 40 blocks with padding, per-head bias and
-# softcap (the per-element path); two query rows per head under a window; 3 key blocks (C = 3,
-# not a power of two, partial last block); dense lists at tau 1.
-DECODE_CLUSTER_CASES = {
-    "decode1_packed_kv131077_d128_bf16_cluster16": CASES[
-        "decode1_packed_kv131077_d128_bf16_cluster16"],
+# Packed split-key decode with block_size 128 (two 64-key tiles per block): 1025 blocks; 6 lists
+# of 40 blocks with padding, per-head bias and softcap (the per-element path); two query rows per
+# head under a window; 3 key blocks (partial last block); dense lists at tau 1.
+DECODE_B128_CASES = {
+    "decode1_packed_kv131077_d128_bf16_1025_blocks": CASES[
+        "decode1_packed_kv131077_d128_bf16_1025_blocks"],
     "decode1_packed_kv5000_d64_fp16_b128_padding_bias_softcap": Case(
         3, 8, 2, 1, 5000, 64, "fp16", A(causal=True, threshold=0.5, block_size=128,
                                         select_per=1, softcap=30.0),
@@ -545,48 +529,16 @@ DECODE_CLUSTER_CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(DECODE_CLUSTER_CASES))
-def test_decode_cluster_attention_matches_reference(op, name, monkeypatch):
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("needs a Hopper GPU")
-    monkeypatch.setenv("ASA_CUDA_DECODE_CLUSTER", "1")
-    case = DECODE_CLUSTER_CASES[name]
+@pytest.mark.parametrize("name", list(DECODE_B128_CASES))
+def test_decode_b128_matches_reference(op, name):
+    case = DECODE_B128_CASES[name]
     check_case(op, case, seed=hash(name) % 1000)
-    # Repeated calls on the same inputs give the same output (no race between the slices).
+    # Repeated calls on the same inputs give the same output (split-KV merge in a fixed order).
     q, k, v, mask, bias = make_inputs(case, 3)
     first, _ = run_poisoned(op, q, k, v, case.attrs, mask, bias)
     for _ in range(3):
         again, _ = run_poisoned(op, q, k, v, case.attrs, mask, bias)
         assert torch.equal(first, again)
-
-
-def test_decode_dispatch_takes_cluster_attention(op, monkeypatch):
-    """With ASA_CUDA_DECODE_CLUSTER=1 on Hopper, packed split-key decode with block_size 128 runs
-    the 8-warp kernel (template NW = 8) and no merge_kernel; without it, the 4-warp kernel and
-    merge_kernel; block_size 64 keeps the 4-warp kernel."""
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("needs a Hopper GPU")
-    case = DECODE_CLUSTER_CASES["decode2_packed_kv4099_d128_bf16_b128_window"]
-
-    def kernels(c):
-        q, k, v, _, _ = make_inputs(c, 1)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            run_poisoned(op, q, k, v, c.attrs)
-        return {e.name for e in prof.events() if "asa" in e.name}
-
-    monkeypatch.setenv("ASA_CUDA_DECODE_CLUSTER", "1")
-    names = kernels(case)
-    eight = re.compile(r"attn_mma_kernel<.*true, true, 8>")
-    assert any(eight.search(n) for n in names), names
-    assert not any("merge_kernel" in n for n in names), names
-    names = kernels(CASES["decode1_kv4099_d128_bf16_group"])  # block_size 64
-    assert any("attn_mma_kernel" in n for n in names) and not any(
-        eight.search(n) for n in names), names
-    monkeypatch.setenv("ASA_CUDA_DECODE_CLUSTER", "0")
-    names = kernels(case)
-    assert any("attn_mma_kernel" in n for n in names) and not any(
-        eight.search(n) for n in names), names
-    assert any("merge_kernel" in n for n in names), names
 
 
 @pytest.mark.parametrize("path", ["wgmma", "mma"])

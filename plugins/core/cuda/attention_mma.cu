@@ -9,12 +9,8 @@
 // that every row sees completely take a fast path without per-element masking; boundary tiles
 // and the softcap / bias / padding-mask cases check each element. With split-KV (decode,
 // ws.splits > 1) each CTA handles a slice of the kept list and writes a normalized partial output
-// plus its log2-sum-exp2; merge_kernel combines the slices (opt-in on Hopper: the cluster
-// decode kernel, 8 warps over 128-key tiles, merges the slices of a list inside a thread-block
-// cluster instead; launch_decode_cluster).
+// plus its log2-sum-exp2; merge_kernel combines the slices.
 #include <cstdlib>
-
-#include <cooperative_groups.h>
 
 #include "common.cuh"
 #include "kernels.h"
@@ -214,102 +210,17 @@ constexpr int kv_stages() { return split_keys ? 3 : 2; }
 template <int MT, bool split_keys>
 constexpr int q_rows() { return split_keys ? 16 : kBM * MT; }
 
-constexpr int kDecodeClusterMax = 16;  // CTAs (slices) per list of the cluster decode kernel
-
-// The cluster decode kernel's merge of its C slices (C = the cluster size, slice s = cluster
-// rank s), the same arithmetic as merge_kernel in the same order. `holder` threads (warp 0)
-// hold the CTA's merged softmax state of the 16 packed rows in mma accumulator layout:
-// o[dt][2·rr + e] is row lane / 4 + 8·rr, column 8·dt + 2·(lane % 4) + e; m and l are per row,
-// l still per thread. `buf` (shared memory, ≥ 16·(D + 1) floats, free by now) receives the
-// slice's normalized output and log2-sum-exp2; every CTA then computes rows·D / C outputs from
-// all slices' buffers through distributed shared memory.
-template <typename T, int D>
-__device__ __forceinline__ void cluster_merge(const AsaParams& p, void* buf, bool holder,
-                                              const float (&o)[D / 8][4], const float (&m)[2],
-                                              const float (&l)[2], int n, int h, int rows) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  namespace cg = cooperative_groups;
-  cg::cluster_group cluster = cg::this_cluster();
-  float* po = static_cast<float*>(buf);  // [16][D] normalized partial output
-  float* plse = po + 16 * D;             // [16] its log2-sum-exp2 (-inf: nothing visible)
-  if (holder) {
-    const int lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      float lsum = l[rr];
-      lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
-      lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
-      const int rho = g + 8 * rr;
-      const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        po[rho * D + dt * 8 + 2 * tq] = o[dt][2 * rr] * inv;
-        po[rho * D + dt * 8 + 2 * tq + 1] = o[dt][2 * rr + 1] * inv;
-      }
-      if (tq == 0) plse[rho] = lsum > 0.f ? m[rr] + log2f(lsum) : -INFINITY;
-    }
-  }
-  cluster.sync();  // every slice's buffer written (release / acquire at cluster scope)
-  const int C = static_cast<int>(cluster.num_blocks()), r = static_cast<int>(cluster.block_rank());
-  const float* peer_o[kDecodeClusterMax];
-  const float* peer_lse[kDecodeClusterMax];
-#pragma unroll
-  for (int s = 0; s < kDecodeClusterMax; ++s) {
-    if (s < C) {
-      peer_o[s] = cluster.map_shared_rank(po, s);
-      peer_lse[s] = peer_o[s] + 16 * D;
-    }
-  }
-  // Output e = r + C·i (row e / D, column e % D): the CTAs share the rows · D outputs evenly.
-  for (int e = r + C * static_cast<int>(threadIdx.x); e < rows * D; e += C * blockDim.x) {
-    const int rho = e / D, d = e % D;
-    float lse[kDecodeClusterMax], val[kDecodeClusterMax];
-#pragma unroll
-    for (int s = 0; s < kDecodeClusterMax; ++s) {  // every remote load in flight at once
-      lse[s] = s < C ? peer_lse[s][rho] : -INFINITY;
-      val[s] = s < C ? peer_o[s][rho * D + d] : 0.f;
-    }
-    float mx = -INFINITY;
-#pragma unroll
-    for (int s = 0; s < kDecodeClusterMax; ++s) mx = fmaxf(mx, lse[s]);
-    float wsum = 0.f, acc = 0.f;
-#pragma unroll
-    for (int s = 0; s < kDecodeClusterMax; ++s) {
-      if (s < C) {
-        const float w = lse[s] == -INFINITY ? 0.f : exp2f(lse[s] - mx);
-        wsum += w;
-        acc += w * val[s];
-      }
-    }
-    const int hr = h + rho / p.seq_q, row = rho % p.seq_q;
-    T* out = static_cast<T*>(p.out) + n * p.o_stride_b + hr * p.o_stride_h + row * p.o_stride_s;
-    out[d] = from_float<T>(wsum > 0.f ? acc / wsum : 0.f);
-  }
-  cluster.sync();  // no CTA leaves while a peer may still read its buffer
-#else
-  __trap();  // launched only on compute capability 9.x (decode_cluster_size)
-#endif
-}
-
-// Warps per CTA: 4, or 8 for the cluster decode kernel (split keys over 128-key tiles, one CTA
-// per multiprocessor, the slices merged through distributed shared memory; see
-// launch_decode_cluster).
-template <int NW>
-constexpr int ctas_per_sm() { return NW == 8 ? 1 : 2; }
-
-template <typename T, int D, int MT, bool packed, bool split_keys = false, int NW = 4>
-__global__ void __launch_bounds__(32 * NW, ctas_per_sm<NW>())
-    attn_mma_kernel(AsaParams p, Workspace ws) {
+template <typename T, int D, int MT, bool packed, bool split_keys = false>
+__global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Workspace ws) {
+  wait_for_previous_kernel();
+  allow_next_kernel();
   // packed (decode, select_per 1): the CTA serves a whole KV group; its rows are the G heads'
   // Sq <= 16 query rows (row rho = head (rho / Sq) of the group, query row rho % Sq), so each
   // K/V tile is loaded once per group.
   // MT m16 row tiles per warp: a K/V fragment read from shared memory feeds MT mma's.
-  static_assert(NW == 4 || (NW == 8 && split_keys), "8 warps only split the keys of a tile");
-  constexpr bool kCluster = NW == 8;  // slices merged in the cluster, not by merge_kernel
-  constexpr int kThr = 32 * NW;
   constexpr int kRows = kBM * MT;  // query rows per CTA
   constexpr int kPitch = D + 8;
-  constexpr int TN = split_keys ? 16 * NW : kBN;  // keys per K/V tile (16 per warp when split)
+  constexpr int TN = kBN;  // keys per K/V tile (16 per warp when split)
   constexpr int kTile = TN * kPitch;
   constexpr int kStages = kv_stages<split_keys>();
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -364,7 +275,7 @@ __global__ void __launch_bounds__(32 * NW, ctas_per_sm<NW>())
 
   if constexpr (packed) {
     const T* qn = static_cast<const T*>(p.q) + n * p.q_stride_b;
-    for (int c = threadIdx.x; c < q_rows<MT, split_keys>() * (D / 8); c += kThr) {
+    for (int c = threadIdx.x; c < q_rows<MT, split_keys>() * (D / 8); c += kThreads) {
       const int rho = c / (D / 8), cc = c % (D / 8);
       const bool ok = rho < packed_rows;
       const T* src = ok ? qn + row_head(rho) * p.q_stride_h +
@@ -384,14 +295,14 @@ __global__ void __launch_bounds__(32 * NW, ctas_per_sm<NW>())
     cur.e0 = t_begin / cur.sub;
     cur.ncached = t_end > t_begin ? min(cdiv(t_end, cur.sub) - cur.e0, kListCache) : 0;
     cur.cached = list_cache;
-    for (int i = threadIdx.x; i < cur.ncached; i += kThr) list_cache[i] = cur.list[cur.e0 + i];
+    for (int i = threadIdx.x; i < cur.ncached; i += kThreads) list_cache[i] = cur.list[cur.e0 + i];
     __syncthreads();
   }
 
   // Two cursors walk the same tiles: `tl` issues loads kStages - 1 tiles ahead of `t`, which
   // computes. Every step commits one cp.async group (empty past the end), so waiting until at
   // most kStages - 1 groups are pending means tile t (and, in the first group, Q) has landed.
-  const TileLoader<T, D, TN, kThr> kload(kg, p.k_stride_s), vload(vg, p.v_stride_s);
+  const TileLoader<T, D, TN, kThreads> kload(kg, p.k_stride_s), vload(vg, p.v_stride_s);
   int kind = kSkip, j0 = 0;
   int t = cur.next(p, t_begin, &kind, &j0);
   int tl = t, load_stage = 0, stage = 0;
@@ -413,7 +324,7 @@ __global__ void __launch_bounds__(32 * NW, ctas_per_sm<NW>())
   for (int s = 0; s < kStages - 1; ++s) load_next();
 
   // split_keys (packed decode with G·Sq <= 16): every warp owns the same 16 rows and 16 keys
-  // of each TN-key tile (keys [16·warp, 16·warp + 16)); the NW partial softmax states are
+  // of each TN-key tile (keys [16·warp, 16·warp + 16)); the four partial softmax states are
   // merged at the end. Otherwise warp w owns rows [w·16·MT, (w+1)·16·MT) and every key.
   static_assert(!split_keys || (packed && MT == 1), "split_keys is a packed-decode mode");
   constexpr int kNT = split_keys ? 2 : 8;   // n8 score tiles per warp and key tile
@@ -567,7 +478,7 @@ __global__ void __launch_bounds__(32 * NW, ctas_per_sm<NW>())
   cp_async_wait<0>();  // only empty groups (or Q, when the slice had no tile) can be pending
 
   if constexpr (split_keys) {
-    // Merge the NW warps' softmax states of the same 16 rows into warp 0: M = max_w m_w,
+    // Merge the four warps' softmax states of the same 16 rows into warp 0: M = max_w m_w,
     // l = Σ_w l_w 2^(m_w − M), o = Σ_w o_w 2^(m_w − M). Lane λ of every warp holds the same
     // (row, column) fragments, so the exchange is lane to lane through the free K/V buffers.
     __syncthreads();
@@ -586,74 +497,67 @@ __global__ void __launch_bounds__(32 * NW, ctas_per_sm<NW>())
       mine[D / 2 + 3] = l[0][1];
     }
     __syncthreads();
-    // The 4-warp kernel's other warps are done; the cluster kernel's take part in its merge.
-    if (!kCluster && warp > 0) return;
-    if (warp == 0) {
+    if (warp > 0) return;
 #pragma unroll
-      for (int rr = 0; rr < 2; ++rr) {
-        float mx = m[0][rr];
-        for (int w = 1; w < NW; ++w) {
-          mx = fmaxf(mx, xch[((w - 1) * 32 + lane) * kVals + D / 2 + rr]);
-        }
-        const float mu = mx == -INFINITY ? 0.f : mx;
-        const float a0 = m[0][rr] == -INFINITY ? 0.f : fast_exp2(m[0][rr] - mu);
-        l[0][rr] *= a0;
+    for (int rr = 0; rr < 2; ++rr) {
+      float mx = m[0][rr];
+      for (int w = 1; w < kThreads / 32; ++w) {
+        mx = fmaxf(mx, xch[((w - 1) * 32 + lane) * kVals + D / 2 + rr]);
+      }
+      const float mu = mx == -INFINITY ? 0.f : mx;
+      const float a0 = m[0][rr] == -INFINITY ? 0.f : fast_exp2(m[0][rr] - mu);
+      l[0][rr] *= a0;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        o[0][dt][2 * rr] *= a0;
+        o[0][dt][2 * rr + 1] *= a0;
+      }
+      for (int w = 1; w < kThreads / 32; ++w) {
+        const float* theirs = xch + ((w - 1) * 32 + lane) * kVals;
+        const float mw = theirs[D / 2 + rr];
+        const float aw = mw == -INFINITY ? 0.f : fast_exp2(mw - mu);
+        l[0][rr] += aw * theirs[D / 2 + 2 + rr];
 #pragma unroll
         for (int dt = 0; dt < D / 8; ++dt) {
-          o[0][dt][2 * rr] *= a0;
-          o[0][dt][2 * rr + 1] *= a0;
+          o[0][dt][2 * rr] += aw * theirs[dt * 4 + 2 * rr];
+          o[0][dt][2 * rr + 1] += aw * theirs[dt * 4 + 2 * rr + 1];
         }
-        for (int w = 1; w < NW; ++w) {
-          const float* theirs = xch + ((w - 1) * 32 + lane) * kVals;
-          const float mw = theirs[D / 2 + rr];
-          const float aw = mw == -INFINITY ? 0.f : fast_exp2(mw - mu);
-          l[0][rr] += aw * theirs[D / 2 + 2 + rr];
-#pragma unroll
-          for (int dt = 0; dt < D / 8; ++dt) {
-            o[0][dt][2 * rr] += aw * theirs[dt * 4 + 2 * rr];
-            o[0][dt][2 * rr + 1] += aw * theirs[dt * 4 + 2 * rr + 1];
-          }
-        }
-        m[0][rr] = mx;
       }
+      m[0][rr] = mx;
     }
   }
 
-  if constexpr (kCluster) {
-    cluster_merge<T, D>(p, sv, warp == 0, o[0], m[0], l[0], n, h, packed_rows);
-  } else {
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
+  for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-      for (int rr = 0; rr < 2; ++rr) {
-        float lsum = l[mt][rr];
-        lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
-        lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
-        const int rho = wrow + mt * 16 + g + rr * 8;
-        if (!row_valid(rho)) continue;
-        const int r = row_index(rho), hr = row_head(rho);
-        const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
-        if (ws.splits == 1) {
-          T* out = static_cast<T*>(p.out) + n * p.o_stride_b + hr * p.o_stride_h +
-                   r * p.o_stride_s;
+    for (int rr = 0; rr < 2; ++rr) {
+      float lsum = l[mt][rr];
+      lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
+      lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
+      const int rho = wrow + mt * 16 + g + rr * 8;
+      if (!row_valid(rho)) continue;
+      const int r = row_index(rho), hr = row_head(rho);
+      const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+      if (ws.splits == 1) {
+        T* out = static_cast<T*>(p.out) + n * p.o_stride_b + hr * p.o_stride_h +
+                 r * p.o_stride_s;
 #pragma unroll
-          for (int dt = 0; dt < D / 8; ++dt) {
-            const int d = dt * 8 + 2 * tq;
-            out[d] = from_float<T>(o[mt][dt][2 * rr] * inv);
-            out[d + 1] = from_float<T>(o[mt][dt][2 * rr + 1] * inv);
-          }
-        } else {
-          const int64_t prow =
-              ((static_cast<int64_t>(split) * p.batch + n) * p.heads_q + hr) * p.seq_q + r;
-          float* po = ws.part_o + prow * p.head_dim_v;
-#pragma unroll
-          for (int dt = 0; dt < D / 8; ++dt) {
-            const int d = dt * 8 + 2 * tq;
-            po[d] = o[mt][dt][2 * rr] * inv;
-            po[d + 1] = o[mt][dt][2 * rr + 1] * inv;
-          }
-          if (tq == 0) ws.part_lse[prow] = lsum > 0.f ? m[mt][rr] + log2f(lsum) : -INFINITY;
+        for (int dt = 0; dt < D / 8; ++dt) {
+          const int d = dt * 8 + 2 * tq;
+          out[d] = from_float<T>(o[mt][dt][2 * rr] * inv);
+          out[d + 1] = from_float<T>(o[mt][dt][2 * rr + 1] * inv);
         }
+      } else {
+        const int64_t prow =
+            ((static_cast<int64_t>(split) * p.batch + n) * p.heads_q + hr) * p.seq_q + r;
+        float* po = ws.part_o + prow * p.head_dim_v;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt) {
+          const int d = dt * 8 + 2 * tq;
+          po[d] = o[mt][dt][2 * rr] * inv;
+          po[d + 1] = o[mt][dt][2 * rr + 1] * inv;
+        }
+        if (tq == 0) ws.part_lse[prow] = lsum > 0.f ? m[mt][rr] + log2f(lsum) : -INFINITY;
       }
     }
   }
@@ -668,6 +572,8 @@ constexpr int kMaxSplits = 64;  // choose_splits' cap
 
 template <typename T>
 __global__ void __launch_bounds__(kMergeThreads) merge_kernel(AsaParams p, Workspace ws) {
+  wait_for_previous_kernel();
+  allow_next_kernel();
   __shared__ float weight[kMaxSplits];
   __shared__ float warp_max[kMergeThreads / 32];
   __shared__ float weight_sum;
@@ -720,95 +626,6 @@ bool decode_split_keys(const AsaParams& p) {
          !(env != nullptr && env[0] == '0');
 }
 
-// The cluster decode kernel (head dim D): its shared memory (16 query rows and the K/V ring of
-// 128-key tiles), the kernel attributes for clusters of C, and the launch configuration with
-// grid (1, Hkv, B·C) and clusters of the C slices of a list along z (cluster rank = slice). One
-// copy for the occupancy query and the launch.
-template <typename T, int D>
-struct DecodeClusterLaunch {
-  static constexpr size_t kSmem =
-      static_cast<size_t>(16 + 2 * kv_stages<true>() * 128) * (D + 8) * sizeof(T);
-  static constexpr auto kernel = attn_mma_kernel<T, D, 1, true, true, 8>;
-  cudaLaunchAttribute attrs[1];
-  cudaLaunchConfig_t cfg{};
-  DecodeClusterLaunch(int C, int heads_kv, int batch, cudaStream_t stream) {
-    attrs[0].id = cudaLaunchAttributeClusterDimension;
-    attrs[0].val.clusterDim.x = 1;
-    attrs[0].val.clusterDim.y = 1;
-    attrs[0].val.clusterDim.z = C;
-    cfg.gridDim = dim3(1, heads_kv, batch * C);
-    cfg.blockDim = dim3(256, 1, 1);
-    cfg.dynamicSmemBytes = kSmem;
-    cfg.stream = stream;
-    cfg.attrs = attrs;
-    cfg.numAttrs = 1;
-  }
-  DecodeClusterLaunch(const DecodeClusterLaunch&) = delete;  // cfg.attrs points into this object
-  static cudaError_t prepare(int C) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(kSmem));
-    if (err == cudaSuccess && C > 8) {
-      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-    }
-    return err;
-  }
-};
-
-// How many clusters of C cluster-decode CTAs (head dim D) this device runs at once: 0 without
-// compute capability 9.x or the sm_90a code in the library (queried once per C and D).
-template <int D>
-int decode_clusters_resident(int C) {
-  static int state[kDecodeClusterMax + 1] = {};  // 0 unknown, else clusters + 1
-  if (state[C] == 0) {
-    using Launch = DecodeClusterLaunch<__nv_bfloat16, D>;
-    cudaFuncAttributes attr{};
-    int device = 0, major = 0, clusters = 0;
-    bool ok = cudaGetDevice(&device) == cudaSuccess &&
-              cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) ==
-                  cudaSuccess &&
-              major == 9 && cudaFuncGetAttributes(&attr, Launch::kernel) == cudaSuccess &&
-              attr.binaryVersion >= 90 && Launch::prepare(C) == cudaSuccess;
-    if (ok) {
-      const Launch launch(C, 1, 1, nullptr);
-      ok = cudaOccupancyMaxActiveClusters(&clusters, Launch::kernel, &launch.cfg) == cudaSuccess;
-    }
-    cudaGetLastError();  // a failed query must not leak into the caller's error check
-    state[C] = 1 + (ok ? clusters : 0);
-  }
-  return state[C] - 1;
-}
-
-// Slices per list of the cluster decode kernel for these params (= its cluster size), 0 when it
-// does not serve them. It serves split-keys packed decode with block_size 128 on Hopper: one
-// 8-warp CTA per multiprocessor takes a slice of 128-key tiles, and the C slices of a list, one
-// cluster, merge through distributed shared memory (no merge_kernel launch). C is the largest
-// size ≤ min(16, SMs / lists, NK) whose clusters all run at once (one per list), at least 2.
-// Opt-in, since it measured slower than the 4-warp kernel + merge_kernel on an H200
-// (BENCHMARKS.md optimization step 33): ASA_CUDA_DECODE_CLUSTER=1 in the environment, read at
-// each call (the workspace size and the launch must see the same value).
-int decode_cluster_size(const AsaParams& p) {
-  const char* env = getenv("ASA_CUDA_DECODE_CLUSTER");
-  if (env == nullptr || env[0] != '1') return 0;
-  if (!mma_path_supported(p) || !decode_split_keys(p) || p.block_size != 128) return 0;
-  const int lists = p.batch * p.heads_kv;
-  for (int C = min(min(kDecodeClusterMax, sm_count() / lists), cdiv(p.seq_kv, p.block_size));
-       C >= 2; --C) {
-    const int resident = p.head_dim == 64 ? decode_clusters_resident<64>(C)
-                                          : decode_clusters_resident<128>(C);
-    if (resident >= lists) return C;
-  }
-  return 0;
-}
-
-template <typename T, int D>
-cudaError_t launch_decode_cluster(const AsaParams& p, const Workspace& ws, cudaStream_t stream) {
-  using Launch = DecodeClusterLaunch<T, D>;
-  const cudaError_t err = Launch::prepare(ws.splits);
-  if (err != cudaSuccess) return err;
-  const Launch launch(ws.splits, p.heads_kv, p.batch, stream);
-  return cudaLaunchKernelEx(&launch.cfg, Launch::kernel, p, ws);
-}
-
 template <typename T, int D, int MT, bool packed, bool split_keys = false>
 cudaError_t launch_mma(const AsaParams& p, const Workspace& ws, cudaStream_t stream) {
   const size_t smem = static_cast<size_t>(q_rows<MT, split_keys>() +
@@ -820,11 +637,11 @@ cudaError_t launch_mma(const AsaParams& p, const Workspace& ws, cudaStream_t str
   if (err != cudaSuccess) return err;
   const dim3 grid(packed ? 1 : cdiv(p.seq_q, kBM * MT), packed ? p.heads_kv : p.heads_q,
                   p.batch * ws.splits);
-  attn_mma_kernel<T, D, MT, packed, split_keys><<<grid, kThreads, smem, stream>>>(p, ws);
-  err = cudaGetLastError();
+  err = launch_chained(attn_mma_kernel<T, D, MT, packed, split_keys>, grid, kThreads, smem, stream,
+                       p, ws);
   if (err != cudaSuccess || ws.splits == 1) return err;
-  merge_kernel<T><<<dim3(p.seq_q, p.heads_q, p.batch), kMergeThreads, 0, stream>>>(p, ws);
-  return cudaGetLastError();
+  return launch_chained(merge_kernel<T>, dim3(p.seq_q, p.heads_q, p.batch), kMergeThreads, 0,
+                        stream, p, ws);
 }
 
 // Query tile = the router's query block when b = 128 (two m-tiles per warp), 64 rows when
@@ -839,10 +656,6 @@ cudaError_t launch_mma_dtype(const AsaParams& p, const Workspace& ws, cudaStream
                    ctas_two >= 4 * sm_count();
   const bool packed = decode_packed(p);
   const bool split = decode_split_keys(p);
-  if (split && ws.splits > 1 && ws.splits == decode_cluster_size(p)) {
-    return p.head_dim == 64 ? launch_decode_cluster<T, 64>(p, ws, stream)
-                            : launch_decode_cluster<T, 128>(p, ws, stream);
-  }
   if (p.head_dim == 64) {
     if (split) return launch_mma<T, 64, 1, true, true>(p, ws, stream);
     if (packed) return launch_mma<T, 64, 1, true>(p, ws, stream);
@@ -870,6 +683,17 @@ int sm_count() {  // cached: the core runs on one device per process in practice
   return sms;
 }
 
+bool chained_launch_enabled() {
+  static int major = -1;
+  if (major < 0) {
+    int device = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  }
+  const char* env = getenv("ASA_CUDA_PDL");
+  return major >= 9 && (env == nullptr || env[0] != '0');
+}
+
 cudaError_t launch_simple(const AsaParams& p, const Workspace& ws, cudaStream_t stream);
 
 bool mma_path_supported(const AsaParams& p) {
@@ -888,7 +712,6 @@ bool mma_path_supported(const AsaParams& p) {
 
 int choose_splits(const AsaParams& p) {
   if (!mma_path_supported(p) || p.seq_q > 16) return 1;
-  if (const int C = decode_cluster_size(p)) return C;
   const int sms = sm_count();
   // One query tile per head when Sq <= 16, one per KV group when packed.
   const int ctas = p.batch * (decode_packed(p) ? p.heads_kv : p.heads_q);

@@ -77,6 +77,28 @@ int choose_splits(const AsaParams& p);
 // Multiprocessors of the current device (queried once).
 int sm_count();
 
+// Whether launch_chained uses programmatic dependent launch: a compute capability 9.x+ device
+// and ASA_CUDA_PDL unset or not "0" (read at each launch; the tests and benchmarks compare both).
+bool chained_launch_enabled();
+
+// Launches `kernel` so that it may start before the previous kernel in the stream ends
+// (common.cuh wait_for_previous_kernel, which the kernel must call before touching memory).
+template <typename... Params, typename... Args>
+cudaError_t launch_chained(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                           cudaStream_t stream, Args... args) {
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = chained_launch_enabled() ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
+}
+
 }  // namespace cuda
 }  // namespace asa
 

@@ -19,7 +19,6 @@
 // forces the full router).
 #include <cstdlib>
 
-#include <cooperative_groups.h>
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
@@ -33,6 +32,12 @@ namespace {
 constexpr int kPoolThreads = 256;
 constexpr int kSelectThreads = 256;
 constexpr int kPrefixThreads = 1024;
+
+__host__ __device__ inline int next_pow2(int x) {
+  int v = 1;
+  while (v < x) v <<= 1;
+  return v;
+}
 
 // Running count of kept keys: prefix[n][j] = number of kept keys among [0, j).
 __global__ void prefix_kernel(AsaParams p, int32_t* prefix) {
@@ -141,6 +146,8 @@ __device__ void pool_rows(const T* base, int64_t stride, int r0, int r1, int D, 
 // q̄ = mean of the query rows of block i (float32).
 template <typename T>
 __global__ void pool_q_kernel(AsaParams p, float* qbar) {
+  wait_for_previous_kernel();
+  allow_next_kernel();
   const int i = blockIdx.x, h = blockIdx.y, n = blockIdx.z;
   const int nq = gridDim.x;
   const int r0 = i * p.block_size;
@@ -151,13 +158,10 @@ __global__ void pool_q_kernel(AsaParams p, float* qbar) {
             [](int) { return true; }, out);
 }
 
-// k̄ = mean of the kept keys of block k (zeros when none is kept: such a block is invisible),
-// for blocks k = first + blockIdx.x, into kbar laid out [B, Hkv, cap, D]. The router's own
-// scratch (cap = NK) and the caller's key_block_stats come from this one kernel, so they agree
-// bit for bit.
-// k̄ of key block k of (batch n, KV head h) into out[D], by the CTA's kPoolThreads threads (every
-// thread must call it). pool_k_kernel and the decode cluster router both pool through it, so
-// their rows agree bit for bit.
+// k̄ = mean of the kept keys of block k of (batch n, KV head h) into out[D] (zeros when none is
+// kept: such a block is invisible), by the CTA's kPoolThreads threads. The router's own scratch
+// (cap = NK) and the caller's key_block_stats both come from pool_k_kernel, so they agree bit
+// for bit.
 template <typename T>
 __device__ void pool_key_block(const AsaParams& p, int n, int h, int k, float* out) {
   const int j0 = k * p.block_size;
@@ -175,6 +179,8 @@ __device__ void pool_key_block(const AsaParams& p, int n, int h, int k, float* o
 
 template <typename T>
 __global__ void pool_k_kernel(AsaParams p, float* kbar, int first, int cap) {
+  wait_for_previous_kernel();
+  allow_next_kernel();
   const int k = first + blockIdx.x, h = blockIdx.y, n = blockIdx.z;
   pool_key_block<T>(p, n, h, k,
                     kbar + ((static_cast<int64_t>(n) * p.heads_kv + h) * cap + k) * p.head_dim);
@@ -362,12 +368,15 @@ __device__ void walk_sorted_warp(const uint64_t* keys, int nk, float acc, float 
 
 // Where the walk over sorted values stopped: the kept candidates are those with a key below
 // `key` plus, of the candidates whose key equals `key`, all of them (all_ties) or the `ties`
-// ones of lowest block index. kept = 0: no candidate is kept.
+// ones of lowest block index. kept = 0: no candidate is kept. ended: the walk stopped inside
+// the n keys it was given, or their sum reached τ (so it stops at the next candidate, whatever
+// that is); false only when it ran out of keys below τ.
 struct WalkCut {
   uint32_t key;
   int ties;
   int kept;
   bool all_ties;
+  bool ended;
 };
 
 // walk_sorted_warp for 32-bit value keys (~bits(P), ascending) of n candidates: the same float32
@@ -378,7 +387,7 @@ __device__ void walk_sorted_values_warp(const uint32_t* keys, int n, float acc, 
   int stop = n;
   for (int base = 0; base < n; base += 32) {
     const int t = base + lane;
-    const uint32_t key = t < n ? keys[t] : ~0u;
+    const uint32_t key = t < n ? keys[t] : ~0u;  // ~0u past n: P = 0, acc unchanged
     const float before = walk_step(__uint_as_float(~key), acc);
     const unsigned ends = __ballot_sync(0xffffffffu, t >= n || !(before < tau));
     if (ends != 0) {
@@ -386,7 +395,9 @@ __device__ void walk_sorted_values_warp(const uint32_t* keys, int n, float acc, 
       break;
     }
   }
+  const bool ended = stop < n || !(acc < tau);  // with stop = n, acc is the sum of all n keys
   if (lane == 0) {
+    cut->ended = ended;
     cut->kept = stop;
     if (stop > 0) {
       const uint32_t last = keys[stop - 1];
@@ -401,10 +412,106 @@ __device__ void walk_sorted_values_warp(const uint32_t* keys, int n, float acc, 
   __syncwarp();
 }
 
+// Candidate cutoff of a long list (decode: one CTA walks ~1000 blocks, but the walk usually
+// stops after the largest few percent). The candidates' probabilities go into a histogram of
+// kCutBins bins of their float32 bits (P >= 0, so bit order is value order; 3 mantissa bits per
+// bin, values within 12.5 % share a bin), each bin holding its count and its fixed-point mass.
+// The highest bin b whose suffix mass (bins >= b) reaches what the walk still needs, with a
+// margin for rounding, bounds the walk: it ends within the candidates of bins >= b, so only
+// those are sorted. Every candidate equal to the last kept value lies in the same bin, so the
+// tie rule (WalkCut) is unchanged. The walk's own float32 sums decide what is kept; the
+// histogram only sizes the sort, and a walk that runs past the bound is redone over every
+// candidate (WalkCut::ended).
+constexpr int kCutBins = 2048;
+constexpr int kCutShift = 19;                     // float32 bits >> 19 = sign, exponent, 3 bits
+constexpr float kCutMassScale = 1073741824.f;     // 2^30: fixed-point mass of P (P <= 1)
+constexpr uint64_t kCutCount = 1ull << 40;        // a bin = count << 40 | fixed-point mass
+constexpr uint64_t kCutMassMask = kCutCount - 1;  // masses sum to <= 2^30 · (1 + rounding)
+
+__device__ __forceinline__ int cut_bin(float pk) {
+  return min(static_cast<int>(__float_as_uint(pk) >> kCutShift), kCutBins - 1);
+}
+
+// Candidates with cut_bin(P) >= bin are sorted, in sort_n keys (a power of two).
+struct CandidateCut {
+  int bin;
+  int sort_n;
+};
+
+// The bound for a walk that must add `need` (τ minus the forced blocks' sum) over the candidates
+// (flags == kVisible): bin 0 (every candidate) when the bound would not shrink the sort below
+// nk_pow2 keys. Called by the whole CTA.
+__device__ CandidateCut candidate_cut(const uint8_t* flags, const float* prob, int nk,
+                                      float need, int nk_pow2) {
+  constexpr int kPer = kCutBins / kSelectThreads;  // bins per thread
+  __shared__ uint64_t hist[kCutBins];
+  __shared__ CandidateCut result;
+  using Scan = cub::BlockScan<uint64_t, kSelectThreads>;
+  __shared__ typename Scan::TempStorage scan_tmp;
+  for (int b = threadIdx.x; b < kCutBins; b += kSelectThreads) hist[b] = 0;
+  if (threadIdx.x == 0) result = CandidateCut{0, nk_pow2};
+  __syncthreads();
+  for (int k = threadIdx.x; k < nk; k += kSelectThreads) {
+    if (flags[k] != kVisible) continue;
+    const float pk = prob[k];
+    atomicAdd(reinterpret_cast<unsigned long long*>(&hist[cut_bin(pk)]),
+              kCutCount + static_cast<uint64_t>(fminf(pk, 1.f) * kCutMassScale));
+  }
+  __syncthreads();
+  // Thread t owns bins [kPer·(T-1-t), kPer·(T-t)): an exclusive scan over threads gives the
+  // count and mass of every higher bin; each thread then walks its own bins downwards.
+  const int first = (kSelectThreads - 1 - threadIdx.x) * kPer;
+  uint64_t own = 0;
+#pragma unroll
+  for (int e = 0; e < kPer; ++e) own += hist[first + e];
+  uint64_t above = 0;
+  Scan(scan_tmp).ExclusiveSum(own, above);
+  // Margin: the walk's float32 sum of up to 8192 values is within ~5e-4 relative of the exact
+  // one, and the fixed-point masses are truncated by < 2^-30 each.
+  const double want = (static_cast<double>(need) * 1.001 + 2e-5) * kCutMassScale;
+  const uint64_t need_fixed = need > 0.f ? static_cast<uint64_t>(want) : 1;
+  for (int e = kPer - 1; e >= 0; --e) {
+    const uint64_t before = above;
+    above += hist[first + e];
+    if ((before & kCutMassMask) < need_fixed && (above & kCutMassMask) >= need_fixed) {
+      const int count = static_cast<int>(above >> 40);
+      const int sort_n = max(kSelectThreads, static_cast<int>(next_pow2(count)));
+      if (sort_n < nk_pow2) result = CandidateCut{first + e, sort_n};
+    }
+  }
+  __syncthreads();
+  return result;
+}
+
+// Writes the sort keys ~bits(P) of the candidates in bins >= bound.bin to keys[0, n) in any order
+// and ~0u to keys[n, bound.sort_n); returns n (in every thread). Called by the whole CTA.
+__device__ int gather_candidates(const uint8_t* flags, const float* prob, int nk,
+                                 const CandidateCut& bound, uint32_t* keys) {
+  __shared__ int count;
+  const int lane = threadIdx.x % 32;
+  if (threadIdx.x == 0) count = 0;
+  __syncthreads();
+  for (int base = 0; base < nk; base += kSelectThreads) {  // the same trip count in every lane
+    const int k = base + threadIdx.x;
+    const float pk = k < nk ? prob[k] : 0.f;
+    const bool take = k < nk && flags[k] == kVisible && cut_bin(pk) >= bound.bin;
+    const unsigned who = __ballot_sync(0xffffffffu, take);
+    int slot = 0;
+    if (lane == 0 && who != 0) slot = atomicAdd(&count, __popc(who));
+    slot = __shfl_sync(0xffffffffu, slot, 0);
+    if (take) keys[slot + __popc(who & ((1u << lane) - 1))] = ~__float_as_uint(pk);
+  }
+  __syncthreads();
+  const int n = count;
+  for (int t = n + threadIdx.x; t < bound.sort_n; t += kSelectThreads) keys[t] = ~0u;
+  __syncthreads();
+  return n;
+}
+
 // Marks kKept in flags by the contract's walk and writes one list row.
 __device__ void select_and_write(const AsaParams& p, const Workspace& ws, const SelectSmem& sm,
                                  const float* prob, float tau, int nk, int nk_pow2,
-                                 int64_t row, int local_lo, int local_hi) {
+                                 int64_t row, int local_lo, int local_hi, bool cutoff) {
   __shared__ float forced_acc;
   for (int k = threadIdx.x; k < nk; k += kSelectThreads) {
     const uint8_t f = sm.flags[k] & (kVisible | kForced);
@@ -429,25 +536,23 @@ __device__ void select_and_write(const AsaParams& p, const Workspace& ws, const 
     // Sort the candidates' values only (32-bit keys ~bits(P), ascending = P descending): the
     // walk's sums depend on the values, not on which of two equal values comes first, and the
     // index order of ties is settled when marking (WalkCut).
-    __shared__ int num_cand;
+    // Long lists sort only the candidates the walk can reach (candidate_cut); in the rare case
+    // that the walk runs past them, every candidate is sorted and walked again.
     __shared__ WalkCut cut;
-    if (threadIdx.x == 0) num_cand = 0;
-    __syncthreads();
     uint32_t* keys = reinterpret_cast<uint32_t*>(sm.keys);
-    int cand = 0;
-    for (int t = threadIdx.x; t < nk_pow2; t += kSelectThreads) {
-      uint32_t key = ~0u;
-      if (t < nk && sm.flags[t] == kVisible) {
-        key = ~__float_as_uint(prob[t]);
-        ++cand;
-      }
-      keys[t] = key;
+    __syncthreads();  // forced_acc
+    CandidateCut bound{0, nk_pow2};
+    if (cutoff && nk_pow2 > kSelectThreads) {
+      bound = candidate_cut(sm.flags, prob, nk, tau - forced_acc, nk_pow2);
     }
-    if (cand) atomicAdd(&num_cand, cand);
-    __syncthreads();
-    bitonic_sort_block(keys, nk_pow2);
-    if (threadIdx.x < 32) walk_sorted_values_warp(keys, num_cand, forced_acc, tau, &cut);
-    __syncthreads();
+    for (;;) {
+      const int num_cand = gather_candidates(sm.flags, prob, nk, bound, keys);
+      bitonic_sort_block(keys, bound.sort_n);
+      if (threadIdx.x < 32) walk_sorted_values_warp(keys, num_cand, forced_acc, tau, &cut);
+      __syncthreads();
+      if (bound.bin == 0 || cut.ended) break;
+      bound = CandidateCut{0, nk_pow2};
+    }
     if (cut.kept > 0) {
       for (int k = threadIdx.x; k < nk; k += kSelectThreads) {
         if (sm.flags[k] != kVisible) continue;
@@ -601,6 +706,8 @@ __device__ __forceinline__ float lane_dot(const float* qbar_row,
 template <typename T>
 __global__ void __launch_bounds__(32 * kDecodeLogitsWarps) logits_decode_kernel(
     AsaParams p, KeyRows kbar, float* logits) {
+  wait_for_previous_kernel();
+  allow_next_kernel();
   extern __shared__ __align__(16) float qs[];  // [G · NQ][D]
   const int nq = cdiv(p.seq_q, p.block_size), nk = cdiv(p.seq_kv, p.block_size);
   const int G = p.heads_q / p.heads_kv, D = p.head_dim;
@@ -660,6 +767,9 @@ bool decode_logits_fits(const AsaParams& p, int nq) {
 // pass for GQA groups of 4 (Llama-3-8B); 8 made the unrolled per-head code twice as long and
 // the 128K decode select 2.2 µs slower on an H200 (BENCHMARKS.md optimization step 29).
 constexpr int kHeadsPerPass = 4;
+// Key blocks per thread whose logits select_kernel holds in registers (4 · 256 = 1024 blocks,
+// a 128K decode list of block size 128).
+constexpr int kHeldBlocks = 4;
 
 // CTA-wide max (kMax) or sum of each of the kHeadsPerPass values, returned in every thread.
 template <bool kMax>
@@ -687,7 +797,10 @@ __device__ void reduce_heads(float (&v)[kHeadsPerPass],
 
 // One CTA per (batch, selection head, query block): softmax of the logits row(s) over the visible
 // blocks, the group average for select_per 1, then the contract's walk.
-__global__ void select_kernel(AsaParams p, Workspace ws, const float* logits, int nk_pow2) {
+__global__ void select_kernel(AsaParams p, Workspace ws, const float* logits, int nk_pow2,
+                              bool cutoff) {
+  wait_for_previous_kernel();
+  allow_next_kernel();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int i = blockIdx.x, hs = blockIdx.y, n = blockIdx.z;
   const int nq = gridDim.x;
@@ -731,29 +844,72 @@ __global__ void select_kernel(AsaParams p, Workspace ws, const float* logits, in
     float mx[kHeadsPerPass], sum[kHeadsPerPass];
 #pragma unroll
     for (int j = 0; j < kHeadsPerPass; ++j) mx[j] = -INFINITY, sum[j] = 0.f;
-    // The loads do not wait for the visibility flag, so one loop step has all its loads in
-    // flight at once (the first pass is bound by their latency).
+    // The first kHeldBlocks · kSelectThreads blocks (all of a 128K decode list) are read once,
+    // all loads in flight together, and held in registers: x holds the logits, then their exp.
+    // Blocks past them are read again in each pass. Per thread the order of the additions is
+    // block order either way.
+    float x[kHeadsPerPass][kHeldBlocks];
+    bool held_vis[kHeldBlocks];
+#pragma unroll
+    for (int e = 0; e < kHeldBlocks; ++e) {
+      const int k = threadIdx.x + e * kSelectThreads;
+      held_vis[e] = k < nk && (sm.flags[k] & kVisible);
+#pragma unroll
+      for (int j = 0; j < kHeadsPerPass; ++j) {
+        x[j][e] = k < nk && j < hn ? rows[j * head_stride + k] : -INFINITY;
+      }
+    }
+    constexpr int kHeldEnd = kHeldBlocks * kSelectThreads;
+#pragma unroll
+    for (int e = 0; e < kHeldBlocks; ++e) {
+#pragma unroll
+      for (int j = 0; j < kHeadsPerPass; ++j) {
+        if (held_vis[e]) mx[j] = fmaxf(mx[j], x[j][e]);
+      }
+    }
 #pragma unroll 2
-    for (int k = threadIdx.x; k < nk; k += kSelectThreads) {
+    for (int k = kHeldEnd + threadIdx.x; k < nk; k += kSelectThreads) {
       const bool vis = sm.flags[k] & kVisible;
 #pragma unroll
       for (int j = 0; j < kHeadsPerPass; ++j) {
-        const float x = j < hn ? rows[j * head_stride + k] : -INFINITY;
-        if (vis) mx[j] = fmaxf(mx[j], x);
+        const float v = j < hn ? rows[j * head_stride + k] : -INFINITY;
+        if (vis) mx[j] = fmaxf(mx[j], v);
       }
     }
     reduce_heads<true>(mx, red);
+#pragma unroll
+    for (int e = 0; e < kHeldBlocks; ++e) {
+#pragma unroll
+      for (int j = 0; j < kHeadsPerPass; ++j) {
+        x[j][e] = held_vis[e] && j < hn ? expf(x[j][e] - mx[j]) : 0.f;
+        sum[j] += x[j][e];
+      }
+    }
 #pragma unroll 2
-    for (int k = threadIdx.x; k < nk; k += kSelectThreads) {
+    for (int k = kHeldEnd + threadIdx.x; k < nk; k += kSelectThreads) {
       const bool vis = sm.flags[k] & kVisible;
 #pragma unroll
       for (int j = 0; j < kHeadsPerPass; ++j) {
-        const float x = j < hn ? rows[j * head_stride + k] : 0.f;
-        if (vis && j < hn) sum[j] += expf(x - mx[j]);
+        const float v = j < hn ? rows[j * head_stride + k] : 0.f;
+        if (vis && j < hn) sum[j] += expf(v - mx[j]);
       }
     }
     reduce_heads<false>(sum, red);
-    for (int k = threadIdx.x; k < nk; k += kSelectThreads) {
+#pragma unroll
+    for (int e = 0; e < kHeldBlocks; ++e) {
+      const int k = threadIdx.x + e * kSelectThreads;
+      if (k >= nk) continue;
+      float acc = sm.pavg[k];
+#pragma unroll
+      for (int j = 0; j < kHeadsPerPass; ++j) {
+        if (j >= hn) continue;
+        const float pk = held_vis[e] ? x[j][e] / sum[j] : 0.f;
+        if (heads == 1) sm.prob[k] = pk;
+        acc += pk;
+      }
+      sm.pavg[k] = acc;
+    }
+    for (int k = kHeldEnd + threadIdx.x; k < nk; k += kSelectThreads) {
       const bool vis = sm.flags[k] & kVisible;
       float acc = sm.pavg[k];
 #pragma unroll
@@ -779,7 +935,7 @@ __global__ void select_kernel(AsaParams p, Workspace ws, const float* logits, in
   const int64_t row = (static_cast<int64_t>(n) * gridDim.y + hs) * nq + i;
   const int local_lo = max(c - p.local_blocks + 1, 0);
   const int local_hi = min(p.causal ? c : c + p.local_blocks - 1, nk - 1);
-  select_and_write(p, ws, sm, prob, tau, nk, nk_pow2, row, local_lo, local_hi);
+  select_and_write(p, ws, sm, prob, tau, nk, nk_pow2, row, local_lo, local_hi, cutoff);
 }
 
 // The same selection with one warp per list (key blocks <= kWarpListMax): no CTA barriers, eight
@@ -939,339 +1095,11 @@ __global__ void __launch_bounds__(32 * kListsPerCta) dense_lists_kernel(AsaParam
   }
 }
 
-// ---- Decode router: one thread-block cluster per list (sm_90) ----
-//
-// Decode (one query block) without the learned gate: q̄, the logits, the softmax, the group
-// average and the contract's walk in one launch, with each list's key blocks split over the C
-// CTAs of a cluster (a slice of S ≤ kSelectThreads blocks per CTA, one per thread), where
-// select_kernel gives a list one CTA and needs the separate logits (and pooling) launches before
-// it. Fresh key blocks (not in the caller's key_block_stats; at most kInlinePoolBlocks) are
-// pooled inside with pool_key_block, so a decode step with caller-kept statistics is this one
-// launch. The CTAs exchange three times through distributed shared memory:
-//   1. per head the slice's softmax max and sum of exp at that max (combined in rank order:
-//      sum = Σ_r s_r · exp(m_r - m)), and the slice's visible and candidate counts;
-//   2. the slice's candidate keys (~bits(P) << 32 | block: ascending = P descending, ties to the
-//      lower block, the contract's order), sorted, and the forced blocks' P and kept flags;
-//   3. each candidate's rank in the whole list (its place in its run plus a binary search in
-//      every other run) places its key into every CTA's rank-ordered array.
-// Every CTA then runs the same float32 walk over that array (forced blocks first in ascending
-// order, then the candidates, left to right, as the reference), so nothing is sent back: it
-// keeps its own candidates ranked below the walk's stop and writes its slice of the ascending
-// list at the number of kept blocks below the slice.
-constexpr int kClusterMax = 16;                   // CTAs per list (above 8 is non-portable)
-constexpr int kClusterMinSlice = 64;              // key blocks per CTA below which C shrinks
-constexpr int kClusterHeads = kDecodeLogitsRows;  // query heads behind one list at most
-constexpr int kInlinePoolBlocks = 2;              // fresh key blocks pooled inside at most
-constexpr int kRankLanes = 16;                    // lanes per candidate in the rank search
-
-// Byte offsets of the cluster router's dynamic shared memory regions (host and device).
-struct ClusterSmem {
-  size_t runs, sorted, forced_p, logits, qs, fresh, forced_kept, bytes;
-  __host__ __device__ static size_t up16(size_t x) { return (x + 15) / 16 * 16; }
-  __host__ __device__ ClusterSmem(int C, int Sp, int nk, int heads, int S, int D) {
-    runs = 0;                                                    // uint64 [C][Sp] sorted runs
-    sorted = runs + up16(sizeof(uint64_t) * C * Sp);             // uint64 [nk] by rank
-    forced_p = sorted + up16(sizeof(uint64_t) * nk);             // float [nk] P of forced blocks
-    logits = forced_p + up16(sizeof(float) * nk);                // float [heads][S]
-    qs = logits + up16(sizeof(float) * heads * S);               // float [heads][D] q̄
-    fresh = qs + up16(sizeof(float) * heads * D);                // float [kInlinePool][D] k̄
-    forced_kept = fresh + up16(sizeof(float) * kInlinePoolBlocks * D);  // uint8 [nk]
-    bytes = forced_kept + up16(nk);
-  }
-};
-
-// Lower bound of `key` in an ascending run of n = 2^m keys: how many are smaller.
-__device__ __forceinline__ int run_lower_bound(const uint64_t* run, int n, uint64_t key) {
-  int pos = 0;
-  for (int step = n >> 1; step > 0; step >>= 1) {
-    if (run[pos + step - 1] < key) pos += step;
-  }
-  return pos + (run[pos] < key ? 1 : 0);
-}
-
-// How many of the n rank-ordered candidate keys the contract's walk keeps (one full warp; the
-// same float32 chain as walk_sorted_warp, starting at the forced blocks' sum `acc`).
-__device__ int walk_count_warp(const uint64_t* keys, int n, float acc, float tau) {
-  const int lane = threadIdx.x % 32;
-  for (int base = 0; base < n; base += 32) {
-    const int t = base + lane;
-    const uint64_t key = t < n ? keys[t] : ~0ull;
-    const float before = walk_step(__uint_as_float(~static_cast<uint32_t>(key >> 32)), acc);
-    const unsigned ends = __ballot_sync(0xffffffffu, t >= n || !(before < tau));
-    if (ends != 0) return min(base + __ffs(ends) - 1, n);
-  }
-  return n;
-}
-
-__device__ int block_sum_int(int v) {
-  using Reduce = cub::BlockReduce<int, kSelectThreads>;
-  __shared__ typename Reduce::TempStorage tmp;
-  __shared__ int result;
-  const int r = Reduce(tmp).Sum(v);
-  if (threadIdx.x == 0) result = r;
-  __syncthreads();
-  const int out = result;
-  __syncthreads();
-  return out;
-}
-
-// Grid (C, B · Hsel), cluster (C, 1, 1): CTA r of list (n, hs) owns key blocks [r·S, r·S + S).
-// `pool_fresh`: key blocks from kbar.cached_blocks on are pooled here (else read from kbar).
-template <typename T>
-__global__ void __launch_bounds__(kSelectThreads) route_cluster_kernel(AsaParams p, Workspace ws,
-                                                                       KeyRows kbar, int S, int Sp,
-                                                                       int pool_fresh) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  namespace cg = cooperative_groups;
-  cg::cluster_group cluster = cg::this_cluster();
-  // The peers' shared memory must exist before the first remote store: arrive now, wait there.
-  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
-  const int C = static_cast<int>(cluster.num_blocks()), r = static_cast<int>(cluster.block_rank());
-  const int t = threadIdx.x;
-  const int nk = cdiv(p.seq_kv, p.block_size), D = p.head_dim, G = p.heads_q / p.heads_kv;
-  const int hsel = p.select_per ? p.heads_kv : p.heads_q;
-  const int list = blockIdx.y, n = list / hsel, hs = list % hsel;
-  const int heads = p.select_per ? G : 1, h_first = p.select_per ? hs * G : hs;
-  const int64_t bh = static_cast<int64_t>(n) * p.heads_kv + h_first / G;
-  const int k0 = r * S;
-
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const ClusterSmem lay(C, Sp, nk, heads, S, D);
-  uint64_t* runs = reinterpret_cast<uint64_t*>(smem_raw + lay.runs);
-  uint64_t* sorted = reinterpret_cast<uint64_t*>(smem_raw + lay.sorted);
-  float* forced_p = reinterpret_cast<float*>(smem_raw + lay.forced_p);
-  float* lg = reinterpret_cast<float*>(smem_raw + lay.logits);
-  float* qs = reinterpret_cast<float*>(smem_raw + lay.qs);
-  float* fresh = reinterpret_cast<float*>(smem_raw + lay.fresh);
-  uint8_t* forced_kept = smem_raw + lay.forced_kept;
-  __shared__ uint8_t flags[kSelectThreads];  // kVisible | kForced of slice block j
-  __shared__ float stat_m[kClusterMax][kClusterHeads], stat_s[kClusterMax][kClusterHeads];
-  __shared__ int cnt_vis[kClusterMax], cnt_cand[kClusterMax];
-  __shared__ float slice_m[kClusterHeads], slice_s[kClusterHeads];  // this slice's statistics
-  __shared__ float g_m[kClusterHeads], g_s[kClusterHeads];            // the list's
-  __shared__ float red[kHeadsPerPass][kSelectThreads / 32];
-  __shared__ int walk_stop;
-  __shared__ float forced_acc;
-
-  // q̄ of the list's heads (the query block is rows [0, Sq)), as logits_decode_kernel pools it.
-  for (int e = t; e < heads * D; e += kSelectThreads) {
-    const int h = h_first + e / D, d = e % D;
-    const T* q = static_cast<const T*>(p.q) + n * p.q_stride_b + h * p.q_stride_h;
-    float sum = 0.f;
-    for (int row = 0; row < p.seq_q; ++row) sum += to_float(q[row * p.q_stride_s + d]);
-    qs[e] = sum * (1.f / static_cast<float>(p.seq_q));
-  }
-  // Fresh key blocks of this slice (the caller's statistics end before them).
-  const int fresh_first = max(k0, kbar.cached_blocks);
-  if (pool_fresh) {
-    for (int k = fresh_first; k < min(k0 + S, nk); ++k) {
-      pool_key_block<T>(p, n, static_cast<int>(bh % p.heads_kv), k, fresh + (k - fresh_first) * D);
-      __syncthreads();  // pool_rows' scratch is reused by the next block
-    }
-  }
-  __syncthreads();
-
-  // Logits of the slice (D / 32 lanes per key block, every lane's loads in flight at once, as
-  // logits_decode_kernel) and its visibility / forced flags.
-  int lo, hi, c;
-  query_block_keys(p, 0, nk, &lo, &hi, &c);
-  // The forced blocks: sink [0, sink_end) and the local band [band_lo, band_hi] beyond it.
-  const int sink_end = min(p.sink_blocks, nk);
-  const int band_lo = max(max(c - p.local_blocks + 1, 0), sink_end);
-  const int band_hi = min(p.causal ? c : c + p.local_blocks - 1, nk - 1);
-  const int L = D / (4 * kDecodeLogitsCols), part = t % L;
-  int my_vis = 0, my_cand = 0;
-  for (int base = 0; base < S; base += kSelectThreads / L) {
-    const int j = base + t / L, k = k0 + j;
-    const bool in = j < S && k < nk;
-    const float4* kb = nullptr;
-    if (in) {
-      kb = reinterpret_cast<const float4*>(pool_fresh && k >= kbar.cached_blocks
-                                               ? fresh + (k - fresh_first) * D
-                                               : kbar.row(bh, k, nk, D));
-    }
-    float4 kv[kDecodeLogitsCols];
-#pragma unroll
-    for (int b = 0; b < kDecodeLogitsCols; ++b) {
-      kv[b] = in ? kb[b * L + part] : make_float4(0.f, 0.f, 0.f, 0.f);
-    }
-    float acc[kClusterHeads];
-#pragma unroll
-    for (int hh = 0; hh < kClusterHeads; ++hh) {
-      acc[hh] = 0.f;
-      if (hh >= heads) continue;
-      acc[hh] = lane_dot(qs + hh * D, kv, L, part);
-      for (int o = 1; o < L; o <<= 1) acc[hh] += __shfl_xor_sync(0xffffffffu, acc[hh], o);
-      if (part == 0 && in) lg[hh * S + j] = p.scale * acc[hh];
-    }
-    if (part == 0 && in) {
-      const bool vis = key_block_visible(p, ws.kept_prefix, n, k, lo, hi);
-      const bool forced = block_forced(p, k, c);
-      flags[j] = (vis ? kVisible : 0) | (forced ? kForced : 0);
-      my_vis += vis;
-      my_cand += vis && !forced;
-    }
-  }
-  __syncthreads();
-
-  // 1. Softmax statistics of the slice per head, sent to every CTA with the counts.
-  const int j = t;  // from here on thread j owns slice block k = k0 + j
-  const int k = k0 + j;
-  const bool in = j < S && k < nk;
-  const bool vis = in && (flags[j] & kVisible);
-  const bool forced = in && (flags[j] & kForced);
-  const int nvis_slice = block_sum_int(my_vis), ncand_slice = block_sum_int(my_cand);
-  for (int h0 = 0; h0 < heads; h0 += kHeadsPerPass) {
-    float v[kHeadsPerPass];
-#pragma unroll
-    for (int e = 0; e < kHeadsPerPass; ++e) {
-      v[e] = vis && h0 + e < heads ? lg[(h0 + e) * S + j] : -INFINITY;
-    }
-    reduce_heads<true>(v, red);
-    float s[kHeadsPerPass];
-#pragma unroll
-    for (int e = 0; e < kHeadsPerPass; ++e) {
-      s[e] = vis && h0 + e < heads ? expf(lg[(h0 + e) * S + j] - v[e]) : 0.f;
-    }
-    reduce_heads<false>(s, red);
-    if (t == 0) {
-      for (int e = 0; e < kHeadsPerPass && h0 + e < heads; ++e) {
-        slice_m[h0 + e] = v[e];
-        slice_s[h0 + e] = s[e];
-      }
-    }
-  }
-  __syncthreads();
-  asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
-  if (t < C * heads) {
-    const int peer = t / heads, hh = t % heads;
-    cluster.map_shared_rank(&stat_m[0][0], peer)[r * kClusterHeads + hh] = slice_m[hh];
-    cluster.map_shared_rank(&stat_s[0][0], peer)[r * kClusterHeads + hh] = slice_s[hh];
-  }
-  if (t < C) {
-    cluster.map_shared_rank(cnt_vis, t)[r] = nvis_slice;
-    cluster.map_shared_rank(cnt_cand, t)[r] = ncand_slice;
-  }
-  cluster.sync();
-  if (t < heads) {
-    float m = -INFINITY;
-    for (int q = 0; q < C; ++q) m = fmaxf(m, stat_m[q][t]);
-    float s = 0.f;
-    for (int q = 0; q < C; ++q) {
-      if (stat_m[q][t] > -INFINITY) s += stat_s[q][t] * expf(stat_m[q][t] - m);
-    }
-    g_m[t] = m;
-    g_s[t] = s;
-  }
-  int nvis = 0, ncand = 0, below = 0;  // visible / candidate blocks of the list; kept below k0
-  for (int q = 0; q < C; ++q) {
-    nvis += cnt_vis[q];
-    ncand += cnt_cand[q];
-  }
-  float tau = 0.f;
-  for (int hh = 0; hh < heads; ++hh) {
-    const int h = h_first + hh;
-    tau = fmaxf(tau, p.head_thresholds ? p.head_thresholds[h] : p.threshold);
-  }
-  __syncthreads();
-
-  // P of slice block j: the head's softmax, added over the group's heads in order and divided
-  // by G (select_per 1), as select_kernel computes it.
-  float P = 0.f;
-  for (int hh = 0; hh < heads; ++hh) {
-    const float pk = vis ? expf(lg[hh * S + j] - g_m[hh]) / g_s[hh] : 0.f;
-    P += pk;
-  }
-  if (heads > 1) P /= static_cast<float>(G);
-  bool kept = vis && (tau >= 1.f || forced);
-  const bool cand = vis && !forced && tau < 1.f;
-  const uint64_t key = cand ? (static_cast<uint64_t>(~__float_as_uint(P)) << 32) |
-                                  static_cast<uint32_t>(k)
-                            : ~0ull;
-  if (tau >= 1.f) {  // every visible block is kept (uniform over the cluster)
-    for (int q = 0; q < r; ++q) below += cnt_vis[q];
-  } else {
-    // 2. The slice's candidates sorted into its run, sent to every CTA, and the forced blocks'
-    // probabilities and kept flags.
-    uint64_t* run = runs + r * Sp;
-    if (j < Sp) run[j] = j < S ? key : ~0ull;
-    if (forced) {
-      for (int q = 0; q < C; ++q) {
-        cluster.map_shared_rank(forced_p, q)[k] = kept ? P : 0.f;
-        cluster.map_shared_rank(forced_kept, q)[k] = kept ? 1 : 0;
-      }
-    }
-    __syncthreads();
-    bitonic_sort<Sorter::kBlock>(run, Sp);
-    __syncthreads();
-    for (int e = t; e < C * Sp; e += kSelectThreads) {
-      const int q = e / Sp;
-      if (q != r) cluster.map_shared_rank(runs, q)[r * Sp + e % Sp] = run[e % Sp];
-    }
-    cluster.sync();
-
-    // 3. Ranks: kRankLanes lanes per candidate, lane q searching run q; lane q then stores the
-    // key at its rank in CTA q's array.
-    const int lane = t % kRankLanes;
-    for (int base = 0; base < ncand_slice; base += kSelectThreads / kRankLanes) {
-      const int a = base + t / kRankLanes;  // candidate a of this slice (position in its run)
-      const uint64_t mine = a < ncand_slice ? run[a] : ~0ull;
-      int rank = lane < C && a < ncand_slice ? run_lower_bound(runs + lane * Sp, Sp, mine) : 0;
-      for (int o = kRankLanes / 2; o > 0; o >>= 1) {
-        rank += __shfl_xor_sync(0xffffffffu, rank, o, kRankLanes);
-      }
-      if (lane < C && a < ncand_slice) cluster.map_shared_rank(sorted, lane)[rank] = mine;
-    }
-    cluster.sync();  // no remote access after this barrier
-
-    // The walk, in every CTA alike: forced blocks ascending, then the candidates by rank.
-    if (t == 0) {
-      float acc = 0.f;
-      for (int q = 0; q < sink_end; ++q) acc += forced_p[q];
-      for (int q = band_lo; q <= band_hi; ++q) acc += forced_p[q];
-      forced_acc = acc;
-    }
-    __syncthreads();
-    if (t < 32) {
-      const int stop = walk_count_warp(sorted, ncand, forced_acc, tau);
-      if (t == 0) walk_stop = stop;
-    }
-    __syncthreads();
-    const int stop = walk_stop;
-    if (cand && stop > 0 && key <= sorted[stop - 1]) kept = true;
-    // Kept blocks below this slice: forced ones (their flags) and walked ones (their keys).
-    int mine = 0;
-    for (int q = t; q < min(sink_end, k0); q += kSelectThreads) mine += forced_kept[q];
-    for (int q = band_lo + t; q <= min(band_hi, k0 - 1); q += kSelectThreads) {
-      mine += forced_kept[q];
-    }
-    for (int q = t; q < stop; q += kSelectThreads) {
-      mine += static_cast<int>(sorted[q] & 0xffffffffu) < k0 ? 1 : 0;
-    }
-    below = block_sum_int(mine);
-  }
-  // Kept blocks of the whole list and this slice's part of the ascending list.
-  using Scan = cub::BlockScan<int, kSelectThreads>;
-  __shared__ typename Scan::TempStorage scan_tmp;
-  int pos = 0;
-  Scan(scan_tmp).ExclusiveSum(kept ? 1 : 0, pos);
-  int total_forced = 0;
-  if (tau < 1.f) {
-    int mine = 0;
-    for (int q = t; q < sink_end; q += kSelectThreads) mine += forced_kept[q];
-    for (int q = band_lo + t; q <= band_hi; q += kSelectThreads) mine += forced_kept[q];
-    total_forced = block_sum_int(mine);
-  }
-  __syncthreads();
-  const int total = tau < 1.f ? total_forced + walk_stop : nvis;
-  int32_t* out = ws.block_indices + static_cast<int64_t>(list) * nk;
-  if (kept) out[below + pos] = k;
-  if (in && k >= total) out[k] = -1;
-  if (r == 0 && t == 0) {
-    ws.block_counts[list] = total;
-    if (hs == 0 && ws.visible_counts) ws.visible_counts[n] = nvis;
-  }
-#endif
+// Whether select_kernel bounds its sort by candidate_cut: on unless ASA_CUDA_SELECT_CUTOFF=0 in
+// the environment (read at each launch; the tests compare the lists of both).
+bool select_cutoff_enabled() {
+  const char* env = getenv("ASA_CUDA_SELECT_CUTOFF");
+  return !(env != nullptr && env[0] == '0');
 }
 
 // Whether the router can write dense lists without routing: τ ≥ 1 from the attribute (per-head
@@ -1290,11 +1118,12 @@ void launch_pool(const AsaParams& p, const Workspace& ws, bool queries, bool key
                  int first_key_block, cudaStream_t stream) {
   const int nq = cdiv(p.seq_q, p.block_size), nk = cdiv(p.seq_kv, p.block_size);
   if (queries) {
-    pool_q_kernel<T><<<dim3(nq, p.heads_q, p.batch), kPoolThreads, 0, stream>>>(p, ws.qbar);
+    launch_chained(pool_q_kernel<T>, dim3(nq, p.heads_q, p.batch), kPoolThreads, 0, stream, p,
+                   ws.qbar);
   }
   if (keys && first_key_block < nk) {
-    pool_k_kernel<T><<<dim3(nk - first_key_block, p.heads_kv, p.batch), kPoolThreads, 0,
-                       stream>>>(p, ws.kbar, first_key_block, nk);
+    launch_chained(pool_k_kernel<T>, dim3(nk - first_key_block, p.heads_kv, p.batch),
+                   kPoolThreads, 0, stream, p, ws.kbar, first_key_block, nk);
   }
 }
 
@@ -1306,8 +1135,8 @@ void launch_key_stats_t(const AsaParams& p, float* stats, int first, int cap, bo
   if (gate) {
     launch_key_features(p, stats, first, cap, stream);
   } else {
-    pool_k_kernel<T><<<dim3(nk - first, p.heads_kv, p.batch), kPoolThreads, 0, stream>>>(
-        p, stats, first, cap);
+    launch_chained(pool_k_kernel<T>, dim3(nk - first, p.heads_kv, p.batch), kPoolThreads, 0,
+                   stream, p, stats, first, cap);
   }
 }
 
@@ -1330,112 +1159,10 @@ cudaError_t launch_gate_with_stats(const AsaParams& p, const float* qbar, const 
 
 }  // namespace
 
-int next_pow2(int x) {
-  int v = 1;
-  while (v < x) v <<= 1;
-  return v;
-}
-
 size_t select_smem_bytes(const AsaParams& p) {
   const int nk = cdiv(p.seq_kv, p.block_size);
   return static_cast<size_t>(next_pow2(nk)) * 8 + static_cast<size_t>(nk) * 9 + 16;
 }
-
-namespace {
-
-// Launch configuration of route_cluster_kernel: grid (C, lists), clusters of C CTAs along x.
-struct ClusterLaunch {
-  cudaLaunchAttribute attrs[1];
-  cudaLaunchConfig_t cfg{};
-  ClusterLaunch(int C, int lists, size_t smem, cudaStream_t stream) {
-    attrs[0].id = cudaLaunchAttributeClusterDimension;
-    attrs[0].val.clusterDim.x = C;
-    attrs[0].val.clusterDim.y = 1;
-    attrs[0].val.clusterDim.z = 1;
-    cfg.gridDim = dim3(C, lists, 1);
-    cfg.blockDim = dim3(kSelectThreads, 1, 1);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    cfg.attrs = attrs;
-    cfg.numAttrs = 1;
-  }
-  ClusterLaunch(const ClusterLaunch&) = delete;  // cfg.attrs points into this object
-};
-
-// Kernel attributes for clusters of C CTAs with `smem` bytes of dynamic shared memory.
-template <typename T>
-cudaError_t prepare_cluster_kernel(int C, size_t smem) {
-  auto kernel = route_cluster_kernel<T>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
-  if (err == cudaSuccess && C > 8) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-  }
-  return err;
-}
-
-// The decode cluster router's cluster size for these params, 0 when it does not serve them:
-// one query block, no learned gate, logits_decode_kernel's layout (D = 32 · L, at most
-// kDecodeLogitsRows heads per list, 16-byte k̄ rows), D ≤ 256, at most kSelectThreads key blocks
-// per CTA, a compute capability 9.x GPU with the sm_90a code in the library, and a cluster of
-// that size that the GPU can place. C = ceil(NK / 64) up to 16 (8 when 16 does not fit).
-// Opt-in, since it measured slower than logits_decode + select on an H200 (BENCHMARKS.md
-// optimization step 32): ASA_CUDA_CLUSTER_ROUTER=1 in the environment takes it, anything else
-// keeps logits_decode + select (read at each launch; the GPU tests run both).
-bool cluster_fits_device(int C) {
-  static int state[kClusterMax + 1] = {};  // 0 unknown, 1 yes, 2 no; per cluster size
-  if (state[C] == 0) {
-    cudaFuncAttributes attr{};
-    int device = 0, major = 0, clusters = 0;
-    bool ok = cudaGetDevice(&device) == cudaSuccess &&
-              cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) ==
-                  cudaSuccess &&
-              major == 9 &&
-              cudaFuncGetAttributes(&attr, route_cluster_kernel<__nv_bfloat16>) == cudaSuccess &&
-              attr.binaryVersion >= 90;
-    if (ok) {  // the largest shared memory any list of C slices asks for
-      const size_t smem = ClusterSmem(C, kSelectThreads, C * kSelectThreads, kClusterHeads,
-                                      kSelectThreads, 256).bytes;
-      const ClusterLaunch launch(C, 1, smem, nullptr);
-      ok = prepare_cluster_kernel<__nv_bfloat16>(C, smem) == cudaSuccess &&
-           cudaOccupancyMaxActiveClusters(&clusters, route_cluster_kernel<__nv_bfloat16>,
-                                          &launch.cfg) == cudaSuccess &&
-           clusters >= 1;
-    }
-    cudaGetLastError();  // a failed query must not leak into the caller's error check
-    state[C] = ok ? 1 : 2;
-  }
-  return state[C] == 1;
-}
-
-int cluster_route_size(const AsaParams& p, int nq, int nk) {
-  const char* env = getenv("ASA_CUDA_CLUSTER_ROUTER");
-  if (env == nullptr || env[0] != '1') return 0;
-  if (nq != 1 || !decode_logits_fits(p, nq) || p.head_dim > 256) return 0;
-  for (int max_c = kClusterMax; max_c >= 8; max_c /= 2) {
-    const int C = min(max_c, cdiv(nk, kClusterMinSlice));
-    if (cdiv(nk, C) > kSelectThreads) return 0;
-    if (cluster_fits_device(C)) return C;
-  }
-  return 0;
-}
-
-template <typename T>
-cudaError_t launch_route_cluster_t(const AsaParams& p, const Workspace& ws, const KeyRows& kbar,
-                                   int C, bool pool_fresh, cudaStream_t stream) {
-  const int nk = cdiv(p.seq_kv, p.block_size);
-  const int heads = p.select_per ? p.heads_q / p.heads_kv : 1;
-  const int lists = p.batch * (p.select_per ? p.heads_kv : p.heads_q);
-  const int S = cdiv(nk, C), Sp = next_pow2(S);
-  const size_t smem = ClusterSmem(C, Sp, nk, heads, S, p.head_dim).bytes;
-  const cudaError_t err = prepare_cluster_kernel<T>(C, smem);
-  if (err != cudaSuccess) return err;
-  const ClusterLaunch launch(C, lists, smem, stream);
-  return cudaLaunchKernelEx(&launch.cfg, route_cluster_kernel<T>, p, ws, kbar, S, Sp,
-                            pool_fresh ? 1 : 0);
-}
-
-}  // namespace
 
 cudaError_t launch_key_block_stats(const AsaParams& p, float* stats, int first_block,
                                    int capacity, cudaStream_t stream) {
@@ -1474,24 +1201,6 @@ cudaError_t launch_route_gated(const AsaParams& p, const Workspace& ws, const Ga
   // Key blocks before `cached` come from the caller's key_block_stats (no key is read for them).
   const int cached = p.key_block_stats ? p.key_block_stats_blocks : 0;
   const int cap = p.key_block_stats_capacity > 0 ? p.key_block_stats_capacity : nk;
-  // Decode without the gate on Hopper (opt-in, see cluster_route_size): the whole router in one
-  // cluster launch (pool_k first only when more than kInlinePoolBlocks blocks are fresh).
-  const int cluster = gate == nullptr ? cluster_route_size(p, nq, nk) : 0;
-  if (cluster > 0) {
-    const bool pool_fresh = nk - cached <= kInlinePoolBlocks;
-    const KeyRows rows{ws.kbar, p.key_block_stats, cached, cap};
-    switch (p.dtype) {
-      case ASA_FLOAT32:
-        if (!pool_fresh) launch_pool<float>(p, ws, false, true, cached, stream);
-        return launch_route_cluster_t<float>(p, ws, rows, cluster, pool_fresh, stream);
-      case ASA_FLOAT16:
-        if (!pool_fresh) launch_pool<__half>(p, ws, false, true, cached, stream);
-        return launch_route_cluster_t<__half>(p, ws, rows, cluster, pool_fresh, stream);
-      default:
-        if (!pool_fresh) launch_pool<__nv_bfloat16>(p, ws, false, true, cached, stream);
-        return launch_route_cluster_t<__nv_bfloat16>(p, ws, rows, cluster, pool_fresh, stream);
-    }
-  }
   // Decode without the gate: q̄ is pooled inside logits_decode_kernel (one launch fewer).
   const bool fused = gate == nullptr && decode_logits_fits(p, nq);
   switch (p.dtype) {
@@ -1520,16 +1229,16 @@ cudaError_t launch_route_gated(const AsaParams& p, const Workspace& ws, const Ga
     const size_t qsmem = static_cast<size_t>(p.heads_q / p.heads_kv) * nq * p.head_dim * 4;
     switch (p.dtype) {
       case ASA_FLOAT32:
-        logits_decode_kernel<float><<<grid, 32 * kDecodeLogitsWarps, qsmem, stream>>>(
-            p, ke, ws.logits);
+        launch_chained(logits_decode_kernel<float>, grid, 32 * kDecodeLogitsWarps, qsmem, stream,
+                       p, ke, ws.logits);
         break;
       case ASA_FLOAT16:
-        logits_decode_kernel<__half><<<grid, 32 * kDecodeLogitsWarps, qsmem, stream>>>(
-            p, ke, ws.logits);
+        launch_chained(logits_decode_kernel<__half>, grid, 32 * kDecodeLogitsWarps, qsmem, stream,
+                       p, ke, ws.logits);
         break;
       default:
-        logits_decode_kernel<__nv_bfloat16><<<grid, 32 * kDecodeLogitsWarps, qsmem, stream>>>(
-            p, ke, ws.logits);
+        launch_chained(logits_decode_kernel<__nv_bfloat16>, grid, 32 * kDecodeLogitsWarps, qsmem, stream,
+                       p, ke, ws.logits);
         break;
     }
   } else if (nq < 8) {
@@ -1557,9 +1266,8 @@ cudaError_t launch_route_gated(const AsaParams& p, const Workspace& ws, const Ga
                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  select_kernel<<<dim3(nq, hsel, p.batch), kSelectThreads, smem, stream>>>(
-      p, ws, ws.logits, next_pow2(nk));
-  return cudaGetLastError();
+  return launch_chained(select_kernel, dim3(nq, hsel, p.batch), kSelectThreads, smem, stream, p,
+                        ws, ws.logits, next_pow2(nk), select_cutoff_enabled());
 }
 
 }  // namespace cuda
