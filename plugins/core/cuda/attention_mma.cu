@@ -212,8 +212,6 @@ constexpr int q_rows() { return split_keys ? 16 : kBM * MT; }
 
 template <typename T, int D, int MT, bool packed, bool split_keys = false>
 __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Workspace ws) {
-  wait_for_previous_kernel();
-  allow_next_kernel();
   // packed (decode, select_per 1): the CTA serves a whole KV group; its rows are the G heads'
   // Sq <= 16 query rows (row rho = head (rho / Sq) of the group, query row rho % Sq), so each
   // K/V tile is loaded once per group.
@@ -248,19 +246,12 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
   const int hsel = p.select_per ? hkv : h;
   const int hsel_count = p.select_per ? p.heads_kv : p.heads_q;
   const int64_t row = (static_cast<int64_t>(n) * hsel_count + hsel) * nq + q0 / bs;
-  // Split s takes tiles [s·T/S, (s+1)·T/S) of the T = count · (bs / TN) tiles of the list: the
-  // slices differ by at most one tile, so every split has work (a split per whole block left
-  // up to a fifth of the CTAs idle in decode at density 0.1).
-  const int count = ws.block_counts[row];
-  const int tiles = count * (bs / TN);
-  const int t_begin = split * tiles / ws.splits, t_end = (split + 1) * tiles / ws.splits;
 
   TileCursor<packed> cur;
   cur.list = ws.block_indices + row * nk;
   cur.bs = bs;
   cur.tn = TN;
   cur.sub = bs / TN;
-  cur.end = t_end;
   const int shift = p.seq_kv - p.seq_q;
   cur.pos_lo = q0 + shift;
   cur.pos_hi = min(q0 + kRows, p.seq_q) - 1 + shift;
@@ -289,6 +280,17 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
       load_tile<T, D>(sq + mt * kBN * kPitch, qg, p.q_stride_s, q0 + mt * kBN, p.seq_q);
     }
   }
+  // Q is the caller's input, which no kernel of the chain writes, so its copy is issued before
+  // the wait for the router's lists (chained launch, common.cuh).
+  wait_for_previous_kernel();
+  allow_next_kernel();
+  // Split s takes tiles [s·T/S, (s+1)·T/S) of the T = count · (bs / TN) tiles of the list: the
+  // slices differ by at most one tile, so every split has work (a split per whole block left
+  // up to a fifth of the CTAs idle in decode at density 0.1).
+  const int count = ws.block_counts[row];
+  const int tiles = count * (bs / TN);
+  const int t_begin = split * tiles / ws.splits, t_end = (split + 1) * tiles / ws.splits;
+  cur.end = t_end;
   if constexpr (packed) {
     // The slice's list entries (the first kListCache of them) to shared memory for both cursors.
     __shared__ int list_cache[kListCache];

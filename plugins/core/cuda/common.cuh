@@ -86,10 +86,13 @@ __host__ __device__ __forceinline__ int cdiv(int a, int b) { return (a + b - 1) 
 // Programmatic dependent launch (compute capability 9.0+). A kernel started by launch_chained
 // (kernels.h) may become resident while the kernel before it in the stream still runs, which
 // hides the launch gap between the decode step's short kernels. Such a kernel calls
-// wait_for_previous_kernel() before its first global memory access: it returns once the previous
-// kernel has finished and its writes are visible (on older GPUs it is a no-op, and the launch is
-// an ordinary one). allow_next_kernel() lets the next chained kernel start before this one ends;
-// that kernel still waits for this one to finish before touching memory.
+// wait_for_previous_kernel() before it touches memory that a kernel of the chain writes (the
+// workspace, the lists, the caller's key_block_stats, the output): it returns once the previous
+// kernel has finished and its writes are visible. Before it, only the caller's inputs that no
+// kernel of the chain writes (q, k, v) may be read; every kernel before the previous one has
+// already finished. allow_next_kernel() lets the next chained kernel start before this one ends
+// (that kernel still waits for this one). On older GPUs both are no-ops and the launch is an
+// ordinary one.
 __device__ __forceinline__ void wait_for_previous_kernel() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");

@@ -706,8 +706,6 @@ __device__ __forceinline__ float lane_dot(const float* qbar_row,
 template <typename T>
 __global__ void __launch_bounds__(32 * kDecodeLogitsWarps) logits_decode_kernel(
     AsaParams p, KeyRows kbar, float* logits) {
-  wait_for_previous_kernel();
-  allow_next_kernel();
   extern __shared__ __align__(16) float qs[];  // [G · NQ][D]
   const int nq = cdiv(p.seq_q, p.block_size), nk = cdiv(p.seq_kv, p.block_size);
   const int G = p.heads_q / p.heads_kv, D = p.head_dim;
@@ -715,12 +713,8 @@ __global__ void __launch_bounds__(32 * kDecodeLogitsWarps) logits_decode_kernel(
   const int per_cta = kDecodeLogitsWarps * 32 / L;
   const int bh = blockIdx.y, n = bh / p.heads_kv, hk = bh % p.heads_kv;
   const int k = blockIdx.x * per_cta + threadIdx.x / L, part = threadIdx.x % L;
-  float4 kv[kDecodeLogitsCols];
-  const float4* kb = k < nk ? reinterpret_cast<const float4*>(kbar.row(bh, k, nk, D)) : nullptr;
-#pragma unroll
-  for (int b = 0; b < kDecodeLogitsCols; ++b) {
-    kv[b] = kb != nullptr ? kb[b * L + part] : make_float4(0.f, 0.f, 0.f, 0.f);
-  }
+  // q̄ first: q is the caller's input, which no kernel of the chain writes, so it is pooled
+  // before the wait for the previous kernel (chained launch, common.cuh), which may write k̄.
   const int rows = G * nq;  // (head of the group, query block) pairs, hr = head · NQ + block
   for (int hr = 0; hr < rows; ++hr) {
     const int h = hk * G + hr / nq, i = hr % nq;
@@ -731,6 +725,14 @@ __global__ void __launch_bounds__(32 * kDecodeLogitsWarps) logits_decode_kernel(
       for (int r = r0; r < r1; ++r) sum += to_float(q[r * p.q_stride_s + d]);
       qs[hr * D + d] = sum * (1.f / static_cast<float>(r1 - r0));
     }
+  }
+  wait_for_previous_kernel();
+  allow_next_kernel();
+  float4 kv[kDecodeLogitsCols];
+  const float4* kb = k < nk ? reinterpret_cast<const float4*>(kbar.row(bh, k, nk, D)) : nullptr;
+#pragma unroll
+  for (int b = 0; b < kDecodeLogitsCols; ++b) {
+    kv[b] = kb != nullptr ? kb[b * L + part] : make_float4(0.f, 0.f, 0.f, 0.f);
   }
   __syncthreads();
   float acc[kDecodeLogitsRows];
@@ -799,8 +801,9 @@ __device__ void reduce_heads(float (&v)[kHeadsPerPass],
 // blocks, the group average for select_per 1, then the contract's walk.
 __global__ void select_kernel(AsaParams p, Workspace ws, const float* logits, int nk_pow2,
                               bool cutoff) {
-  wait_for_previous_kernel();
-  allow_next_kernel();
+  // Without a padding mask the flags below are arithmetic on the params, done before the wait
+  // for the logits (chained launch, common.cuh); the mask's kept-key prefix comes from the chain.
+  if (p.mask_dtype != ASA_MASK_NONE) wait_for_previous_kernel();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int i = blockIdx.x, hs = blockIdx.y, n = blockIdx.z;
   const int nq = gridDim.x;
@@ -826,6 +829,8 @@ __global__ void select_kernel(AsaParams p, Workspace ws, const float* logits, in
     nvis_local += vis;
   }
   const float nvis = block_sum(static_cast<float>(nvis_local));
+  wait_for_previous_kernel();
+  allow_next_kernel();
   if (hs == 0 && threadIdx.x == 0 && ws.visible_counts) {
     ws.visible_counts[static_cast<int64_t>(n) * nq + i] = static_cast<int32_t>(nvis);
   }
