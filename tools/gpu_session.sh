@@ -53,23 +53,12 @@ if [ "$MODE" = diag ]; then
   grep -E "pool|select|attn|merge|logits|feature|project|gpu__time" "$OUT/ncu_router.log" | head -60
 fi
 if [ "$MODE" = decode ]; then
-  # Decode A/B (BENCHMARKS.md optimization steps 34-35): chained launches (ASA_CUDA_PDL) and the
-  # selection's candidate cutoff (ASA_CUDA_SELECT_CUTOFF) on and off, one process each, with
-  # per-kernel times and launch grids (ASA_CUDA_PDL=0 for those: a chained kernel's time includes
-  # its wait for the previous one); then ncu's stall sampling of select_kernel per source line.
-  for cfg in "pdl0_cut0 0 0" "pdl0_cut1 0 1" "pdl1_cut1 1 1"; do
-    set -- $cfg
-    ASA_CUDA_PDL=$2 ASA_CUDA_SELECT_CUTOFF=$3 timeout 100 python3 tools/bench_kernels.py \
-      --seqs --decode-kv 131072 32768 --densities 0.1 0.4 --decode-kernels > "$OUT/decode_$1.log" 2>&1
-    echo "== $1"; grep -v '^{' "$OUT/decode_$1.log" | sed -n '/CUDA graph replay/,$p'
+  # Decode A/B (BENCHMARKS.md optimization step 34): chained launches (ASA_CUDA_PDL) on and off,
+  # one process each, with per-kernel times and launch grids (read those from the ASA_CUDA_PDL=0
+  # run: a chained kernel's time includes its wait for the previous one).
+  for pdl in 1 0; do
+    ASA_CUDA_PDL=$pdl timeout 100 python3 tools/bench_kernels.py --seqs --decode-kv 131072 32768 \
+      --densities 0.1 0.4 --decode-kernels > "$OUT/decode_pdl$pdl.log" 2>&1
+    echo "== ASA_CUDA_PDL=$pdl"; grep -v '^{' "$OUT/decode_pdl$pdl.log" | sed -n '/CUDA graph replay/,$p'
   done
-  timeout 120 ncu --clock-control none --kernel-name regex:"select_kernel" --launch-count 1 \
-    --section LaunchStats --section WarpStateStats --section SourceCounters \
-    --import-source yes -o "$OUT/select" -f \
-    python3 tools/bench_kernels.py --profile-router > "$OUT/ncu_select_run.txt" 2>&1
-  { ncu -i "$OUT/select.ncu-rep" --page details; echo "=== source";
-    ncu -i "$OUT/select.ncu-rep" --page source --csv --print-source cuda; } \
-    > "$OUT/ncu_select.txt" 2>&1
-  rm -f "$OUT/select.ncu-rep"
-  grep -E "Duration|Warp Cycles Per Issued" "$OUT/ncu_select.txt" | head -5
 fi

@@ -368,15 +368,12 @@ __device__ void walk_sorted_warp(const uint64_t* keys, int nk, float acc, float 
 
 // Where the walk over sorted values stopped: the kept candidates are those with a key below
 // `key` plus, of the candidates whose key equals `key`, all of them (all_ties) or the `ties`
-// ones of lowest block index. kept = 0: no candidate is kept. ended: the walk stopped inside
-// the n keys it was given, or their sum reached τ (so it stops at the next candidate, whatever
-// that is); false only when it ran out of keys below τ.
+// ones of lowest block index. kept = 0: no candidate is kept.
 struct WalkCut {
   uint32_t key;
   int ties;
   int kept;
   bool all_ties;
-  bool ended;
 };
 
 // walk_sorted_warp for 32-bit value keys (~bits(P), ascending) of n candidates: the same float32
@@ -387,7 +384,7 @@ __device__ void walk_sorted_values_warp(const uint32_t* keys, int n, float acc, 
   int stop = n;
   for (int base = 0; base < n; base += 32) {
     const int t = base + lane;
-    const uint32_t key = t < n ? keys[t] : ~0u;  // ~0u past n: P = 0, acc unchanged
+    const uint32_t key = t < n ? keys[t] : ~0u;
     const float before = walk_step(__uint_as_float(~key), acc);
     const unsigned ends = __ballot_sync(0xffffffffu, t >= n || !(before < tau));
     if (ends != 0) {
@@ -395,9 +392,7 @@ __device__ void walk_sorted_values_warp(const uint32_t* keys, int n, float acc, 
       break;
     }
   }
-  const bool ended = stop < n || !(acc < tau);  // with stop = n, acc is the sum of all n keys
   if (lane == 0) {
-    cut->ended = ended;
     cut->kept = stop;
     if (stop > 0) {
       const uint32_t last = keys[stop - 1];
@@ -412,106 +407,10 @@ __device__ void walk_sorted_values_warp(const uint32_t* keys, int n, float acc, 
   __syncwarp();
 }
 
-// Candidate cutoff of a long list (decode: one CTA walks ~1000 blocks, but the walk usually
-// stops after the largest few percent). The candidates' probabilities go into a histogram of
-// kCutBins bins of their float32 bits (P >= 0, so bit order is value order; 3 mantissa bits per
-// bin, values within 12.5 % share a bin), each bin holding its count and its fixed-point mass.
-// The highest bin b whose suffix mass (bins >= b) reaches what the walk still needs, with a
-// margin for rounding, bounds the walk: it ends within the candidates of bins >= b, so only
-// those are sorted. Every candidate equal to the last kept value lies in the same bin, so the
-// tie rule (WalkCut) is unchanged. The walk's own float32 sums decide what is kept; the
-// histogram only sizes the sort, and a walk that runs past the bound is redone over every
-// candidate (WalkCut::ended).
-constexpr int kCutBins = 2048;
-constexpr int kCutShift = 19;                     // float32 bits >> 19 = sign, exponent, 3 bits
-constexpr float kCutMassScale = 1073741824.f;     // 2^30: fixed-point mass of P (P <= 1)
-constexpr uint64_t kCutCount = 1ull << 40;        // a bin = count << 40 | fixed-point mass
-constexpr uint64_t kCutMassMask = kCutCount - 1;  // masses sum to <= 2^30 · (1 + rounding)
-
-__device__ __forceinline__ int cut_bin(float pk) {
-  return min(static_cast<int>(__float_as_uint(pk) >> kCutShift), kCutBins - 1);
-}
-
-// Candidates with cut_bin(P) >= bin are sorted, in sort_n keys (a power of two).
-struct CandidateCut {
-  int bin;
-  int sort_n;
-};
-
-// The bound for a walk that must add `need` (τ minus the forced blocks' sum) over the candidates
-// (flags == kVisible): bin 0 (every candidate) when the bound would not shrink the sort below
-// nk_pow2 keys. Called by the whole CTA.
-__device__ CandidateCut candidate_cut(const uint8_t* flags, const float* prob, int nk,
-                                      float need, int nk_pow2) {
-  constexpr int kPer = kCutBins / kSelectThreads;  // bins per thread
-  __shared__ uint64_t hist[kCutBins];
-  __shared__ CandidateCut result;
-  using Scan = cub::BlockScan<uint64_t, kSelectThreads>;
-  __shared__ typename Scan::TempStorage scan_tmp;
-  for (int b = threadIdx.x; b < kCutBins; b += kSelectThreads) hist[b] = 0;
-  if (threadIdx.x == 0) result = CandidateCut{0, nk_pow2};
-  __syncthreads();
-  for (int k = threadIdx.x; k < nk; k += kSelectThreads) {
-    if (flags[k] != kVisible) continue;
-    const float pk = prob[k];
-    atomicAdd(reinterpret_cast<unsigned long long*>(&hist[cut_bin(pk)]),
-              kCutCount + static_cast<uint64_t>(fminf(pk, 1.f) * kCutMassScale));
-  }
-  __syncthreads();
-  // Thread t owns bins [kPer·(T-1-t), kPer·(T-t)): an exclusive scan over threads gives the
-  // count and mass of every higher bin; each thread then walks its own bins downwards.
-  const int first = (kSelectThreads - 1 - threadIdx.x) * kPer;
-  uint64_t own = 0;
-#pragma unroll
-  for (int e = 0; e < kPer; ++e) own += hist[first + e];
-  uint64_t above = 0;
-  Scan(scan_tmp).ExclusiveSum(own, above);
-  // Margin: the walk's float32 sum of up to 8192 values is within ~5e-4 relative of the exact
-  // one, and the fixed-point masses are truncated by < 2^-30 each.
-  const double want = (static_cast<double>(need) * 1.001 + 2e-5) * kCutMassScale;
-  const uint64_t need_fixed = need > 0.f ? static_cast<uint64_t>(want) : 1;
-  for (int e = kPer - 1; e >= 0; --e) {
-    const uint64_t before = above;
-    above += hist[first + e];
-    if ((before & kCutMassMask) < need_fixed && (above & kCutMassMask) >= need_fixed) {
-      const int count = static_cast<int>(above >> 40);
-      const int sort_n = max(kSelectThreads, static_cast<int>(next_pow2(count)));
-      if (sort_n < nk_pow2) result = CandidateCut{first + e, sort_n};
-    }
-  }
-  __syncthreads();
-  return result;
-}
-
-// Writes the sort keys ~bits(P) of the candidates in bins >= bound.bin to keys[0, n) in any order
-// and ~0u to keys[n, bound.sort_n); returns n (in every thread). Called by the whole CTA.
-__device__ int gather_candidates(const uint8_t* flags, const float* prob, int nk,
-                                 const CandidateCut& bound, uint32_t* keys) {
-  __shared__ int count;
-  const int lane = threadIdx.x % 32;
-  if (threadIdx.x == 0) count = 0;
-  __syncthreads();
-  for (int base = 0; base < nk; base += kSelectThreads) {  // the same trip count in every lane
-    const int k = base + threadIdx.x;
-    const float pk = k < nk ? prob[k] : 0.f;
-    const bool take = k < nk && flags[k] == kVisible && cut_bin(pk) >= bound.bin;
-    const unsigned who = __ballot_sync(0xffffffffu, take);
-    int slot = 0;
-    if (lane == 0 && who != 0) slot = atomicAdd(&count, __popc(who));
-    slot = __shfl_sync(0xffffffffu, slot, 0);
-    if (take) keys[slot + __popc(who & ((1u << lane) - 1))] = ~__float_as_uint(pk);
-  }
-  __syncthreads();
-  const int n = count;
-  for (int t = n + threadIdx.x; t < bound.sort_n; t += kSelectThreads) keys[t] = ~0u;
-  __syncthreads();
-  return n;
-}
-
 // Marks kKept in flags by the contract's walk and writes one list row.
 __device__ void select_and_write(const AsaParams& p, const Workspace& ws, const SelectSmem& sm,
                                  const float* prob, float tau, int nk, int nk_pow2,
-                                 int64_t row, int local_lo, int local_hi, bool cutoff) {
+                                 int64_t row, int local_lo, int local_hi) {
   __shared__ float forced_acc;
   for (int k = threadIdx.x; k < nk; k += kSelectThreads) {
     const uint8_t f = sm.flags[k] & (kVisible | kForced);
@@ -536,23 +435,25 @@ __device__ void select_and_write(const AsaParams& p, const Workspace& ws, const 
     // Sort the candidates' values only (32-bit keys ~bits(P), ascending = P descending): the
     // walk's sums depend on the values, not on which of two equal values comes first, and the
     // index order of ties is settled when marking (WalkCut).
-    // Long lists sort only the candidates the walk can reach (candidate_cut); in the rare case
-    // that the walk runs past them, every candidate is sorted and walked again.
+    __shared__ int num_cand;
     __shared__ WalkCut cut;
+    if (threadIdx.x == 0) num_cand = 0;
+    __syncthreads();
     uint32_t* keys = reinterpret_cast<uint32_t*>(sm.keys);
-    __syncthreads();  // forced_acc
-    CandidateCut bound{0, nk_pow2};
-    if (cutoff && nk_pow2 > kSelectThreads) {
-      bound = candidate_cut(sm.flags, prob, nk, tau - forced_acc, nk_pow2);
+    int cand = 0;
+    for (int t = threadIdx.x; t < nk_pow2; t += kSelectThreads) {
+      uint32_t key = ~0u;
+      if (t < nk && sm.flags[t] == kVisible) {
+        key = ~__float_as_uint(prob[t]);
+        ++cand;
+      }
+      keys[t] = key;
     }
-    for (;;) {
-      const int num_cand = gather_candidates(sm.flags, prob, nk, bound, keys);
-      bitonic_sort_block(keys, bound.sort_n);
-      if (threadIdx.x < 32) walk_sorted_values_warp(keys, num_cand, forced_acc, tau, &cut);
-      __syncthreads();
-      if (bound.bin == 0 || cut.ended) break;
-      bound = CandidateCut{0, nk_pow2};
-    }
+    if (cand) atomicAdd(&num_cand, cand);
+    __syncthreads();
+    bitonic_sort_block(keys, nk_pow2);
+    if (threadIdx.x < 32) walk_sorted_values_warp(keys, num_cand, forced_acc, tau, &cut);
+    __syncthreads();
     if (cut.kept > 0) {
       for (int k = threadIdx.x; k < nk; k += kSelectThreads) {
         if (sm.flags[k] != kVisible) continue;
@@ -769,9 +670,6 @@ bool decode_logits_fits(const AsaParams& p, int nq) {
 // pass for GQA groups of 4 (Llama-3-8B); 8 made the unrolled per-head code twice as long and
 // the 128K decode select 2.2 µs slower on an H200 (BENCHMARKS.md optimization step 29).
 constexpr int kHeadsPerPass = 4;
-// Key blocks per thread whose logits select_kernel holds in registers (4 · 256 = 1024 blocks,
-// a 128K decode list of block size 128).
-constexpr int kHeldBlocks = 4;
 
 // CTA-wide max (kMax) or sum of each of the kHeadsPerPass values, returned in every thread.
 template <bool kMax>
@@ -799,8 +697,7 @@ __device__ void reduce_heads(float (&v)[kHeadsPerPass],
 
 // One CTA per (batch, selection head, query block): softmax of the logits row(s) over the visible
 // blocks, the group average for select_per 1, then the contract's walk.
-__global__ void select_kernel(AsaParams p, Workspace ws, const float* logits, int nk_pow2,
-                              bool cutoff) {
+__global__ void select_kernel(AsaParams p, Workspace ws, const float* logits, int nk_pow2) {
   // Without a padding mask the flags below are arithmetic on the params, done before the wait
   // for the logits (chained launch, common.cuh); the mask's kept-key prefix comes from the chain.
   if (p.mask_dtype != ASA_MASK_NONE) wait_for_previous_kernel();
@@ -849,72 +746,29 @@ __global__ void select_kernel(AsaParams p, Workspace ws, const float* logits, in
     float mx[kHeadsPerPass], sum[kHeadsPerPass];
 #pragma unroll
     for (int j = 0; j < kHeadsPerPass; ++j) mx[j] = -INFINITY, sum[j] = 0.f;
-    // The first kHeldBlocks · kSelectThreads blocks (all of a 128K decode list) are read once,
-    // all loads in flight together, and held in registers: x holds the logits, then their exp.
-    // Blocks past them are read again in each pass. Per thread the order of the additions is
-    // block order either way.
-    float x[kHeadsPerPass][kHeldBlocks];
-    bool held_vis[kHeldBlocks];
-#pragma unroll
-    for (int e = 0; e < kHeldBlocks; ++e) {
-      const int k = threadIdx.x + e * kSelectThreads;
-      held_vis[e] = k < nk && (sm.flags[k] & kVisible);
-#pragma unroll
-      for (int j = 0; j < kHeadsPerPass; ++j) {
-        x[j][e] = k < nk && j < hn ? rows[j * head_stride + k] : -INFINITY;
-      }
-    }
-    constexpr int kHeldEnd = kHeldBlocks * kSelectThreads;
-#pragma unroll
-    for (int e = 0; e < kHeldBlocks; ++e) {
-#pragma unroll
-      for (int j = 0; j < kHeadsPerPass; ++j) {
-        if (held_vis[e]) mx[j] = fmaxf(mx[j], x[j][e]);
-      }
-    }
+    // The loads do not wait for the visibility flag, so one loop step has all its loads in
+    // flight at once (the first pass is bound by their latency).
 #pragma unroll 2
-    for (int k = kHeldEnd + threadIdx.x; k < nk; k += kSelectThreads) {
+    for (int k = threadIdx.x; k < nk; k += kSelectThreads) {
       const bool vis = sm.flags[k] & kVisible;
 #pragma unroll
       for (int j = 0; j < kHeadsPerPass; ++j) {
-        const float v = j < hn ? rows[j * head_stride + k] : -INFINITY;
-        if (vis) mx[j] = fmaxf(mx[j], v);
+        const float x = j < hn ? rows[j * head_stride + k] : -INFINITY;
+        if (vis) mx[j] = fmaxf(mx[j], x);
       }
     }
     reduce_heads<true>(mx, red);
-#pragma unroll
-    for (int e = 0; e < kHeldBlocks; ++e) {
-#pragma unroll
-      for (int j = 0; j < kHeadsPerPass; ++j) {
-        x[j][e] = held_vis[e] && j < hn ? expf(x[j][e] - mx[j]) : 0.f;
-        sum[j] += x[j][e];
-      }
-    }
 #pragma unroll 2
-    for (int k = kHeldEnd + threadIdx.x; k < nk; k += kSelectThreads) {
+    for (int k = threadIdx.x; k < nk; k += kSelectThreads) {
       const bool vis = sm.flags[k] & kVisible;
 #pragma unroll
       for (int j = 0; j < kHeadsPerPass; ++j) {
-        const float v = j < hn ? rows[j * head_stride + k] : 0.f;
-        if (vis && j < hn) sum[j] += expf(v - mx[j]);
+        const float x = j < hn ? rows[j * head_stride + k] : 0.f;
+        if (vis && j < hn) sum[j] += expf(x - mx[j]);
       }
     }
     reduce_heads<false>(sum, red);
-#pragma unroll
-    for (int e = 0; e < kHeldBlocks; ++e) {
-      const int k = threadIdx.x + e * kSelectThreads;
-      if (k >= nk) continue;
-      float acc = sm.pavg[k];
-#pragma unroll
-      for (int j = 0; j < kHeadsPerPass; ++j) {
-        if (j >= hn) continue;
-        const float pk = held_vis[e] ? x[j][e] / sum[j] : 0.f;
-        if (heads == 1) sm.prob[k] = pk;
-        acc += pk;
-      }
-      sm.pavg[k] = acc;
-    }
-    for (int k = kHeldEnd + threadIdx.x; k < nk; k += kSelectThreads) {
+    for (int k = threadIdx.x; k < nk; k += kSelectThreads) {
       const bool vis = sm.flags[k] & kVisible;
       float acc = sm.pavg[k];
 #pragma unroll
@@ -940,7 +794,7 @@ __global__ void select_kernel(AsaParams p, Workspace ws, const float* logits, in
   const int64_t row = (static_cast<int64_t>(n) * gridDim.y + hs) * nq + i;
   const int local_lo = max(c - p.local_blocks + 1, 0);
   const int local_hi = min(p.causal ? c : c + p.local_blocks - 1, nk - 1);
-  select_and_write(p, ws, sm, prob, tau, nk, nk_pow2, row, local_lo, local_hi, cutoff);
+  select_and_write(p, ws, sm, prob, tau, nk, nk_pow2, row, local_lo, local_hi);
 }
 
 // The same selection with one warp per list (key blocks <= kWarpListMax): no CTA barriers, eight
@@ -1100,13 +954,6 @@ __global__ void __launch_bounds__(32 * kListsPerCta) dense_lists_kernel(AsaParam
   }
 }
 
-// Whether select_kernel bounds its sort by candidate_cut: on unless ASA_CUDA_SELECT_CUTOFF=0 in
-// the environment (read at each launch; the tests compare the lists of both).
-bool select_cutoff_enabled() {
-  const char* env = getenv("ASA_CUDA_SELECT_CUTOFF");
-  return !(env != nullptr && env[0] == '0');
-}
-
 // Whether the router can write dense lists without routing: τ ≥ 1 from the attribute (per-head
 // thresholds go through the full router). ASA_CUDA_DENSE_FASTPATH=0 in the environment forces the
 // full router (read at each launch; the tests compare both).
@@ -1234,16 +1081,16 @@ cudaError_t launch_route_gated(const AsaParams& p, const Workspace& ws, const Ga
     const size_t qsmem = static_cast<size_t>(p.heads_q / p.heads_kv) * nq * p.head_dim * 4;
     switch (p.dtype) {
       case ASA_FLOAT32:
-        launch_chained(logits_decode_kernel<float>, grid, 32 * kDecodeLogitsWarps, qsmem, stream,
-                       p, ke, ws.logits);
+        launch_chained(logits_decode_kernel<float>, grid, 32 * kDecodeLogitsWarps, qsmem,
+                       stream, p, ke, ws.logits);
         break;
       case ASA_FLOAT16:
-        launch_chained(logits_decode_kernel<__half>, grid, 32 * kDecodeLogitsWarps, qsmem, stream,
-                       p, ke, ws.logits);
+        launch_chained(logits_decode_kernel<__half>, grid, 32 * kDecodeLogitsWarps, qsmem,
+                       stream, p, ke, ws.logits);
         break;
       default:
-        launch_chained(logits_decode_kernel<__nv_bfloat16>, grid, 32 * kDecodeLogitsWarps, qsmem, stream,
-                       p, ke, ws.logits);
+        launch_chained(logits_decode_kernel<__nv_bfloat16>, grid, 32 * kDecodeLogitsWarps, qsmem,
+                       stream, p, ke, ws.logits);
         break;
     }
   } else if (nq < 8) {
@@ -1272,7 +1119,7 @@ cudaError_t launch_route_gated(const AsaParams& p, const Workspace& ws, const Ga
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   return launch_chained(select_kernel, dim3(nq, hsel, p.batch), kSelectThreads, smem, stream, p,
-                        ws, ws.logits, next_pow2(nk), select_cutoff_enabled());
+                        ws, ws.logits, next_pow2(nk));
 }
 
 }  // namespace cuda
