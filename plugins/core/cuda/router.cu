@@ -29,6 +29,12 @@ namespace asa {
 namespace cuda {
 namespace {
 
+// Phase marks of select_kernel for tools/select_phases.cu, which defines this macro to record a
+// clock per phase; empty in the library.
+#ifndef ASA_SELECT_PHASE
+#define ASA_SELECT_PHASE(i)
+#endif
+
 constexpr int kPoolThreads = 256;
 constexpr int kSelectThreads = 256;
 constexpr int kPrefixThreads = 1024;
@@ -412,6 +418,7 @@ __device__ void select_and_write(const AsaParams& p, const Workspace& ws, const 
                                  const float* prob, float tau, int nk, int nk_pow2,
                                  int64_t row, int local_lo, int local_hi) {
   __shared__ float forced_acc;
+  ASA_SELECT_PHASE(3);
   for (int k = threadIdx.x; k < nk; k += kSelectThreads) {
     const uint8_t f = sm.flags[k] & (kVisible | kForced);
     const bool keep = (f & kVisible) && (tau >= 1.f || (f & kForced));
@@ -451,9 +458,12 @@ __device__ void select_and_write(const AsaParams& p, const Workspace& ws, const 
     }
     if (cand) atomicAdd(&num_cand, cand);
     __syncthreads();
+    ASA_SELECT_PHASE(4);
     bitonic_sort_block(keys, nk_pow2);
+    ASA_SELECT_PHASE(5);
     if (threadIdx.x < 32) walk_sorted_values_warp(keys, num_cand, forced_acc, tau, &cut);
     __syncthreads();
+    ASA_SELECT_PHASE(6);
     if (cut.kept > 0) {
       for (int k = threadIdx.x; k < nk; k += kSelectThreads) {
         if (sm.flags[k] != kVisible) continue;
@@ -476,6 +486,7 @@ __device__ void select_and_write(const AsaParams& p, const Workspace& ws, const 
     __syncthreads();
   }
   // Ascending compaction of the kept flags.
+  ASA_SELECT_PHASE(7);
   using Scan = cub::BlockScan<int, kSelectThreads>;
   __shared__ typename Scan::TempStorage scan_tmp;
   __shared__ int total;
@@ -495,6 +506,7 @@ __device__ void select_and_write(const AsaParams& p, const Workspace& ws, const 
   for (int t = total + threadIdx.x; t < nk; t += kSelectThreads) out[t] = -1;
   if (threadIdx.x == 0) ws.block_counts[row] = total;
   __syncthreads();
+  ASA_SELECT_PHASE(8);
 }
 
 // logits[n, h, i, k] = scale * q̄[n, h, i] . k̄[n, h / G, k] over `D` columns (the head dim, or
@@ -700,6 +712,7 @@ __device__ void reduce_heads(float (&v)[kHeadsPerPass],
 __global__ void select_kernel(AsaParams p, Workspace ws, const float* logits, int nk_pow2) {
   // Without a padding mask the flags below are arithmetic on the params, done before the wait
   // for the logits (chained launch, common.cuh); the mask's kept-key prefix comes from the chain.
+  ASA_SELECT_PHASE(0);
   if (p.mask_dtype != ASA_MASK_NONE) wait_for_previous_kernel();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int i = blockIdx.x, hs = blockIdx.y, n = blockIdx.z;
@@ -726,6 +739,7 @@ __global__ void select_kernel(AsaParams p, Workspace ws, const float* logits, in
     nvis_local += vis;
   }
   const float nvis = block_sum(static_cast<float>(nvis_local));
+  ASA_SELECT_PHASE(1);
   wait_for_previous_kernel();
   allow_next_kernel();
   if (hs == 0 && threadIdx.x == 0 && ws.visible_counts) {
@@ -785,6 +799,7 @@ __global__ void select_kernel(AsaParams p, Workspace ws, const float* logits, in
       tau = fmaxf(tau, p.head_thresholds ? p.head_thresholds[h] : p.threshold);
     }
   }
+  ASA_SELECT_PHASE(2);
   const float* prob = sm.prob;
   if (heads > 1) {
     for (int k = threadIdx.x; k < nk; k += kSelectThreads) sm.pavg[k] /= static_cast<float>(G);
