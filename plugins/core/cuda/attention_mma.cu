@@ -109,16 +109,16 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t stride, 
   }
 }
 
-// Per-thread share of copying TN-row K or V tiles with NT threads: thread t always copies
-// 16-byte chunk t % (D / 8) of rows t / (D / 8) + i · kRowStep, so its source and shared-memory
-// addresses advance by constants and a tile costs one 64-bit multiply plus one add per copy (the
-// generic index arithmetic of load_tile was half of the decode kernel's instructions).
-template <typename T, int D, int TN = kBN, int NT = kThreads>
+// Per-thread share of copying 64-row K or V tiles: thread t always copies 16-byte chunk
+// t % (D / 8) of rows t / (D / 8) + i · kRowStep, so its source and shared-memory addresses
+// advance by constants and a tile costs one 64-bit multiply plus one add per copy (the generic
+// index arithmetic of load_tile was half of the decode kernel's instructions).
+template <typename T, int D>
 struct TileLoader {
   static constexpr int kChunks = D / 8;
-  static constexpr int kRowStep = NT / kChunks;
-  static constexpr int kIters = TN / kRowStep;
-  static_assert(NT % kChunks == 0 && TN % kRowStep == 0, "tile split");
+  static constexpr int kRowStep = kThreads / kChunks;
+  static constexpr int kIters = kBN / kRowStep;
+  static_assert(kThreads % kChunks == 0 && kBN % kRowStep == 0, "tile split");
   const T* base;  // row 0 of the tensor slice
   int64_t stride;
   int row;        // first row of this thread in a tile
@@ -128,13 +128,13 @@ struct TileLoader {
       : base(src), stride(row_stride), row(threadIdx.x / kChunks),
         offset((threadIdx.x % kChunks) * 8) {}
 
-  // Rows [row0, row0 + TN) into the padded tile `dst`; rows at or past `limit` are zero-filled.
+  // Rows [row0, row0 + 64) into the padded tile `dst`; rows at or past `limit` are zero-filled.
   __device__ __forceinline__ void load(T* dst, int row0, int limit) const {
     constexpr int kPitch = D + 8;
     const T* src = base + static_cast<int64_t>(row0 + row) * stride + offset;
     T* out = dst + row * kPitch + offset;
     const int64_t step = kRowStep * stride;
-    if (row0 + TN <= limit) {
+    if (row0 + kBN <= limit) {
 #pragma unroll
       for (int i = 0; i < kIters; ++i) cp_async16(out + i * kRowStep * kPitch, src + i * step, 16);
     } else {
@@ -149,10 +149,10 @@ struct TileLoader {
 
 enum TileKind { kSkip = 0, kFull = 1, kPartial = 2 };
 
-// Classifies key tile [j0, j0 + tn) for query positions [pos_lo, pos_hi].
-__device__ __forceinline__ int classify_tile(const AsaParams& p, int j0, int tn, int pos_lo,
-                                             int pos_hi, bool generic) {
-  const int j1 = j0 + tn - 1;
+// Classifies key tile [j0, j0 + 64) for query positions [pos_lo, pos_hi].
+__device__ __forceinline__ int classify_tile(const AsaParams& p, int j0, int pos_lo, int pos_hi,
+                                             bool generic) {
+  const int j1 = j0 + kBN - 1;
   if (j0 >= p.seq_kv) return kSkip;
   if (p.causal && j0 > pos_hi) return kSkip;
   if (p.window > 0) {
@@ -179,7 +179,7 @@ struct TileCursor {
   const int32_t* list;
   const int* cached;  // entries [e0, e0 + ncached) of `list`, in shared memory
   int e0, ncached;
-  int bs, tn, sub, end;  // block size, keys per tile, tiles per block, end of the tile range
+  int bs, sub, end;  // block size, 64-key tiles per block, end of the tile range
   int pos_lo, pos_hi;
   bool generic;
 
@@ -194,8 +194,8 @@ struct TileCursor {
   // First tile index >= t that is not skipped, or `end`.
   __device__ __forceinline__ int next(const AsaParams& p, int t, int* kind, int* j0) const {
     for (; t < end; ++t) {
-      *j0 = entry(t / sub) * bs + (t % sub) * tn;
-      *kind = classify_tile(p, *j0, tn, pos_lo, pos_hi, generic);
+      *j0 = entry(t / sub) * bs + (t % sub) * kBN;
+      *kind = classify_tile(p, *j0, pos_lo, pos_hi, generic);
       if (*kind != kSkip) return t;
     }
     return end;
@@ -218,13 +218,12 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
   // MT m16 row tiles per warp: a K/V fragment read from shared memory feeds MT mma's.
   constexpr int kRows = kBM * MT;  // query rows per CTA
   constexpr int kPitch = D + 8;
-  constexpr int TN = kBN;  // keys per K/V tile (16 per warp when split)
-  constexpr int kTile = TN * kPitch;
+  constexpr int kTile = kBN * kPitch;
   constexpr int kStages = kv_stages<split_keys>();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sq = reinterpret_cast<T*>(smem_raw);
-  T* sk = sq + q_rows<MT, split_keys>() * kPitch;  // [kStages][TN][kPitch]
-  T* sv = sk + kStages * kTile;                      // [kStages][TN][kPitch]
+  T* sk = sq + q_rows<MT, split_keys>() * kPitch;  // [kStages][kBN][kPitch]
+  T* sv = sk + kStages * kTile;                      // [kStages][kBN][kPitch]
 
   // Last query tiles first: under a causal mask they hold the most work, so the tail of the
   // grid is made of short CTAs.
@@ -247,19 +246,6 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
   const int hsel_count = p.select_per ? p.heads_kv : p.heads_q;
   const int64_t row = (static_cast<int64_t>(n) * hsel_count + hsel) * nq + q0 / bs;
 
-  TileCursor<packed> cur;
-  cur.list = ws.block_indices + row * nk;
-  cur.bs = bs;
-  cur.tn = TN;
-  cur.sub = bs / TN;
-  const int shift = p.seq_kv - p.seq_q;
-  cur.pos_lo = q0 + shift;
-  cur.pos_hi = min(q0 + kRows, p.seq_q) - 1 + shift;
-  // MT = 2 is launched only without padding mask, bias and softcap: its code leaves them out,
-  // which keeps it within the register file.
-  constexpr bool kLean = MT == 2;
-  cur.generic = !kLean && (p.mask_dtype != ASA_MASK_NONE || p.bias != nullptr || p.softcap > 0.f);
-
   const T* qg = static_cast<const T*>(p.q) + n * p.q_stride_b + h * p.q_stride_h;
   const T* kg = static_cast<const T*>(p.k) + n * p.k_stride_b + hkv * p.k_stride_h;
   const T* vg = static_cast<const T*>(p.v) + n * p.v_stride_b + hkv * p.v_stride_h;
@@ -277,20 +263,33 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
   } else {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-      load_tile<T, D>(sq + mt * kBN * kPitch, qg, p.q_stride_s, q0 + mt * kBN, p.seq_q);
+      load_tile<T, D>(sq + mt * kTile, qg, p.q_stride_s, q0 + mt * kBN, p.seq_q);
     }
   }
   // Q is the caller's input, which no kernel of the chain writes, so its copy is issued before
   // the wait for the router's lists (chained launch, common.cuh).
   wait_for_previous_kernel();
   allow_next_kernel();
-  // Split s takes tiles [s·T/S, (s+1)·T/S) of the T = count · (bs / TN) tiles of the list: the
+  // Split s takes tiles [s·T/S, (s+1)·T/S) of the T = count · (bs / 64) tiles of the list: the
   // slices differ by at most one tile, so every split has work (a split per whole block left
   // up to a fifth of the CTAs idle in decode at density 0.1).
   const int count = ws.block_counts[row];
-  const int tiles = count * (bs / TN);
+  const int tiles = count * (bs / kBN);
   const int t_begin = split * tiles / ws.splits, t_end = (split + 1) * tiles / ws.splits;
+
+  TileCursor<packed> cur;
+  cur.list = ws.block_indices + row * nk;
+  cur.bs = bs;
+  cur.sub = bs / kBN;
   cur.end = t_end;
+  const int shift = p.seq_kv - p.seq_q;
+  cur.pos_lo = q0 + shift;
+  cur.pos_hi = min(q0 + kRows, p.seq_q) - 1 + shift;
+  // MT = 2 is launched only without padding mask, bias and softcap: its code leaves them out,
+  // which keeps it within the register file.
+  constexpr bool kLean = MT == 2;
+  cur.generic = !kLean && (p.mask_dtype != ASA_MASK_NONE || p.bias != nullptr || p.softcap > 0.f);
+
   if constexpr (packed) {
     // The slice's list entries (the first kListCache of them) to shared memory for both cursors.
     __shared__ int list_cache[kListCache];
@@ -304,7 +303,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
   // Two cursors walk the same tiles: `tl` issues loads kStages - 1 tiles ahead of `t`, which
   // computes. Every step commits one cp.async group (empty past the end), so waiting until at
   // most kStages - 1 groups are pending means tile t (and, in the first group, Q) has landed.
-  const TileLoader<T, D, TN, kThreads> kload(kg, p.k_stride_s), vload(vg, p.v_stride_s);
+  const TileLoader<T, D> kload(kg, p.k_stride_s), vload(vg, p.v_stride_s);
   int kind = kSkip, j0 = 0;
   int t = cur.next(p, t_begin, &kind, &j0);
   int tl = t, load_stage = 0, stage = 0;
@@ -326,7 +325,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
   for (int s = 0; s < kStages - 1; ++s) load_next();
 
   // split_keys (packed decode with G·Sq <= 16): every warp owns the same 16 rows and 16 keys
-  // of each TN-key tile (keys [16·warp, 16·warp + 16)); the four partial softmax states are
+  // of each 64-key tile (keys [16·warp, 16·warp + 16)); the four partial softmax states are
   // merged at the end. Otherwise warp w owns rows [w·16·MT, (w+1)·16·MT) and every key.
   static_assert(!split_keys || (packed && MT == 1), "split_keys is a packed-decode mode");
   constexpr int kNT = split_keys ? 2 : 8;   // n8 score tiles per warp and key tile
@@ -541,8 +540,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
       const int r = row_index(rho), hr = row_head(rho);
       const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
       if (ws.splits == 1) {
-        T* out = static_cast<T*>(p.out) + n * p.o_stride_b + hr * p.o_stride_h +
-                 r * p.o_stride_s;
+        T* out = static_cast<T*>(p.out) + n * p.o_stride_b + hr * p.o_stride_h + r * p.o_stride_s;
 #pragma unroll
         for (int dt = 0; dt < D / 8; ++dt) {
           const int d = dt * 8 + 2 * tq;
