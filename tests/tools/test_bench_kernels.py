@@ -19,7 +19,7 @@ import bench_kernels as bench  # noqa: E402
     ("void asa::cuda::(anonymous namespace)::select_kernel<float>(AsaParams, "
      "asa::cuda::Workspace, int)", "select_kernel"),
     ("void asa::cuda::(anonymous namespace)::attn_mma_kernel<__nv_bfloat16, 128, 1, true, "
-     "true, 8>(AsaParams, asa::cuda::Workspace)", "attn_mma_kernel"),
+     "true>(AsaParams, asa::cuda::Workspace)", "attn_mma_kernel"),
     ("void asa::cuda::merge_kernel<__half>(AsaParams, asa::cuda::Workspace)", "merge_kernel"),
     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop",
      "cudnn_generated_fort_native_sdpa_sm90_flash_fprop"),

@@ -81,8 +81,8 @@ int sm_count();
 // and ASA_CUDA_PDL unset or not "0" (read at each launch; the tests and benchmarks compare both).
 bool chained_launch_enabled();
 
-// Launches `kernel` so that it may start before the previous kernel in the stream ends
-// (common.cuh wait_for_previous_kernel, which the kernel must call before touching memory).
+// Launches `kernel` so that it may start before the previous kernel in the stream ends; the
+// kernel must call wait_for_previous_kernel() first (the rule is in common.cuh).
 template <typename... Params, typename... Args>
 cudaError_t launch_chained(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
                            cudaStream_t stream, Args... args) {

@@ -591,9 +591,10 @@ __global__ void logits_rows_kernel(AsaParams p, const float* qbar, KeyRows kbar,
 // b·L + lane % L), so every lane issues its 8 loads at once and the whole CTA's rows are in
 // flight together: one round trip to memory, which is what this step costs at decode. The CTA
 // first pools q̄ of its KV group's G heads into shared memory (rows added in order, then scaled;
-// with a chained launch this overlaps the previous kernel). Each lane accumulates its columns for the G · NQ query rows, and L-lane shuffles
-// finish the sums. Every decode call takes this kernel, so its logits agree between calls (with
-// or without caller-kept statistics); they may differ in the last bits from logits_rows_kernel's.
+// with a chained launch this overlaps the previous kernel). Each lane accumulates its columns
+// for the G · NQ query rows, and L-lane shuffles finish the sums. Every decode call takes this
+// kernel, so its logits agree between calls (with or without caller-kept statistics); they may
+// differ in the last bits from logits_rows_kernel's.
 constexpr int kDecodeLogitsWarps = 4;
 constexpr int kDecodeLogitsCols = 8;  // float4 columns of a k̄ row per lane
 constexpr int kDecodeLogitsRows = 8;  // G · NQ query rows at most (register accumulators)
