@@ -564,9 +564,11 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
 }
 
 // Combines split-KV partials: out = Σ_s 2^(lse_s - M) o_s / Σ_s 2^(lse_s - M); zeros when every
-// slice was empty. The splits' weights are computed once per row in parallel (one thread per
-// split) instead of by every thread in a dependent loop; both sums still run over s in order, so
-// the result is the same as a sequential merge bit for bit.
+// slice was empty. Split-KV runs only on this file's kernels (Dv = D <= 128 = kMergeThreads,
+// choose_splits). Thread d loads every slice's column d at once (kMaxSplits registers) while
+// threads 0..splits-1 load the slices' lse, so the kernel waits for one L2 round trip instead of
+// one per eight slices; the weights are computed once per row, and both sums run over s in
+// order, as a sequential merge does.
 constexpr int kMergeThreads = 128;
 constexpr int kMaxSplits = 64;  // choose_splits' cap
 
@@ -582,6 +584,16 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(AsaParams p, Works
   const int64_t stride = static_cast<int64_t>(p.batch) * p.heads_q * p.seq_q;
   const int64_t base = (static_cast<int64_t>(n) * p.heads_q + h) * p.seq_q + r;
   const int tid = threadIdx.x;
+  const float* po = ws.part_o + base * p.head_dim_v;
+  const int64_t split_stride = stride * p.head_dim_v;
+  // Column tid of every slice (an empty slice has zero partials: the attention kernel writes
+  // every slice), issued before the lse loads are used.
+  const bool has_col = tid < p.head_dim_v;
+  float col[kMaxSplits];
+#pragma unroll
+  for (int s = 0; s < kMaxSplits; ++s) {
+    col[s] = has_col && s < splits ? po[s * split_stride + tid] : 0.f;
+  }
   const float lse = tid < splits ? ws.part_lse[tid * stride + base] : -INFINITY;
   float mx = lse;
   for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
@@ -599,17 +611,14 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(AsaParams p, Works
   __syncthreads();
   const float wsum = weight_sum;
   T* out = static_cast<T*>(p.out) + n * p.o_stride_b + h * p.o_stride_h + r * p.o_stride_s;
-  const float* po = ws.part_o + base * p.head_dim_v;
-  const int64_t split_stride = stride * p.head_dim_v;
-  for (int d = tid; d < p.head_dim_v; d += kMergeThreads) {
-    // No branch on the weight, so the unrolled loads are all in flight together: an empty slice
-    // has weight 0 and zero partials (the attention kernel writes every slice), and adding
-    // 0 · 0 leaves the sum unchanged.
-    float acc = 0.f;
-#pragma unroll 8
-    for (int s = 0; s < splits; ++s) acc += weight[s] * po[s * split_stride + d];
-    out[d] = from_float<T>(wsum > 0.f ? acc / wsum : 0.f);
+  if (!has_col) return;
+  // No branch on the weight: weight 0 times a zero partial leaves the sum unchanged.
+  float acc = 0.f;
+#pragma unroll
+  for (int s = 0; s < kMaxSplits; ++s) {
+    if (s < splits) acc += weight[s] * col[s];
   }
+  out[tid] = from_float<T>(wsum > 0.f ? acc / wsum : 0.f);
 }
 
 // Decode with one list per KV group: pack the group's query rows into one 64-row tile.
