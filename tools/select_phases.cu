@@ -8,8 +8,7 @@
 //     -Iplugins/core/include -Iplugins/core/cuda -Iplugins/core/common tools/select_phases.cu \
 //     -o /tmp/select_phases -L<lib dir> -lasa_cuda -Xlinker -rpath=<lib dir>
 //   /tmp/select_phases [kv=131072] [tau=0.1] [logit std=0.09: random bf16 q, k as in
-//   tools/bench_kernels.py give logits of about that spread] [filter=1: 0 sorts every candidate,
-//   as ASA_CUDA_SELECT_FILTER=0 does]
+//   tools/bench_kernels.py give logits of about that spread]
 #include <cstdio>
 #include <cstdlib>
 #include <random>
@@ -40,7 +39,6 @@ int main(int argc, char** argv) {
   const int kv = argc > 1 ? std::atoi(argv[1]) : 131072;
   const float tau = argc > 2 ? static_cast<float>(std::atof(argv[2])) : 0.1f;
   const float sd = argc > 3 ? static_cast<float>(std::atof(argv[3])) : 0.09f;
-  const bool filter = argc > 4 ? std::atoi(argv[4]) != 0 : true;
   AsaParams p{};
   p.batch = 1;
   p.heads_q = 32;
@@ -90,8 +88,8 @@ int main(int argc, char** argv) {
   float total_ms = 0.f;
   for (int r = 0; r < reps + 10; ++r) {
     CHECK(cudaEventRecord(start));
-    kernel<<<dim3(1, lists, 1), asa::cuda::kSelectThreads, smem>>>(
-        p, ws, logits, asa::cuda::next_pow2(nk), filter);
+    kernel<<<dim3(1, lists, 1), asa::cuda::kSelectThreads, smem>>>(p, ws, logits,
+                                                                   asa::cuda::next_pow2(nk));
     CHECK(cudaEventRecord(stop));
     CHECK(cudaEventSynchronize(stop));
     CHECK(cudaGetLastError());
@@ -113,13 +111,12 @@ int main(int argc, char** argv) {
   int clock_khz = 0;
   CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, 0));
   const char* names[kPhases] = {"total (first to last mark)", "flags + visible count",
-                                "softmax (2 passes)", "group average",
-                                "forced flags + sum", "bucket filter + rank",
-                                "walk (+ full sort if needed)",
+                                "softmax (3 passes)", "group average",
+                                "forced flags + sum, sort keys", "sort", "walk",
                                 "mark kept (+ ties)", "compaction + -1 fill"};
-  std::printf("select_kernel (filter %d), KV %d (NK %d), tau %.3f, logit std %.2f: density %.3f, "
+  std::printf("select_kernel, KV %d (NK %d), tau %.3f, logit std %.2f: density %.3f, "
               "event time %.2f us per launch (incl. launch), SM clock attr %d MHz\n",
-              filter ? 1 : 0, kv, nk, tau, sd, static_cast<double>(kept) / (lists * nk),
+              kv, nk, tau, sd, static_cast<double>(kept) / (lists * nk),
               1e3 * total_ms / reps, clock_khz / 1000);
   for (int i = 0; i < kPhases; ++i) {
     const double cycles = sum[i] / (reps * lists);

@@ -201,15 +201,6 @@ struct SelectSmem {
   uint8_t* flags;  // [NK]
 };
 
-__device__ __forceinline__ float warp_max(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
 __device__ float block_sum(float v) {
   using Reduce = cub::BlockReduce<float, kSelectThreads>;
   __shared__ typename Reduce::TempStorage tmp;
@@ -383,14 +374,12 @@ __device__ void walk_sorted_warp(const uint64_t* keys, int nk, float acc, float 
 
 // Where the walk over sorted values stopped: the kept candidates are those with a key below
 // `key` plus, of the candidates whose key equals `key`, all of them (all_ties) or the `ties`
-// ones of lowest block index. kept = 0: no candidate is kept. reached: the running sum reached τ
-// (false when the walk ran out of keys first: then every one of them is kept).
+// ones of lowest block index. kept = 0: no candidate is kept.
 struct WalkCut {
   uint32_t key;
   int ties;
   int kept;
   bool all_ties;
-  bool reached;
 };
 
 // walk_sorted_warp for 32-bit value keys (~bits(P), ascending) of n candidates: the same float32
@@ -399,23 +388,18 @@ __device__ void walk_sorted_values_warp(const uint32_t* keys, int n, float acc, 
                                         WalkCut* cut) {
   const int lane = threadIdx.x % 32;
   int stop = n;
-  bool reached = !(acc < tau);
   for (int base = 0; base < n; base += 32) {
     const int t = base + lane;
-    const uint32_t key = t < n ? keys[t] : ~0u;  // ~0u past the end: P = 0 adds nothing
+    const uint32_t key = t < n ? keys[t] : ~0u;
     const float before = walk_step(__uint_as_float(~key), acc);
     const unsigned ends = __ballot_sync(0xffffffffu, t >= n || !(before < tau));
     if (ends != 0) {
-      const int j = __ffs(ends) - 1;
-      stop = min(base + j, n);
-      reached = !(__shfl_sync(0xffffffffu, before, j) < tau);
+      stop = min(base + __ffs(ends) - 1, n);
       break;
     }
-    reached = !(acc < tau);
   }
   if (lane == 0) {
     cut->kept = stop;
-    cut->reached = reached;
     if (stop > 0) {
       const uint32_t last = keys[stop - 1];
       int first = stop - 1, end = stop;
@@ -429,139 +413,10 @@ __device__ void walk_sorted_values_warp(const uint32_t* keys, int n, float acc, 
   __syncwarp();
 }
 
-// The walk needs the candidates' values in descending order only up to where the running sum
-// reaches τ: at density 0.1 a tenth of them. top_candidates finds that head of the order without
-// sorting everything (decode with NK <= kFilterElems · kSelectThreads): 32 buckets of equal width
-// between the largest and the smallest candidate value, each bucket's mass and count (per-thread
-// sums, then a warp transpose-reduce), the fewest top buckets whose mass reaches the remaining
-// τ − forced sum with a margin, and a rank sort of those candidates (each one counts the smaller
-// keys). Bucket membership is monotone in the value, so the ranked keys are exactly the first
-// entries of the full sort; the caller checks that the walk ended inside them.
-constexpr int kFilterElems = 4;    // candidates per thread (NK <= 1024)
-constexpr int kFilterBuckets = 32;
-constexpr int kRankMax = 512;      // more candidates than this: sort them all
-constexpr float kFilterMargin = 2e-4f;  // >> float32 rounding of sums of <= 1024 terms <= 1
-
-// Sums of bucket j over the warp's lanes land in lane j (31 shuffles for 32 values per lane):
-// each step keeps the half of the buckets whose index has this lane's bit `half`, adding the
-// partner's copy of that half.
-template <int kHalf>
-__device__ __forceinline__ void transpose_reduce_step(float (&v)[kFilterBuckets]) {
-  const bool upper = threadIdx.x & kHalf;
-#pragma unroll
-  for (int i = 0; i < kHalf; ++i) {
-    const float send = upper ? v[i] : v[i + kHalf];
-    const float keep = upper ? v[i + kHalf] : v[i];
-    v[i] = keep + __shfl_xor_sync(0xffffffffu, send, kHalf);
-  }
-}
-__device__ __forceinline__ float transpose_reduce(float (&v)[kFilterBuckets]) {
-  static_assert(kFilterBuckets == 32, "one bucket per lane");
-  transpose_reduce_step<16>(v);
-  transpose_reduce_step<8>(v);
-  transpose_reduce_step<4>(v);
-  transpose_reduce_step<2>(v);
-  transpose_reduce_step<1>(v);
-  return v[0];
-}
-
-// Writes the ascending keys ~bits(P) of the top candidates (flags == kVisible) to keys[0, c) and
-// returns c, or -1 when the filter does not apply (too many blocks or candidates, all values
-// equal, or the candidates' mass does not reach `need` with the margin). `scratch` holds NK keys.
-__device__ int top_candidates(const SelectSmem& sm, const float* prob, int nk, float need,
-                              uint32_t* keys, uint32_t* scratch) {
-  constexpr int kWarps = kSelectThreads / 32;
-  __shared__ float red[2][kWarps];
-  __shared__ float hist[2][kWarps][kFilterBuckets];
-  __shared__ int pick[2];  // candidates kept by the filter, the number written so far
-  if (nk > kFilterElems * kSelectThreads) return -1;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  float v[kFilterElems];
-  float hi = 0.f, lo = INFINITY;
-#pragma unroll
-  for (int e = 0; e < kFilterElems; ++e) {
-    const int k = threadIdx.x + e * kSelectThreads;
-    const bool cand = k < nk && sm.flags[k] == kVisible;
-    v[e] = cand ? prob[k] : -1.f;  // P >= 0: -1 marks "not a candidate"
-    if (cand) hi = fmaxf(hi, v[e]), lo = fminf(lo, v[e]);
-  }
-  hi = warp_max(hi);
-  lo = -warp_max(-lo);
-  if (lane == 0) red[0][warp] = hi, red[1][warp] = lo;
-  __syncthreads();
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) hi = fmaxf(hi, red[0][w]), lo = fminf(lo, red[1][w]);
-  const float width = (hi - lo) / kFilterBuckets;
-  if (!(width > 0.f)) return -1;  // uniform across threads: no candidate, or all values equal
-  // Bucket 0 holds the largest values; membership is monotone in the value.
-  int bucket[kFilterElems];
-  float mass[kFilterBuckets], count[kFilterBuckets];
-#pragma unroll
-  for (int e = 0; e < kFilterElems; ++e) {
-    bucket[e] = v[e] < 0.f ? kFilterBuckets
-                           : min(kFilterBuckets - 1, static_cast<int>((hi - v[e]) / width));
-  }
-#pragma unroll
-  for (int j = 0; j < kFilterBuckets; ++j) {
-    mass[j] = count[j] = 0.f;
-#pragma unroll
-    for (int e = 0; e < kFilterElems; ++e) {
-      mass[j] += bucket[e] == j ? v[e] : 0.f;
-      count[j] += bucket[e] == j ? 1.f : 0.f;
-    }
-  }
-  hist[0][warp][lane] = transpose_reduce(mass);
-  hist[1][warp][lane] = transpose_reduce(count);
-  __syncthreads();
-  if (warp == 0) {
-    float m = 0.f, c = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) m += hist[0][w][lane], c += hist[1][w][lane];
-    for (int o = 1; o < 32; o <<= 1) {  // inclusive prefix over the buckets
-      const float mo = __shfl_up_sync(0xffffffffu, m, o), co = __shfl_up_sync(0xffffffffu, c, o);
-      if (lane >= o) m += mo, c += co;
-    }
-    const unsigned enough = __ballot_sync(0xffffffffu, m >= need + kFilterMargin);
-    const int b = enough ? __ffs(enough) - 1 : -1;
-    const int picked = b >= 0 ? static_cast<int>(__shfl_sync(0xffffffffu, c, b)) : 0;
-    if (lane == 0) {
-      pick[0] = b >= 0 && picked <= kRankMax ? b : -1;
-      pick[1] = 0;
-    }
-  }
-  __syncthreads();
-  const int last_bucket = pick[0];
-  if (last_bucket < 0) return -1;
-  // The chosen candidates' keys, in any order (equal keys are interchangeable).
-#pragma unroll
-  for (int e = 0; e < kFilterElems; ++e) {
-    const bool take = bucket[e] <= last_bucket;
-    const unsigned ballot = __ballot_sync(0xffffffffu, take);
-    int slot = 0;
-    if (lane == 0 && ballot) slot = atomicAdd(&pick[1], __popc(ballot));
-    slot = __shfl_sync(0xffffffffu, slot, 0) + __popc(ballot & ((1u << lane) - 1));
-    if (take) scratch[slot] = ~__float_as_uint(v[e]);
-  }
-  __syncthreads();
-  const int c = pick[1];
-  // Rank sort: key t goes after every smaller key and every equal key of a lower slot.
-  for (int t = threadIdx.x; t < c; t += kSelectThreads) {
-    const uint32_t key = scratch[t];
-    int rank = 0;
-    for (int u = 0; u < c; ++u) {
-      const uint32_t other = scratch[u];
-      rank += other < key || (other == key && u < t);
-    }
-    keys[rank] = key;
-  }
-  __syncthreads();
-  return c;
-}
-
 // Marks kKept in flags by the contract's walk and writes one list row.
 __device__ void select_and_write(const AsaParams& p, const Workspace& ws, const SelectSmem& sm,
                                  const float* prob, float tau, int nk, int nk_pow2,
-                                 int64_t row, int local_lo, int local_hi, bool filter) {
+                                 int64_t row, int local_lo, int local_hi) {
   __shared__ float forced_acc;
   ASA_SELECT_PHASE(3);
   for (int k = threadIdx.x; k < nk; k += kSelectThreads) {
@@ -584,39 +439,30 @@ __device__ void select_and_write(const AsaParams& p, const Workspace& ws, const 
       }
       forced_acc = acc;
     }
+    // Sort the candidates' values only (32-bit keys ~bits(P), ascending = P descending): the
+    // walk's sums depend on the values, not on which of two equal values comes first, and the
+    // index order of ties is settled when marking (WalkCut).
     __shared__ int num_cand;
     __shared__ WalkCut cut;
     if (threadIdx.x == 0) num_cand = 0;
     __syncthreads();
-    // The walk's keys are the candidates' values only (32-bit keys ~bits(P), ascending = P
-    // descending): its sums depend on the values, not on which of two equal values comes first,
-    // and the index order of ties is settled when marking (WalkCut). First the head of the order
-    // from the bucket filter; the walk must end inside it, else every candidate is sorted.
     uint32_t* keys = reinterpret_cast<uint32_t*>(sm.keys);
-    ASA_SELECT_PHASE(4);
-    const int head =
-        filter ? top_candidates(sm, prob, nk, tau - forced_acc, keys, keys + nk_pow2) : -1;
-    ASA_SELECT_PHASE(5);
-    if (head >= 0) {
-      if (threadIdx.x < 32) walk_sorted_values_warp(keys, head, forced_acc, tau, &cut);
-      __syncthreads();
-    }
-    if (head < 0 || !cut.reached) {
-      int cand = 0;
-      for (int t = threadIdx.x; t < nk_pow2; t += kSelectThreads) {
-        uint32_t key = ~0u;
-        if (t < nk && sm.flags[t] == kVisible) {
-          key = ~__float_as_uint(prob[t]);
-          ++cand;
-        }
-        keys[t] = key;
+    int cand = 0;
+    for (int t = threadIdx.x; t < nk_pow2; t += kSelectThreads) {
+      uint32_t key = ~0u;
+      if (t < nk && sm.flags[t] == kVisible) {
+        key = ~__float_as_uint(prob[t]);
+        ++cand;
       }
-      if (cand) atomicAdd(&num_cand, cand);
-      __syncthreads();
-      bitonic_sort_block(keys, nk_pow2);
-      if (threadIdx.x < 32) walk_sorted_values_warp(keys, num_cand, forced_acc, tau, &cut);
-      __syncthreads();
+      keys[t] = key;
     }
+    if (cand) atomicAdd(&num_cand, cand);
+    __syncthreads();
+    ASA_SELECT_PHASE(4);
+    bitonic_sort_block(keys, nk_pow2);
+    ASA_SELECT_PHASE(5);
+    if (threadIdx.x < 32) walk_sorted_values_warp(keys, num_cand, forced_acc, tau, &cut);
+    __syncthreads();
     ASA_SELECT_PHASE(6);
     if (cut.kept > 0) {
       for (int k = threadIdx.x; k < nk; k += kSelectThreads) {
@@ -838,46 +684,33 @@ bool decode_logits_fits(const AsaParams& p, int nq) {
 // the 128K decode select 2.2 µs slower on an H200 (BENCHMARKS.md optimization step 29).
 constexpr int kHeadsPerPass = 4;
 
-// Blocks per thread whose logits one loop step of select_kernel's softmax holds in registers:
-// their loads are all in flight at once, and with NK <= kSoftmaxElems · kSelectThreads (128K
-// keys at block 128) the probabilities are computed from the same registers.
-constexpr int kSoftmaxElems = 4;
-
-// Online softmax state of a row: the running max m and the sum s of exp(x - m).
-__device__ __forceinline__ void softmax_merge(float& m, float& s, float m2, float s2) {
-  const float mx = fmaxf(m, m2);
-  if (mx == -INFINITY) return;  // both empty
-  s = (m == -INFINITY ? 0.f : s * expf(m - mx)) + (m2 == -INFINITY ? 0.f : s2 * expf(m2 - mx));
-  m = mx;
-}
-
-// CTA-wide softmax state of each of the kHeadsPerPass rows from the threads' states (every
-// thread gets the same result: the warps' states are merged in warp order).
-__device__ void reduce_softmax(float (&m)[kHeadsPerPass], float (&s)[kHeadsPerPass],
-                               float (*red)[2][kSelectThreads / 32]) {
+// CTA-wide max (kMax) or sum of each of the kHeadsPerPass values, returned in every thread.
+template <bool kMax>
+__device__ void reduce_heads(float (&v)[kHeadsPerPass],
+                             float (*red)[kSelectThreads / 32]) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
   for (int j = 0; j < kHeadsPerPass; ++j) {
+    float x = v[j];
     for (int o = 16; o > 0; o >>= 1) {
-      softmax_merge(m[j], s[j], __shfl_xor_sync(0xffffffffu, m[j], o),
-                    __shfl_xor_sync(0xffffffffu, s[j], o));
+      const float y = __shfl_xor_sync(0xffffffffu, x, o);
+      x = kMax ? fmaxf(x, y) : x + y;
     }
-    if (lane == 0) red[j][0][warp] = m[j], red[j][1][warp] = s[j];
+    if (lane == 0) red[j][warp] = x;
   }
   __syncthreads();
 #pragma unroll
   for (int j = 0; j < kHeadsPerPass; ++j) {
-    m[j] = red[j][0][0];
-    s[j] = red[j][1][0];
-    for (int w = 1; w < kSelectThreads / 32; ++w) softmax_merge(m[j], s[j], red[j][0][w], red[j][1][w]);
+    float x = red[j][0];
+    for (int w = 1; w < kSelectThreads / 32; ++w) x = kMax ? fmaxf(x, red[j][w]) : x + red[j][w];
+    v[j] = x;
   }
-  __syncthreads();  // `red` is reused by the next head pass
+  __syncthreads();  // `red` is reused by the next reduction
 }
 
 // One CTA per (batch, selection head, query block): softmax of the logits row(s) over the visible
 // blocks, the group average for select_per 1, then the contract's walk.
-__global__ void select_kernel(AsaParams p, Workspace ws, const float* logits, int nk_pow2,
-                              bool filter) {
+__global__ void select_kernel(AsaParams p, Workspace ws, const float* logits, int nk_pow2) {
   // Without a padding mask the flags below are arithmetic on the params, done before the wait
   // for the logits (chained launch, common.cuh); the mask's kept-key prefix comes from the chain.
   ASA_SELECT_PHASE(0);
@@ -915,68 +748,52 @@ __global__ void select_kernel(AsaParams p, Workspace ws, const float* logits, in
   }
 
   // Softmax of each head's row over the visible blocks; for select_per 1 the group's heads are
-  // added in order h = 0..G-1 and divided by G, as the reference does. Each thread keeps an
-  // online max / sum over its blocks, and one CTA reduction per kHeadsPerPass heads merges them
-  // (a reduction per head and step cost ~2 µs per head of a decode step on an H200).
-  __shared__ float red[kHeadsPerPass][2][kSelectThreads / 32];
+  // added in order h = 0..G-1 and divided by G, as the reference does. The maxima and sums of up
+  // to kHeadsPerPass heads come from one CTA reduction each (a reduction per head and step cost
+  // ~2 µs per head of a decode step on an H200).
+  __shared__ float red[kHeadsPerPass][kSelectThreads / 32];
   const float* head_rows = logits + ((static_cast<int64_t>(n) * p.heads_q + h_first) * nq + i) * nk;
   const int64_t head_stride = static_cast<int64_t>(nq) * nk;
-  constexpr int kChunk = kSoftmaxElems * kSelectThreads;
   float tau = 0.f;
   for (int h0 = 0; h0 < heads; h0 += kHeadsPerPass) {
     const int hn = min(kHeadsPerPass, heads - h0);
     const float* rows = head_rows + h0 * head_stride;
-    float x[kHeadsPerPass][kSoftmaxElems];
-    // Logits of this thread's blocks base + threadIdx.x + e · kSelectThreads (-inf where
-    // invisible or past the end).
-    auto load = [&](int base) {
-#pragma unroll
-      for (int e = 0; e < kSoftmaxElems; ++e) {
-        const int k = base + threadIdx.x + e * kSelectThreads;
-        const bool vis = k < nk && (sm.flags[k] & kVisible);
-#pragma unroll
-        for (int j = 0; j < kHeadsPerPass; ++j) {
-          x[j][e] = vis && j < hn ? rows[j * head_stride + k] : -INFINITY;
-        }
-      }
-    };
     float mx[kHeadsPerPass], sum[kHeadsPerPass];
 #pragma unroll
     for (int j = 0; j < kHeadsPerPass; ++j) mx[j] = -INFINITY, sum[j] = 0.f;
-    int base = 0;
-    for (;; base += kChunk) {
-      load(base);
+    // The loads do not wait for the visibility flag, so one loop step has all its loads in
+    // flight at once (the first pass is bound by their latency).
+#pragma unroll 2
+    for (int k = threadIdx.x; k < nk; k += kSelectThreads) {
+      const bool vis = sm.flags[k] & kVisible;
 #pragma unroll
       for (int j = 0; j < kHeadsPerPass; ++j) {
-        float cm = x[j][0];
-#pragma unroll
-        for (int e = 1; e < kSoftmaxElems; ++e) cm = fmaxf(cm, x[j][e]);
-        if (cm == -INFINITY) continue;
-        float cs = 0.f;
-#pragma unroll
-        for (int e = 0; e < kSoftmaxElems; ++e) cs += expf(x[j][e] - cm);
-        softmax_merge(mx[j], sum[j], cm, cs);
+        const float x = j < hn ? rows[j * head_stride + k] : -INFINITY;
+        if (vis) mx[j] = fmaxf(mx[j], x);
       }
-      if (base + kChunk >= nk) break;
     }
-    reduce_softmax(mx, sum, red);
-    // Probabilities, last chunk first: it is still in the registers.
-    for (; base >= 0; base -= kChunk) {
-      if (base + kChunk < nk) load(base);
+    reduce_heads<true>(mx, red);
+#pragma unroll 2
+    for (int k = threadIdx.x; k < nk; k += kSelectThreads) {
+      const bool vis = sm.flags[k] & kVisible;
 #pragma unroll
-      for (int e = 0; e < kSoftmaxElems; ++e) {
-        const int k = base + threadIdx.x + e * kSelectThreads;
-        if (k >= nk) continue;
-        float acc = sm.pavg[k];
-#pragma unroll
-        for (int j = 0; j < kHeadsPerPass; ++j) {
-          if (j >= hn) continue;
-          const float pk = x[j][e] == -INFINITY ? 0.f : expf(x[j][e] - mx[j]) / sum[j];
-          if (heads == 1) sm.prob[k] = pk;
-          acc += pk;
-        }
-        sm.pavg[k] = acc;
+      for (int j = 0; j < kHeadsPerPass; ++j) {
+        const float x = j < hn ? rows[j * head_stride + k] : 0.f;
+        if (vis && j < hn) sum[j] += expf(x - mx[j]);
       }
+    }
+    reduce_heads<false>(sum, red);
+    for (int k = threadIdx.x; k < nk; k += kSelectThreads) {
+      const bool vis = sm.flags[k] & kVisible;
+      float acc = sm.pavg[k];
+#pragma unroll
+      for (int j = 0; j < kHeadsPerPass; ++j) {
+        if (j >= hn) continue;
+        const float pk = vis ? expf(rows[j * head_stride + k] - mx[j]) / sum[j] : 0.f;
+        if (heads == 1) sm.prob[k] = pk;
+        acc += pk;
+      }
+      sm.pavg[k] = acc;
     }
     for (int j = 0; j < hn; ++j) {
       const int h = h_first + h0 + j;
@@ -993,7 +810,7 @@ __global__ void select_kernel(AsaParams p, Workspace ws, const float* logits, in
   const int64_t row = (static_cast<int64_t>(n) * gridDim.y + hs) * nq + i;
   const int local_lo = max(c - p.local_blocks + 1, 0);
   const int local_hi = min(p.causal ? c : c + p.local_blocks - 1, nk - 1);
-  select_and_write(p, ws, sm, prob, tau, nk, nk_pow2, row, local_lo, local_hi, filter);
+  select_and_write(p, ws, sm, prob, tau, nk, nk_pow2, row, local_lo, local_hi);
 }
 
 // The same selection with one warp per list (key blocks <= kWarpListMax): no CTA barriers, eight
@@ -1002,6 +819,14 @@ __global__ void select_kernel(AsaParams p, Workspace ws, const float* logits, in
 constexpr int kWarpListMax = 512;
 constexpr int kListsPerCta = 8;
 
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
 
 __global__ void __launch_bounds__(32 * kListsPerCta) select_warp_kernel(
     AsaParams p, Workspace ws, const float* logits, int nk_pow2, int num_lists) {
@@ -1309,11 +1134,8 @@ cudaError_t launch_route_gated(const AsaParams& p, const Workspace& ws, const Ga
                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  // ASA_CUDA_SELECT_FILTER=0: every candidate is sorted (the tests compare both; same lists).
-  const char* filter_env = getenv("ASA_CUDA_SELECT_FILTER");
-  const bool filter = !(filter_env != nullptr && filter_env[0] == '0');
   return launch_chained(select_kernel, dim3(nq, hsel, p.batch), kSelectThreads, smem, stream, p,
-                        ws, ws.logits, next_pow2(nk), filter);
+                        ws, ws.logits, next_pow2(nk));
 }
 
 }  // namespace cuda
