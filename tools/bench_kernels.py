@@ -416,6 +416,31 @@ def profile_once():
     torch.cuda.synchronize()
 
 
+def profile_decode_step(kv: int, target: float):
+    """The one-call decode step of bench_decode (KV `kv`, density near `target`, caller-kept
+    stats with the last block pooled by the router): 20 warm-up calls, then three between
+    cudaProfilerStart / Stop, for `ncu --profile-from-start off` (BENCHMARKS.md step 35)."""
+    g = torch.Generator(device="cuda").manual_seed(kv + 1)
+    q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, 8, kv, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(1, 8, kv, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    base = AsaAttributes(causal=True, block_size=128, select_per=1)
+    attrs = _with(base, threshold=find_tau(q, k, v, base, target))
+    stats = torch_op.key_block_stats(k, base)
+    runner = AsaRunner(q, k, v, attrs, key_block_stats=stats,
+                       key_block_stats_blocks=stats.shape[2] - 1)
+    for _ in range(20):
+        runner.call()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    for _ in range(3):
+        runner.call()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+    print(f"decode step profiled: KV {kv}, tau {attrs.threshold:.4f}, density "
+          f"{runner.density():.3f}")
+
+
 def print_table(rows: list, gpu: str):
     print(f"\nGPU: {gpu}; torch {torch.__version__}; B=1 Hq=32 Hkv=8 D=128 bf16")
     print("TFLOP/s = 4*B*Hq*S*S*D (/2 causal) / time; x-columns = baseline time / ASA time; "
@@ -498,9 +523,16 @@ def main(argv=None):
     parser.add_argument("--json", type=pathlib.Path)
     parser.add_argument("--profile-router", action="store_true",
                         help="one forward each of decode 128K and prefill 32K (for ncu), no table")
+    parser.add_argument("--profile-decode-step", action="store_true",
+                        help="the one-call decode step at the first --decode-kv and --densities "
+                             "between cudaProfilerStart/Stop (ncu --profile-from-start off)")
     args = parser.parse_args(argv)
     if args.profile_router:
         profile_once()
+        return
+    if args.profile_decode_step:
+        profile_decode_step(args.decode_kv[0] if args.decode_kv else 131072,
+                            args.densities[0])
         return
     gpu = torch.cuda.get_device_name()
     rows: list = []
