@@ -129,7 +129,7 @@ __device__ void pool_rows(const T* base, int64_t stride, int r0, int r1, int D, 
 #pragma unroll
   for (int e = 0; e < kVec; ++e) acc[e] = 0.f;
   if (rg < rows_par) {
-#pragma unroll 8  // a 128-key block's 8 rows per thread in flight at once (D 128, 16-bit)
+#pragma unroll 4
     for (int r = r0 + rg; r < r1; r += rows_par) {
       if (!keep_row(r)) continue;
       const uint4 raw = *reinterpret_cast<const uint4*>(base + r * stride + c * kVec);
