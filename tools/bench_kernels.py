@@ -525,7 +525,8 @@ def main(argv=None):
                         help="one forward each of decode 128K and prefill 32K (for ncu), no table")
     parser.add_argument("--profile-decode-step", action="store_true",
                         help="the one-call decode step at the first --decode-kv and --densities "
-                             "between cudaProfilerStart/Stop (ncu --profile-from-start off)")
+                             "(pass e.g. --decode-kv 131072 --densities 0.1) between "
+                             "cudaProfilerStart/Stop, for ncu --profile-from-start off")
     args = parser.parse_args(argv)
     if args.profile_router:
         profile_once()
