@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device call for the CUDA kernel core: build libasa_cuda.so (sm_90a + sm_80), run the GPU
 # tests, run the kernel benchmark. Logs land under $OUT (the device tool brings them back).
-#   tools/gpu_session.sh [all|test|bench|diag|decode] [extra bench_kernels.py args...]
+#   tools/gpu_session.sh [all|test|bench|diag|decode|profile] [extra bench_kernels.py args...]
 # ASA_PREBUILT=path/libasa_cuda.so skips the build when that library loads here (built on the
 # CPU machine with the same nvcc, carried in an ignored folder; saves device time); then the
 # compile test is left to the CPU machine. BENCH_TAG names a second benchmark's logs.
@@ -61,4 +61,22 @@ if [ "$MODE" = decode ]; then
       --densities 0.1 0.4 --decode-kernels > "$OUT/decode_pdl$pdl.log" 2>&1
     echo "== ASA_CUDA_PDL=$pdl"; grep -v '^{' "$OUT/decode_pdl$pdl.log" | sed -n '/CUDA graph replay/,$p'
   done
+fi
+if [ "$MODE" = profile ]; then
+  # Where the decode step's time goes (BENCHMARKS.md optimization step 35): select_kernel's SM
+  # clocks per phase (tools/select_phases.cu) at 128K / τ 0.1 and 32K / τ 0.4, then ncu on the
+  # one-call decode step at 128K / density 0.1 (caches flushed between kernels, as ncu does).
+  LIBDIR=$(dirname "$ASA_CUDA_LIB")
+  nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
+    -Iplugins/core/include -Iplugins/core/cuda -Iplugins/core/common tools/select_phases.cu \
+    -o /tmp/select_phases -L"$LIBDIR" -lasa_cuda -Xlinker -rpath="$LIBDIR" > "$OUT/phases.log" 2>&1
+  for a in "131072 0.1" "32768 0.4"; do timeout 30 /tmp/select_phases $a >> "$OUT/phases.log" 2>&1; done
+  cat "$OUT/phases.log"
+  timeout 200 ncu --profile-from-start off --clock-control none --section SpeedOfLight \
+    --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+    --section WarpStateStats --section SourceCounters -c 5 \
+    python3 tools/bench_kernels.py --profile-decode-step --decode-kv 131072 --densities 0.1 \
+    > "$OUT/ncu_decode.log" 2>&1
+  grep -E "^  [a-z].*kernel|Duration|DRAM Throughput|decode step profiled" "$OUT/ncu_decode.log" \
+    | sed -E 's/\(AsaParams.*\) \(/ (/' | cut -c1-110
 fi
