@@ -19,6 +19,7 @@
 // forces the full router).
 #include <cstdlib>
 
+#include <cooperative_groups.h>
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
@@ -33,6 +34,10 @@ namespace {
 // clock per phase; empty in the library.
 #ifndef ASA_SELECT_PHASE
 #define ASA_SELECT_PHASE(i)
+#endif
+// The same for route_decode_kernel (tools/route_phases.cu).
+#ifndef ASA_ROUTE_PHASE
+#define ASA_ROUTE_PHASE(i)
 #endif
 
 constexpr int kPoolThreads = 256;
@@ -129,13 +134,26 @@ __device__ void pool_rows(const T* base, int64_t stride, int r0, int r1, int D, 
 #pragma unroll
   for (int e = 0; e < kVec; ++e) acc[e] = 0.f;
   if (rg < rows_par) {
-#pragma unroll 4
-    for (int r = r0 + rg; r < r1; r += rows_par) {
-      if (!keep_row(r)) continue;
-      const uint4 raw = *reinterpret_cast<const uint4*>(base + r * stride + c * kVec);
-      const T* x = reinterpret_cast<const T*>(&raw);
+    // kBatch rows of this thread per round trip (a 128-row block of D = 128 in bf16 is 8 rows
+    // per thread: one round trip), added in row order.
+    constexpr int kBatch = 8;
+    for (int r = r0 + rg; r < r1; r += kBatch * rows_par) {
+      uint4 raw[kBatch];
+      bool keep[kBatch];
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) acc[e] += to_float(x[e]);
+      for (int b = 0; b < kBatch; ++b) {
+        const int rb = r + b * rows_par;
+        keep[b] = rb < r1;
+        raw[b] = keep[b] ? *reinterpret_cast<const uint4*>(base + rb * stride + c * kVec)
+                         : make_uint4(0u, 0u, 0u, 0u);
+      }
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+        if (!keep[b] || !keep_row(r + b * rows_par)) continue;
+        const T* x = reinterpret_cast<const T*>(&raw[b]);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) acc[e] += to_float(x[e]);
+      }
     }
   }
 #pragma unroll
@@ -939,6 +957,328 @@ __global__ void __launch_bounds__(32 * kListsPerCta) select_warp_kernel(
   if (lane == 0) ws.block_counts[lrow] = total;
 }
 
+// Decode router in one launch, one thread-block cluster per list (compute capability 9.0+).
+//
+// Decode has one query block and few lists (B · Hkv for select_per 1), so the separate pool,
+// logits and select kernels kept most multiprocessors idle and put a kernel boundary between
+// each step: one select CTA sorting 1024 key blocks took ~12 µs of a 52 µs step on an H100
+// (BENCHMARKS.md optimization step 35). Here the C CTAs of a cluster split the list's key blocks
+// (CTA r owns blocks [r·per, r·per + per)) and exchange what the whole list needs through
+// distributed shared memory, in five cluster barriers:
+//   1. q̄ of the list's heads and the k̄ of the fresh key blocks (the last, partial block of a
+//      decode step, by pool_key_block as pool_k_kernel computes it, so the bits agree with the
+//      caller's key_block_stats), both before the chained-launch wait; then the logits of the
+//      own blocks (the arithmetic of logits_decode_kernel);
+//   2. each head's maximum, then its sum of exponentials over the visible blocks: per-CTA
+//      partials that every CTA combines in rank order, so all hold the same bits;
+//   3. the probabilities of the own blocks (averaged over the group's heads as select_kernel
+//      does), written into every CTA;
+//   4. ranks instead of a sort: a candidate's rank is the number of candidates before it in the
+//      contract's order (descending probability, ties to the lower index); each CTA ranks its own
+//      candidates against all and writes their values, in rank order, into every CTA;
+//   5. every CTA walks the sorted values with select_kernel's float32 chain (the same stop in
+//      all), keeps its own blocks of rank below the stop, and the CTAs' kept counts give each its
+//      offset in the ascending list.
+// ASA_CUDA_FUSED_ROUTE=0 in the environment takes the separate kernels (read at each launch; the
+// tests compare both).
+constexpr int kRouteThreads = kPoolThreads;  // pool_key_block's thread count (the same bits)
+constexpr int kRouteClusterMax = 16;         // a non-portable cluster size on Hopper
+constexpr int kRouteMaxBlocks = 2048;        // ranking costs NK² / C comparisons per CTA
+constexpr int kRouteFoldMax = 2;             // fresh key blocks pooled inside the kernel
+constexpr int kRouteHeadsMax = kDecodeLogitsRows;
+static_assert(kRouteThreads == kSelectThreads, "one CTA shape for the router's reductions");
+
+// Dynamic shared memory of route_decode_kernel, in the order the kernel carves it.
+__host__ __device__ inline size_t route_decode_smem(int heads, int D, int per, int nk) {
+  return static_cast<size_t>(heads + kRouteFoldMax) * D * 4  // q̄ rows, fresh k̄ rows
+         + static_cast<size_t>(nk) * 8                        // rank keys
+         + static_cast<size_t>(heads + 2) * per * 4           // logits, own P, own ranks
+         + static_cast<size_t>(nk) * 9;                       // every P, sorted keys, flags
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kRouteThreads, 1) route_decode_kernel(AsaParams p, Workspace ws,
+                                                                     KeyRows kbar, int fold) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  // Every CTA of the cluster must have started before one writes into another's shared memory:
+  // arrive now, wait just before the first remote write.
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+  ASA_ROUTE_PHASE(0);
+  const int C = static_cast<int>(cluster.num_blocks());
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int list = blockIdx.x / C;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int nk = cdiv(p.seq_kv, p.block_size);
+  const int G = p.heads_q / p.heads_kv, D = p.head_dim;
+  const int hsel_count = p.select_per ? p.heads_kv : p.heads_q;
+  const int hs = list % hsel_count, n = list / hsel_count;
+  const int heads = p.select_per ? G : 1;
+  const int h_first = p.select_per ? hs * G : hs;
+  const int64_t bh = static_cast<int64_t>(n) * p.heads_kv + h_first / G;
+  const int per = cdiv(nk, C);
+  const int k_begin = min(rank * per, nk), cnt = min(k_begin + per, nk) - k_begin;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* qs = reinterpret_cast<float*>(smem_raw);                         // [heads][D]
+  float* fresh = qs + heads * D;                                          // [kRouteFoldMax][D]
+  uint64_t* keys = reinterpret_cast<uint64_t*>(fresh + kRouteFoldMax * D);  // [nk]
+  float* lg = reinterpret_cast<float*>(keys + nk);                        // [heads][per]
+  float* pv_own = lg + heads * per;                                       // [per]
+  int* rank_own = reinterpret_cast<int*>(pv_own + per);                   // [per]
+  float* pv_all = reinterpret_cast<float*>(rank_own + per);               // [nk]
+  uint32_t* sorted = reinterpret_cast<uint32_t*>(pv_all + nk);            // [nk]
+  uint8_t* flags = reinterpret_cast<uint8_t*>(sorted + nk);               // [nk]
+  __shared__ float part_max[kRouteHeadsMax][kRouteClusterMax];
+  __shared__ float part_sum[kRouteHeadsMax][kRouteClusterMax];
+  __shared__ int part_kept[kRouteClusterMax];
+  __shared__ float head_max[kRouteHeadsMax], head_sum[kRouteHeadsMax];
+  __shared__ int rank_part[kRouteThreads / 32][32];
+  __shared__ int scratch[kRouteThreads / 32];
+  __shared__ WalkCut cut;
+  auto cta_sum = [&](int v) {  // over the CTA's threads, returned in every thread
+    v = __reduce_add_sync(0xffffffffu, v);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    int s = 0;
+    for (int w = 0; w < kRouteThreads / 32; ++w) s += scratch[w];
+    __syncthreads();
+    return s;
+  };
+
+  // Flags of every key block (each CTA keeps the whole list's): arithmetic on the params, so
+  // before the wait unless a padding mask makes them read the chain's kept-key prefix.
+  if (p.mask_dtype != ASA_MASK_NONE) wait_for_previous_kernel();
+  int lo, hi, c;
+  query_block_keys(p, 0, nk, &lo, &hi, &c);
+  int nvis = 0, num_cand = 0;
+  for (int k = tid; k < nk; k += kRouteThreads) {
+    const bool vis = key_block_visible(p, ws.kept_prefix, n, k, lo, hi);
+    const uint8_t f = (vis ? kVisible : 0) | (block_forced(p, k, c) ? kForced : 0);
+    flags[k] = f;
+    nvis += vis;
+    num_cand += f == kVisible;
+  }
+  nvis = cta_sum(nvis);
+  num_cand = cta_sum(num_cand);
+  ASA_ROUTE_PHASE(1);
+  float tau = 0.f;
+  for (int hr = 0; hr < heads; ++hr) {
+    tau = fmaxf(tau, p.head_thresholds ? p.head_thresholds[h_first + hr] : p.threshold);
+  }
+
+  // q̄ (rows added in order, then scaled, as logits_decode_kernel does) and the fresh blocks' k̄
+  // read only the caller's q and k, which no kernel of the chain writes (common.cuh).
+  // Thread t sums (head, column) pairs t, t + 256, ... (heads · D <= 8 · 256) in registers and
+  // stores them after all its loads were issued: a store to shared memory between two loads
+  // through a generic pointer would order them (one round trip per head).
+  constexpr int kQPairs = kRouteHeadsMax * 256 / kRouteThreads;
+  float qsum[kQPairs];
+#pragma unroll
+  for (int i = 0; i < kQPairs; ++i) {
+    const int hd = tid + i * kRouteThreads, hr = hd / D, d = hd % D;
+    qsum[i] = 0.f;
+    if (hd >= heads * D) continue;
+    const T* q = static_cast<const T*>(p.q) + n * p.q_stride_b + (h_first + hr) * p.q_stride_h;
+    for (int r = 0; r < p.seq_q; ++r) qsum[i] += to_float(q[r * p.q_stride_s + d]);
+  }
+#pragma unroll
+  for (int i = 0; i < kQPairs; ++i) {
+    const int hd = tid + i * kRouteThreads;
+    if (hd < heads * D) qs[hd] = qsum[i] * (1.f / static_cast<float>(p.seq_q));
+  }
+  const int first_fresh = kbar.cached_blocks;
+  if (fold) {
+    for (int k = max(first_fresh, k_begin); k < k_begin + cnt; ++k) {
+      pool_key_block<T>(p, n, h_first / G, k, fresh + (k - first_fresh) * D);
+      __syncthreads();  // pool_rows' partial sums are reused by the next block
+    }
+  }
+  ASA_ROUTE_PHASE(2);
+  wait_for_previous_kernel();
+  allow_next_kernel();
+  __syncthreads();
+
+  // Logits of the own blocks: L lanes per k̄ row, 8 float4 columns each (logits_decode_kernel).
+  const int L = D / (4 * kDecodeLogitsCols);
+  const int part = tid % L;
+  for (int j0 = 0; j0 < cnt; j0 += kRouteThreads / L) {
+    const int j = j0 + tid / L, k = k_begin + j;
+    const float* row = nullptr;
+    if (j < cnt) {
+      row = fold && k >= first_fresh ? fresh + (k - first_fresh) * D : kbar.row(bh, k, nk, D);
+    }
+    float4 kv[kDecodeLogitsCols];
+#pragma unroll
+    for (int b = 0; b < kDecodeLogitsCols; ++b) {
+      kv[b] = row != nullptr ? reinterpret_cast<const float4*>(row)[b * L + part]
+                             : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+#pragma unroll
+    for (int hr = 0; hr < kRouteHeadsMax; ++hr) {
+      if (hr >= heads) continue;
+      float acc = lane_dot(qs + hr * D, kv, L, part);
+      for (int o = 1; o < L; o <<= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+      if (part == 0 && j < cnt) lg[hr * per + j] = p.scale * acc;
+    }
+  }
+  __syncthreads();
+
+  ASA_ROUTE_PHASE(3);
+  // Softmax statistics: warp hr takes head hr; lane r sends the CTA's partial to CTA r.
+  asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+  if (warp < heads) {
+    float mx = -INFINITY;
+    for (int j = lane; j < cnt; j += 32) {
+      if (flags[k_begin + j] & kVisible) mx = fmaxf(mx, lg[warp * per + j]);
+    }
+    mx = warp_max(mx);
+    if (lane < C) *cluster.map_shared_rank(&part_max[warp][rank], lane) = mx;
+  }
+  cluster.sync();
+  ASA_ROUTE_PHASE(4);
+  if (warp < heads) {
+    const float mx = warp_max(lane < C ? part_max[warp][lane] : -INFINITY);
+    float s = 0.f;
+    for (int j = lane; j < cnt; j += 32) {
+      if (flags[k_begin + j] & kVisible) s += expf(lg[warp * per + j] - mx);
+    }
+    s = warp_sum(s);
+    if (lane < C) *cluster.map_shared_rank(&part_sum[warp][rank], lane) = s;
+    if (lane == 0) head_max[warp] = mx;
+  }
+  cluster.sync();
+  if (tid < heads) {
+    float s = 0.f;
+    for (int r = 0; r < C; ++r) s += part_sum[tid][r];
+    head_sum[tid] = s;
+  }
+  __syncthreads();
+  ASA_ROUTE_PHASE(5);
+
+  // P of the own blocks (heads added in order h = 0..G-1, then divided by G), into every CTA.
+  for (int j = tid; j < cnt; j += kRouteThreads) {
+    const bool vis = flags[k_begin + j] & kVisible;
+    float acc = 0.f;
+    for (int hr = 0; hr < heads; ++hr) {
+      acc += vis ? expf(lg[hr * per + j] - head_max[hr]) / head_sum[hr] : 0.f;
+    }
+    pv_own[j] = heads > 1 ? acc / static_cast<float>(G) : acc;
+  }
+  __syncthreads();
+  for (int idx = tid; idx < cnt * C; idx += kRouteThreads) {
+    const int r = idx / cnt, j = idx % cnt;
+    *cluster.map_shared_rank(&pv_all[k_begin + j], r) = pv_own[j];
+  }
+  cluster.sync();
+  ASA_ROUTE_PHASE(6);
+
+  int stop = num_cand;  // τ >= 1: every visible block is kept
+  if (tau < 1.f) {
+    // Rank keys: ~bits(P) above the index for candidates (visible, not forced), ~0 otherwise,
+    // so a candidate's rank is the number of keys below its own.
+    for (int k = tid; k < nk; k += kRouteThreads) {
+      keys[k] = flags[k] == kVisible
+                    ? (static_cast<uint64_t>(~__float_as_uint(pv_all[k])) << 32) |
+                          static_cast<uint32_t>(k)
+                    : ~0ull;
+    }
+    __syncthreads();
+    // 32 own blocks at a time (lane = block); the 8 warps split the keys they are counted against.
+    const int chunk = cdiv(nk, kRouteThreads / 32);
+    const int c0 = min(warp * chunk, nk), c1 = min(c0 + chunk, nk);
+    for (int g0 = 0; g0 < cnt; g0 += 32) {
+      const int j = g0 + lane;
+      const uint64_t mine = j < cnt ? keys[k_begin + j] : ~0ull;
+      if (__ballot_sync(0xffffffffu, mine != ~0ull) == 0) continue;  // the same in every warp
+      int below = 0;
+#pragma unroll 8
+      for (int k = c0; k < c1; ++k) below += keys[k] < mine;
+      rank_part[warp][lane] = below;
+      __syncthreads();
+      if (warp == 0 && j < cnt) {
+        int r = 0;
+        for (int w = 0; w < kRouteThreads / 32; ++w) r += rank_part[w][lane];
+        rank_own[j] = r;
+      }
+      __syncthreads();
+    }
+    for (int idx = tid; idx < cnt * C; idx += kRouteThreads) {
+      const int r = idx / cnt, j = idx % cnt;
+      const uint64_t key = keys[k_begin + j];
+      if (key != ~0ull) {
+        *cluster.map_shared_rank(&sorted[rank_own[j]], r) = static_cast<uint32_t>(key >> 32);
+      }
+    }
+    cluster.sync();
+    ASA_ROUTE_PHASE(7);
+    // The walk, in every CTA: forced blocks first in ascending index order (the sink blocks,
+    // then the local band), then the candidates in rank order.
+    if (warp == 0) {
+      float acc = 0.f;
+      if (lane == 0) {
+        const int sink_end = min(p.sink_blocks, nk);
+        const int local_lo = max(c - p.local_blocks + 1, 0);
+        const int local_hi = min(p.causal ? c : c + p.local_blocks - 1, nk - 1);
+        constexpr uint8_t kVF = kVisible | kForced;
+        for (int k = 0; k < sink_end; ++k) {
+          if ((flags[k] & kVF) == kVF) acc += pv_all[k];
+        }
+        for (int k = max(sink_end, local_lo); k <= local_hi; ++k) {
+          if ((flags[k] & kVF) == kVF) acc += pv_all[k];
+        }
+      }
+      walk_sorted_values_warp(sorted, num_cand, __shfl_sync(0xffffffffu, acc, 0), tau, &cut);
+    }
+    __syncthreads();
+    stop = cut.kept;
+    ASA_ROUTE_PHASE(8);
+  }
+
+  // Kept own blocks; their count goes to every CTA for the list offsets.
+  int kept = 0;
+  for (int j = tid; j < cnt; j += kRouteThreads) {
+    const uint8_t f = flags[k_begin + j];
+    const bool keep = (f & kVisible) &&
+                      (tau >= 1.f || (f & kForced) || (f == kVisible && rank_own[j] < stop));
+    flags[k_begin + j] = f | (keep ? kKept : 0);
+    kept += keep;
+  }
+  kept = cta_sum(kept);
+  if (tid < C) *cluster.map_shared_rank(&part_kept[rank], tid) = kept;
+  cluster.sync();  // the last access to another CTA's shared memory is before this barrier
+  ASA_ROUTE_PHASE(9);
+  int offset = 0, total = 0;
+  for (int r = 0; r < C; ++r) {
+    offset += r < rank ? part_kept[r] : 0;
+    total += part_kept[r];
+  }
+  int32_t* out = ws.block_indices + static_cast<int64_t>(list) * nk;
+  for (int j0 = 0; j0 < cnt; j0 += kRouteThreads) {
+    const int j = j0 + tid;
+    const bool keep = j < cnt && (flags[k_begin + j] & kKept);
+    const unsigned ballot = __ballot_sync(0xffffffffu, keep);
+    if (lane == 0) scratch[warp] = __popc(ballot);
+    __syncthreads();
+    int before = 0, chunk_total = 0;
+    for (int w = 0; w < kRouteThreads / 32; ++w) {
+      before += w < warp ? scratch[w] : 0;
+      chunk_total += scratch[w];
+    }
+    if (keep) out[offset + before + __popc(ballot & ((1u << lane) - 1))] = k_begin + j;
+    offset += chunk_total;
+    __syncthreads();
+  }
+  for (int t = max(total, k_begin) + tid; t < k_begin + cnt; t += kRouteThreads) out[t] = -1;
+  if (rank == 0 && tid == 0) {
+    ws.block_counts[list] = total;
+    if (hs == 0 && ws.visible_counts) ws.visible_counts[n] = nvis;
+  }
+  ASA_ROUTE_PHASE(10);
+#endif
+}
+
 // Dense lists (τ ≥ 1, no head_thresholds: SPEC.md "Selection" keeps every visible block): one
 // warp per (batch, selection head, query block) writes its visible key blocks ascending, padded
 // with -1, the count and the visible count; no pooling, logits, softmax or walk. The lists equal
@@ -977,6 +1317,103 @@ bool dense_fastpath(const AsaParams& p) {
   const char* env = getenv("ASA_CUDA_DENSE_FASTPATH");
   if (env != nullptr && env[0] == '0') return false;
   return p.head_thresholds == nullptr && p.threshold >= 1.f;
+}
+
+// The largest cluster route_decode_kernel can co-schedule on this device (16, 8, 4 or 2 CTAs;
+// with its largest shared memory), 0 below compute capability 9.0 or when none fits. Cached.
+int max_route_cluster() {
+  static int best = -1;
+  if (best >= 0) return best;
+  best = 0;
+  int device = 0, major = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (major < 9) return best;
+  auto kernel = route_decode_kernel<__nv_bfloat16>;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) !=
+      cudaSuccess) {
+    cudaGetLastError();
+    return best;
+  }
+  for (int C = kRouteClusterMax; C >= 2; C /= 2) {
+    const size_t smem =
+        route_decode_smem(kRouteHeadsMax, 256, cdiv(kRouteMaxBlocks, C), kRouteMaxBlocks);
+    cudaLaunchAttribute attr{};
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = C;
+    attr.val.clusterDim.y = 1;
+    attr.val.clusterDim.z = 1;
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(C);
+    cfg.blockDim = dim3(kRouteThreads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+    int clusters = 0;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(smem)) == cudaSuccess &&
+        cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess && clusters > 0) {
+      best = C;
+      break;
+    }
+    cudaGetLastError();
+  }
+  return best;
+}
+
+// Cluster size for route_decode_kernel, or 0 when the separate kernels route: one query block,
+// no learned gate, logits that fit logits_decode_kernel's layout (head dim <= 256), at most
+// kRouteMaxBlocks key blocks, no more lists than multiprocessors, a device that co-schedules
+// clusters, and ASA_CUDA_FUSED_ROUTE not "0". About two CTAs per multiprocessor in all.
+int route_decode_cluster(const AsaParams& p, int nq, int lists) {
+  const char* env = getenv("ASA_CUDA_FUSED_ROUTE");
+  if (env != nullptr && env[0] == '0') return 0;
+  const int nk = cdiv(p.seq_kv, p.block_size);
+  if (nq != 1 || !decode_logits_fits(p, nq) || p.head_dim > 256 || nk > kRouteMaxBlocks ||
+      lists > sm_count()) {
+    return 0;
+  }
+  int C = max_route_cluster();
+  while (C > 2 && (lists * C > 2 * sm_count() || C > nk)) C /= 2;
+  return C;
+}
+
+// route_decode_kernel over `lists` clusters of C CTAs. With more fresh key blocks than the kernel
+// pools itself (a call without key_block_stats), pool_k_kernel writes them to the workspace first.
+template <typename T>
+cudaError_t launch_route_decode(const AsaParams& p, const Workspace& ws, const KeyRows& ke, int C,
+                                int lists, cudaStream_t stream) {
+  const int nk = cdiv(p.seq_kv, p.block_size);
+  const int fresh = nk - ke.cached_blocks;
+  const bool fold = fresh <= kRouteFoldMax;
+  if (!fold) {
+    launch_chained(pool_k_kernel<T>, dim3(fresh, p.heads_kv, p.batch), kPoolThreads, 0, stream, p,
+                   ws.kbar, ke.cached_blocks, nk);
+  }
+  const int heads = p.select_per ? p.heads_q / p.heads_kv : 1;
+  const size_t smem = route_decode_smem(heads, p.head_dim, cdiv(nk, C), nk);
+  auto kernel = route_decode_kernel<T>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+  if (err == cudaSuccess) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  }
+  if (err != cudaSuccess) return err;
+  cudaLaunchAttribute attrs[2] = {};
+  attrs[0].id = cudaLaunchAttributeClusterDimension;
+  attrs[0].val.clusterDim.x = C;
+  attrs[0].val.clusterDim.y = 1;
+  attrs[0].val.clusterDim.z = 1;
+  attrs[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attrs[1].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(lists * C);
+  cfg.blockDim = dim3(kRouteThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attrs;
+  cfg.numAttrs = chained_launch_enabled() ? 2 : 1;
+  return cudaLaunchKernelEx(&cfg, kernel, p, ws, ke, fold ? 1 : 0);
 }
 
 // q̄ always; k̄ only for the training-free router (the gate pools its own key features), and
@@ -1069,6 +1506,18 @@ cudaError_t launch_route_gated(const AsaParams& p, const Workspace& ws, const Ga
   // Key blocks before `cached` come from the caller's key_block_stats (no key is read for them).
   const int cached = p.key_block_stats ? p.key_block_stats_blocks : 0;
   const int cap = p.key_block_stats_capacity > 0 ? p.key_block_stats_capacity : nk;
+  const int lists = p.batch * hsel * nq;
+  if (gate == nullptr) {  // decode: the whole router in one cluster launch where it fits
+    const int C = route_decode_cluster(p, nq, lists);
+    const KeyRows rows{ws.kbar, p.key_block_stats, cached, cap};
+    if (C > 0) {
+      switch (p.dtype) {
+        case ASA_FLOAT32: return launch_route_decode<float>(p, ws, rows, C, lists, stream);
+        case ASA_FLOAT16: return launch_route_decode<__half>(p, ws, rows, C, lists, stream);
+        default: return launch_route_decode<__nv_bfloat16>(p, ws, rows, C, lists, stream);
+      }
+    }
+  }
   // Decode without the gate: q̄ is pooled inside logits_decode_kernel (one launch fewer).
   const bool fused = gate == nullptr && decode_logits_fits(p, nq);
   switch (p.dtype) {
@@ -1118,7 +1567,6 @@ cudaError_t launch_route_gated(const AsaParams& p, const Workspace& ws, const Ga
   }
   // One warp per list when the lists are many (prefill); with fewer lists than multiprocessors
   // (decode: B × Hkv lists) a whole CTA per list finishes sooner.
-  const int lists = p.batch * hsel * nq;
   if (nk <= kWarpListMax && lists >= sm_count()) {
     const size_t slice = (select_smem_bytes(p) + 15) / 16 * 16;
     const size_t wsmem = slice * kListsPerCta;

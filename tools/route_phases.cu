@@ -1,0 +1,182 @@
+// Where the fused decode router's time goes: builds router.cu with a timer mark per phase of
+// route_decode_kernel (ASA_ROUTE_PHASE) and runs it on one decode step (B = 1, Hq = 32, Hkv = 8,
+// D = 128, bf16, select_per 1, block_size 128, causal; caller-kept key statistics for all but the
+// last block, which the kernel pools) with clusters of 16, 8, 4 and 2 CTAs. Prints, per cluster
+// size, the clusters the device co-schedules, the mean of each phase over the CTAs (global timer,
+// ns), the spread of the CTAs' start times, and the event time per launch.
+//
+// Build and run on the GPU machine (links the library for the rest of the core):
+//   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
+//     -Iplugins/core/include -Iplugins/core/cuda -Iplugins/core/common tools/route_phases.cu \
+//     -o /tmp/route_phases -L<lib dir> -lasa_cuda -Xlinker -rpath=<lib dir>
+//   /tmp/route_phases [kv=131072] [tau=0.1]
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+constexpr int kPhases = 11;
+constexpr int kMaxCtas = 256;
+__device__ unsigned long long g_phase_ns[kMaxCtas][kPhases];
+
+// Thread 0 of each CTA stamps the global timer (ns, one clock for all SMs) at mark i.
+#define ASA_ROUTE_PHASE(i)                                                                    \
+  do {                                                                                        \
+    if (threadIdx.x == 0) {                                                                   \
+      unsigned long long t_;                                                                  \
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));                                \
+      g_phase_ns[blockIdx.x % kMaxCtas][i] = t_;                                              \
+    }                                                                                         \
+  } while (0)
+
+#ifndef ROUTER_CU  // another router.cu to compare (-DROUTER_CU=\"path\")
+#define ROUTER_CU "../plugins/core/cuda/router.cu"
+#endif
+#include ROUTER_CU
+#include "asa/asa_cuda.h"
+
+#define CHECK(x)                                                                              \
+  do {                                                                                        \
+    cudaError_t e_ = (x);                                                                     \
+    if (e_ != cudaSuccess) {                                                                  \
+      std::fprintf(stderr, "%s: %s\n", #x, cudaGetErrorString(e_));                          \
+      std::exit(1);                                                                           \
+    }                                                                                         \
+  } while (0)
+
+__global__ void fill_random(__nv_bfloat16* x, size_t n, unsigned seed) {
+  for (size_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    unsigned h = static_cast<unsigned>(i) * 2654435761u ^ seed;
+    h ^= h >> 15;
+    h *= 2246822519u;
+    h ^= h >> 13;
+    x[i] = __float2bfloat16((h & 0xffff) / 32768.f - 1.f);  // uniform in [-1, 1)
+  }
+}
+
+int main(int argc, char** argv) {
+  const int kv = argc > 1 ? std::atoi(argv[1]) : 131072;
+  const float tau = argc > 2 ? static_cast<float>(std::atof(argv[2])) : 0.1f;
+  AsaParams p{};
+  p.batch = 1;
+  p.heads_q = 32;
+  p.heads_kv = 8;
+  p.seq_q = 1;
+  p.seq_kv = kv;
+  p.head_dim = p.head_dim_v = 128;
+  p.dtype = ASA_BFLOAT16;
+  p.scale = 0.0883883f;
+  p.causal = 1;
+  p.block_size = 128;
+  p.threshold = tau;
+  p.sink_blocks = 1;
+  p.local_blocks = 1;
+  p.window = -1;
+  p.select_per = 1;
+  p.mask_dtype = ASA_MASK_NONE;
+  const int nk = asa::cuda::cdiv(kv, p.block_size);
+  const int lists = p.heads_kv;
+  const size_t qn = static_cast<size_t>(p.heads_q) * p.head_dim;
+  const size_t kn = static_cast<size_t>(p.heads_kv) * kv * p.head_dim;
+  __nv_bfloat16 *q = nullptr, *k = nullptr;
+  CHECK(cudaMalloc(&q, qn * 2));
+  CHECK(cudaMalloc(&k, kn * 2));
+  fill_random<<<256, 256>>>(q, qn, 1);
+  fill_random<<<1024, 256>>>(k, kn, 2);
+  p.q = q;
+  p.k = k;
+  p.v = k;
+  p.q_stride_s = p.head_dim;
+  p.q_stride_h = p.head_dim;
+  p.q_stride_b = static_cast<int64_t>(qn);
+  p.k_stride_s = p.v_stride_s = p.head_dim;
+  p.k_stride_h = p.v_stride_h = static_cast<int64_t>(kv) * p.head_dim;
+  p.k_stride_b = p.v_stride_b = static_cast<int64_t>(kn);
+  float* stats = nullptr;
+  CHECK(cudaMalloc(&stats, static_cast<size_t>(lists) * nk * p.head_dim * sizeof(float)));
+  CHECK(asa_cuda_key_block_stats(&p, stats, 0, nullptr));
+  p.key_block_stats = stats;
+  p.key_block_stats_blocks = nk - 1;
+  p.key_block_stats_capacity = nk;
+  int32_t *indices = nullptr, *counts = nullptr, *visible = nullptr;
+  CHECK(cudaMalloc(&indices, static_cast<size_t>(lists) * nk * sizeof(int32_t)));
+  CHECK(cudaMalloc(&counts, lists * sizeof(int32_t)));
+  CHECK(cudaMalloc(&visible, sizeof(int32_t)));
+  asa::cuda::Workspace ws{};
+  ws.block_indices = indices;
+  ws.block_counts = counts;
+  ws.visible_counts = visible;
+  const asa::cuda::KeyRows rows{nullptr, stats, nk - 1, nk};
+  CHECK(cudaDeviceSynchronize());
+
+  cudaEvent_t start, stop;
+  CHECK(cudaEventCreate(&start));
+  CHECK(cudaEventCreate(&stop));
+  const char* names[kPhases] = {"start",
+                                "flags + visible / candidate counts",
+                                "q mean + last block's k mean (before the wait)",
+                                "logits of the own blocks",
+                                "cluster wait + max + barrier 1",
+                                "sum of exp + barrier 2",
+                                "P + scatter + barrier 3",
+                                "rank keys + ranks + scatter + barrier 4",
+                                "walk",
+                                "kept + count + barrier 5",
+                                "list writes"};
+  std::printf("route_decode_kernel, KV %d (NK %d), tau %.3f, %d lists\n", kv, nk, tau, lists);
+  for (int C = 16; C >= 2; C /= 2) {
+    const int ctas = lists * C;
+    const int reps = 200;
+    std::vector<double> phase(kPhases, 0.0);
+    double spread = 0.0, span = 0.0;
+    float total_ms = 0.f;
+    for (int r = 0; r < reps + 10; ++r) {
+      CHECK(cudaEventRecord(start));
+      CHECK(asa::cuda::launch_route_decode<__nv_bfloat16>(p, ws, rows, C, lists, nullptr));
+      CHECK(cudaEventRecord(stop));
+      CHECK(cudaEventSynchronize(stop));
+      CHECK(cudaGetLastError());
+      unsigned long long ns[kMaxCtas][kPhases];
+      CHECK(cudaMemcpyFromSymbol(ns, g_phase_ns, sizeof(ns)));
+      if (r < 10) continue;  // warm-up
+      float ms = 0.f;
+      CHECK(cudaEventElapsedTime(&ms, start, stop));
+      total_ms += ms;
+      unsigned long long first = ~0ull, last_start = 0, end = 0;
+      for (int c = 0; c < ctas; ++c) {
+        first = ns[c][0] < first ? ns[c][0] : first;
+        last_start = ns[c][0] > last_start ? ns[c][0] : last_start;
+        end = ns[c][kPhases - 1] > end ? ns[c][kPhases - 1] : end;
+        for (int i = 1; i < kPhases; ++i) phase[i] += static_cast<double>(ns[c][i] - ns[c][i - 1]);
+      }
+      spread += static_cast<double>(last_start - first);
+      span += static_cast<double>(end - first);
+    }
+    int count_host[64] = {};
+    CHECK(cudaMemcpy(count_host, counts, lists * sizeof(int32_t), cudaMemcpyDeviceToHost));
+    int kept = 0;
+    for (int c = 0; c < lists; ++c) kept += count_host[c];
+    int clusters = 0;
+    {
+      cudaLaunchAttribute attr{};
+      attr.id = cudaLaunchAttributeClusterDimension;
+      attr.val.clusterDim.x = C;
+      attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
+      cudaLaunchConfig_t cfg{};
+      cfg.gridDim = dim3(ctas);
+      cfg.blockDim = dim3(asa::cuda::kRouteThreads);
+      cfg.dynamicSmemBytes = asa::cuda::route_decode_smem(4, 128, asa::cuda::cdiv(nk, C), nk);
+      cfg.attrs = &attr;
+      cfg.numAttrs = 1;
+      CHECK(cudaOccupancyMaxActiveClusters(&clusters, asa::cuda::route_decode_kernel<__nv_bfloat16>,
+                                           &cfg));
+    }
+    std::printf("C = %2d: %d co-resident clusters, density %.3f, event %.2f us per launch, "
+                "CTA start spread %.2f us, first start to last end %.2f us\n",
+                C, clusters, static_cast<double>(kept) / (lists * nk), 1e3 * total_ms / reps,
+                spread / reps / 1e3, span / reps / 1e3);
+    for (int i = 1; i < kPhases; ++i) {
+      std::printf("    %-48s %7.2f us\n", names[i], phase[i] / (reps * ctas) / 1e3);
+    }
+  }
+  return 0;
+}
