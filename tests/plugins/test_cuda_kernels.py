@@ -485,11 +485,11 @@ def test_packed_decode_dispatch_splits_keys(op, monkeypatch):
     assert names and not any(split in n for n in names), names
 
 
-# Decode (one query block, no gate) routes in one cluster launch on compute capability 9+
-# (route_decode_kernel); ASA_CUDA_FUSED_ROUTE=0 takes the separate pool / logits / select kernels.
-# Both are held against the reference; on these fixed inputs they also agree bit for bit (the
-# logits are the same arithmetic; only the order of the softmax sums differs, which moves a
-# selection only at a float32 near-tie of the walk).
+# Decode (one query block, no gate) can route in one cluster launch on compute capability 9+
+# (route_decode_kernel, opt-in with ASA_CUDA_FUSED_ROUTE=1; the separate pool / logits / select
+# kernels are the default). Both are held against the reference; on these fixed inputs they also
+# agree bit for bit (the logits are the same arithmetic; only the order of the softmax sums
+# differs, which moves a selection only at a float32 near-tie of the walk).
 FUSED_ROUTE_CASES = ["decode1_packed_kv131077_d128_bf16_1025_blocks",
                      "decode1_kv40000_d64_bf16_wide_forced",
                      "decode16_kv4099_d64_fp16_padding",
@@ -497,33 +497,34 @@ FUSED_ROUTE_CASES = ["decode1_packed_kv131077_d128_bf16_1025_blocks",
 
 
 @pytest.mark.parametrize("name", FUSED_ROUTE_CASES)
-def test_separate_router_kernels_match_reference_and_fused(op, name, monkeypatch):
+def test_fused_decode_router_matches_reference_and_separate(op, name, monkeypatch):
     case = CASES[name]
     q, k, v, mask, bias = make_inputs(case, 8)
-    fused_out, fused_lists = run_poisoned(op, q, k, v, case.attrs, mask, bias)
-    monkeypatch.setenv("ASA_CUDA_FUSED_ROUTE", "0")
-    check_case(op, case, seed=hash(name) % 1000)
     out, lists = run_poisoned(op, q, k, v, case.attrs, mask, bias)
+    monkeypatch.setenv("ASA_CUDA_FUSED_ROUTE", "1")
+    check_case(op, case, seed=hash(name) % 1000)
+    fused_out, fused_lists = run_poisoned(op, q, k, v, case.attrs, mask, bias)
     for a, b in zip(lists, fused_lists):
         assert torch.equal(a, b)
     assert torch.equal(out, fused_out)
 
 
 def test_decode_router_dispatch(op, monkeypatch):
-    """Hopper decode runs route_decode_kernel and no select kernel; a query block of 64 rows
-    (prefill) and ASA_CUDA_FUSED_ROUTE=0 take the separate kernels."""
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("needs compute capability 9.0+ (thread-block clusters)")
-
+    """Decode runs the separate router kernels by default; with ASA_CUDA_FUSED_ROUTE=1 on
+    compute capability 9+ it runs route_decode_kernel and no select kernel, and a query block of
+    64 rows (prefill) still takes the separate kernels."""
     def has(names, part):
         return any(part in n for n in names)
 
-    names = router_kernels_run(op, CASES["decode1_kv40000_d64_bf16_wide_forced"])
+    decode = CASES["decode1_kv40000_d64_bf16_wide_forced"]
+    names = router_kernels_run(op, decode)
+    assert has(names, "select") and not has(names, "route_decode_kernel"), names
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the fused router needs compute capability 9.0+ (thread-block clusters)")
+    monkeypatch.setenv("ASA_CUDA_FUSED_ROUTE", "1")
+    names = router_kernels_run(op, decode)
     assert has(names, "route_decode_kernel") and not has(names, "select"), names
     names = router_kernels_run(op, CASES["sq97_skv1025_d128_bf16_causal"])
-    assert has(names, "select") and not has(names, "route_decode_kernel"), names
-    monkeypatch.setenv("ASA_CUDA_FUSED_ROUTE", "0")
-    names = router_kernels_run(op, CASES["decode1_kv40000_d64_bf16_wide_forced"])
     assert has(names, "select") and not has(names, "route_decode_kernel"), names
 
 

@@ -90,9 +90,13 @@ CASES = {
 
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("valid", ["all", "all_but_last", "none"])
-def test_stats_give_identical_selection_and_output(op, name, valid):
+@pytest.mark.parametrize("fused", ["0", "1"])
+def test_stats_give_identical_selection_and_output(op, name, valid, fused, monkeypatch):
     """Router and attention with helper stats (all blocks, all but the last, none) equal the
-    no-stats path bit for bit: same kept lists, counts, visible counts and output."""
+    no-stats path bit for bit: same kept lists, counts, visible counts and output; also for the
+    opt-in one-launch decode router (ASA_CUDA_FUSED_ROUTE=1), which pools up to two fresh key
+    blocks itself."""
+    monkeypatch.setenv("ASA_CUDA_FUSED_ROUTE", fused)
     case = CASES[name]
     q, k, v, mask, gate = make_inputs(case, seed=sum(map(ord, name + valid)))
     attrs = attrs_for(case)

@@ -134,26 +134,13 @@ __device__ void pool_rows(const T* base, int64_t stride, int r0, int r1, int D, 
 #pragma unroll
   for (int e = 0; e < kVec; ++e) acc[e] = 0.f;
   if (rg < rows_par) {
-    // kBatch rows of this thread per round trip (a 128-row block of D = 128 in bf16 is 8 rows
-    // per thread: one round trip), added in row order.
-    constexpr int kBatch = 8;
-    for (int r = r0 + rg; r < r1; r += kBatch * rows_par) {
-      uint4 raw[kBatch];
-      bool keep[kBatch];
+#pragma unroll 4
+    for (int r = r0 + rg; r < r1; r += rows_par) {
+      if (!keep_row(r)) continue;
+      const uint4 raw = *reinterpret_cast<const uint4*>(base + r * stride + c * kVec);
+      const T* x = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-      for (int b = 0; b < kBatch; ++b) {
-        const int rb = r + b * rows_par;
-        keep[b] = rb < r1;
-        raw[b] = keep[b] ? *reinterpret_cast<const uint4*>(base + rb * stride + c * kVec)
-                         : make_uint4(0u, 0u, 0u, 0u);
-      }
-#pragma unroll
-      for (int b = 0; b < kBatch; ++b) {
-        if (!keep[b] || !keep_row(r + b * rows_par)) continue;
-        const T* x = reinterpret_cast<const T*>(&raw[b]);
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) acc[e] += to_float(x[e]);
-      }
+      for (int e = 0; e < kVec; ++e) acc[e] += to_float(x[e]);
     }
   }
 #pragma unroll
@@ -979,8 +966,9 @@ __global__ void __launch_bounds__(32 * kListsPerCta) select_warp_kernel(
 //   5. every CTA walks the sorted values with select_kernel's float32 chain (the same stop in
 //      all), keeps its own blocks of rank below the stop, and the CTAs' kept counts give each its
 //      offset in the ascending list.
-// ASA_CUDA_FUSED_ROUTE=0 in the environment takes the separate kernels (read at each launch; the
-// tests compare both).
+// Opt-in (ASA_CUDA_FUSED_ROUTE=1; the tests compare both paths): as first written it made the
+// one-call decode step slower on an H100, 53 -> 62 µs at 128K / density 0.1 (BENCHMARKS.md
+// optimization step 36, which lists what to measure next).
 constexpr int kRouteThreads = kPoolThreads;  // pool_key_block's thread count (the same bits)
 constexpr int kRouteClusterMax = 16;         // a non-portable cluster size on Hopper
 constexpr int kRouteMaxBlocks = 2048;        // ranking costs NK² / C comparisons per CTA
@@ -1070,23 +1058,13 @@ __global__ void __launch_bounds__(kRouteThreads, 1) route_decode_kernel(AsaParam
 
   // q̄ (rows added in order, then scaled, as logits_decode_kernel does) and the fresh blocks' k̄
   // read only the caller's q and k, which no kernel of the chain writes (common.cuh).
-  // Thread t sums (head, column) pairs t, t + 256, ... (heads · D <= 8 · 256) in registers and
-  // stores them after all its loads were issued: a store to shared memory between two loads
-  // through a generic pointer would order them (one round trip per head).
-  constexpr int kQPairs = kRouteHeadsMax * 256 / kRouteThreads;
-  float qsum[kQPairs];
-#pragma unroll
-  for (int i = 0; i < kQPairs; ++i) {
-    const int hd = tid + i * kRouteThreads, hr = hd / D, d = hd % D;
-    qsum[i] = 0.f;
-    if (hd >= heads * D) continue;
+  for (int hr = 0; hr < heads; ++hr) {
     const T* q = static_cast<const T*>(p.q) + n * p.q_stride_b + (h_first + hr) * p.q_stride_h;
-    for (int r = 0; r < p.seq_q; ++r) qsum[i] += to_float(q[r * p.q_stride_s + d]);
-  }
-#pragma unroll
-  for (int i = 0; i < kQPairs; ++i) {
-    const int hd = tid + i * kRouteThreads;
-    if (hd < heads * D) qs[hd] = qsum[i] * (1.f / static_cast<float>(p.seq_q));
+    for (int d = tid; d < D; d += kRouteThreads) {
+      float sum = 0.f;
+      for (int r = 0; r < p.seq_q; ++r) sum += to_float(q[r * p.q_stride_s + d]);
+      qs[hr * D + d] = sum * (1.f / static_cast<float>(p.seq_q));
+    }
   }
   const int first_fresh = kbar.cached_blocks;
   if (fold) {
@@ -1361,13 +1339,15 @@ int max_route_cluster() {
   return best;
 }
 
-// Cluster size for route_decode_kernel, or 0 when the separate kernels route: one query block,
-// no learned gate, logits that fit logits_decode_kernel's layout (head dim <= 256), at most
-// kRouteMaxBlocks key blocks, no more lists than multiprocessors, a device that co-schedules
-// clusters, and ASA_CUDA_FUSED_ROUTE not "0". About two CTAs per multiprocessor in all.
+// Cluster size for route_decode_kernel, or 0 when the separate kernels route. Opt-in with
+// ASA_CUDA_FUSED_ROUTE=1 (read at each launch): measured slower than the separate kernels on an
+// H100 (BENCHMARKS.md optimization step 36). It needs one query block, no learned gate, logits
+// that fit logits_decode_kernel's layout (head dim <= 256), at most kRouteMaxBlocks key blocks,
+// no more lists than multiprocessors and a device that co-schedules clusters; about two CTAs per
+// multiprocessor in all.
 int route_decode_cluster(const AsaParams& p, int nq, int lists) {
   const char* env = getenv("ASA_CUDA_FUSED_ROUTE");
-  if (env != nullptr && env[0] == '0') return 0;
+  if (env == nullptr || env[0] != '1') return 0;
   const int nk = cdiv(p.seq_kv, p.block_size);
   if (nq != 1 || !decode_logits_fits(p, nq) || p.head_dim > 256 || nk > kRouteMaxBlocks ||
       lists > sm_count()) {
