@@ -498,6 +498,8 @@ FUSED_ROUTE_CASES = ["decode1_packed_kv131077_d128_bf16_1025_blocks",
 
 @pytest.mark.parametrize("name", FUSED_ROUTE_CASES)
 def test_fused_decode_router_matches_reference_and_separate(op, name, monkeypatch):
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the fused router needs compute capability 9.0+ (thread-block clusters)")
     case = CASES[name]
     q, k, v, mask, bias = make_inputs(case, 8)
     out, lists = run_poisoned(op, q, k, v, case.attrs, mask, bias)

@@ -1057,7 +1057,9 @@ __global__ void __launch_bounds__(kRouteThreads, 1) route_decode_kernel(AsaParam
   }
 
   // q̄ (rows added in order, then scaled, as logits_decode_kernel does) and the fresh blocks' k̄
-  // read only the caller's q and k, which no kernel of the chain writes (common.cuh).
+  // read only the caller's q and k, which no kernel of the chain writes (common.cuh). As in
+  // logits_decode_kernel, this loop waits one load round trip per head (the store to shared
+  // memory orders the next head's loads; BENCHMARKS.md step 36: rows outside, heads inside).
   for (int hr = 0; hr < heads; ++hr) {
     const T* q = static_cast<const T*>(p.q) + n * p.q_stride_b + (h_first + hr) * p.q_stride_h;
     for (int d = tid; d < D; d += kRouteThreads) {
