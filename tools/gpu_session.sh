@@ -63,10 +63,10 @@ if [ "$MODE" = decode ]; then
   done
 fi
 if [ "$MODE" = profile ]; then
-  # Where the decode step's time goes (BENCHMARKS.md optimization steps 35, 36): select_kernel's SM
-  # clocks per phase (tools/select_phases.cu) at 128K / τ 0.1 and 32K / τ 0.4, route_decode_kernel's
-  # (tools/route_phases.cu), then ncu on the
-  # one-call decode step at 128K / density 0.1 (caches flushed between kernels, as ncu does).
+  # Where the decode step's time goes (BENCHMARKS.md optimization steps 35, 36): select_kernel's
+  # SM clocks per phase (tools/select_phases.cu) at 128K / τ 0.1 and 32K / τ 0.4, the opt-in
+  # route_decode_kernel's phases (tools/route_phases.cu, not yet run), then ncu on the one-call
+  # decode step at 128K / density 0.1 (caches flushed between kernels, as ncu does).
   LIBDIR=$(dirname "$ASA_CUDA_LIB")
   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
     -Iplugins/core/include -Iplugins/core/cuda -Iplugins/core/common tools/select_phases.cu \
