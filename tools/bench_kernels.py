@@ -233,13 +233,19 @@ def bench_prefill(args, seq: int, causal: bool, rows: list):
         del runner
 
 
+def decode_inputs(kv: int, batch: int, heads_q: int, heads_kv: int, dim: int = 128):
+    """One decode step's q [B, Hq, 1, D] and K/V [B, Hkv, kv, D], bf16, seeded by `kv`."""
+    g = torch.Generator(device="cuda").manual_seed(kv + 1)
+    q = torch.randn(batch, heads_q, 1, dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(batch, heads_kv, kv, dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(batch, heads_kv, kv, dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    return q, k, v
+
+
 def bench_decode(args, kv: int, rows: list):
     from torch.nn.attention import SDPBackend
-    B, Hq, Hkv, D = args.decode_batch, args.heads_q, args.heads_kv, 128
-    g = torch.Generator(device="cuda").manual_seed(kv + 1)
-    q = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    k = torch.randn(B, Hkv, kv, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    v = torch.randn(B, Hkv, kv, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    B, Hq, Hkv = args.decode_batch, args.heads_q, args.heads_kv
+    q, k, v = decode_inputs(kv, B, Hq, Hkv)
     kk, vv = k.repeat_interleave(Hq // Hkv, 1), v.repeat_interleave(Hq // Hkv, 1)
     # Dense baselines: K/V expanded to Hq heads (cudnn, flash), and K/V read once per group
     # through enable_gqa (*_gqa; decode is memory bound, so this is the one to beat).
@@ -420,10 +426,7 @@ def profile_decode_step(kv: int, target: float):
     """The one-call decode step of bench_decode (KV `kv`, density near `target`, caller-kept
     stats with the last block pooled by the router): 20 warm-up calls, then three between
     cudaProfilerStart / Stop, for `ncu --profile-from-start off` (BENCHMARKS.md step 35)."""
-    g = torch.Generator(device="cuda").manual_seed(kv + 1)
-    q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16, generator=g)
-    k = torch.randn(1, 8, kv, 128, device="cuda", dtype=torch.bfloat16, generator=g)
-    v = torch.randn(1, 8, kv, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    q, k, v = decode_inputs(kv, 1, 32, 8)
     base = AsaAttributes(causal=True, block_size=128, select_per=1)
     attrs = _with(base, threshold=find_tau(q, k, v, base, target))
     stats = torch_op.key_block_stats(k, base)

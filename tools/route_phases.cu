@@ -33,15 +33,7 @@ __device__ unsigned long long g_phase_ns[kMaxCtas][kPhases];
 #endif
 #include ROUTER_CU
 #include "asa/asa_cuda.h"
-
-#define CHECK(x)                                                                              \
-  do {                                                                                        \
-    cudaError_t e_ = (x);                                                                     \
-    if (e_ != cudaSuccess) {                                                                  \
-      std::fprintf(stderr, "%s: %s\n", #x, cudaGetErrorString(e_));                          \
-      std::exit(1);                                                                           \
-    }                                                                                         \
-  } while (0)
+#include "decode_step.cuh"
 
 __global__ void fill_random(__nv_bfloat16* x, size_t n, unsigned seed) {
   for (size_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
@@ -56,23 +48,7 @@ __global__ void fill_random(__nv_bfloat16* x, size_t n, unsigned seed) {
 int main(int argc, char** argv) {
   const int kv = argc > 1 ? std::atoi(argv[1]) : 131072;
   const float tau = argc > 2 ? static_cast<float>(std::atof(argv[2])) : 0.1f;
-  AsaParams p{};
-  p.batch = 1;
-  p.heads_q = 32;
-  p.heads_kv = 8;
-  p.seq_q = 1;
-  p.seq_kv = kv;
-  p.head_dim = p.head_dim_v = 128;
-  p.dtype = ASA_BFLOAT16;
-  p.scale = 0.0883883f;
-  p.causal = 1;
-  p.block_size = 128;
-  p.threshold = tau;
-  p.sink_blocks = 1;
-  p.local_blocks = 1;
-  p.window = -1;
-  p.select_per = 1;
-  p.mask_dtype = ASA_MASK_NONE;
+  AsaParams p = decode_step_params(kv, tau);
   const int nk = asa::cuda::cdiv(kv, p.block_size);
   const int lists = p.heads_kv;
   const size_t qn = static_cast<size_t>(p.heads_q) * p.head_dim;

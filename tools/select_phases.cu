@@ -25,37 +25,13 @@ __device__ long long g_phase_clock[kMaxCtas][kPhases];
   } while (0)
 
 #include "../plugins/core/cuda/router.cu"
-
-#define CHECK(x)                                                                              \
-  do {                                                                                        \
-    cudaError_t e_ = (x);                                                                     \
-    if (e_ != cudaSuccess) {                                                                  \
-      std::fprintf(stderr, "%s: %s\n", #x, cudaGetErrorString(e_));                          \
-      std::exit(1);                                                                           \
-    }                                                                                         \
-  } while (0)
+#include "decode_step.cuh"
 
 int main(int argc, char** argv) {
   const int kv = argc > 1 ? std::atoi(argv[1]) : 131072;
   const float tau = argc > 2 ? static_cast<float>(std::atof(argv[2])) : 0.1f;
   const float sd = argc > 3 ? static_cast<float>(std::atof(argv[3])) : 0.09f;
-  AsaParams p{};
-  p.batch = 1;
-  p.heads_q = 32;
-  p.heads_kv = 8;
-  p.seq_q = 1;
-  p.seq_kv = kv;
-  p.head_dim = p.head_dim_v = 128;
-  p.dtype = ASA_BFLOAT16;
-  p.scale = 1.f;
-  p.causal = 1;
-  p.block_size = 128;
-  p.threshold = tau;
-  p.sink_blocks = 1;
-  p.local_blocks = 1;
-  p.window = -1;
-  p.select_per = 1;
-  p.mask_dtype = ASA_MASK_NONE;
+  AsaParams p = decode_step_params(kv, tau);
   const int nk = asa::cuda::cdiv(kv, p.block_size);
   const int lists = p.heads_kv;
 
