@@ -418,10 +418,29 @@ __device__ void walk_sorted_values_warp(const uint32_t* keys, int n, float acc, 
   __syncwarp();
 }
 
+// Where the contract's walk starts (SPEC.md "Selection"): the sum of P over the visible forced
+// blocks, sequential in ascending index order. They lie in [0, sink) and the local band around
+// c, the key block of the query block's last row (block_forced), so only those are read.
+__device__ float forced_sum(const AsaParams& p, const uint8_t* flags, const float* prob, int nk,
+                            int c) {
+  constexpr uint8_t kVF = kVisible | kForced;
+  const int sink_end = min(p.sink_blocks, nk);
+  const int local_lo = max(c - p.local_blocks + 1, 0);
+  const int local_hi = min(p.causal ? c : c + p.local_blocks - 1, nk - 1);
+  float acc = 0.f;
+  for (int k = 0; k < sink_end; ++k) {
+    if ((flags[k] & kVF) == kVF) acc += prob[k];
+  }
+  for (int k = max(sink_end, local_lo); k <= local_hi; ++k) {
+    if ((flags[k] & kVF) == kVF) acc += prob[k];
+  }
+  return acc;
+}
+
 // Marks kKept in flags by the contract's walk and writes one list row.
 __device__ void select_and_write(const AsaParams& p, const Workspace& ws, const SelectSmem& sm,
                                  const float* prob, float tau, int nk, int nk_pow2,
-                                 int64_t row, int local_lo, int local_hi) {
+                                 int64_t row, int c) {
   __shared__ float forced_acc;
   ASA_SELECT_PHASE(3);
   for (int k = threadIdx.x; k < nk; k += kSelectThreads) {
@@ -431,19 +450,7 @@ __device__ void select_and_write(const AsaParams& p, const Workspace& ws, const 
   }
   __syncthreads();
   if (tau < 1.f) {
-    if (threadIdx.x == 0) {
-      // Forced blocks come first in ascending index order: their sum is sequential too. They
-      // lie in [0, sink) and the local band [local_lo, local_hi]: walk only those.
-      float acc = 0.f;
-      const int sink_end = min(p.sink_blocks, nk);
-      for (int k = 0; k < sink_end; ++k) {
-        if (sm.flags[k] & kKept) acc += prob[k];
-      }
-      for (int k = max(sink_end, local_lo); k <= local_hi; ++k) {
-        if (sm.flags[k] & kKept) acc += prob[k];
-      }
-      forced_acc = acc;
-    }
+    if (threadIdx.x == 0) forced_acc = forced_sum(p, sm.flags, prob, nk, c);
     // Sort the candidates' values only (32-bit keys ~bits(P), ascending = P descending): the
     // walk's sums depend on the values, not on which of two equal values comes first, and the
     // index order of ties is settled when marking (WalkCut).
@@ -813,9 +820,7 @@ __global__ void select_kernel(AsaParams p, Workspace ws, const float* logits, in
   }
   __syncthreads();
   const int64_t row = (static_cast<int64_t>(n) * gridDim.y + hs) * nq + i;
-  const int local_lo = max(c - p.local_blocks + 1, 0);
-  const int local_hi = min(p.causal ? c : c + p.local_blocks - 1, nk - 1);
-  select_and_write(p, ws, sm, prob, tau, nk, nk_pow2, row, local_lo, local_hi);
+  select_and_write(p, ws, sm, prob, tau, nk, nk_pow2, row, c);
 }
 
 // The same selection with one warp per list (key blocks <= kWarpListMax): no CTA barriers, eight
@@ -915,18 +920,7 @@ __global__ void __launch_bounds__(32 * kListsPerCta) select_warp_kernel(
     }
     __syncwarp();
     bitonic_sort<Sorter::kWarp>(keys, nk_pow2);
-    float acc = 0.f;
-    if (lane == 0) {
-      const int sink_end = min(p.sink_blocks, nk);
-      const int local_lo = max(c - p.local_blocks + 1, 0);
-      const int local_hi = min(p.causal ? c : c + p.local_blocks - 1, nk - 1);
-      for (int k = 0; k < sink_end; ++k) {
-        if (flags[k] & kKept) acc += pr[k];
-      }
-      for (int k = max(sink_end, local_lo); k <= local_hi; ++k) {
-        if (flags[k] & kKept) acc += pr[k];
-      }
-    }
+    const float acc = lane == 0 ? forced_sum(p, flags, pr, nk, c) : 0.f;
     walk_sorted_warp(keys, nk, __shfl_sync(0xffffffffu, acc, 0), tau, flags);
   }
   // Ascending compaction with ballots.
@@ -1196,19 +1190,7 @@ __global__ void __launch_bounds__(kRouteThreads, 1) route_decode_kernel(AsaParam
     // The walk, in every CTA: forced blocks first in ascending index order (the sink blocks,
     // then the local band), then the candidates in rank order.
     if (warp == 0) {
-      float acc = 0.f;
-      if (lane == 0) {
-        const int sink_end = min(p.sink_blocks, nk);
-        const int local_lo = max(c - p.local_blocks + 1, 0);
-        const int local_hi = min(p.causal ? c : c + p.local_blocks - 1, nk - 1);
-        constexpr uint8_t kVF = kVisible | kForced;
-        for (int k = 0; k < sink_end; ++k) {
-          if ((flags[k] & kVF) == kVF) acc += pv_all[k];
-        }
-        for (int k = max(sink_end, local_lo); k <= local_hi; ++k) {
-          if ((flags[k] & kVF) == kVF) acc += pv_all[k];
-        }
-      }
+      const float acc = lane == 0 ? forced_sum(p, flags, pv_all, nk, c) : 0.f;
       walk_sorted_values_warp(sorted, num_cand, __shfl_sync(0xffffffffu, acc, 0), tau, &cut);
     }
     __syncthreads();
