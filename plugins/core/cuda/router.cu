@@ -629,6 +629,26 @@ __device__ __forceinline__ float lane_dot(const float* qbar_row,
   return acc;
 }
 
+// q̄ of `heads` consecutive query heads from h_first, NQ query blocks each, into qs[hr · D + d]
+// (hr = head · NQ + block), by the CTA's threads: rows added in order, then scaled. One load
+// round trip per (head, block): the store to shared memory orders the next one's loads
+// (BENCHMARKS.md optimization step 36: rows outside, heads inside would issue them together).
+template <typename T>
+__device__ void pool_query_means(const AsaParams& p, int n, int h_first, int heads, int nq,
+                                 float* qs) {
+  const int D = p.head_dim;
+  for (int hr = 0; hr < heads * nq; ++hr) {
+    const int h = h_first + hr / nq, i = hr % nq;
+    const int r0 = i * p.block_size, r1 = min(r0 + p.block_size, p.seq_q);
+    const T* q = static_cast<const T*>(p.q) + n * p.q_stride_b + h * p.q_stride_h;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+      float sum = 0.f;
+      for (int r = r0; r < r1; ++r) sum += to_float(q[r * p.q_stride_s + d]);
+      qs[hr * D + d] = sum * (1.f / static_cast<float>(r1 - r0));
+    }
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(32 * kDecodeLogitsWarps) logits_decode_kernel(
     AsaParams p, KeyRows kbar, float* logits) {
@@ -642,16 +662,7 @@ __global__ void __launch_bounds__(32 * kDecodeLogitsWarps) logits_decode_kernel(
   // q̄ first: q is the caller's input, which no kernel of the chain writes, so it is pooled
   // before the wait for the previous kernel (chained launch, common.cuh), which may write k̄.
   const int rows = G * nq;  // (head of the group, query block) pairs, hr = head · NQ + block
-  for (int hr = 0; hr < rows; ++hr) {
-    const int h = hk * G + hr / nq, i = hr % nq;
-    const int r0 = i * p.block_size, r1 = min(r0 + p.block_size, p.seq_q);
-    const T* q = static_cast<const T*>(p.q) + n * p.q_stride_b + h * p.q_stride_h;
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
-      float sum = 0.f;
-      for (int r = r0; r < r1; ++r) sum += to_float(q[r * p.q_stride_s + d]);
-      qs[hr * D + d] = sum * (1.f / static_cast<float>(r1 - r0));
-    }
-  }
+  pool_query_means<T>(p, n, hk * G, G, nq, qs);
   wait_for_previous_kernel();
   allow_next_kernel();
   float4 kv[kDecodeLogitsCols];
@@ -1050,18 +1061,9 @@ __global__ void __launch_bounds__(kRouteThreads, 1) route_decode_kernel(AsaParam
     tau = fmaxf(tau, p.head_thresholds ? p.head_thresholds[h_first + hr] : p.threshold);
   }
 
-  // q̄ (rows added in order, then scaled, as logits_decode_kernel does) and the fresh blocks' k̄
-  // read only the caller's q and k, which no kernel of the chain writes (common.cuh). As in
-  // logits_decode_kernel, this loop waits one load round trip per head (the store to shared
-  // memory orders the next head's loads; BENCHMARKS.md step 36: rows outside, heads inside).
-  for (int hr = 0; hr < heads; ++hr) {
-    const T* q = static_cast<const T*>(p.q) + n * p.q_stride_b + (h_first + hr) * p.q_stride_h;
-    for (int d = tid; d < D; d += kRouteThreads) {
-      float sum = 0.f;
-      for (int r = 0; r < p.seq_q; ++r) sum += to_float(q[r * p.q_stride_s + d]);
-      qs[hr * D + d] = sum * (1.f / static_cast<float>(p.seq_q));
-    }
-  }
+  // q̄ (one query block) and the fresh blocks' k̄ read only the caller's q and k, which no kernel
+  // of the chain writes (common.cuh).
+  pool_query_means<T>(p, n, h_first, heads, 1, qs);
   const int first_fresh = kbar.cached_blocks;
   if (fold) {
     for (int k = max(first_fresh, k_begin); k < k_begin + cnt; ++k) {
