@@ -58,9 +58,12 @@ int main(int argc, char** argv) {
   CHECK(cudaMalloc(&k, kn * 2));
   fill_random<<<256, 256>>>(q, qn, 1);
   fill_random<<<1024, 256>>>(k, kn, 2);
+  __nv_bfloat16* out = nullptr;  // never written by the router, but the params need one
+  CHECK(cudaMalloc(&out, qn * 2));
   p.q = q;
   p.k = k;
   p.v = k;
+  p.out = out;
   p.q_stride_s = p.head_dim;
   p.q_stride_h = p.head_dim;
   p.q_stride_b = static_cast<int64_t>(qn);
