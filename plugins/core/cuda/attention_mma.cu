@@ -109,39 +109,54 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t stride, 
   }
 }
 
+// K/V tiles are [64 rows][D] without padding, 16-byte chunk c of row r stored at chunk
+// c ^ (r % 8) of that row (the 128-byte XOR swizzle). Both sides are then conflict-free: the
+// eight row addresses of an ldmatrix 8x8 matrix (eight consecutive rows, one logical chunk) hit
+// eight different chunks of 128 bytes, and a warp's copy of two whole rows fills 512 contiguous
+// bytes. The padded layout (pitch D + 8) made each warp-level copy 24 global sectors instead of
+// 16 and 2.6 times the shared wavefronts (BENCHMARKS.md optimization step 37 (c)).
+template <int D>
+__device__ __forceinline__ int swizzled(int row, int chunk) {
+  return row * D + ((chunk ^ (row & 7)) << 3);
+}
+
 // Per-thread share of copying 64-row K or V tiles: thread t always copies 16-byte chunk
 // t % (D / 8) of rows t / (D / 8) + i · kRowStep, so its source and shared-memory addresses
 // advance by constants and a tile costs one 64-bit multiply plus one add per copy (the generic
-// index arithmetic of load_tile was half of the decode kernel's instructions).
+// index arithmetic of load_tile was half of the decode kernel's instructions). kRowStep is a
+// multiple of 8, so the swizzle is the same for all of a thread's rows.
 template <typename T, int D>
 struct TileLoader {
   static constexpr int kChunks = D / 8;
   static constexpr int kRowStep = kThreads / kChunks;
   static constexpr int kIters = kBN / kRowStep;
-  static_assert(kThreads % kChunks == 0 && kBN % kRowStep == 0, "tile split");
+  static_assert(kThreads % kChunks == 0 && kBN % kRowStep == 0 && kRowStep % 8 == 0,
+                "tile split");
   const T* base;  // row 0 of the tensor slice
   int64_t stride;
   int row;        // first row of this thread in a tile
-  int offset;     // element offset of (row, chunk) in the tile and in a source row
+  int offset;     // element offset of (row, chunk) in a source row
+  int out;        // element offset of (row, chunk) in the swizzled tile
 
   __device__ __forceinline__ TileLoader(const T* src, int64_t row_stride)
       : base(src), stride(row_stride), row(threadIdx.x / kChunks),
-        offset((threadIdx.x % kChunks) * 8) {}
+        offset((threadIdx.x % kChunks) * 8),
+        out(swizzled<D>(threadIdx.x / kChunks, threadIdx.x % kChunks)) {}
 
-  // Rows [row0, row0 + 64) into the padded tile `dst`; rows at or past `limit` are zero-filled.
+  // Rows [row0, row0 + 64) into the swizzled tile `dst`; rows at or past `limit` are
+  // zero-filled.
   __device__ __forceinline__ void load(T* dst, int row0, int limit) const {
-    constexpr int kPitch = D + 8;
     const T* src = base + static_cast<int64_t>(row0 + row) * stride + offset;
-    T* out = dst + row * kPitch + offset;
+    T* to = dst + out;
     const int64_t step = kRowStep * stride;
     if (row0 + kBN <= limit) {
 #pragma unroll
-      for (int i = 0; i < kIters; ++i) cp_async16(out + i * kRowStep * kPitch, src + i * step, 16);
+      for (int i = 0; i < kIters; ++i) cp_async16(to + i * kRowStep * D, src + i * step, 16);
     } else {
 #pragma unroll
       for (int i = 0; i < kIters; ++i) {
         const bool ok = row0 + row + i * kRowStep < limit;
-        cp_async16(out + i * kRowStep * kPitch, ok ? src + i * step : base, ok ? 16 : 0);
+        cp_async16(to + i * kRowStep * D, ok ? src + i * step : base, ok ? 16 : 0);
       }
     }
   }
@@ -217,13 +232,15 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
   // K/V tile is loaded once per group.
   // MT m16 row tiles per warp: a K/V fragment read from shared memory feeds MT mma's.
   constexpr int kRows = kBM * MT;  // query rows per CTA
-  constexpr int kPitch = D + 8;
-  constexpr int kTile = kBN * kPitch;
+  constexpr int kPitch = D + 8;       // query tile rows (padded)
+  constexpr int kTile = kBN * kPitch;  // one 64-row query tile
+  constexpr int kKV = kBN * D;         // one swizzled K or V tile
   constexpr int kStages = kv_stages<split_keys>();
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sq = reinterpret_cast<T*>(smem_raw);
-  T* sk = sq + q_rows<MT, split_keys>() * kPitch;  // [kStages][kBN][kPitch]
-  T* sv = sk + kStages * kTile;                      // [kStages][kBN][kPitch]
+  T* sk = sq + q_rows<MT, split_keys>() * kPitch;  // [kStages][kBN][D], 128-byte aligned
+  T* sv = sk + kStages * kKV;                        // [kStages][kBN][D]
+  static_assert(q_rows<MT, split_keys>() * kPitch * sizeof(T) % 128 == 0, "K/V tile alignment");
 
   // Last query tiles first: under a causal mask they hold the most work, so the tail of the
   // grid is made of short CTAs.
@@ -313,8 +330,8 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
       int kind_l, j0_l;
       tl = cur.next(p, tl, &kind_l, &j0_l);
       if (tl < cur.end) {
-        kload.load(sk + load_stage * kTile, j0_l, p.seq_kv);
-        vload.load(sv + load_stage * kTile, j0_l, p.seq_kv);
+        kload.load(sk + load_stage * kKV, j0_l, p.seq_kv);
+        vload.load(sv + load_stage * kKV, j0_l, p.seq_kv);
         load_stage = load_stage + 1 == kStages ? 0 : load_stage + 1;
         ++tl;
       }
@@ -351,8 +368,8 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
     cp_async_wait<kStages - 1>();
     __syncthreads();
 
-    const T* kt = sk + stage * kTile;
-    const T* vt = sv + stage * kTile;
+    const T* kt = sk + stage * kKV;
+    const T* vt = sv + stage * kKV;
     float s[MT][kNT][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
@@ -369,8 +386,8 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
 #pragma unroll
       for (int nb = 0; nb < kNT / 2; ++nb) {
         uint32_t b[4];
-        ldmatrix_x4(b, kt + (kofs + nb * 16 + (lane / 16) * 8 + lane % 8) * kPitch + kk * 16 +
-                           ((lane / 8) % 2) * 8);
+        ldmatrix_x4(b, kt + swizzled<D>(kofs + nb * 16 + (lane / 16) * 8 + lane % 8,
+                                        kk * 2 + (lane / 8) % 2));
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           Mma<T>::run(s[mt][2 * nb], qf[mt], b[0], b[1]);
@@ -463,8 +480,8 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
         uint32_t b[4];
-        ldmatrix_x4_trans(b, vt + (kofs + kk * 16 + ((lane / 8) % 2) * 8 + lane % 8) * kPitch +
-                                 dp * 16 + (lane / 16) * 8);
+        ldmatrix_x4_trans(b, vt + swizzled<D>(kofs + kk * 16 + ((lane / 8) % 2) * 8 + lane % 8,
+                                              dp * 2 + lane / 16));
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
           Mma<T>::run(o[mt][2 * dp], a[mt], b[0], b[1]);
@@ -637,9 +654,9 @@ bool decode_split_keys(const AsaParams& p) {
 
 template <typename T, int D, int MT, bool packed, bool split_keys = false>
 cudaError_t launch_mma(const AsaParams& p, const Workspace& ws, cudaStream_t stream) {
-  const size_t smem = static_cast<size_t>(q_rows<MT, split_keys>() +
-                                          2 * kv_stages<split_keys>() * kBN) *
-                      (D + 8) * sizeof(T);
+  const size_t smem = (static_cast<size_t>(q_rows<MT, split_keys>()) * (D + 8) +
+                       static_cast<size_t>(2 * kv_stages<split_keys>() * kBN) * D) *
+                      sizeof(T);
   cudaError_t err = cudaFuncSetAttribute(attn_mma_kernel<T, D, MT, packed, split_keys>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
