@@ -63,10 +63,11 @@ if [ "$MODE" = decode ]; then
   done
 fi
 if [ "$MODE" = profile ]; then
-  # Where the decode step's time goes (BENCHMARKS.md optimization steps 35, 36): select_kernel's
+  # Where the decode step's time goes (BENCHMARKS.md optimization steps 35–37): select_kernel's
   # SM clocks per phase (tools/select_phases.cu) at 128K / τ 0.1 and 32K / τ 0.4, the opt-in
-  # route_decode_kernel's phases (tools/route_phases.cu, not yet run), then ncu on the one-call
-  # decode step at 128K / density 0.1 (caches flushed between kernels, as ncu does).
+  # route_decode_kernel's phases (tools/route_phases.cu), the split-KV attention's per-CTA
+  # timeline (tools/attn_timeline.cu, not yet run), then ncu on the one-call decode step at
+  # 128K / density 0.1 (caches flushed between kernels, as ncu does).
   LIBDIR=$(dirname "$ASA_CUDA_LIB")
   nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
     -Iplugins/core/include -Iplugins/core/cuda -Iplugins/core/common tools/select_phases.cu \
@@ -77,6 +78,13 @@ if [ "$MODE" = profile ]; then
     -Iplugins/core/include -Iplugins/core/cuda -Iplugins/core/common tools/route_phases.cu \
     -o /tmp/route_phases -L"$LIBDIR" -lasa_cuda -Xlinker -rpath="$LIBDIR" >> "$OUT/phases.log" 2>&1
   for a in "131072 0.1" "32768 0.1"; do timeout 60 /tmp/route_phases $a >> "$OUT/phases.log" 2>&1; done
+  # The split-KV decode attention's and merge's milestones per CTA (global timer).
+  nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
+    -Iplugins/core/include -Iplugins/core/cuda -Iplugins/core/common tools/attn_timeline.cu \
+    -o /tmp/attn_timeline -L"$LIBDIR" -lasa_cuda -Xlinker -rpath="$LIBDIR" >> "$OUT/phases.log" 2>&1
+  for a in "131072 0.1" "131072 0.4" "32768 0.1"; do
+    timeout 60 /tmp/attn_timeline $a >> "$OUT/phases.log" 2>&1
+  done
   cat "$OUT/phases.log"
   timeout 200 ncu --profile-from-start off --clock-control none --section SpeedOfLight \
     --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \

@@ -35,41 +35,13 @@ __device__ unsigned long long g_phase_ns[kMaxCtas][kPhases];
 #include "asa/asa_cuda.h"
 #include "decode_step.cuh"
 
-__global__ void fill_random(__nv_bfloat16* x, size_t n, unsigned seed) {
-  for (size_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
-    unsigned h = static_cast<unsigned>(i) * 2654435761u ^ seed;
-    h ^= h >> 15;
-    h *= 2246822519u;
-    h ^= h >> 13;
-    x[i] = __float2bfloat16((h & 0xffff) / 32768.f - 1.f);  // uniform in [-1, 1)
-  }
-}
-
 int main(int argc, char** argv) {
   const int kv = argc > 1 ? std::atoi(argv[1]) : 131072;
   const float tau = argc > 2 ? static_cast<float>(std::atof(argv[2])) : 0.1f;
   AsaParams p = decode_step_params(kv, tau);
   const int nk = asa::cuda::cdiv(kv, p.block_size);
   const int lists = p.heads_kv;
-  const size_t qn = static_cast<size_t>(p.heads_q) * p.head_dim;
-  const size_t kn = static_cast<size_t>(p.heads_kv) * kv * p.head_dim;
-  __nv_bfloat16 *q = nullptr, *k = nullptr;
-  CHECK(cudaMalloc(&q, qn * 2));
-  CHECK(cudaMalloc(&k, kn * 2));
-  fill_random<<<256, 256>>>(q, qn, 1);
-  fill_random<<<1024, 256>>>(k, kn, 2);
-  __nv_bfloat16* out = nullptr;  // never written by the router, but the params need one
-  CHECK(cudaMalloc(&out, qn * 2));
-  p.q = q;
-  p.k = k;
-  p.v = k;
-  p.out = out;
-  p.q_stride_s = p.head_dim;
-  p.q_stride_h = p.head_dim;
-  p.q_stride_b = static_cast<int64_t>(qn);
-  p.k_stride_s = p.v_stride_s = p.head_dim;
-  p.k_stride_h = p.v_stride_h = static_cast<int64_t>(kv) * p.head_dim;
-  p.k_stride_b = p.v_stride_b = static_cast<int64_t>(kn);
+  alloc_decode_tensors(p, /*v_is_k=*/true);
   float* stats = nullptr;
   CHECK(cudaMalloc(&stats, static_cast<size_t>(lists) * nk * p.head_dim * sizeof(float)));
   CHECK(asa_cuda_key_block_stats(&p, stats, 0, nullptr));

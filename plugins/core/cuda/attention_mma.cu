@@ -19,6 +19,15 @@ namespace asa {
 namespace cuda {
 namespace {
 
+// Timeline marks of the attention and merge kernels for tools/attn_timeline.cu, which defines
+// these macros to record the global timer per CTA; empty in the library.
+#ifndef ASA_ATTN_MARK
+#define ASA_ATTN_MARK(i)
+#endif
+#ifndef ASA_MERGE_MARK
+#define ASA_MERGE_MARK(i)
+#endif
+
 constexpr int kBM = 64;       // query rows per CTA
 constexpr int kBN = 64;       // keys per tile
 constexpr int kThreads = 128;
@@ -230,6 +239,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
   // packed (decode, select_per 1): the CTA serves a whole KV group; its rows are the G heads'
   // Sq <= 16 query rows (row rho = head (rho / Sq) of the group, query row rho % Sq), so each
   // K/V tile is loaded once per group.
+  ASA_ATTN_MARK(0);
   // MT m16 row tiles per warp: a K/V fragment read from shared memory feeds MT mma's.
   constexpr int kRows = kBM * MT;  // query rows per CTA
   constexpr int kPitch = D + 8;       // query tile rows (padded)
@@ -287,6 +297,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
   // the wait for the router's lists (chained launch, common.cuh).
   wait_for_previous_kernel();
   allow_next_kernel();
+  ASA_ATTN_MARK(1);
   // Split s takes tiles [s·T/S, (s+1)·T/S) of the T = count · (bs / 64) tiles of the list: the
   // slices differ by at most one tile, so every split has work (a split per whole block left
   // up to a fifth of the CTAs idle in decode at density 0.1).
@@ -316,6 +327,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
     for (int i = threadIdx.x; i < cur.ncached; i += kThreads) list_cache[i] = cur.list[cur.e0 + i];
     __syncthreads();
   }
+  ASA_ATTN_MARK(2);
 
   // Two cursors walk the same tiles: `tl` issues loads kStages - 1 tiles ahead of `t`, which
   // computes. Every step commits one cp.async group (empty past the end), so waiting until at
@@ -363,10 +375,12 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
   }
   const float scale_log2 = p.scale * kLog2e;
 
+  const int t_first = t;  // for ASA_ATTN_MARK only
   while (t < cur.end) {
     load_next();
     cp_async_wait<kStages - 1>();
     __syncthreads();
+    if (t == t_first) ASA_ATTN_MARK(3);  // the slice's first tile has landed
 
     const T* kt = sk + stage * kKV;
     const T* vt = sv + stage * kKV;
@@ -493,6 +507,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
     t = cur.next(p, t + 1, &kind, &j0);
     stage = stage + 1 == kStages ? 0 : stage + 1;
   }
+  ASA_ATTN_MARK(4);
   cp_async_wait<0>();  // only empty groups (or Q, when the slice had no tile) can be pending
 
   if constexpr (split_keys) {
@@ -578,6 +593,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
       }
     }
   }
+  ASA_ATTN_MARK(5);
 }
 
 // Combines split-KV partials: out = Σ_s 2^(lse_s - M) o_s / Σ_s 2^(lse_s - M); zeros when every
@@ -591,8 +607,10 @@ constexpr int kMaxSplits = 64;  // choose_splits' cap
 
 template <typename T>
 __global__ void __launch_bounds__(kMergeThreads) merge_kernel(AsaParams p, Workspace ws) {
+  ASA_MERGE_MARK(0);
   wait_for_previous_kernel();
   allow_next_kernel();
+  ASA_MERGE_MARK(1);
   __shared__ float weight[kMaxSplits];
   __shared__ float warp_max[kMergeThreads / 32];
   __shared__ float weight_sum;
@@ -636,6 +654,7 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(AsaParams p, Works
     if (s < splits) acc += weight[s] * col[s];
   }
   out[tid] = from_float<T>(wsum > 0.f ? acc / wsum : 0.f);
+  ASA_MERGE_MARK(2);
 }
 
 // Decode with one list per KV group: pack the group's query rows into one 64-row tile.
