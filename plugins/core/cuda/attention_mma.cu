@@ -120,9 +120,9 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t stride, 
 
 // K/V tiles are [64 rows][D] without padding, 16-byte chunk c of row r stored at chunk
 // c ^ (r % 8) of that row (the 128-byte XOR swizzle). Both sides are then conflict-free: the
-// eight row addresses of an ldmatrix 8x8 matrix (eight consecutive rows, one logical chunk) hit
-// eight different chunks of 128 bytes, and a warp's copy of two whole rows fills 512 contiguous
-// bytes. The padded layout (pitch D + 8) made each warp-level copy 24 global sectors instead of
+// eight row addresses of an ldmatrix 8x8 matrix (eight consecutive rows, one logical chunk) fall
+// on the eight different 16-byte bank groups, and a warp's copy of two whole rows fills 512
+// contiguous bytes. The padded layout (pitch D + 8) made each warp-level copy 24 global sectors instead of
 // 16 and 2.6 times the shared wavefronts (BENCHMARKS.md optimization step 37 (c)).
 template <int D>
 __device__ __forceinline__ int swizzled(int row, int chunk) {
@@ -239,7 +239,6 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
   // packed (decode, select_per 1): the CTA serves a whole KV group; its rows are the G heads'
   // Sq <= 16 query rows (row rho = head (rho / Sq) of the group, query row rho % Sq), so each
   // K/V tile is loaded once per group.
-  ASA_ATTN_MARK(0);
   // MT m16 row tiles per warp: a K/V fragment read from shared memory feeds MT mma's.
   constexpr int kRows = kBM * MT;  // query rows per CTA
   constexpr int kPitch = D + 8;       // query tile rows (padded)
@@ -252,6 +251,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_mma_kernel(AsaParams p, Work
   T* sv = sk + kStages * kKV;                        // [kStages][kBN][D]
   static_assert(q_rows<MT, split_keys>() * kPitch * sizeof(T) % 128 == 0, "K/V tile alignment");
 
+  ASA_ATTN_MARK(0);
   // Last query tiles first: under a causal mask they hold the most work, so the tail of the
   // grid is made of short CTAs.
   const int qt = gridDim.x - 1 - blockIdx.x;
