@@ -69,22 +69,22 @@ if [ "$MODE" = profile ]; then
   # timeline (tools/attn_timeline.cu, not yet run), then ncu on the one-call decode step at
   # 128K / density 0.1 (caches flushed between kernels, as ncu does).
   LIBDIR=$(dirname "$ASA_CUDA_LIB")
-  nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
-    -Iplugins/core/include -Iplugins/core/cuda -Iplugins/core/common tools/select_phases.cu \
-    -o /tmp/select_phases -L"$LIBDIR" -lasa_cuda -Xlinker -rpath="$LIBDIR" > "$OUT/phases.log" 2>&1
-  for a in "131072 0.1" "32768 0.4"; do timeout 30 /tmp/select_phases $a >> "$OUT/phases.log" 2>&1; done
-  # The fused decode router's phases (tools/route_phases.cu, global timer) per cluster size.
-  nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
-    -Iplugins/core/include -Iplugins/core/cuda -Iplugins/core/common tools/route_phases.cu \
-    -o /tmp/route_phases -L"$LIBDIR" -lasa_cuda -Xlinker -rpath="$LIBDIR" >> "$OUT/phases.log" 2>&1
-  for a in "131072 0.1" "32768 0.1"; do timeout 60 /tmp/route_phases $a >> "$OUT/phases.log" 2>&1; done
+  : > "$OUT/phases.log"
+  # run_tool NAME SECONDS "KV TAU"...: tools/NAME.cu (which includes the kernel source it
+  # times) -> /tmp/NAME, run once per argument pair, each run at most SECONDS.
+  run_tool() {
+    local name=$1 limit=$2
+    shift 2
+    nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
+      -Iplugins/core/include -Iplugins/core/cuda -Iplugins/core/common "tools/$name.cu" \
+      -o "/tmp/$name" -L"$LIBDIR" -lasa_cuda -Xlinker -rpath="$LIBDIR" >> "$OUT/phases.log" 2>&1
+    for a in "$@"; do timeout "$limit" "/tmp/$name" $a >> "$OUT/phases.log" 2>&1; done
+  }
+  run_tool select_phases 30 "131072 0.1" "32768 0.4"
+  # The fused decode router's phases (global timer) per cluster size.
+  run_tool route_phases 60 "131072 0.1" "32768 0.1"
   # The split-KV decode attention's and merge's milestones per CTA (global timer).
-  nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
-    -Iplugins/core/include -Iplugins/core/cuda -Iplugins/core/common tools/attn_timeline.cu \
-    -o /tmp/attn_timeline -L"$LIBDIR" -lasa_cuda -Xlinker -rpath="$LIBDIR" >> "$OUT/phases.log" 2>&1
-  for a in "131072 0.1" "131072 0.4" "32768 0.1"; do
-    timeout 60 /tmp/attn_timeline $a >> "$OUT/phases.log" 2>&1
-  done
+  run_tool attn_timeline 60 "131072 0.1" "131072 0.4" "32768 0.1"
   cat "$OUT/phases.log"
   timeout 200 ncu --profile-from-start off --clock-control none --section SpeedOfLight \
     --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
