@@ -991,9 +991,10 @@ __global__ void __launch_bounds__(32 * kListsPerCta) select_warp_kernel(
 //   5. every CTA walks the sorted values with select_kernel's float32 chain (the same stop in
 //      all), keeps its own blocks of rank below the stop, and the CTAs' kept counts give each its
 //      offset in the ascending list.
-// Opt-in (ASA_CUDA_FUSED_ROUTE=1; the tests compare both paths): as first written it made the
-// one-call decode step slower on an H100, 53 -> 62 µs at 128K / density 0.1 (BENCHMARKS.md
-// optimization step 36, which lists what to measure next).
+// Opt-in (ASA_CUDA_FUSED_ROUTE=1; the tests compare both paths): it makes the one-call decode
+// step slower on an H100, 53 -> 62 µs at 128K / density 0.1 (BENCHMARKS.md optimization step
+// 36); step 37 (b) times its phases: the ranking is 7.5 µs of ~24, the rest is ~1–3 µs of
+// latency per barrier-separated step.
 constexpr int kRouteThreads = kPoolThreads;  // pool_key_block's thread count (the same bits)
 constexpr int kRouteClusterMax = 16;         // a non-portable cluster size on Hopper
 constexpr int kRouteMaxBlocks = 2048;        // ranking costs NK² / C comparisons per CTA
@@ -1347,7 +1348,7 @@ int max_route_cluster() {
 
 // Cluster size for route_decode_kernel, or 0 when the separate kernels route. Opt-in with
 // ASA_CUDA_FUSED_ROUTE=1 (read at each launch): measured slower than the separate kernels on an
-// H100 (BENCHMARKS.md optimization step 36). It needs one query block, no learned gate, logits
+// H100 (BENCHMARKS.md optimization steps 36, 37). It needs one query block, no learned gate, logits
 // that fit logits_decode_kernel's layout (head dim <= 256), at most kRouteMaxBlocks key blocks,
 // no more lists than multiprocessors and a device that co-schedules clusters; about two CTAs per
 // multiprocessor in all.
