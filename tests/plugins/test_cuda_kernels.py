@@ -372,6 +372,33 @@ def test_selection_exact_ties_many_blocks(op):
         np.testing.assert_array_equal(indices.cpu().numpy(), ref_idx)
 
 
+def test_selection_exact_three_levels_over_1024_blocks(op):
+    """Decode with 1100 key blocks (select_kernel's register sort of 2048 keys, 8 per thread):
+    three exact probability levels (30 blocks high, 60 middle, the rest low, scattered), tau
+    stopping inside the middle run of ties. The kept sets must equal the reference's exactly,
+    lowest indices first among the ties."""
+    nk, d = 1100, 64
+    g = torch.Generator().manual_seed(21)
+    q = (torch.randint(1, 4, (1, 4, 1, d), generator=g).float() / 8).cuda().to(torch.bfloat16)
+    level = torch.zeros(nk)
+    order = torch.randperm(nk - 2, generator=g) + 1  # block 0 (sink) and the last (local) stay low
+    level[order[:30]], level[order[30:90]] = 2.0, 1.0
+    k = level.repeat_interleave(64)[None, None, :, None].expand(1, 2, nk * 64, d).contiguous()
+    k = k.cuda().to(torch.bfloat16)  # logits scale * level * sum(q): about 2 per level
+    v = torch.randn(1, 2, nk * 64, d, generator=g).cuda().to(torch.bfloat16)
+    for select_per, tau in ((0, 0.6), (1, 0.6), (1, 0.62)):
+        a = A(causal=True, threshold=tau, block_size=64, sink_blocks=1, local_blocks=1,
+              select_per=select_per)
+        _, (indices, counts, _) = run_poisoned(op, q, k, v, a)
+        probs, visible = ref.router_probs(q.float().cpu().numpy(), k.float().cpu().numpy(), a)
+        ref_idx, ref_counts, _ = ref.telemetry(
+            ref.select_blocks(probs, visible, a, 1, nk * 64), visible)
+        middle = ref_counts - 2 - 30  # kept middle-level blocks (2 forced, 30 high)
+        assert (1 < middle).all() and (middle < 59).all(), middle  # stopped inside the ties
+        np.testing.assert_array_equal(counts.cpu().numpy(), ref_counts)
+        np.testing.assert_array_equal(indices.cpu().numpy(), ref_idx)
+
+
 def test_head_thresholds(op):
     """Per-head tau replaces the attribute; a group uses the max of its heads."""
     case = Case(1, 4, 2, 513, 513, 64, "bf16", A(causal=True, threshold=0.9))
