@@ -108,18 +108,11 @@ int main(int argc, char** argv) {
     for (int c = 0; c < lists; ++c) kept += count_host[c];
     int clusters = 0;
     {
-      cudaLaunchAttribute attr{};
-      attr.id = cudaLaunchAttributeClusterDimension;
-      attr.val.clusterDim.x = C;
-      attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
-      cudaLaunchConfig_t cfg{};
-      cfg.gridDim = dim3(ctas);
-      cfg.blockDim = dim3(asa::cuda::kRouteThreads);
-      cfg.dynamicSmemBytes = asa::cuda::route_decode_smem(4, 128, asa::cuda::cdiv(nk, C), nk);
-      cfg.attrs = &attr;
-      cfg.numAttrs = 1;
+      const asa::cuda::RouteLaunch launch(
+          C, ctas, asa::cuda::route_decode_smem(4, 128, asa::cuda::cdiv(nk, C), nk), nullptr,
+          false);
       CHECK(cudaOccupancyMaxActiveClusters(&clusters, asa::cuda::route_decode_kernel<__nv_bfloat16>,
-                                           &cfg));
+                                           &launch.cfg));
     }
     std::printf("C = %2d: %d co-resident clusters, density %.3f, event %.2f us per launch, "
                 "CTA start spread %.2f us, first start to last end %.2f us\n",

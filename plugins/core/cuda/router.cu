@@ -1304,6 +1304,30 @@ bool dense_fastpath(const AsaParams& p) {
   return p.head_thresholds == nullptr && p.threshold >= 1.f;
 }
 
+// Launch configuration of route_decode_kernel: `ctas` CTAs in clusters of C with `smem` bytes of
+// dynamic shared memory, chained (programmatic dependent launch) when `chained`. cfg.attrs
+// points into the object, so it is built in place and never copied.
+struct RouteLaunch {
+  cudaLaunchAttribute attrs[2] = {};
+  cudaLaunchConfig_t cfg = {};
+  RouteLaunch(int C, int ctas, size_t smem, cudaStream_t stream, bool chained) {
+    attrs[0].id = cudaLaunchAttributeClusterDimension;
+    attrs[0].val.clusterDim.x = C;
+    attrs[0].val.clusterDim.y = 1;
+    attrs[0].val.clusterDim.z = 1;
+    attrs[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attrs[1].val.programmaticStreamSerializationAllowed = 1;
+    cfg.gridDim = dim3(ctas);
+    cfg.blockDim = dim3(kRouteThreads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = attrs;
+    cfg.numAttrs = chained ? 2 : 1;
+  }
+  RouteLaunch(const RouteLaunch&) = delete;
+  RouteLaunch& operator=(const RouteLaunch&) = delete;
+};
+
 // The largest cluster route_decode_kernel can co-schedule on this device (16, 8, 4 or 2 CTAs;
 // with its largest shared memory), 0 below compute capability 9.0 or when none fits. Cached.
 int max_route_cluster() {
@@ -1323,21 +1347,12 @@ int max_route_cluster() {
   for (int C = kRouteClusterMax; C >= 2; C /= 2) {
     const size_t smem =
         route_decode_smem(kRouteHeadsMax, 256, cdiv(kRouteMaxBlocks, C), kRouteMaxBlocks);
-    cudaLaunchAttribute attr{};
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = C;
-    attr.val.clusterDim.y = 1;
-    attr.val.clusterDim.z = 1;
-    cudaLaunchConfig_t cfg{};
-    cfg.gridDim = dim3(C);
-    cfg.blockDim = dim3(kRouteThreads);
-    cfg.dynamicSmemBytes = smem;
-    cfg.attrs = &attr;
-    cfg.numAttrs = 1;
+    const RouteLaunch one(C, C, smem, nullptr, false);  // one cluster
     int clusters = 0;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(smem)) == cudaSuccess &&
-        cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess && clusters > 0) {
+        cudaOccupancyMaxActiveClusters(&clusters, kernel, &one.cfg) == cudaSuccess &&
+        clusters > 0) {
       best = C;
       break;
     }
@@ -1386,21 +1401,8 @@ cudaError_t launch_route_decode(const AsaParams& p, const Workspace& ws, const K
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
   }
   if (err != cudaSuccess) return err;
-  cudaLaunchAttribute attrs[2] = {};
-  attrs[0].id = cudaLaunchAttributeClusterDimension;
-  attrs[0].val.clusterDim.x = C;
-  attrs[0].val.clusterDim.y = 1;
-  attrs[0].val.clusterDim.z = 1;
-  attrs[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attrs[1].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(lists * C);
-  cfg.blockDim = dim3(kRouteThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cfg.attrs = attrs;
-  cfg.numAttrs = chained_launch_enabled() ? 2 : 1;
-  return cudaLaunchKernelEx(&cfg, kernel, p, ws, ke, fold ? 1 : 0);
+  const RouteLaunch launch(C, lists * C, smem, stream, chained_launch_enabled());
+  return cudaLaunchKernelEx(&launch.cfg, kernel, p, ws, ke, fold ? 1 : 0);
 }
 
 // q̄ always; k̄ only for the training-free router (the gate pools its own key features), and
