@@ -63,10 +63,10 @@ if [ "$MODE" = decode ]; then
   done
 fi
 if [ "$MODE" = profile ]; then
-  # Where the decode step's time goes (BENCHMARKS.md optimization steps 35–37): select_kernel's
-  # SM clocks per phase (tools/select_phases.cu) at 128K / τ 0.1 and 32K / τ 0.4, the opt-in
-  # route_decode_kernel's phases (tools/route_phases.cu), the split-KV attention's per-CTA
-  # timeline (tools/attn_timeline.cu, step 40), then ncu on the one-call decode step at
+  # Where the decode step's time goes (BENCHMARKS.md optimization steps 35–37, 40):
+  # select_kernel's SM clocks per phase (tools/select_phases.cu) at 128K / τ 0.1 and 32K / τ 0.4,
+  # the opt-in route_decode_kernel's phases (tools/route_phases.cu), the split-KV attention's
+  # per-CTA timeline (tools/attn_timeline.cu), then ncu on the one-call decode step at
   # 128K / density 0.1 (caches flushed between kernels, as ncu does).
   LIBDIR=$(dirname "$ASA_CUDA_LIB")
   : > "$OUT/phases.log"
