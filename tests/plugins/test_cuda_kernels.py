@@ -331,6 +331,20 @@ def test_rows_without_visible_keys_are_zero(op):
     assert (out[0, :, 70:].abs().sum(-1) > 0).all()
 
 
+def assert_selection_exact(op, q, k, v, attrs, check_reference=None):
+    """The router's lists and counts equal the reference's exactly (inputs whose router
+    arithmetic is exact up to exp). check_reference(ref_counts) first asserts the case's
+    premise on the reference."""
+    _, (indices, counts, _) = run_poisoned(op, q, k, v, attrs)
+    probs, visible = ref.router_probs(q.float().cpu().numpy(), k.float().cpu().numpy(), attrs)
+    ref_idx, ref_counts, _ = ref.telemetry(
+        ref.select_blocks(probs, visible, attrs, q.shape[2], k.shape[2]), visible)
+    if check_reference is not None:
+        check_reference(ref_counts)
+    np.testing.assert_array_equal(indices.cpu().numpy(), ref_idx)
+    np.testing.assert_array_equal(counts.cpu().numpy(), ref_counts)
+
+
 def test_selection_exact_on_exact_scores(op):
     """With block-constant integer inputs every float32 router step is exact up to exp, so the
     kept sets must equal the reference's exactly."""
@@ -342,13 +356,7 @@ def test_selection_exact_on_exact_scores(op):
     q = qb.repeat_interleave(64, 2).cuda().to(torch.bfloat16)
     k = kb.repeat_interleave(64, 2).cuda().to(torch.bfloat16)
     for select_per in (0, 1):
-        a = dataclasses.replace(attrs, select_per=select_per)
-        _, (indices, counts, _) = run_poisoned(op, q, k, k, a)
-        probs, visible = ref.router_probs(q.float().cpu().numpy(), k.float().cpu().numpy(), a)
-        ref_idx, ref_counts, _ = ref.telemetry(
-            ref.select_blocks(probs, visible, a, nq * 64, nk * 64), visible)
-        np.testing.assert_array_equal(indices.cpu().numpy(), ref_idx)
-        np.testing.assert_array_equal(counts.cpu().numpy(), ref_counts)
+        assert_selection_exact(op, q, k, k, dataclasses.replace(attrs, select_per=select_per))
 
 
 def test_selection_exact_ties_many_blocks(op):
@@ -363,13 +371,11 @@ def test_selection_exact_ties_many_blocks(op):
     for select_per, tau in ((0, 0.5), (1, 0.3), (0, 0.9)):
         a = A(causal=True, threshold=tau, block_size=64, sink_blocks=1, local_blocks=1,
               select_per=select_per)
-        _, (indices, counts, _) = run_poisoned(op, q, k, v, a)
-        probs, visible = ref.router_probs(q.float().cpu().numpy(), k.float().cpu().numpy(), a)
-        ref_idx, ref_counts, _ = ref.telemetry(
-            ref.select_blocks(probs, visible, a, 1, nk * 64), visible)
-        assert 2 < ref_counts.min() and ref_counts.max() < nk  # the walk stopped inside the ties
-        np.testing.assert_array_equal(counts.cpu().numpy(), ref_counts)
-        np.testing.assert_array_equal(indices.cpu().numpy(), ref_idx)
+
+        def stopped_inside_ties(ref_counts):
+            assert 2 < ref_counts.min() and ref_counts.max() < nk
+
+        assert_selection_exact(op, q, k, v, a, stopped_inside_ties)
 
 
 def test_selection_exact_three_levels_over_1024_blocks(op):
@@ -389,14 +395,12 @@ def test_selection_exact_three_levels_over_1024_blocks(op):
     for select_per, tau in ((0, 0.6), (1, 0.6), (1, 0.62)):
         a = A(causal=True, threshold=tau, block_size=64, sink_blocks=1, local_blocks=1,
               select_per=select_per)
-        _, (indices, counts, _) = run_poisoned(op, q, k, v, a)
-        probs, visible = ref.router_probs(q.float().cpu().numpy(), k.float().cpu().numpy(), a)
-        ref_idx, ref_counts, _ = ref.telemetry(
-            ref.select_blocks(probs, visible, a, 1, nk * 64), visible)
-        middle = ref_counts - 2 - 30  # kept middle-level blocks (2 forced, 30 high)
-        assert (1 < middle).all() and (middle < 59).all(), middle  # stopped inside the ties
-        np.testing.assert_array_equal(counts.cpu().numpy(), ref_counts)
-        np.testing.assert_array_equal(indices.cpu().numpy(), ref_idx)
+
+        def stopped_inside_middle_ties(ref_counts):
+            middle = ref_counts - 2 - 30  # kept middle-level blocks (2 forced, 30 high)
+            assert (1 < middle).all() and (middle < 59).all(), middle
+
+        assert_selection_exact(op, q, k, v, a, stopped_inside_middle_ties)
 
 
 def test_head_thresholds(op):
