@@ -444,8 +444,10 @@ def profile_decode_step(kv: int, target: float):
           f"{runner.density():.3f}")
 
 
-def print_table(rows: list, gpu: str):
-    print(f"\nGPU: {gpu}; torch {torch.__version__}; B=1 Hq=32 Hkv=8 D=128 bf16")
+def print_table(rows: list, gpu: str, args):
+    print(f"\nGPU: {gpu}; torch {torch.__version__}; D=128 bf16; Hq={args.heads_q} "
+          f"Hkv={args.heads_kv}; prefill B=1; decode B={args.decode_batch} (one query row per "
+          "sequence, tok/s = B / step time)")
     print("TFLOP/s = 4*B*Hq*S*S*D (/2 causal) / time; x-columns = baseline time / ASA time; "
           "SDPA = the faster of K/V expanded to Hq heads and enable_gqa")
     print(f"{'S':>7} {'mode':>6} {'dens':>5} {'ASA ms':>9} {'TFLOP/s':>8} {'xcuDNN':>7} "
@@ -550,7 +552,7 @@ def main(argv=None):
     if args.json:
         args.json.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "rows": rows},
                                         indent=1))
-    print_table(rows, gpu)
+    print_table(rows, gpu, args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""tools/bench_kernels.py helpers that run without a GPU: kernel names from the profiler."""
+"""tools/bench_kernels.py helpers that run without a GPU: kernel names from the profiler, the
+table's header."""
 
 from __future__ import annotations
 
+import argparse
 import pathlib
 import sys
 
@@ -26,3 +28,13 @@ import bench_kernels as bench  # noqa: E402
 ])
 def test_short_kernel_name(name, short):
     assert bench.short_kernel_name(name) == short
+
+
+def test_table_header_names_the_shapes_that_ran(capsys):
+    """The header states the heads and the decode batch of this run (it used to say B=1, Hq=32,
+    Hkv=8 whatever --decode-batch and --heads-* were)."""
+    args = argparse.Namespace(heads_q=16, heads_kv=4, decode_batch=4)
+    bench.print_table([], "test GPU", args)
+    header = capsys.readouterr().out
+    assert "Hq=16 Hkv=4" in header
+    assert "decode B=4" in header
