@@ -9,6 +9,9 @@ causal (the FlashAttention benchmark convention), for dense and sparse runs alik
 include the router (asa_cuda_forward). Each density's threshold tau is found by bisection on the
 router alone; FlexAttention gets the same kept blocks through BlockMask.from_kv_blocks (full
 blocks plus causal partial diagonal blocks), never through a dense mask.
+
+Decode (one query row per sequence, --decode-kv, --decode-batch 1 4 8 for several batch sizes)
+against the fastest dense SDPA decode of the same batch; tok/s = batch / step time.
 """
 
 from __future__ import annotations
@@ -242,9 +245,9 @@ def decode_inputs(kv: int, batch: int, heads_q: int, heads_kv: int, dim: int = 1
     return q, k, v
 
 
-def bench_decode(args, kv: int, rows: list):
+def bench_decode(args, kv: int, batch: int, rows: list):
     from torch.nn.attention import SDPBackend
-    B, Hq, Hkv = args.decode_batch, args.heads_q, args.heads_kv
+    B, Hq, Hkv = batch, args.heads_q, args.heads_kv
     q, k, v = decode_inputs(kv, B, Hq, Hkv)
     kk, vv = k.repeat_interleave(Hq // Hkv, 1), v.repeat_interleave(Hq // Hkv, 1)
     # Dense baselines: K/V expanded to Hq heads (cudnn, flash), and K/V read once per group
@@ -302,7 +305,7 @@ def bench_decode(args, kv: int, rows: list):
             graphs["graph_partial_speedup"] = dense_graph / graphs["graph_partial_ms"]
         if args.decode_kernels:
             graphs["kernels_us"] = kernel_times_us(partial.call)
-        rows.append({"kind": "decode", "seq": kv, "target": target, "tau": tau,
+        rows.append({"kind": "decode", "seq": kv, "batch": B, "target": target, "tau": tau,
                      "density": runner.density(), "asa_ms": ms, "tok_s": B / ms * 1e3,
                      "dense_tok_s": B / best_dense * 1e3, "cudnn_ms": dense["cudnn"],
                      "flash_ms": dense["flash"], "dense_ms": dict(dense), "best_dense": best_name,
@@ -446,7 +449,7 @@ def profile_decode_step(kv: int, target: float):
 
 def print_table(rows: list, gpu: str, args):
     print(f"\nGPU: {gpu}; torch {torch.__version__}; D=128 bf16; Hq={args.heads_q} "
-          f"Hkv={args.heads_kv}; prefill B=1; decode B={args.decode_batch} (one query row per "
+          f"Hkv={args.heads_kv}; prefill B=1; decode B in its column (one query row per "
           "sequence, tok/s = B / step time)")
     print("TFLOP/s = 4*B*Hq*S*S*D (/2 causal) / time; x-columns = baseline time / ASA time; "
           "SDPA = the faster of K/V expanded to Hq heads and enable_gqa")
@@ -468,24 +471,26 @@ def print_table(rows: list, gpu: str, args):
     dec = [r for r in rows if r["kind"] == "decode"]
     if dec:
         print("\ndense decode baselines (ms; *_gqa = K/V not expanded, enable_gqa): " +
-              "; ".join(f"KV {r['seq']}: " + ", ".join(f"{n} {t:.3f}" for n, t in
-                                                        r["dense_ms"].items())
+              "; ".join(f"B {r['batch']} KV {r['seq']}: " + ", ".join(
+                  f"{n} {t:.3f}" for n, t in r["dense_ms"].items())
                         for r in dec if r["target"] == dec[0]["target"]))
         print(f"speedups below are against the fastest: {dec[0]['best_dense']}")
         print("\ncached = caller-kept key block stats: refresh of the last block + route "
               "(+ attention)")
-        print(f"\n{'KV':>7} {'dens':>5} {'ASA ms':>8} {'rout ms':>8} {'tok/s':>9} "
+        print(f"\n{'B':>3} {'KV':>7} {'dens':>5} {'ASA ms':>8} {'rout ms':>8} {'tok/s':>9} "
               f"{'dense tok/s':>11} {'speedup':>7} {'cached ms':>9} {'c.rout':>7} "
               f"{'c.tok/s':>8} {'c.speedup':>9} {'same':>5}")
         for r in dec:
-            print(f"{r['seq']:>7} {r['density']:>5.2f} {r['asa_ms']:>8.3f} {r['router_ms']:>8.3f} "
+            print(f"{r['batch']:>3} {r['seq']:>7} {r['density']:>5.2f} {r['asa_ms']:>8.3f} "
+                  f"{r['router_ms']:>8.3f} "
                   f"{r['tok_s']:>9.0f} "
                   f"{r['dense_tok_s']:>11.0f} {r['speedup']:>7.2f} {r['cached_ms']:>9.3f} "
                   f"{r['cached_router_ms']:>7.3f} {r['cached_tok_s']:>8.0f} "
                   f"{r['cached_speedup']:>9.2f} {str(r['cached_lists_equal']):>5}")
         print("\ncached, last block pooled by the router (one call per step), ms / speedup:")
         for r in dec:
-            print(f"{r['seq']:>7} {r['density']:>5.2f} {r['cached_last_pooled_ms']:>9.3f} "
+            print(f"{r['batch']:>3} {r['seq']:>7} {r['density']:>5.2f} "
+                  f"{r['cached_last_pooled_ms']:>9.3f} "
                   f"{r['cached_last_pooled_speedup']:>9.2f}")
         if any("graph_cached_ms" in r for r in dec):
             print("\nCUDA graph replay (launch gaps removed), ms: ASA stateless, ASA cached "
@@ -494,7 +499,8 @@ def print_table(rows: list, gpu: str, args):
                   "dense / one call")
             for r in dec:
                 if "graph_cached_ms" in r:
-                    print(f"{r['seq']:>7} {r['density']:>5.2f} {r['graph_asa_ms']:>8.3f} "
+                    print(f"{r['batch']:>3} {r['seq']:>7} {r['density']:>5.2f} "
+                          f"{r['graph_asa_ms']:>8.3f} "
                           f"{r['graph_cached_ms']:>8.3f} {r['graph_cached_router_ms']:>8.3f} "
                           f"{r.get('graph_partial_ms', float('nan')):>8.3f} "
                           f"{r['graph_dense_ms']:>8.3f} {r['graph_cached_speedup']:>7.2f} "
@@ -503,11 +509,11 @@ def print_table(rows: list, gpu: str, args):
             print("\nkernels of the one-call step (us per call, torch profiler):")
             for r in dec:
                 if "kernels_us" in r:
-                    print(f"{r['seq']:>7} {r['density']:>5.2f} " + ", ".join(
+                    print(f"{r['batch']:>3} {r['seq']:>7} {r['density']:>5.2f} " + ", ".join(
                         f"{n} {t:.1f}" for n, t in r["kernels_us"].items()))
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seqs", type=int, nargs="*", default=[4096, 8192, 32768, 131072])
     parser.add_argument("--modes", nargs="+", default=["causal", "full"])
@@ -518,7 +524,8 @@ def main(argv=None):
     parser.add_argument("--flex", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--flex-seqs", type=int, nargs="+", default=[8192, 32768, 131072])
     parser.add_argument("--decode-kv", type=int, nargs="*", default=[32768, 131072])
-    parser.add_argument("--decode-batch", type=int, default=1)
+    parser.add_argument("--decode-batch", type=int, nargs="+", default=[1],
+                        help="decode batch sizes (one query row per sequence)")
     parser.add_argument("--decode-graphs", action=argparse.BooleanOptionalAction, default=True,
                         help="also time decode steps replayed from CUDA graphs")
     parser.add_argument("--decode-kernels", action="store_true",
@@ -532,7 +539,11 @@ def main(argv=None):
                         help="the one-call decode step at the first --decode-kv and --densities "
                              "(pass e.g. --decode-kv 131072 --densities 0.1) between "
                              "cudaProfilerStart/Stop, for ncu --profile-from-start off")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if args.profile_router:
         profile_once()
         return
@@ -543,8 +554,10 @@ def main(argv=None):
     gpu = torch.cuda.get_device_name()
     rows: list = []
     bench_models(args, rows)
-    for kv in args.decode_kv:
-        bench_decode(args, kv, rows)
+    for batch in args.decode_batch:
+        for kv in args.decode_kv:
+            bench_decode(args, kv, batch, rows)
+            torch.cuda.empty_cache()
     for seq in args.seqs:
         for mode in args.modes:
             bench_prefill(args, seq, mode == "causal", rows)

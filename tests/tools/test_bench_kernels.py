@@ -30,11 +30,31 @@ def test_short_kernel_name(name, short):
     assert bench.short_kernel_name(name) == short
 
 
-def test_table_header_names_the_shapes_that_ran(capsys):
-    """The header states the heads and the decode batch of this run (it used to say B=1, Hq=32,
-    Hkv=8 whatever --decode-batch and --heads-* were)."""
-    args = argparse.Namespace(heads_q=16, heads_kv=4, decode_batch=4)
-    bench.print_table([], "test GPU", args)
-    header = capsys.readouterr().out
-    assert "Hq=16 Hkv=4" in header
-    assert "decode B=4" in header
+def decode_row(batch: int, kv: int, ms: float, dense_ms: float) -> dict:
+    """A decode row as bench_decode writes it (the fields print_table reads)."""
+    return {"kind": "decode", "seq": kv, "batch": batch, "target": 0.1, "density": 0.1,
+            "asa_ms": ms, "router_ms": ms / 2, "tok_s": batch / ms * 1e3,
+            "dense_tok_s": batch / dense_ms * 1e3, "speedup": dense_ms / ms,
+            "dense_ms": {"cudnn_gqa": dense_ms}, "best_dense": "cudnn_gqa", "cached_ms": ms,
+            "cached_router_ms": ms / 2, "cached_tok_s": batch / ms * 1e3,
+            "cached_speedup": dense_ms / ms, "cached_lists_equal": True,
+            "cached_last_pooled_ms": ms, "cached_last_pooled_speedup": dense_ms / ms}
+
+
+def test_table_names_the_heads_and_each_decode_rows_batch(capsys):
+    """The header states this run's heads (it used to say B=1, Hq=32, Hkv=8 whatever the
+    arguments), and each decode row its batch (--decode-batch takes several)."""
+    args = argparse.Namespace(heads_q=16, heads_kv=4, decode_batch=[1, 4])
+    rows = [decode_row(1, 131072, 0.054, 0.184), decode_row(4, 131072, 0.113, 0.686)]
+    bench.print_table(rows, "test GPU", args)
+    out = capsys.readouterr().out
+    assert "Hq=16 Hkv=4" in out
+    assert "B 1 KV 131072: cudnn_gqa 0.184; B 4 KV 131072: cudnn_gqa 0.686" in out
+    table = out[out.index("c.speedup"):].splitlines()[1:3]
+    assert [line.split()[:2] for line in table] == [["1", "131072"], ["4", "131072"]]
+    assert table[1].split()[5] == "35398"  # tok/s = 4 / 0.113 ms
+
+
+def test_decode_batch_takes_several_sizes():
+    args = bench.build_parser().parse_args(["--decode-batch", "1", "4", "8"])
+    assert args.decode_batch == [1, 4, 8]
