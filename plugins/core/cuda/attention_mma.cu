@@ -764,7 +764,7 @@ int choose_splits(const AsaParams& p) {
   // Two CTAs per multiprocessor, rounded down: all slices in one wave. Rounding up put a partial
   // second wave behind the first whenever 2 · SMs is not a multiple of the CTA count (batch 4,
   // 8 KV heads, 132 SMs: 9 slices = 288 CTAs for 264 places), and the decode step at batch 2-8
-  // took up to 1.4x longer (BENCHMARKS.md optimization step 47).
+  // took up to 1.3x longer (BENCHMARKS.md optimization step 47).
   int splits = 2 * sms / ctas;
   splits = min(splits, min(nk, kMaxSplits));
   return max(splits, 1);
