@@ -1,5 +1,5 @@
-"""tools/bench_kernels.py helpers that run without a GPU: kernel names from the profiler, the
-table's header."""
+"""tools/bench_kernels.py parts that run without a GPU: kernel names from the profiler, the
+printed table (header, decode rows with their batch) and the --decode-batch option."""
 
 from __future__ import annotations
 
