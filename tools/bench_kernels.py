@@ -469,28 +469,31 @@ def print_table(rows: list, gpu: str, args):
             print(f"{r['model']:>13} {r['seq']:>7} {r['config']:>10} {r['density']:>5.2f} "
                   f"{r['ms']:>10.1f} {r['peak_gib']:>9.2f}")
     dec = [r for r in rows if r["kind"] == "decode"]
+
+    def lead(r: dict) -> str:  # the columns every decode row starts with: B, KV, density
+        return f"{r['batch']:>3} {r['seq']:>7} {r['density']:>5.2f} "
+
     if dec:
-        print("\ndense decode baselines (ms; *_gqa = K/V not expanded, enable_gqa): " +
+        print("\ndense decode baselines (ms; *_gqa = K/V not expanded, enable_gqa; the speedups "
+              "below are against the one marked * of the same B and KV): " +
               "; ".join(f"B {r['batch']} KV {r['seq']}: " + ", ".join(
-                  f"{n} {t:.3f}" for n, t in r["dense_ms"].items())
+                  f"{n}{'*' if n == r['best_dense'] else ''} {t:.3f}"
+                  for n, t in r["dense_ms"].items())
                         for r in dec if r["target"] == dec[0]["target"]))
-        print(f"speedups below are against the fastest: {dec[0]['best_dense']}")
         print("\ncached = caller-kept key block stats: refresh of the last block + route "
               "(+ attention)")
         print(f"\n{'B':>3} {'KV':>7} {'dens':>5} {'ASA ms':>8} {'rout ms':>8} {'tok/s':>9} "
               f"{'dense tok/s':>11} {'speedup':>7} {'cached ms':>9} {'c.rout':>7} "
               f"{'c.tok/s':>8} {'c.speedup':>9} {'same':>5}")
         for r in dec:
-            print(f"{r['batch']:>3} {r['seq']:>7} {r['density']:>5.2f} {r['asa_ms']:>8.3f} "
-                  f"{r['router_ms']:>8.3f} "
+            print(lead(r) + f"{r['asa_ms']:>8.3f} {r['router_ms']:>8.3f} "
                   f"{r['tok_s']:>9.0f} "
                   f"{r['dense_tok_s']:>11.0f} {r['speedup']:>7.2f} {r['cached_ms']:>9.3f} "
                   f"{r['cached_router_ms']:>7.3f} {r['cached_tok_s']:>8.0f} "
                   f"{r['cached_speedup']:>9.2f} {str(r['cached_lists_equal']):>5}")
         print("\ncached, last block pooled by the router (one call per step), ms / speedup:")
         for r in dec:
-            print(f"{r['batch']:>3} {r['seq']:>7} {r['density']:>5.2f} "
-                  f"{r['cached_last_pooled_ms']:>9.3f} "
+            print(lead(r) + f"{r['cached_last_pooled_ms']:>9.3f} "
                   f"{r['cached_last_pooled_speedup']:>9.2f}")
         if any("graph_cached_ms" in r for r in dec):
             print("\nCUDA graph replay (launch gaps removed), ms: ASA stateless, ASA cached "
@@ -499,8 +502,7 @@ def print_table(rows: list, gpu: str, args):
                   "dense / one call")
             for r in dec:
                 if "graph_cached_ms" in r:
-                    print(f"{r['batch']:>3} {r['seq']:>7} {r['density']:>5.2f} "
-                          f"{r['graph_asa_ms']:>8.3f} "
+                    print(lead(r) + f"{r['graph_asa_ms']:>8.3f} "
                           f"{r['graph_cached_ms']:>8.3f} {r['graph_cached_router_ms']:>8.3f} "
                           f"{r.get('graph_partial_ms', float('nan')):>8.3f} "
                           f"{r['graph_dense_ms']:>8.3f} {r['graph_cached_speedup']:>7.2f} "
@@ -509,7 +511,7 @@ def print_table(rows: list, gpu: str, args):
             print("\nkernels of the one-call step (us per call, torch profiler):")
             for r in dec:
                 if "kernels_us" in r:
-                    print(f"{r['batch']:>3} {r['seq']:>7} {r['density']:>5.2f} " + ", ".join(
+                    print(lead(r) + ", ".join(
                         f"{n} {t:.1f}" for n, t in r["kernels_us"].items()))
 
 

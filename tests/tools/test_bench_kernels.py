@@ -49,7 +49,7 @@ def test_table_names_the_heads_and_each_decode_rows_batch(capsys):
     bench.print_table(rows, "test GPU", args)
     out = capsys.readouterr().out
     assert "Hq=16 Hkv=4" in out
-    assert "B 1 KV 131072: cudnn_gqa 0.184; B 4 KV 131072: cudnn_gqa 0.686" in out
+    assert "B 1 KV 131072: cudnn_gqa* 0.184; B 4 KV 131072: cudnn_gqa* 0.686" in out
     table = out[out.index("c.speedup"):].splitlines()[1:3]
     assert [line.split()[:2] for line in table] == [["1", "131072"], ["4", "131072"]]
     assert table[1].split()[5] == "35398"  # tok/s = 4 / 0.113 ms
