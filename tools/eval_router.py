@@ -10,6 +10,9 @@
                  through the rewritten KV-cache export, then decode the answer Sq = 1 (as users
                  run it), with the needle-block drops per layer / head from block_indices
       retrieval: retrieval-head scores on passkey prompts built from the calibration text
+      overlap:   decode (Sq = 1) at each of a window's last positions: how much of each step's
+                 kept list the previous step's list holds (a predictor for overlapping the
+                 router with the attention's K/V stream)
       table:     per (text, context, setting): density, perplexity, delta vs dense
 
 Settings are strings: `dense`, `naive:tau=0.9`, `oracle:tau=0.9`, `naive:tau=0.9,sink=2,local=2`,
@@ -968,6 +971,95 @@ def cmd_pooling(args) -> None:
                                          zip(curve.taus, curve.density().mean(0), curve.recall().mean(0))))
 
 
+def decode_list_overlap(q, k, scale: float, block: int, taus, steps: int) -> dict:
+    """How much of each decode step's kept list the previous step's list already holds.
+
+    The contract router (reference.router_probs / select_blocks; Sq = 1, select_per 1, sink 1,
+    local 1) routes query row t against keys [0, t] for each of the last `steps` positions t of
+    one sequence; consecutive steps' lists are compared per KV head.
+
+    Args:
+        q: float32 [Hq, S, D] (RoPE'd, as attention sees it).
+        k: float32 [Hkv, S, D].
+        scale: the score scale.
+        block: block_size.
+        taus: thresholds to route at.
+        steps: positions routed (the first only seeds the comparison).
+
+    Returns:
+        {tau: counts} summed over steps and KV heads: kept (this step's kept blocks), visible,
+        hit (kept by both steps), prev (kept by the previous step), and the same three for the
+        blocks not forced by sink / local (kept_free, hit_free, prev_free).
+    """
+    import dataclasses
+
+    from asa_export.contract import AsaAttributes, reference
+
+    seq = q.shape[1]
+    base = AsaAttributes(scale=scale, causal=True, block_size=block, sink_blocks=1, local_blocks=1,
+                         select_per=1)
+    keys = ("kept", "visible", "hit", "prev", "kept_free", "hit_free", "prev_free")
+    counts = {tau: dict.fromkeys(keys, 0) for tau in taus}
+    previous = dict.fromkeys(taus)
+    for t in range(seq - steps, seq):
+        probs, visible = reference.router_probs(q[None, :, t:t + 1], k[None, :, :t + 1], base)
+        free = ~reference.forced_blocks(base, 1, t + 1)[0]
+        for tau in taus:
+            attrs = dataclasses.replace(base, threshold=tau)
+            keep = reference.select_blocks(probs, visible, attrs, 1, t + 1)[0, :, 0]  # [Hkv, NK]
+            before = previous[tau]
+            previous[tau] = keep
+            if before is None:
+                continue
+            prev = np.zeros_like(keep)
+            prev[:, :before.shape[1]] = before
+            c = counts[tau]
+            c["kept"] += int(keep.sum())
+            c["visible"] += int(visible.sum()) * keep.shape[0]
+            c["hit"] += int((keep & prev).sum())
+            c["prev"] += int(prev.sum())
+            c["kept_free"] += int((keep & free).sum())
+            c["hit_free"] += int((keep & prev & free).sum())
+            c["prev_free"] += int((prev & free).sum())
+    return counts
+
+
+def cmd_overlap(args) -> None:
+    """Decode: recall and precision of the previous step's kept list as a prediction of this one's."""
+    import torch
+
+    from asa_export.router import research
+
+    captured = []
+
+    def capture(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+        captured.append((query[0].float().numpy(), key[0].float().numpy(), float(scaling)))
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True,
+                                                               scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+
+    research.register("asa_capture", capture)
+    model, tok = load("asa_capture")
+    totals = {}
+    for i, w in enumerate(windows(tok, segment(args, args.text, "eval"), args.context, args.windows, args.seed)):
+        captured.clear()
+        t0 = time.time()
+        research.window_nll(model, torch.from_numpy(w)[None])
+        for q, k, scale in captured:
+            for tau, c in decode_list_overlap(q, k, scale, args.block, args.taus, args.steps).items():
+                total = totals.setdefault(tau, dict.fromkeys(c, 0))
+                for key, value in c.items():
+                    total[key] += value
+        print(f"overlap window {i}: {time.time() - t0:.1f} s", flush=True)
+    print(f"{args.text}, context {args.context}, block {args.block}, last {args.steps} positions of "
+          f"{args.windows} window(s), every layer and KV head; select_per 1, sink 1, local 1")
+    print("  tau  density  recall  precision  recall (non-forced)  precision (non-forced)")
+    for tau, c in totals.items():
+        print(f"{tau:5.2f}  {c['kept'] / c['visible']:7.3f}  {c['hit'] / c['kept']:6.3f}  "
+              f"{c['hit'] / c['prev']:9.3f}  {c['hit_free'] / max(c['kept_free'], 1):19.3f}  "
+              f"{c['hit_free'] / max(c['prev_free'], 1):22.3f}")
+
+
 # ------------------------------------------------------------------ table
 
 
@@ -1173,12 +1265,16 @@ def main(argv=None) -> int:
     plot.add_argument("--family", action="append", metavar="NAME=REGEX",
                       help="legend family NAME for the settings REGEX finds (repeatable; first wins)")
     pool = sub.add_parser("pooling")
+    ovl = sub.add_parser("overlap", help="decode: how much of each step's kept list the previous step's holds")
+    ovl.add_argument("--steps", type=int, default=256, help="last positions of each window routed as Sq = 1")
+    ovl.add_argument("--block", type=int, choices=(64, 128), default=64)
+    ovl.add_argument("--taus", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9])
     thr = sub.add_parser("thresholds")
     thr.add_argument("setting")
     thr.add_argument("--to", required=True)
     cur = sub.add_parser("curves")
     cur.add_argument("--recalls", type=float, nargs="+", default=[0.9, 0.95, 0.97, 0.98, 0.99])
-    for p in (cal, ppl, ort, cur, pool, thr, pk, ret):
+    for p in (cal, ppl, ort, cur, pool, thr, pk, ret, ovl):
         p.add_argument("--context", type=int, default=2048)
         p.add_argument("--windows", type=int, default=8)
         p.add_argument("--calib-windows", type=int, default=2)
@@ -1191,6 +1287,7 @@ def main(argv=None) -> int:
     pk.set_defaults(fn=cmd_passkey)
     cur.set_defaults(fn=cmd_curves)
     pool.set_defaults(fn=cmd_pooling)
+    ovl.set_defaults(fn=cmd_overlap)
     thr.set_defaults(fn=cmd_thresholds)
     args = parser.parse_args(argv)
     if args.cmd == "plot":

@@ -146,3 +146,35 @@ def test_plot_family_overrides_first_match_wins_else_default():
             er.family_overrides([bad])
     with pytest.raises(AsaExportError, match="--match"):
         er.compile_regex("(unclosed", "--match")
+
+
+def test_decode_list_overlap_counts_match_a_direct_comparison():
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((4, 300, 16)).astype(np.float32)
+    k = rng.standard_normal((2, 300, 16)).astype(np.float32)
+    counts = er.decode_list_overlap(q, k, 0.25, 64, [0.6], steps=40)[0.6]
+    from asa_export.contract import AsaAttributes, reference
+
+    attrs = AsaAttributes(scale=0.25, causal=True, block_size=64, threshold=0.6, select_per=1)
+    lists = []
+    for t in range(260, 300):
+        probs, vis = reference.router_probs(q[None, :, t:t + 1], k[None, :, :t + 1], attrs)
+        lists.append(reference.select_blocks(probs, vis, attrs, 1, t + 1)[0, :, 0])
+    kept = sum(int(a.sum()) for a in lists[1:])
+    hit = sum(int((a & np.pad(b, ((0, 0), (0, a.shape[1] - b.shape[1])))).sum())
+              for b, a in zip(lists, lists[1:]))
+    assert counts["kept"] == kept and counts["hit"] == hit
+    assert 0 < counts["hit"] < counts["kept"]  # random queries: the lists differ, but not wholly
+    assert counts["kept_free"] < counts["kept"]  # sink and local blocks are kept and forced
+
+
+def test_decode_list_overlap_at_tau_1_inside_one_block_and_across_a_boundary():
+    rng = np.random.default_rng(4)
+    q = rng.standard_normal((2, 200, 16)).astype(np.float32)
+    k = rng.standard_normal((1, 200, 16)).astype(np.float32)
+    # tau 1 keeps every visible block: positions 140..189 share key blocks 0-2, so every list
+    # equals the previous one; 150..199 also meet block 3 at position 192 (one new block).
+    inside = er.decode_list_overlap(q[:, :190], k[:, :190], 0.25, 64, [1.0], steps=50)[1.0]
+    assert inside["hit"] == inside["kept"] == inside["prev"] == 49 * 3
+    across = er.decode_list_overlap(q, k, 0.25, 64, [1.0], steps=50)[1.0]
+    assert across["kept"] == across["hit"] + 1 and across["prev"] == across["hit"]
