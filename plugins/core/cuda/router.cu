@@ -869,6 +869,22 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Writes the key blocks k < nk with keep(k) to out ascending, then -1 up to out[nk - 1], by the
+// calling warp's 32 lanes (compaction with ballots); returns the count in every lane.
+template <typename Keep>
+__device__ int write_list_warp(int32_t* out, int nk, int lane, Keep keep) {
+  int total = 0;
+  for (int k0 = 0; k0 < nk; k0 += 32) {
+    const int k = k0 + lane;
+    const bool kept = k < nk && keep(k);
+    const unsigned ballot = __ballot_sync(0xffffffffu, kept);
+    if (kept) out[total + __popc(ballot & ((1u << lane) - 1))] = k;
+    total += __popc(ballot);
+  }
+  for (int t = total + lane; t < nk; t += 32) out[t] = -1;
+  return total;
+}
+
 __global__ void __launch_bounds__(32 * kListsPerCta) select_warp_kernel(
     AsaParams p, Workspace ws, const float* logits, int nk_pow2, int num_lists) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -954,18 +970,9 @@ __global__ void __launch_bounds__(32 * kListsPerCta) select_warp_kernel(
     const float acc = lane == 0 ? forced_sum(p, flags, pr, nk, c) : 0.f;
     walk_sorted_warp(keys, nk, __shfl_sync(0xffffffffu, acc, 0), tau, flags);
   }
-  // Ascending compaction with ballots.
   const int64_t lrow = (static_cast<int64_t>(n) * hsel_count + hs) * nq + i;
-  int32_t* out = ws.block_indices + lrow * nk;
-  int total = 0;
-  for (int k0 = 0; k0 < nk; k0 += 32) {
-    const int k = k0 + lane;
-    const bool kept = k < nk && (flags[k] & kKept);
-    const unsigned ballot = __ballot_sync(0xffffffffu, kept);
-    if (kept) out[total + __popc(ballot & ((1u << lane) - 1))] = k;
-    total += __popc(ballot);
-  }
-  for (int t = total + lane; t < nk; t += 32) out[t] = -1;
+  const int total = write_list_warp(ws.block_indices + lrow * nk, nk, lane,
+                                    [&](int k) { return (flags[k] & kKept) != 0; });
   if (lane == 0) ws.block_counts[lrow] = total;
 }
 
@@ -1279,16 +1286,9 @@ __global__ void __launch_bounds__(32 * kListsPerCta) dense_lists_kernel(AsaParam
   const int i = list % nq, hs = (list / nq) % hsel_count, n = list / (nq * hsel_count);
   int lo, hi, c;
   query_block_keys(p, i, nk, &lo, &hi, &c);
-  int32_t* out = ws.block_indices + static_cast<int64_t>(list) * nk;
-  int total = 0;
-  for (int k0 = 0; k0 < nk; k0 += 32) {
-    const int k = k0 + lane;
-    const bool vis = k < nk && key_block_visible(p, ws.kept_prefix, n, k, lo, hi);
-    const unsigned ballot = __ballot_sync(0xffffffffu, vis);
-    if (vis) out[total + __popc(ballot & ((1u << lane) - 1))] = k;
-    total += __popc(ballot);
-  }
-  for (int t = total + lane; t < nk; t += 32) out[t] = -1;
+  const int total =
+      write_list_warp(ws.block_indices + static_cast<int64_t>(list) * nk, nk, lane,
+                      [&](int k) { return key_block_visible(p, ws.kept_prefix, n, k, lo, hi); });
   if (lane == 0) {
     ws.block_counts[list] = total;
     if (hs == 0 && ws.visible_counts) ws.visible_counts[static_cast<int64_t>(n) * nq + i] = total;
