@@ -12,6 +12,9 @@ blocks plus causal partial diagonal blocks), never through a dense mask.
 
 Decode (one query row per sequence, --decode-kv, --decode-batch 1 4 8 for several batch sizes)
 against the fastest dense SDPA decode of the same batch; tok/s = batch / step time.
+--decode-layers L also times both in one CUDA graph over L copies of the K/V (a model's layers),
+so that no replay finds the previous replay's kept blocks in L2 (one replayed call re-reads the
+same ~54 MB at 128K / 0.1, about the H100's 50 MB L2).
 """
 
 from __future__ import annotations
@@ -74,6 +77,12 @@ def graph_ms(fn) -> float:
         print(f"  CUDA graph capture failed: {str(exc)[:160]}")
         return float("nan")
 
+
+
+def graph_ms_per_call(fns) -> float:
+    """graph_ms of all `fns` in one graph, divided by their count: with each fn on its own copy
+    of the K/V (as a model's layers are), no call finds the previous replay's blocks in L2."""
+    return graph_ms(lambda: [fn() for fn in fns]) / len(fns)
 
 class AsaRunner:
     """Pre-allocated ASA call (params, workspace, outputs) so timing sees only the kernels."""
@@ -260,7 +269,7 @@ def bench_decode(args, kv: int, batch: int, rows: list):
     for name, backend in backends:
         dense[f"{name}_gqa"] = sdpa_ms(q, k, v, False, backend, gqa=True)
     best_name = min((x for x in dense if not math.isnan(dense[x])), key=dense.get)
-    dense_graph = float("nan")
+    dense_graph = dense_layers = float("nan")
     if args.decode_graphs:
         from torch.nn.attention import sdpa_kernel
         fn = torch.nn.functional.scaled_dot_product_attention
@@ -269,6 +278,11 @@ def bench_decode(args, kv: int, batch: int, rows: list):
         kg, vg = (k, v) if gqa else (kk, vv)
         with sdpa_kernel(backend):
             dense_graph = graph_ms(lambda: fn(q, kg, vg, enable_gqa=gqa))
+            if args.decode_layers > 1:
+                copies = [(kg.clone(), vg.clone()) for _ in range(args.decode_layers - 1)]
+                dense_layers = graph_ms_per_call(
+                    [lambda a=a, b=b: fn(q, a, b, enable_gqa=gqa) for a, b in [(kg, vg), *copies]])
+                del copies
     del kk, vv
     base = AsaAttributes(causal=True, block_size=args.block_size, select_per=1)
     for target in args.densities:
@@ -303,6 +317,19 @@ def bench_decode(args, kv: int, batch: int, rows: list):
                       "graph_dense_ms": dense_graph}
             graphs["graph_cached_speedup"] = dense_graph / graphs["graph_cached_ms"]
             graphs["graph_partial_speedup"] = dense_graph / graphs["graph_partial_ms"]
+            if args.decode_layers > 1:
+                # The same step on L copies of q, K/V and statistics (same lists, other
+                # addresses), against the dense call on L copies.
+                layers = [partial] + [
+                    AsaRunner(q.clone(), k.clone(), v.clone(), partial.attrs,
+                              key_block_stats=stats.clone(),
+                              key_block_stats_blocks=stats.shape[2] - 1)
+                    for _ in range(args.decode_layers - 1)]
+                graphs["layers"] = args.decode_layers
+                graphs["graph_layers_ms"] = graph_ms_per_call([r.call for r in layers])
+                graphs["graph_layers_dense_ms"] = dense_layers
+                graphs["graph_layers_speedup"] = dense_layers / graphs["graph_layers_ms"]
+                del layers
         if args.decode_kernels:
             graphs["kernels_us"] = kernel_times_us(partial.call)
         rows.append({"kind": "decode", "seq": kv, "batch": B, "target": target, "tau": tau,
@@ -507,12 +534,28 @@ def print_table(rows: list, gpu: str, args):
                           f"{r.get('graph_partial_ms', float('nan')):>8.3f} "
                           f"{r['graph_dense_ms']:>8.3f} {r['graph_cached_speedup']:>7.2f} "
                           f"{r.get('graph_partial_speedup', float('nan')):>7.2f}")
+        if any("graph_layers_ms" in r for r in dec):
+            L = next(r["layers"] for r in dec if "layers" in r)
+            print(f"\nCUDA graph of {L} layers (each call on its own copy of the K/V, so no replay "
+                  "starts with its blocks in L2), ms per layer: ASA one call, fastest dense; "
+                  "speedup")
+            for r in dec:
+                if "graph_layers_ms" in r:
+                    print(lead(r) + f"{r['graph_layers_ms']:>8.3f} "
+                          f"{r['graph_layers_dense_ms']:>8.3f} {r['graph_layers_speedup']:>7.2f}")
         if any("kernels_us" in r for r in dec):
             print("\nkernels of the one-call step (us per call, torch profiler):")
             for r in dec:
                 if "kernels_us" in r:
                     print(lead(r) + ", ".join(
                         f"{n} {t:.1f}" for n, t in r["kernels_us"].items()))
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -530,6 +573,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="decode batch sizes (one query row per sequence)")
     parser.add_argument("--decode-graphs", action=argparse.BooleanOptionalAction, default=True,
                         help="also time decode steps replayed from CUDA graphs")
+    parser.add_argument("--decode-layers", type=positive_int, default=1, metavar="L",
+                        help="also time the one-call decode step and the dense decode in a graph "
+                             "over L copies of the K/V (as L layers), per layer: no replay then "
+                             "finds its kept blocks in L2 (L = 8 copies 4.3 GB at 128K, batch 1)")
     parser.add_argument("--decode-kernels", action="store_true",
                         help="also time each kernel of the one-call decode step (torch profiler)")
     parser.add_argument("--models", nargs="*", default=[], choices=sorted(MODEL_SHAPES))

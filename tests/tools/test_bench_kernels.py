@@ -58,3 +58,22 @@ def test_table_names_the_heads_and_each_decode_rows_batch(capsys):
 def test_decode_batch_takes_several_sizes():
     args = bench.build_parser().parse_args(["--decode-batch", "1", "4", "8"])
     assert args.decode_batch == [1, 4, 8]
+
+
+def test_decode_layers_table_and_option(capsys):
+    """--decode-layers L adds a table of the one-call step and the dense call per layer in a
+    graph over L K/V copies; L must be at least 1 (1, the default, adds nothing)."""
+    parser = bench.build_parser()
+    assert parser.parse_args([]).decode_layers == 1
+    assert parser.parse_args(["--decode-layers", "8"]).decode_layers == 8
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--decode-layers", "0"])
+    args = argparse.Namespace(heads_q=32, heads_kv=8, decode_batch=[1])
+    row = decode_row(1, 131072, 0.054, 0.184)
+    row.update(layers=8, graph_layers_ms=0.058, graph_layers_dense_ms=0.186,
+               graph_layers_speedup=0.186 / 0.058)
+    bench.print_table([row, decode_row(1, 32768, 0.03, 0.06)], "test GPU", args)
+    out = capsys.readouterr().out
+    lines = out[out.index("CUDA graph of 8 layers"):].splitlines()[1:]
+    assert lines[0].split() == ["1", "131072", "0.10", "0.058", "0.186", "3.21"]
+    assert not lines[1:] or "32768" not in lines[1]  # a row without the layer timing is left out
