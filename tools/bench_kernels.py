@@ -78,11 +78,11 @@ def graph_ms(fn) -> float:
         return float("nan")
 
 
-
 def graph_ms_per_call(fns) -> float:
     """graph_ms of all `fns` in one graph, divided by their count: with each fn on its own copy
     of the K/V (as a model's layers are), no call finds the previous replay's blocks in L2."""
     return graph_ms(lambda: [fn() for fn in fns]) / len(fns)
+
 
 class AsaRunner:
     """Pre-allocated ASA call (params, workspace, outputs) so timing sees only the kernels."""
