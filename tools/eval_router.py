@@ -65,6 +65,8 @@ DEFAULT_OUT = REPO / ".cache" / "eval_router"
 def kjv_text(path: str | None) -> str:
     """The KJV text: a file, or the Debian `bible` command (`bible "gen1:1-rev22:21"`)."""
     if path:
+        if not pathlib.Path(path).is_file():
+            raise AsaExportError(f"KJV text file not found: {path}")
         return pathlib.Path(path).read_text()
     exe = shutil.which("bible")
     if exe is None:
@@ -996,6 +998,8 @@ def decode_list_overlap(q, k, scale: float, block: int, taus, steps: int) -> dic
     from asa_export.contract import AsaAttributes, reference
 
     seq = q.shape[1]
+    if not 2 <= steps <= seq:
+        raise AsaExportError(f"steps must be between 2 and the window's {seq} tokens, got {steps}")
     base = AsaAttributes(scale=scale, causal=True, block_size=block, sink_blocks=1, local_blocks=1,
                          select_per=1)
     keys = ("kept", "visible", "hit", "prev", "kept_free", "hit_free", "prev_free")

@@ -178,3 +178,16 @@ def test_decode_list_overlap_at_tau_1_inside_one_block_and_across_a_boundary():
     assert inside["hit"] == inside["kept"] == inside["prev"] == 49 * 3
     across = er.decode_list_overlap(q, k, 0.25, 64, [1.0], steps=50)[1.0]
     assert across["kept"] == across["hit"] + 1 and across["prev"] == across["hit"]
+
+
+def test_decode_list_overlap_refuses_steps_outside_the_window():
+    q = np.zeros((2, 100, 16), np.float32)
+    k = np.zeros((1, 100, 16), np.float32)
+    for steps in (1, 101):
+        with pytest.raises(AsaExportError, match="steps must be between 2 and"):
+            er.decode_list_overlap(q, k, 0.25, 64, [0.9], steps)
+
+
+def test_kjv_text_names_a_missing_file(tmp_path):
+    with pytest.raises(AsaExportError, match="KJV text file not found"):
+        er.kjv_text(str(tmp_path / "missing.txt"))
