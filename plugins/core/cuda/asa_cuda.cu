@@ -116,6 +116,7 @@ size_t asa_cuda_workspace_size(const AsaParams* params) {
 
 cudaError_t asa_cuda_route(const AsaParams* params, void* workspace, size_t workspace_bytes,
                            cudaStream_t stream) {
+  asa::cuda::begin_chain();
   asa::cuda::Workspace ws;
   asa::cuda::GateScratch gate;
   cudaError_t err = asa::cuda::prepare(params, workspace, workspace_bytes, &ws, &gate);
@@ -125,6 +126,7 @@ cudaError_t asa_cuda_route(const AsaParams* params, void* workspace, size_t work
 
 cudaError_t asa_cuda_attention(const AsaParams* params, void* workspace, size_t workspace_bytes,
                                cudaStream_t stream) {
+  asa::cuda::begin_chain();
   asa::cuda::Workspace ws;
   asa::cuda::GateScratch gate;
   cudaError_t err = asa::cuda::prepare(params, workspace, workspace_bytes, &ws, &gate);
@@ -134,6 +136,7 @@ cudaError_t asa_cuda_attention(const AsaParams* params, void* workspace, size_t 
 
 cudaError_t asa_cuda_forward(const AsaParams* params, void* workspace, size_t workspace_bytes,
                              cudaStream_t stream) {
+  asa::cuda::begin_chain();
   asa::cuda::Workspace ws;
   asa::cuda::GateScratch gate;
   cudaError_t err = asa::cuda::prepare(params, workspace, workspace_bytes, &ws, &gate);
@@ -168,6 +171,7 @@ cudaError_t asa_cuda_key_block_stats(const AsaParams* params, float* stats, int 
                         "call (NK = %d) to write their statistics", capacity, nk);
     return cudaErrorInvalidValue;
   }
+  asa::cuda::begin_chain();
   return asa::cuda::report(
       asa::cuda::launch_key_block_stats(*params, stats, first_block, capacity, stream),
       "key block statistics launch");

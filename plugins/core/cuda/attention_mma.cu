@@ -739,6 +739,18 @@ bool chained_launch_enabled() {
   return major >= 9 && (env == nullptr || env[0] != '0');
 }
 
+namespace {
+thread_local bool chain_started = false;  // whether this entry point call launched a kernel yet
+}  // namespace
+
+void begin_chain() { chain_started = false; }
+
+bool next_launch_chained() {
+  const bool first = !chain_started;
+  chain_started = true;
+  return !first && chained_launch_enabled();
+}
+
 cudaError_t launch_simple(const AsaParams& p, const Workspace& ws, cudaStream_t stream);
 
 bool mma_path_supported(const AsaParams& p) {

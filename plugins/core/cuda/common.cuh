@@ -90,7 +90,9 @@ __host__ __device__ __forceinline__ int cdiv(int a, int b) { return (a + b - 1) 
 // workspace, the lists, the caller's key_block_stats, the output): it returns once the previous
 // kernel has finished and its writes are visible. Before it, only the caller's inputs that no
 // kernel of the chain writes (q, k, v) may be read; every kernel before the previous one has
-// already finished. allow_next_kernel() lets the next chained kernel start before this one ends
+// already finished. That holds because the first kernel of an entry point's chain is never
+// chained (begin_chain, kernels.h): the caller's kernel before it may still be writing q, k, v
+// when it signals. allow_next_kernel() lets the next chained kernel start before this one ends
 // (that kernel still waits for this one). On older GPUs both are no-ops and the launch is an
 // ordinary one.
 __device__ __forceinline__ void wait_for_previous_kernel() {

@@ -81,8 +81,23 @@ int sm_count();
 // and ASA_CUDA_PDL unset or not "0" (read at each launch; the tests and benchmarks compare both).
 bool chained_launch_enabled();
 
-// Launches `kernel` so that it may start before the previous kernel in the stream ends; the
-// kernel must call wait_for_previous_kernel() first (the rule is in common.cuh).
+// The kernels one C entry point launches form a chain in the caller's stream, and only their
+// links may start early. The first kernel must not: the caller's kernel before it may signal its
+// dependents while it still writes q, k or v (a GEMM with programmatic dependent launch does so
+// once its MMAs are issued, before its epilogue stores), and some of our kernels read those
+// before their wait (common.cuh). So every entry point calls begin_chain() before its first
+// launch; next_launch_chained() then answers false once (the first launch of the call, which
+// runs as an ordinary launch) and chained_launch_enabled() after that. Per host thread. A
+// kernel launched with <<<>>> does not count: a chained kernel right after one of ours is also
+// launched as an ordinary one when it is the call's first through launch_chained (safe; only a
+// launch gap is not hidden).
+void begin_chain();
+bool next_launch_chained();
+
+// Launches `kernel` so that it may start before the previous kernel in the stream ends unless it
+// is the first of its entry point's chain (next_launch_chained); the kernel must call
+// wait_for_previous_kernel() before it touches what the chain writes (the rule is in
+// common.cuh).
 template <typename... Params, typename... Args>
 cudaError_t launch_chained(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
                            cudaStream_t stream, Args... args) {
@@ -95,7 +110,7 @@ cudaError_t launch_chained(void (*kernel)(Params...), dim3 grid, dim3 block, siz
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cfg.attrs = &attr;
-  cfg.numAttrs = chained_launch_enabled() ? 1 : 0;
+  cfg.numAttrs = next_launch_chained() ? 1 : 0;
   return cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
 }
 

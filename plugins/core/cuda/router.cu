@@ -1401,7 +1401,7 @@ cudaError_t launch_route_decode(const AsaParams& p, const Workspace& ws, const K
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
   }
   if (err != cudaSuccess) return err;
-  const RouteLaunch launch(C, lists * C, smem, stream, chained_launch_enabled());
+  const RouteLaunch launch(C, lists * C, smem, stream, next_launch_chained());
   return cudaLaunchKernelEx(&launch.cfg, kernel, p, ws, ke, fold ? 1 : 0);
 }
 
