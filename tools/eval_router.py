@@ -933,15 +933,16 @@ def cmd_thresholds(args) -> None:
 
 # ------------------------------------------------------------------ pooling study (proposal)
 
-POOLINGS = ("mean", "lse", "max", "last")
+def load_capturing():
+    """SmolLM2 whose attention records each layer's (query, key, scale) as torch tensors in the
+    returned list (cleared by the caller per window) and runs dense causal SDPA.
 
-
-def cmd_pooling(args) -> None:
-    """Recall / density proxy of alternative poolings on calibration windows (dense forward)."""
+    Returns:
+        (model, tokenizer, captured).
+    """
     import torch
 
-    from asa_export.contract import AsaAttributes, reference
-    from asa_export.router import research, stats
+    from asa_export.router import research
 
     captured = []
 
@@ -953,6 +954,20 @@ def cmd_pooling(args) -> None:
 
     research.register("asa_capture", capture)
     model, tok = load("asa_capture")
+    return model, tok, captured
+
+
+POOLINGS = ("mean", "lse", "max", "last")
+
+
+def cmd_pooling(args) -> None:
+    """Recall / density proxy of alternative poolings on calibration windows (dense forward)."""
+    import torch
+
+    from asa_export.contract import AsaAttributes, reference
+    from asa_export.router import research, stats
+
+    model, tok, captured = load_capturing()
     totals = {}
     wins = windows(tok, segment(args, "kjv", "calib"), args.context, args.calib_windows, args.seed + 1)
     for w in wins:
@@ -1034,22 +1049,14 @@ def cmd_overlap(args) -> None:
 
     from asa_export.router import research
 
-    captured = []
-
-    def capture(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
-        captured.append((query[0].float().numpy(), key[0].float().numpy(), float(scaling)))
-        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True,
-                                                               scale=scaling, enable_gqa=True)
-        return out.transpose(1, 2).contiguous(), None
-
-    research.register("asa_capture", capture)
-    model, tok = load("asa_capture")
+    model, tok, captured = load_capturing()
     totals = {}
     for i, w in enumerate(windows(tok, segment(args, args.text, "eval"), args.context, args.windows, args.seed)):
         captured.clear()
         t0 = time.time()
         research.window_nll(model, torch.from_numpy(w)[None])
         for q, k, scale in captured:
+            q, k = q[0].float().numpy(), k[0].float().numpy()
             for tau, c in decode_list_overlap(q, k, scale, args.block, args.taus, args.steps).items():
                 total = totals.setdefault(tau, dict.fromkeys(c, 0))
                 for key, value in c.items():
