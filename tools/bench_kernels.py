@@ -332,6 +332,8 @@ def bench_decode(args, kv: int, batch: int, rows: list):
                 del layers
         if args.decode_kernels:
             graphs["kernels_us"] = kernel_times_us(partial.call)
+        if args.decode_streams:
+            graphs["streams_ms"] = streams_ms(partial)
         rows.append({"kind": "decode", "seq": kv, "batch": B, "target": target, "tau": tau,
                      "density": runner.density(), "asa_ms": ms, "tok_s": B / ms * 1e3,
                      "dense_tok_s": B / best_dense * 1e3, "cudnn_ms": dense["cudnn"],
@@ -342,6 +344,36 @@ def bench_decode(args, kv: int, batch: int, rows: list):
                      "cached_lists_equal": same, "cached_last_pooled_ms": pms,
                      "cached_last_pooled_speedup": best_dense / pms, **graphs})
         print(json.dumps(rows[-1]), flush=True)
+
+
+def streams_ms(step: AsaRunner) -> dict:
+    """Can the attention run under the router? Graph-replayed ms of the step's router alone, an
+    attention + merge alone (over lists routed beforehand by a second runner of the same inputs,
+    as if predicted), the one-call step (the two in series), and router and attention on two
+    streams in one graph, with the router's stream at the same or at a higher priority."""
+    other = AsaRunner(step.q, step.k, step.v, step.attrs, key_block_stats=step.stats.clone(),
+                      key_block_stats_blocks=step.params.key_block_stats_blocks)
+    other.call()  # its lists: what its attention reads below
+
+    def both(router_priority: int):  # priority -1 is higher than the default 0
+        streams = [torch.cuda.Stream(priority=router_priority), torch.cuda.Stream()]
+
+        def fn():
+            main = torch.cuda.current_stream()
+            for s, work in zip(streams, (lambda: step.call("asa_cuda_route"),
+                                         lambda: other.call("asa_cuda_attention"))):
+                s.wait_stream(main)
+                with torch.cuda.stream(s):
+                    work()
+            for s in streams:
+                main.wait_stream(s)
+        return fn
+
+    return {"router": graph_ms(lambda: step.call("asa_cuda_route")),
+            "attention": graph_ms(lambda: other.call("asa_cuda_attention")),
+            "series": graph_ms(step.call),
+            "both": graph_ms(both(0)),
+            "both, router high priority": graph_ms(both(-1))}
 
 
 def short_kernel_name(name: str) -> str:
@@ -543,6 +575,13 @@ def print_table(rows: list, gpu: str, args):
                 if "graph_layers_ms" in r:
                     print(lead(r) + f"{r['graph_layers_ms']:>8.3f} "
                           f"{r['graph_layers_dense_ms']:>8.3f} {r['graph_layers_speedup']:>7.2f}")
+        if any("streams_ms" in r for r in dec):
+            print("\nrouter and attention on two streams (graph replay, ms): router alone, "
+                  "attention + merge alone (lists routed beforehand), in series (one call), "
+                  "both on two streams, both with the router's stream at high priority")
+            for r in dec:
+                if "streams_ms" in r:
+                    print(lead(r) + " ".join(f"{t:>8.3f}" for t in r["streams_ms"].values()))
         if any("kernels_us" in r for r in dec):
             print("\nkernels of the one-call step (us per call, torch profiler):")
             for r in dec:
@@ -579,6 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "finds its kept blocks in L2 (L = 8 copies 4.3 GB at 128K, batch 1)")
     parser.add_argument("--decode-kernels", action="store_true",
                         help="also time each kernel of the one-call decode step (torch profiler)")
+    parser.add_argument("--decode-streams", action="store_true",
+                        help="also time the one-call step's router and an attention over "
+                             "routed lists on two streams at once (BENCHMARKS.md step 50)")
     parser.add_argument("--models", nargs="*", default=[], choices=sorted(MODEL_SHAPES))
     parser.add_argument("--model-seqs", type=int, nargs="+", default=[8192, 32768, 131072])
     parser.add_argument("--json", type=pathlib.Path)

@@ -77,3 +77,20 @@ def test_decode_layers_table_and_option(capsys):
     lines = out[out.index("CUDA graph of 8 layers"):].splitlines()[1:]
     assert lines[0].split() == ["1", "131072", "0.10", "0.058", "0.186", "3.21"]
     assert not lines[1:] or "32768" not in lines[1]  # a row without the layer timing is left out
+
+
+def test_decode_streams_table_and_option(capsys):
+    """--decode-streams adds a table of the router and an attention on two streams, next to each
+    alone and in series; rows without those timings are left out."""
+    assert bench.build_parser().parse_args(["--decode-streams"]).decode_streams
+    assert not bench.build_parser().parse_args([]).decode_streams
+    args = argparse.Namespace(heads_q=32, heads_kv=8, decode_batch=[1])
+    row = decode_row(1, 131072, 0.054, 0.184)
+    row["streams_ms"] = {"router": 0.024, "attention": 0.033, "series": 0.054, "both": 0.050,
+                         "both, router high priority": 0.049}
+    bench.print_table([row, decode_row(1, 32768, 0.03, 0.06)], "test GPU", args)
+    out = capsys.readouterr().out
+    lines = out[out.index("two streams (graph replay"):].splitlines()[1:]
+    assert lines[0].split() == ["1", "131072", "0.10", "0.024", "0.033", "0.054", "0.050",
+                                "0.049"]
+    assert not lines[1:] or "32768" not in lines[1]
