@@ -226,6 +226,12 @@ def key_block_stats(key, attrs: AsaAttributes = AsaAttributes(), key_padding_mas
     `sparse_attention` as ``key_block_stats``. Rows depend on key_padding_mask: refresh every
     block whose kept keys changed.
 
+    Fastest decode step: pass ``key_block_stats_blocks = NK - 1`` so that the router pools the
+    last, still filling block itself, in the same call, and refresh a row here only once its
+    block is full (every block_size steps). Refreshing the last block here before every step
+    makes two calls per step, and the second cannot start under the first: 9-11 us more per
+    step at 128K on an H100 (BENCHMARKS.md optimization step 49).
+
     Args:
         key: [B, Hkv, Skv, D] CUDA tensor (head-dim stride 1).
         attrs: the node's attributes (block_size matters).
@@ -368,7 +374,8 @@ def sparse_attention(query, key, value, attrs: AsaAttributes = AsaAttributes(),
         key_block_stats: optional caller-kept router statistics from `key_block_stats`
             (float32 [B, Hkv, C, F]); the result is the same, the router reads these rows
             instead of pooling the keys. Calls the core directly (not through the torch op).
-        key_block_stats_blocks: valid leading rows (default min(C, NK)).
+        key_block_stats_blocks: valid leading rows (default min(C, NK)); the router pools
+            the blocks after them (NK - 1 in a decode loop: see `key_block_stats`).
 
     Returns:
         (out, block_indices, block_counts, visible_counts).
