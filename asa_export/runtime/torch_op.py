@@ -357,11 +357,40 @@ def _(query, key, value, key_padding_mask, attn_bias, head_thresholds, gate_q_we
     return (out, *(query.new_empty(s, dtype=torch.int32) for s in shapes))
 
 
+def _direct_call_ok(tensors) -> bool:
+    """Whether an eager call may run the op's implementation (`_forward`) without the
+    torch.library dispatcher: plain tensors, no torch.compile tracing, no dispatch mode (fake
+    tensors, tracing tools) and no input that needs autograd (the op has no backward; through
+    the dispatcher such a call keeps the op's error). The result is the same either way; the
+    dispatcher's Python layers cost ~80 µs per call on the H100 machine's host against ~100 µs
+    for `_forward` itself (BENCHMARKS.md "Torch binding: host time per call")."""
+    if torch.compiler.is_compiling() or _dispatch_mode() is not None:
+        return False
+    present = [t for t in tensors if t is not None]
+    if any(type(t) is not torch.Tensor for t in present):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
+
+
+def _dispatch_mode():
+    """The active torch dispatch mode, or a marker when this torch cannot say (then calls go
+    through the dispatcher)."""
+    try:
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+    except ImportError:
+        return "unknown"
+    return _get_current_dispatch_mode()
+
+
 def sparse_attention(query, key, value, attrs: AsaAttributes = AsaAttributes(),
                      key_padding_mask=None, attn_bias=None, head_thresholds=None,
                      gate_q_weight=None, gate_k_weight=None, *, key_block_stats=None,
                      key_block_stats_blocks=None):
     """Convenience wrapper of ``torch.ops.asa.sparse_attention`` taking an AsaAttributes.
+
+    In eager mode on plain tensors it calls the op's implementation directly (same result,
+    without the dispatcher's per-call cost; `_direct_call_ok`); under torch.compile, fake
+    tensors, a dispatch mode or autograd it goes through the op.
 
     Args:
         query: [B, Hq, Sq, D]; key: [B, Hkv, Skv, D]; value: [B, Hkv, Skv, Dv] (CUDA tensors).
@@ -380,7 +409,9 @@ def sparse_attention(query, key, value, attrs: AsaAttributes = AsaAttributes(),
     Returns:
         (out, block_indices, block_counts, visible_counts).
     """
-    if key_block_stats is not None:
+    tensors = (query, key, value, key_padding_mask, attn_bias, head_thresholds, gate_q_weight,
+               gate_k_weight)
+    if key_block_stats is not None or _direct_call_ok(tensors):
         return _forward(query, key, value, attrs, key_padding_mask, attn_bias, head_thresholds,
                         gate_q_weight, gate_k_weight, key_block_stats, key_block_stats_blocks)
     return torch.ops.asa.sparse_attention(

@@ -422,10 +422,18 @@ def test_head_thresholds(op):
 
 
 def test_custom_op_and_fake(op):
-    """torch.ops.asa.sparse_attention runs, and its fake impl gives the same shapes."""
+    """torch.ops.asa.sparse_attention runs and gives the eager wrapper's direct call bit for bit
+    (the wrapper skips the dispatcher on plain tensors), and its fake impl gives the same
+    shapes."""
     case = Case(1, 4, 2, 97, 97, 64, "bf16", A(causal=True, threshold=0.5))
     q, k, v, _, _ = make_inputs(case, 9)
-    real = op.sparse_attention(q, k, v, case.attrs)
+    a = case.attrs
+    real = torch.ops.asa.sparse_attention(
+        q, k, v, None, None, None, None, None, float(a.scale), bool(a.causal),
+        int(a.block_size), float(a.threshold), int(a.sink_blocks), int(a.local_blocks),
+        int(a.window), float(a.softcap), int(a.select_per))
+    direct = op.sparse_attention(q, k, v, case.attrs)
+    assert all(torch.equal(x, y) for x, y in zip(real, direct))
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode() as mode:
         fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))

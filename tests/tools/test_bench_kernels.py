@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "tools"))
 
 import bench_kernels as bench  # noqa: E402
@@ -94,3 +94,27 @@ def test_decode_streams_table_and_option(capsys):
     assert lines[0].split() == ["1", "131072", "0.10", "0.024", "0.033", "0.054", "0.050",
                                 "0.049"]
     assert not lines[1:] or "32768" not in lines[1]
+
+
+def test_model_attention_logs_density_only_when_asked(monkeypatch):
+    """The model rows' attention function sums the telemetry only in the untimed forward that
+    measures the density (the sums are extra kernels SDPA's timed forward does not run)."""
+    counts, vis = torch.tensor([[[2, 3]]]), torch.tensor([[4, 4]])
+    monkeypatch.setattr(bench.torch_op, "sparse_attention",
+                        lambda q, k, v, attrs: (q, None, counts, vis))
+    q = torch.zeros(1, 2, 8, 4)
+    assert bench._DENSITY_LOG[0] is None
+    out, _ = bench._asa_attention(None, q, q, q, None)
+    assert out.shape == (1, 8, 2, 4)
+    log: list = []
+    monkeypatch.setattr(bench, "_DENSITY_LOG", [log])
+    bench._asa_attention(None, q, q, q, None)
+    assert [(int(c), int(v)) for c, v in log] == [(5, 8)]
+
+
+def test_bench_binding_parses_its_arguments():
+    """tools/bench_binding.py imports without a GPU (its work starts in main) and takes --seq."""
+    import bench_binding
+    with pytest.raises(SystemExit) as info:
+        bench_binding.main(["--help"])
+    assert info.value.code == 0

@@ -1,0 +1,73 @@
+"""Host time per call of the torch binding's layers, against SDPA, at a shape where the GPU work
+is small enough for the host to be the bound (SmolLM2-135M's heads: Hq 9, Hkv 3, D 64, bf16).
+
+    python tools/bench_binding.py [--seq 256]
+
+Each row: µs per call of a loop of launches (host) and to the final synchronize (host + GPU);
+then the GPU kernels of one ASA call and one SDPA call (torch profiler). Needs a CUDA GPU and
+the kernel core (ASA_CUDA_LIB or plugins/build); BENCHMARKS.md "Torch binding: host time per
+call"."""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import pathlib
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import bench_kernels as bk  # noqa: E402
+from asa_export.contract import AsaAttributes  # noqa: E402
+from asa_export.runtime import torch_op as op  # noqa: E402
+
+
+def per_call_us(fn, n: int = 2000) -> tuple[float, float]:
+    """(host µs per call over a loop of n launches, µs per call up to the final synchronize)."""
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - start) / n * 1e6
+    torch.cuda.synchronize()
+    return host, (time.perf_counter() - start) / n * 1e6
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seq", type=int, default=256)
+    args = parser.parse_args(argv)
+    q = torch.randn(1, 9, args.seq, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 3, args.seq, 64, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    attrs = AsaAttributes(causal=True, block_size=128, threshold=0.4)
+    runner = bk.AsaRunner(q, k, v, attrs)
+    lib = op._library()
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    a = attrs
+    cases = {
+        "SDPA (enable_gqa)": lambda: sdpa(q, k, v, is_causal=True, enable_gqa=True),
+        "torch.ops.asa.sparse_attention": lambda: torch.ops.asa.sparse_attention(
+            q, k, v, None, None, None, None, None, float(a.scale), a.causal, a.block_size,
+            a.threshold, a.sink_blocks, a.local_blocks, a.window, a.softcap, a.select_per),
+        "torch_op.sparse_attention (eager wrapper)": lambda: op.sparse_attention(q, k, v, attrs),
+        "torch_op._forward": lambda: op._forward(q, k, v, attrs, None, None, None, None, None),
+        "C call with prebuilt params and workspace": runner.call,
+        "asa_cuda_workspace_size": lambda: lib.asa_cuda_workspace_size(
+            ctypes.byref(runner.params)),
+    }
+    print(f"{torch.cuda.get_device_name()}; S {args.seq}, Hq 9, Hkv 3, D 64, bf16; µs per call: "
+          "host (launch loop), host + GPU (to the final synchronize)")
+    for name, fn in cases.items():
+        host, total = per_call_us(fn)
+        print(f"  {name:45s} {host:8.1f} {total:8.1f}")
+    print("GPU kernels of one ASA call (µs):", bk.kernel_times_us(runner.call))
+    print("GPU kernels of one SDPA call (µs):",
+          bk.kernel_times_us(lambda: sdpa(q, k, v, is_causal=True, enable_gqa=True)))
+
+
+if __name__ == "__main__":
+    main()
