@@ -26,6 +26,11 @@ from typing import Optional
 
 import torch
 
+try:  # private in torch; without it every call goes through the dispatcher (_direct_call_ok)
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+except ImportError:  # pragma: no cover - older or newer torch
+    _get_current_dispatch_mode = None
+
 from asa_export.contract import AsaAttributes, num_blocks
 from asa_export.runtime.abi import AsaParams
 from asa_export.errors import AsaExportError
@@ -375,11 +380,7 @@ def _direct_call_ok(tensors) -> bool:
 def _dispatch_mode():
     """The active torch dispatch mode, or a marker when this torch cannot say (then calls go
     through the dispatcher)."""
-    try:
-        from torch.utils._python_dispatch import _get_current_dispatch_mode
-    except ImportError:
-        return "unknown"
-    return _get_current_dispatch_mode()
+    return "unknown" if _get_current_dispatch_mode is None else _get_current_dispatch_mode()
 
 
 def sparse_attention(query, key, value, attrs: AsaAttributes = AsaAttributes(),
