@@ -47,12 +47,9 @@ def main(argv=None):
     runner = bk.AsaRunner(q, k, v, attrs)
     lib = op._library()
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    a = attrs
     cases = {
         "SDPA (enable_gqa)": lambda: sdpa(q, k, v, is_causal=True, enable_gqa=True),
-        "torch.ops.asa.sparse_attention": lambda: torch.ops.asa.sparse_attention(
-            q, k, v, None, None, None, None, None, float(a.scale), a.causal, a.block_size,
-            a.threshold, a.sink_blocks, a.local_blocks, a.window, a.softcap, a.select_per),
+        "torch.ops.asa.sparse_attention": lambda: op.op_call(q, k, v, attrs),
         "torch_op.sparse_attention (eager wrapper)": lambda: op.sparse_attention(q, k, v, attrs),
         "torch_op._forward": lambda: op._forward(q, k, v, attrs, None, None, None, None, None),
         "C call with prebuilt params and workspace": runner.call,

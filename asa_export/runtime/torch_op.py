@@ -369,18 +369,13 @@ def _direct_call_ok(tensors) -> bool:
     the dispatcher such a call keeps the op's error). The result is the same either way; the
     dispatcher's Python layers cost ~80 µs per call on the H100 machine's host against ~100 µs
     for `_forward` itself (BENCHMARKS.md "Torch binding: host time per call")."""
-    if torch.compiler.is_compiling() or _dispatch_mode() is not None:
+    mode = "unknown" if _get_current_dispatch_mode is None else _get_current_dispatch_mode()
+    if torch.compiler.is_compiling() or mode is not None:
         return False
     present = [t for t in tensors if t is not None]
     if any(type(t) is not torch.Tensor for t in present):
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
-
-
-def _dispatch_mode():
-    """The active torch dispatch mode, or a marker when this torch cannot say (then calls go
-    through the dispatcher)."""
-    return "unknown" if _get_current_dispatch_mode is None else _get_current_dispatch_mode()
 
 
 def sparse_attention(query, key, value, attrs: AsaAttributes = AsaAttributes(),
@@ -415,6 +410,14 @@ def sparse_attention(query, key, value, attrs: AsaAttributes = AsaAttributes(),
     if key_block_stats is not None or _direct_call_ok(tensors):
         return _forward(query, key, value, attrs, key_padding_mask, attn_bias, head_thresholds,
                         gate_q_weight, gate_k_weight, key_block_stats, key_block_stats_blocks)
+    return op_call(query, key, value, attrs, key_padding_mask, attn_bias, head_thresholds,
+                   gate_q_weight, gate_k_weight)
+
+
+def op_call(query, key, value, attrs: AsaAttributes = AsaAttributes(), key_padding_mask=None,
+            attn_bias=None, head_thresholds=None, gate_q_weight=None, gate_k_weight=None):
+    """``torch.ops.asa.sparse_attention`` with the attributes taken from an AsaAttributes, always
+    through the dispatcher (what `sparse_attention` does where a direct call is not allowed)."""
     return torch.ops.asa.sparse_attention(
         query, key, value, key_padding_mask, attn_bias, head_thresholds, gate_q_weight,
         gate_k_weight, float(attrs.scale),
@@ -460,6 +463,6 @@ def dense_flops(batch: int, heads_q: int, seq_q: int, seq_kv: int, head_dim: int
 
 
 __all__ = ["AsaParams", "build_cuda_library", "find_cuda_library", "key_block_stats",
-           "make_params", "route",
+           "make_params", "op_call", "route",
            "run_core", "sparse_attention", "sparse_attention_op", "dense_flops",
            "telemetry_shapes"]

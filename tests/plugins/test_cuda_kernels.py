@@ -427,11 +427,7 @@ def test_custom_op_and_fake(op):
     shapes."""
     case = Case(1, 4, 2, 97, 97, 64, "bf16", A(causal=True, threshold=0.5))
     q, k, v, _, _ = make_inputs(case, 9)
-    a = case.attrs
-    real = torch.ops.asa.sparse_attention(
-        q, k, v, None, None, None, None, None, float(a.scale), bool(a.causal),
-        int(a.block_size), float(a.threshold), int(a.sink_blocks), int(a.local_blocks),
-        int(a.window), float(a.softcap), int(a.select_per))
+    real = op.op_call(q, k, v, case.attrs)
     direct = op.sparse_attention(q, k, v, case.attrs)
     assert all(torch.equal(x, y) for x, y in zip(real, direct))
     from torch._subclasses.fake_tensor import FakeTensorMode

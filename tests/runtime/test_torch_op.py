@@ -54,3 +54,5 @@ def test_wrapper_on_cpu_tensors_names_the_device_either_way():
     q = torch.randn(1, 2, 8, 4)
     with pytest.raises(AsaExportError, match="CUDA tensors only"):
         torch_op.sparse_attention(q, q, q)
+    with pytest.raises(AsaExportError, match="CUDA tensors only"):  # through the dispatcher
+        torch_op.op_call(q, q, q)
