@@ -3,10 +3,11 @@ is small enough for the host to be the bound (SmolLM2-135M's heads: Hq 9, Hkv 3,
 
     python tools/bench_binding.py [--seq 256]
 
-Each row: µs per call of a loop of launches (host) and to the final synchronize (host + GPU);
-then the GPU kernels of one ASA call and one SDPA call (torch profiler). Needs a CUDA GPU and
-the kernel core (ASA_CUDA_LIB or plugins/build); BENCHMARKS.md "Torch binding: host time per
-call"."""
+Each row: µs per call of a loop of launches (host; once the GPU is the bound, the launch queue
+makes this the GPU time), to the final synchronize (host + GPU), and the host time of one call
+launched on an idle GPU (median of 200: what a host-bound model pays per layer); then the GPU
+kernels of one ASA call and one SDPA call (torch profiler). Needs a CUDA GPU and the kernel core
+(ASA_CUDA_LIB or plugins/build); BENCHMARKS.md "Torch binding: host time per call"."""
 from __future__ import annotations
 
 import argparse
@@ -36,6 +37,17 @@ def per_call_us(fn, n: int = 2000) -> tuple[float, float]:
     return host, (time.perf_counter() - start) / n * 1e6
 
 
+def one_call_host_us(fn, n: int = 200) -> float:
+    """Median host µs of one call launched after a synchronize (an empty launch queue)."""
+    times = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e6)
+    return sorted(times)[n // 2]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seq", type=int, default=256)
@@ -57,10 +69,10 @@ def main(argv=None):
             ctypes.byref(runner.params)),
     }
     print(f"{torch.cuda.get_device_name()}; S {args.seq}, Hq 9, Hkv 3, D 64, bf16; µs per call: "
-          "host (launch loop), host + GPU (to the final synchronize)")
+          "host (launch loop), host + GPU (to the final synchronize), one call's host time")
     for name, fn in cases.items():
         host, total = per_call_us(fn)
-        print(f"  {name:45s} {host:8.1f} {total:8.1f}")
+        print(f"  {name:45s} {host:8.1f} {total:8.1f} {one_call_host_us(fn):8.1f}")
     print("GPU kernels of one ASA call (µs):", bk.kernel_times_us(runner.call))
     print("GPU kernels of one SDPA call (µs):",
           bk.kernel_times_us(lambda: sdpa(q, k, v, is_causal=True, enable_gqa=True)))
