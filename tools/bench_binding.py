@@ -1,18 +1,27 @@
 """Host time per call of the torch binding's layers, against SDPA, at a shape where the GPU work
 is small enough for the host to be the bound (SmolLM2-135M's heads: Hq 9, Hkv 3, D 64, bf16).
 
-    python tools/bench_binding.py [--seq 256]
+    python tools/bench_binding.py [--seq 256] [--model SmolLM2-135M]
 
 Each row: µs per call of a loop of launches (host; once the GPU is the bound, the launch queue
 makes this the GPU time), to the final synchronize (host + GPU), and the host time of one call
 launched on an idle GPU (median of 200: what a host-bound model pays per layer); then the GPU
 kernels of one ASA call and one SDPA call (torch profiler). Needs a CUDA GPU and the kernel core
-(ASA_CUDA_LIB or plugins/build); BENCHMARKS.md "Torch binding: host time per call"."""
+(ASA_CUDA_LIB or plugins/build); BENCHMARKS.md "Torch binding: host time per call".
+
+With --model, the same question one level up: a random-weight model of that shape (bench_kernels'
+MODEL_SHAPES) runs one prefill of --seq tokens with SDPA and with ASA (τ 0.4); per attention
+implementation it prints the host launch time and the wall time of one forward started on an idle
+GPU, the host time spent inside the attention function per call, the GPU kernel time per forward
+(profiler sum), and the functions with the most host time (cProfile, 3 forwards)."""
 from __future__ import annotations
 
 import argparse
+import cProfile
 import ctypes
+import io
 import pathlib
+import pstats
 import sys
 import time
 
@@ -48,10 +57,78 @@ def one_call_host_us(fn, n: int = 200) -> float:
     return sorted(times)[n // 2]
 
 
+def _timed(fn, acc: list):
+    """fn, adding each call's host seconds to acc[0] and counting calls in acc[1]."""
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        acc[0] += time.perf_counter() - start
+        acc[1] += 1
+        return result
+    return wrapper
+
+
+def model_forward(name: str, seq: int) -> None:
+    """Host against GPU time of one prefill forward of a random-weight model, SDPA and ASA."""
+    from transformers import AttentionInterface, LlamaConfig, LlamaModel
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    acc = [0.0, 0]
+    bk._ASA_ATTRS[0] = AsaAttributes(causal=True, block_size=128, threshold=0.4)
+    impls = {"sdpa_timed": sdpa_attention_forward, "asa_timed": bk._asa_attention}
+    for impl, fn in impls.items():
+        AttentionInterface.register(impl, _timed(fn, acc))
+    hidden, layers, heads, kv, hd, inter, vocab = bk.MODEL_SHAPES[name]
+    cfg = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv, head_dim=hd, intermediate_size=inter,
+                      vocab_size=vocab, max_position_embeddings=seq)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = LlamaModel(cfg).eval()
+    torch.set_default_dtype(torch.float32)
+    ids = torch.randint(0, vocab, (1, seq), device="cuda")
+    forward = lambda: model(input_ids=ids, use_cache=False)  # noqa: E731
+    print(f"{torch.cuda.get_device_name()}; {name}, S {seq}, bf16, ASA τ 0.4; ms per forward")
+    for impl in impls:
+        model.config._attn_implementation = impl
+        for layer in model.layers:
+            layer.self_attn.config._attn_implementation = impl
+        with torch.no_grad():
+            for _ in range(3):
+                forward()
+            acc[:] = [0.0, 0]
+            host, wall = [], []
+            for _ in range(5):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                forward()
+                host.append(time.perf_counter() - start)
+                torch.cuda.synchronize()
+                wall.append(time.perf_counter() - start)
+            calls = max(acc[1], 1)
+            gpu_ms = sum(bk.kernel_times_us(forward, reps=3).values()) / 1e3
+            print(f"  {impl:10s} host {min(host) * 1e3:7.2f}  wall {min(wall) * 1e3:7.2f}  "
+                  f"GPU kernels {gpu_ms:7.2f}  attention function host "
+                  f"{acc[0] / calls * 1e6:6.1f} µs/call")
+            profile = cProfile.Profile()
+            profile.enable()
+            for _ in range(3):
+                forward()
+            profile.disable()
+            torch.cuda.synchronize()
+        text = io.StringIO()
+        pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(12)
+        print("\n".join(line for line in text.getvalue().splitlines()[-16:] if line.strip()))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--model", choices=sorted(bk.MODEL_SHAPES),
+                        help="time one prefill forward of this model shape instead")
     args = parser.parse_args(argv)
+    if args.model:
+        model_forward(args.model, args.seq)
+        return
     q = torch.randn(1, 9, args.seq, 64, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, 3, args.seq, 64, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
+import time
 
 import pytest
 
@@ -118,3 +119,19 @@ def test_bench_binding_parses_its_arguments():
     with pytest.raises(SystemExit) as info:
         bench_binding.main(["--help"])
     assert info.value.code == 0
+
+
+def test_bench_binding_timed_wrapper_counts_calls_and_host_time():
+    """--model's attention wrapper passes results through and sums each call's host seconds."""
+    import bench_binding
+    acc = [0.0, 0]
+    slow = bench_binding._timed(lambda x, *, pause: (time.sleep(pause), x + 1)[1], acc)
+    assert slow(1, pause=0.01) == 2 and slow(5, pause=0.0) == 6
+    assert acc[1] == 2 and 0.01 <= acc[0] < 1.0
+
+
+def test_bench_binding_refuses_an_unknown_model():
+    import bench_binding
+    with pytest.raises(SystemExit) as info:
+        bench_binding.main(["--model", "GPT-5"])
+    assert info.value.code == 2
