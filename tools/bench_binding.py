@@ -70,28 +70,19 @@ def _timed(fn, acc: list):
 
 def model_forward(name: str, seq: int) -> None:
     """Host against GPU time of one prefill forward of a random-weight model, SDPA and ASA."""
-    from transformers import AttentionInterface, LlamaConfig, LlamaModel
+    from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     acc = [0.0, 0]
     bk._ASA_ATTRS[0] = AsaAttributes(causal=True, block_size=128, threshold=0.4)
     impls = {"sdpa_timed": sdpa_attention_forward, "asa_timed": bk._asa_attention}
     for impl, fn in impls.items():
         AttentionInterface.register(impl, _timed(fn, acc))
-    hidden, layers, heads, kv, hd, inter, vocab = bk.MODEL_SHAPES[name]
-    cfg = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                      num_key_value_heads=kv, head_dim=hd, intermediate_size=inter,
-                      vocab_size=vocab, max_position_embeddings=seq)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = LlamaModel(cfg).eval()
-    torch.set_default_dtype(torch.float32)
+    model, vocab = bk.random_model(name, seq)
     ids = torch.randint(0, vocab, (1, seq), device="cuda")
     forward = lambda: model(input_ids=ids, use_cache=False)  # noqa: E731
     print(f"{torch.cuda.get_device_name()}; {name}, S {seq}, bf16, ASA τ 0.4; ms per forward")
     for impl in impls:
-        model.config._attn_implementation = impl
-        for layer in model.layers:
-            layer.self_attn.config._attn_implementation = impl
+        bk.set_attention(model, impl)
         with torch.no_grad():
             for _ in range(3):
                 forward()

@@ -430,26 +430,41 @@ def _asa_attention(module, query, key, value, attention_mask, scaling=None, drop
 _ASA_ATTRS = [AsaAttributes(causal=True, block_size=128)]
 
 
+def random_model(name: str, max_positions: int, device: str = "cuda"):
+    """A random-weight bf16 transformers LlamaModel of MODEL_SHAPES[name] in eval mode;
+    returns (model, vocab size)."""
+    from transformers import LlamaConfig, LlamaModel
+    hidden, layers, heads, kv, hd, inter, vocab = MODEL_SHAPES[name]
+    cfg = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv, head_dim=hd, intermediate_size=inter,
+                      vocab_size=vocab, max_position_embeddings=max_positions)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlamaModel(cfg).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    return model, vocab
+
+
+def set_attention(model, impl: str) -> None:
+    """Make every layer of `model` run the attention function registered as `impl`."""
+    model.config._attn_implementation = impl
+    for layer in model.layers:
+        layer.self_attn.config._attn_implementation = impl
+
+
 def bench_models(args, rows: list):
     """Prefill latency and peak memory of random-weight Llama-shaped models, SDPA vs ASA."""
-    from transformers import AttentionInterface, LlamaConfig, LlamaModel
+    from transformers import AttentionInterface
     AttentionInterface.register("asa", _asa_attention)
     for name in args.models:
-        hidden, layers, heads, kv, hd, inter, vocab = MODEL_SHAPES[name]
-        cfg = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                          num_key_value_heads=kv, head_dim=hd, intermediate_size=inter,
-                          vocab_size=vocab, max_position_embeddings=max(args.model_seqs))
-        torch.set_default_dtype(torch.bfloat16)
-        with torch.device("cuda"):
-            model = LlamaModel(cfg).eval()
-        torch.set_default_dtype(torch.float32)
+        model, vocab = random_model(name, max(args.model_seqs))
         for seq in args.model_seqs:
             ids = torch.randint(0, vocab, (1, seq), device="cuda")
             for label, impl, tau in (("sdpa dense", "sdpa", None), ("asa 0.4", "asa", 0.4),
                                      ("asa 0.1", "asa", 0.1)):
-                model.config._attn_implementation = impl
-                for layer in model.layers:
-                    layer.self_attn.config._attn_implementation = impl
+                set_attention(model, impl)
                 if tau is not None:
                     _ASA_ATTRS[0] = AsaAttributes(causal=True, block_size=128, threshold=tau)
                 torch.cuda.empty_cache()

@@ -135,3 +135,16 @@ def test_bench_binding_refuses_an_unknown_model():
     with pytest.raises(SystemExit) as info:
         bench_binding.main(["--model", "GPT-5"])
     assert info.value.code == 2
+
+
+def test_random_model_and_set_attention(monkeypatch):
+    """The model tools' builder: the named shape in bf16, default dtype restored; set_attention
+    switches the attention function the layers run."""
+    pytest.importorskip("transformers")
+    monkeypatch.setitem(bench.MODEL_SHAPES, "tiny", (64, 2, 4, 2, 16, 128, 100))
+    model, vocab = bench.random_model("tiny", 64, device="cpu")
+    assert vocab == 100 and len(model.layers) == 2
+    assert model.embed_tokens.weight.dtype == torch.bfloat16
+    assert torch.get_default_dtype() == torch.float32
+    bench.set_attention(model, "eager")
+    assert {layer.self_attn.config._attn_implementation for layer in model.layers} == {"eager"}
