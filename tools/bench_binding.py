@@ -13,7 +13,9 @@ With --model, the same question one level up: a random-weight model of that shap
 MODEL_SHAPES) runs one prefill of --seq tokens with SDPA and with ASA (τ 0.4); per attention
 implementation it prints the host launch time and the wall time of one forward started on an idle
 GPU, the host time spent inside the attention function per call, the GPU kernel time per forward
-(profiler sum), and the functions with the most host time (cProfile, 3 forwards)."""
+(profiler sum; under the profiler also the GPU's busy time and the CUDA runtime calls), the
+time of the forward captured in a CUDA graph and replayed (no host work: what a graph-launching
+server pays), and the functions with the most host time (cProfile, 3 forwards)."""
 from __future__ import annotations
 
 import argparse
@@ -68,6 +70,54 @@ def _timed(fn, acc: list):
     return wrapper
 
 
+def runtime_api_summary(forward) -> str:
+    """One forward under the torch profiler: CUDA runtime calls (count, host ms) and the GPU's
+    idle time between its first kernel start and last kernel end."""
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        forward()
+        torch.cuda.synchronize()
+    api = {}
+    kernels = []
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels.append((e.time_range.start, e.time_range.end))
+        elif e.name.startswith("cuda") and not e.name.startswith("cudaDeviceSynchronize"):
+            count, total = api.get(e.name, (0, 0.0))
+            api[e.name] = (count + 1, total + e.cpu_time_total)
+    busy, last = 0.0, float("-inf")
+    for start, end in sorted(kernels):  # union of kernel intervals
+        busy += max(0.0, end - max(start, last))
+        last = max(last, end)
+    span = (last - min(s for s, _ in kernels)) if kernels else 0.0
+    top = sorted(api.items(), key=lambda kv: -kv[1][1])[:4]
+    calls = ", ".join(f"{n} {c}× {t / 1e3:.2f} ms" for n, (c, t) in top)
+    return (f"profiled: GPU busy {busy / 1e3:.2f} of {span / 1e3:.2f} ms between first and last "
+            f"kernel; runtime API {calls}")
+
+
+def graph_replay_ms(forward) -> tuple[float, float]:
+    """(median ms of the forward captured in one CUDA graph and replayed, max |replay output -
+    eager output|); (nan, nan) with the reason printed when the capture fails."""
+    eager = forward().last_hidden_state.float()
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            forward()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static = forward().last_hidden_state
+    except Exception as exc:  # noqa: BLE001 - report and go on
+        print(f"    CUDA graph capture failed: {str(exc)[:200]}")
+        return float("nan"), float("nan")
+    graph.replay()
+    diff = (static.float() - eager).abs().max().item()
+    return bk.time_ms(graph.replay), diff
+
+
 def model_forward(name: str, seq: int) -> None:
     """Host against GPU time of one prefill forward of a random-weight model, SDPA and ASA."""
     from transformers import AttentionInterface
@@ -100,6 +150,10 @@ def model_forward(name: str, seq: int) -> None:
             print(f"  {impl:10s} host {min(host) * 1e3:7.2f}  wall {min(wall) * 1e3:7.2f}  "
                   f"GPU kernels {gpu_ms:7.2f}  attention function host "
                   f"{acc[0] / calls * 1e6:6.1f} µs/call")
+            print("   ", runtime_api_summary(forward))
+            graph, diff = graph_replay_ms(forward)
+            print(f"    CUDA graph replay {graph:7.2f} ms per forward; replay output against "
+                  f"eager: max |diff| {diff:.3g}")
             profile = cProfile.Profile()
             profile.enable()
             for _ in range(3):

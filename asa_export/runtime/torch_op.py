@@ -276,18 +276,29 @@ def key_block_stats(key, attrs: AsaAttributes = AsaAttributes(), key_padding_mas
     return out
 
 
-def run_core(entry: str, params: AsaParams, device: torch.device) -> None:
+def workspace_size(params: AsaParams) -> int:
+    """Bytes of device workspace the core needs for `params` (asa_cuda_workspace_size); raises
+    with the core's message when it rejects the params."""
+    lib = _library()
+    size = lib.asa_cuda_workspace_size(ctypes.byref(params))
+    if size == 0 and lib.asa_last_error():
+        raise AsaExportError(lib.asa_last_error().decode())
+    return size
+
+
+def run_core(entry: str, params: AsaParams, device: torch.device,
+             size: Optional[int] = None) -> None:
     """Call one C entry point (asa_cuda_route / _attention / _forward) on the current stream.
 
     Args:
         entry: name of the entry point.
         params: filled AsaParams.
         device: CUDA device of the tensors.
+        size: the workspace bytes when already known for these shapes (`workspace_size`).
     """
     lib = _library()
-    size = lib.asa_cuda_workspace_size(ctypes.byref(params))
-    if size == 0 and lib.asa_last_error():
-        raise AsaExportError(lib.asa_last_error().decode())
+    if size is None:
+        size = workspace_size(params)
     workspace = torch.empty(max(size, 1), dtype=torch.uint8, device=device)
     stream = torch.cuda.current_stream(device).cuda_stream
     err = getattr(lib, entry)(ctypes.byref(params), ctypes.c_void_p(workspace.data_ptr()),
@@ -344,11 +355,45 @@ def _forward(query, key, value, attrs: AsaAttributes, key_padding_mask, attn_bia
     out = torch.empty(*q.shape[:3], v.shape[3], dtype=q.dtype, device=q.device)
     shapes = telemetry_shapes(q, k, attrs)
     telemetry = [torch.empty(s, dtype=torch.int32, device=q.device) for s in shapes]
+    optional = (key_padding_mask, attn_bias, head_thresholds, gate_q_weight, gate_k_weight,
+                key_block_stats)
+    if all(t is None for t in optional):
+        params, size = _plain_params(q, k, v, out, telemetry, attrs)
+        run_core("asa_cuda_forward", params, q.device, size)
+        return (out, *telemetry)
     params, _keep = make_params(q, k, v, out, telemetry, attrs, key_padding_mask, attn_bias,
                                 head_thresholds, gate_q_weight, gate_k_weight, key_block_stats,
                                 key_block_stats_blocks)
     run_core("asa_cuda_forward", params, q.device)
     return (out, *telemetry)
+
+
+# Params of calls without optional inputs, per (dtype, shapes, strides, attributes): a model
+# calls the op with the same few signatures in every layer, and building AsaParams field by field
+# plus the workspace query is most of the binding's Python time. Bounded: a decode loop whose
+# key length grows makes a new signature every step.
+_PLAIN_PARAMS: dict = {}
+_PLAIN_PARAMS_MAX = 64
+
+
+def _plain_params(q, k, v, out, telemetry, attrs: AsaAttributes) -> tuple[AsaParams, int]:
+    """(AsaParams, workspace bytes) of a call with no optional input: equal to what
+    `make_params` and `workspace_size` give, from a cached template with the pointers set."""
+    key = (q.device, q.dtype, q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(),
+           attrs)
+    entry = _PLAIN_PARAMS.get(key)
+    if entry is None:
+        template, _ = make_params(q, k, v, out, telemetry, attrs)
+        entry = (template, workspace_size(template))
+        if len(_PLAIN_PARAMS) >= _PLAIN_PARAMS_MAX:
+            _PLAIN_PARAMS.pop(next(iter(_PLAIN_PARAMS)))  # the oldest signature
+        _PLAIN_PARAMS[key] = entry
+    params = AsaParams.from_buffer_copy(entry[0])
+    params.q, params.k, params.v, params.out = (q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                                out.data_ptr())
+    params.block_indices, params.block_counts, params.visible_counts = (
+        t.data_ptr() for t in telemetry)
+    return params, entry[1]
 
 
 @sparse_attention_op.register_fake
@@ -465,4 +510,4 @@ def dense_flops(batch: int, heads_q: int, seq_q: int, seq_kv: int, head_dim: int
 __all__ = ["AsaParams", "build_cuda_library", "find_cuda_library", "key_block_stats",
            "make_params", "op_call", "route",
            "run_core", "sparse_attention", "sparse_attention_op", "dense_flops",
-           "telemetry_shapes"]
+           "telemetry_shapes", "workspace_size"]

@@ -56,3 +56,47 @@ def test_wrapper_on_cpu_tensors_names_the_device_either_way():
         torch_op.sparse_attention(q, q, q)
     with pytest.raises(AsaExportError, match="CUDA tensors only"):  # through the dispatcher
         torch_op.op_call(q, q, q)
+
+
+def _case(seq_q, seq_kv, dtype=torch.bfloat16):
+    q = torch.randn(1, 9, seq_q, 64, dtype=dtype)
+    k, v = torch.randn(1, 3, seq_kv, 64, dtype=dtype), torch.randn(1, 3, seq_kv, 64, dtype=dtype)
+    return q, k, v, torch.empty_like(q)
+
+
+def test_cached_params_equal_make_params_with_each_calls_pointers(monkeypatch):
+    """`_plain_params` (the eager call's cached template) gives the bytes `make_params` gives,
+    with the pointers of the call's own tensors, not the template's; its workspace size is the
+    core's answer for the template, asked once per signature."""
+    from asa_export.contract import AsaAttributes
+    asked = []
+    monkeypatch.setattr(torch_op, "workspace_size", lambda p: asked.append(p.seq_kv) or 4096)
+    monkeypatch.setattr(torch_op, "_PLAIN_PARAMS", {})
+    attrs = AsaAttributes(causal=True, block_size=64, threshold=0.4, local_blocks=3)
+    for seq_q, seq_kv, dtype in [(97, 97, torch.bfloat16), (97, 97, torch.bfloat16),
+                                 (1, 4099, torch.float16), (97, 97, torch.bfloat16)]:
+        q, k, v, out = _case(seq_q, seq_kv, dtype)
+        if seq_q == 1:  # a view into a longer cache: strides that its shape does not give
+            k = torch.randn(1, 3, seq_kv + 5, 64, dtype=dtype)[:, :, :seq_kv]
+        telemetry = [torch.empty(s, dtype=torch.int32)
+                     for s in torch_op.telemetry_shapes(q, k, attrs)]
+        expected, _ = torch_op.make_params(q, k, v, out, telemetry, attrs)
+        params, size = torch_op._plain_params(q, k, v, out, telemetry, attrs)
+        assert bytes(params) == bytes(expected)
+        assert params.q == q.data_ptr() and params.visible_counts == telemetry[2].data_ptr()
+        assert size == 4096
+    assert asked == [97, 4099]  # one query per signature
+
+
+def test_cached_params_are_bounded(monkeypatch):
+    from asa_export.contract import AsaAttributes
+    monkeypatch.setattr(torch_op, "workspace_size", lambda p: 1)
+    monkeypatch.setattr(torch_op, "_PLAIN_PARAMS", {})
+    attrs = AsaAttributes(causal=True, block_size=64)
+    for seq_kv in range(1, torch_op._PLAIN_PARAMS_MAX + 10):  # a decode loop's growing keys
+        q, k, v, out = _case(1, seq_kv)
+        telemetry = [torch.empty(s, dtype=torch.int32)
+                     for s in torch_op.telemetry_shapes(q, k, attrs)]
+        torch_op._plain_params(q, k, v, out, telemetry, attrs)
+    assert len(torch_op._PLAIN_PARAMS) == torch_op._PLAIN_PARAMS_MAX
+    assert max(key[4][2] for key in torch_op._PLAIN_PARAMS) == torch_op._PLAIN_PARAMS_MAX + 9
