@@ -186,6 +186,8 @@ def main(argv=None):
         "torch.ops.asa.sparse_attention": lambda: op.op_call(q, k, v, attrs),
         "torch_op.sparse_attention (eager wrapper)": lambda: op.sparse_attention(q, k, v, attrs),
         "torch_op._forward": lambda: op._forward(q, k, v, attrs, None, None, None, None, None),
+        "torch_op._forward, params cache emptied first": lambda: (
+            op._PLAIN_PARAMS.clear(), op._forward(q, k, v, attrs, None, None, None, None, None)),
         "C call with prebuilt params and workspace": runner.call,
         "asa_cuda_workspace_size": lambda: lib.asa_cuda_workspace_size(
             ctypes.byref(runner.params)),

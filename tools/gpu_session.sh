@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device call for the CUDA kernel core: build libasa_cuda.so (sm_90a + sm_80), run the GPU
 # tests, run the kernel benchmark. Logs land under $OUT (the device tool brings them back).
-#   tools/gpu_session.sh [all|test|bench|diag|decode|profile] [extra bench_kernels.py args...]
+#   tools/gpu_session.sh [all|test|bench|diag|decode|profile|host] [extra bench_kernels.py args...]
 # ASA_PREBUILT=path/libasa_cuda.so skips the build when that library loads here (built on the
 # CPU machine with the same nvcc, carried in an ignored folder; saves device time); then the
 # compile test is left to the CPU machine. BENCH_TAG names a second benchmark's logs.
@@ -31,7 +31,7 @@ else
   echo "build: $(( $(date +%s) - start )) s"
   export ASA_CUDA_LIB=$PWD/$BUILD/core/cuda/libasa_cuda.so
 fi
-if [ "$MODE" = all ] || [ "$MODE" = test ]; then
+if [ "$MODE" = all ] || [ "$MODE" = test ] || [ "$MODE" = host ]; then
   timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider -rf $TESTS \
     2>&1 | tee "$OUT/tests.log" | tail -40
 fi
@@ -95,4 +95,18 @@ if [ "$MODE" = profile ]; then
     > "$OUT/ncu_decode.log" 2>&1
   grep -E "^  [a-z].*kernel|Duration|DRAM Throughput|decode step profiled" "$OUT/ncu_decode.log" \
     | sed -E 's/\(AsaParams.*\) \(/ (/' | cut -c1-110
+fi
+if [ "$MODE" = host ]; then
+  # Host time of the torch binding (BENCHMARKS.md "SmolLM2-135M at 8K in the model"): per call at
+  # SmolLM2's heads (with the params cache and without), then one prefill forward of the
+  # SmolLM2-shaped model: host, wall, GPU busy, runtime calls, CUDA-graph replay.
+  for s in 256 8192; do
+    timeout 90 python3 tools/bench_binding.py --seq $s > "$OUT/binding_$s.log" 2>&1
+    grep -v Warn "$OUT/binding_$s.log" | grep -v _warn_once
+  done
+  for s in 8192 32768; do
+    timeout 150 python3 tools/bench_binding.py --model SmolLM2-135M --seq $s \
+      > "$OUT/model_smollm2_$s.log" 2>&1
+    grep -E "host |profiled|graph|failed|Error" "$OUT/model_smollm2_$s.log"
+  done
 fi

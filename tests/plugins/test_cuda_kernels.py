@@ -438,6 +438,29 @@ def test_custom_op_and_fake(op):
     assert [t.dtype for t in real] == [t.dtype for t in fake]
 
 
+def test_cached_params_give_make_params_result(op):
+    """The eager call's cached AsaParams template (`_plain_params`) against params built field
+    by field (`run_poisoned`), bit for bit: a new signature, the same signature again with other
+    tensors (the pointers must be this call's), and keys that are a view into a longer cache."""
+    op._PLAIN_PARAMS.clear()
+    case = Case(1, 6, 2, 97, 97, 64, "bf16", A(causal=True, threshold=0.6))
+    for seed in (3, 4):
+        q, k, v, _, _ = make_inputs(case, seed)
+        ours = op.sparse_attention(q, k, v, case.attrs)
+        expected = run_poisoned(op, q, k, v, case.attrs)
+        assert torch.equal(ours[0], expected[0])
+        assert all(torch.equal(x, y) for x, y in zip(ours[1:], expected[1]))
+    long_k = torch.randn(1, 2, 300, 64, device="cuda", dtype=torch.bfloat16)
+    long_v = torch.randn_like(long_k)
+    q = torch.randn(1, 6, 1, 64, device="cuda", dtype=torch.bfloat16)
+    for length in (257, 257, 290):
+        k, v = long_k[:, :, :length], long_v[:, :, :length]
+        ours = op.sparse_attention(q, k, v, case.attrs)
+        expected = run_poisoned(op, q, k, v, case.attrs)
+        assert torch.equal(ours[0], expected[0]), length
+    assert len(op._PLAIN_PARAMS) == 3
+
+
 def test_invalid_params_raise(op):
     from asa_export.errors import AsaExportError
     q = torch.randn(1, 3, 64, 64, device="cuda", dtype=torch.bfloat16)
