@@ -71,8 +71,9 @@ def _timed(fn, acc: list):
 
 
 def runtime_api_summary(forward) -> str:
-    """One forward under the torch profiler: CUDA runtime calls (count, host ms) and the GPU's
-    idle time between its first kernel start and last kernel end."""
+    """One forward under the torch profiler: the GPU's busy time (union of kernel intervals)
+    against the span from its first kernel start to its last kernel end, and the CUDA runtime
+    calls with the most host time (count, host ms)."""
     torch.cuda.synchronize()
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
