@@ -27,7 +27,10 @@ setup(
                  # CPU-side TensorRT-family parse/build tests (no GPU needed).
                  "tensorrt-rtx-cu13-libs==1.7.1.116", "tensorrt-rtx-cu13-bindings==1.7.1.116",
                  # SASS checks of the CUDA core's sm_90a build (tests/plugins/test_cuda_compile.py).
-                 "nvidia-cuda-cuobjdump==13.5.37", "nvidia-cuda-nvdisasm==13.5.37"],
+                 "nvidia-cuda-cuobjdump==13.5.37", "nvidia-cuda-nvdisasm==13.5.37",
+                 # torch.utils.cpp_extension builds the torch binding's compiled host path with it
+                 # (tests/runtime/test_torch_native.py).
+                 "ninja"],
         "tensorrt": ["tensorrt"],
     },
     entry_points={"console_scripts": ["asa-export=asa_export.cli.main:main"]},

@@ -22,6 +22,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+import warnings
 from typing import Optional
 
 import torch
@@ -32,6 +33,7 @@ except ImportError:  # pragma: no cover - older or newer torch
     _get_current_dispatch_mode = None
 
 from asa_export.contract import AsaAttributes, num_blocks
+from asa_export.runtime import torch_native
 from asa_export.runtime.abi import AsaParams
 from asa_export.errors import AsaExportError
 
@@ -352,12 +354,17 @@ def _forward(query, key, value, attrs: AsaAttributes, key_padding_mask, attn_bia
     if not query.is_cuda:
         raise AsaExportError("asa::sparse_attention runs on CUDA tensors only")
     q, k, v = (_inner_contiguous(t) for t in (query, key, value))
+    optional = (key_padding_mask, attn_bias, head_thresholds, gate_q_weight, gate_k_weight,
+                key_block_stats)
+    plain = all(t is None for t in optional)
+    if plain and torch_native.enabled():
+        native = _native_forward(q, k, v, attrs)
+        if native is not None:
+            return native
     out = torch.empty(*q.shape[:3], v.shape[3], dtype=q.dtype, device=q.device)
     shapes = telemetry_shapes(q, k, attrs)
     telemetry = [torch.empty(s, dtype=torch.int32, device=q.device) for s in shapes]
-    optional = (key_padding_mask, attn_bias, head_thresholds, gate_q_weight, gate_k_weight,
-                key_block_stats)
-    if all(t is None for t in optional):
+    if plain:
         params, size = _plain_params(q, k, v, out, telemetry, attrs)
         run_core("asa_cuda_forward", params, q.device, size)
         return (out, *telemetry)
@@ -366,6 +373,32 @@ def _forward(query, key, value, attrs: AsaAttributes, key_padding_mask, attn_bia
                                 key_block_stats_blocks)
     run_core("asa_cuda_forward", params, q.device)
     return (out, *telemetry)
+
+
+def _native_forward(q, k, v, attrs: AsaAttributes):
+    """`_forward` of a call without optional inputs through the compiled host path
+    (runtime/torch_native.py); None when it cannot be built (warned once, ctypes is used)."""
+    mod = torch_native.module()
+    if mod is None:
+        if not _NATIVE_WARNED:
+            _NATIVE_WARNED.append(True)
+            warnings.warn(f"ASA_TORCH_NATIVE=1 but the compiled path could not be built, using "
+                          f"ctypes: {torch_native.build_error}")
+        return None
+    if not _NATIVE_ENTRIES:
+        lib = _library()
+        _NATIVE_ENTRIES.extend(torch_native.address(fn) for fn in (
+            lib.asa_cuda_workspace_size, lib.asa_cuda_forward, lib.asa_last_error))
+    stream = torch.cuda.current_stream(q.device).cuda_stream
+    try:
+        return tuple(torch_native.plain_forward(mod, q, k, v, attrs, _DTYPES[q.dtype],
+                                                tuple(_NATIVE_ENTRIES), stream))
+    except ValueError as exc:  # the core's message, as run_core raises it
+        raise AsaExportError(str(exc)) from exc
+
+
+_NATIVE_WARNED: list = []
+_NATIVE_ENTRIES: list = []  # addresses of asa_cuda_workspace_size, asa_cuda_forward, asa_last_error
 
 
 # Params of calls without optional inputs, per (dtype, shapes, strides, attributes): a model

@@ -461,6 +461,27 @@ def test_cached_params_give_make_params_result(op):
     assert len(op._PLAIN_PARAMS) == 3
 
 
+def test_compiled_host_path_gives_the_same_bits(op, monkeypatch):
+    """ASA_TORCH_NATIVE=1 (plugins/torch/asa_torch_op.cpp, built here against this torch) against
+    params built field by field, bit for bit: prefill, and a decode row on a KV-cache view; the
+    core's rejection keeps its message."""
+    from asa_export.errors import AsaExportError
+    from asa_export.runtime import torch_native
+    assert torch_native.module() is not None, torch_native.build_error
+    monkeypatch.setenv("ASA_TORCH_NATIVE", "1")
+    case = Case(1, 6, 2, 97, 97, 64, "bf16", A(causal=True, threshold=0.6))
+    q, k, v, _, _ = make_inputs(case, 5)
+    long_k = torch.randn(1, 2, 300, 64, device="cuda", dtype=torch.bfloat16)
+    for q, k, v in ((q, k, v), (q[:, :, -1:], long_k[:, :, :257], long_k[:, :, 1:258])):
+        ours = op.sparse_attention(q, k, v, case.attrs)
+        expected = run_poisoned(op, q, k, v, case.attrs)
+        assert torch.equal(ours[0], expected[0])
+        assert all(torch.equal(x, y) for x, y in zip(ours[1:], expected[1]))
+    bad = torch.randn(1, 3, 64, 64, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(AsaExportError, match="multiple"):
+        op.sparse_attention(bad, bad[:, :2], bad[:, :2], A())
+
+
 def test_invalid_params_raise(op):
     from asa_export.errors import AsaExportError
     q = torch.randn(1, 3, 64, 64, device="cuda", dtype=torch.bfloat16)
