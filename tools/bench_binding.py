@@ -190,14 +190,14 @@ def main(argv=None):
         "torch_op._forward": lambda: op._forward(q, k, v, attrs, None, None, None, None, None),
         "torch_op._forward, params cache emptied first": lambda: (
             op._PLAIN_PARAMS.clear(), op._forward(q, k, v, attrs, None, None, None, None, None)),
-        "compiled host path (ASA_TORCH_NATIVE=1)": lambda: op._native_forward(q, k, v, attrs),
+        "torch_op._native_forward (ASA_TORCH_NATIVE=1)": lambda: op._native_forward(q, k, v, attrs),
         "C call with prebuilt params and workspace": runner.call,
         "asa_cuda_workspace_size": lambda: lib.asa_cuda_workspace_size(
             ctypes.byref(runner.params)),
     }
     if torch_native.module() is None:
         print("compiled host path not built:", torch_native.build_error)
-        del cases["compiled host path (ASA_TORCH_NATIVE=1)"]
+        del cases["torch_op._native_forward (ASA_TORCH_NATIVE=1)"]
     print(f"{torch.cuda.get_device_name()}; S {args.seq}, Hq 9, Hkv 3, D 64, bf16; µs per call: "
           "host (launch loop), host + GPU (to the final synchronize), one call's host time")
     for name, fn in cases.items():

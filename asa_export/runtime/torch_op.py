@@ -4,7 +4,8 @@ The op calls the core's C ABI (plugins/core/include/asa/asa_cuda.h) through ctyp
 pointers and the current CUDA stream, so no torch extension has to be compiled against the torch
 of the machine that runs it (the CPU and GPU machines run different torch versions). The shared
 library is found through ``$ASA_CUDA_LIB`` or under ``plugins/build/``; ``build_cuda_library``
-builds it with CMake.
+builds it with CMake. With ``ASA_TORCH_NATIVE=1`` eager calls without optional inputs take a C++
+host path compiled against the running torch instead (runtime/torch_native.py).
 
     out, block_indices, block_counts, visible_counts = torch.ops.asa.sparse_attention(
         q, k, v, key_padding_mask, attn_bias, head_thresholds, gate_q_weight, gate_k_weight,
@@ -350,7 +351,8 @@ def sparse_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
 def _forward(query, key, value, attrs: AsaAttributes, key_padding_mask, attn_bias,
              head_thresholds, gate_q_weight, gate_k_weight, key_block_stats=None,
              key_block_stats_blocks=None):
-    """asa_cuda_forward through ctypes; returns (out, *telemetry)."""
+    """asa_cuda_forward through ctypes (with ASA_TORCH_NATIVE=1 and no optional input, through
+    the compiled host path instead: `_native_forward`); returns (out, *telemetry)."""
     if not query.is_cuda:
         raise AsaExportError("asa::sparse_attention runs on CUDA tensors only")
     q, k, v = (_inner_contiguous(t) for t in (query, key, value))
