@@ -2,7 +2,8 @@
 // it against the running torch with torch.utils.cpp_extension). It does what
 // torch_op._forward does for a call without optional inputs — allocate the output, the three
 // telemetry tensors and the workspace, fill AsaParams, call the core — in C++, where the
-// Python + ctypes path spends ~10 us more per call (BENCHMARKS.md "Session 17").
+// Python + ctypes path spends more host time (on an H100 host 53.7 against 90.9 us per call at
+// S 256; BENCHMARKS.md "Session 17, later").
 //
 // The core's entry points arrive as addresses (taken from the ctypes handle of libasa_cuda.so),
 // so this file links against no CUDA library and compiles with a CPU-only torch; tests pass
