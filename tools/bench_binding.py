@@ -104,19 +104,12 @@ def graph_replay_ms(forward) -> tuple[float, float]:
     eager output|); (nan, nan) with the reason printed when the capture fails."""
     eager = forward().last_hidden_state.float()
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            forward()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static = forward().last_hidden_state
+        graph, static = bk.capture_graph(forward, error_mode="global")
     except Exception as exc:  # noqa: BLE001 - report and go on
         print(f"    CUDA graph capture failed: {str(exc)[:200]}")
         return float("nan"), float("nan")
     graph.replay()
-    diff = (static.float() - eager).abs().max().item()
+    diff = (static.last_hidden_state.float() - eager).abs().max().item()
     return bk.time_ms(graph.replay), diff
 
 

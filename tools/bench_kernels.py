@@ -59,19 +59,26 @@ def time_ms(fn, budget_s: float = 0.6, min_reps: int = 3, max_reps: int = 30) ->
     return statistics.median(times)
 
 
+def capture_graph(fn, error_mode: str = "relaxed"):
+    """`fn` warmed up once on a side stream (lazy init, cuDNN plans), then captured in a CUDA
+    graph; returns (graph, what the captured call returned: its static outputs)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode=error_mode):
+        result = fn()
+    return graph, result
+
+
 def graph_ms(fn) -> float:
     """Median time of `fn` captured once in a CUDA graph and replayed: the per-step GPU time of a
     decode loop that launches through graphs (as serving stacks do), without Python/ctypes
     launch gaps. NaN (with the reason printed) when the capture fails."""
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()  # warm-up outside the capture (lazy init, cuDNN plans)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="relaxed"):
-            fn()
+        graph, _ = capture_graph(fn)
         return time_ms(graph.replay)
     except Exception as exc:  # noqa: BLE001 - report and go on with the other columns
         print(f"  CUDA graph capture failed: {str(exc)[:160]}")
