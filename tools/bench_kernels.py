@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from asa_export.contract import AsaAttributes
-from asa_export.runtime import torch_op
+from asa_export.runtime import torch_native, torch_op
 
 
 def time_ms(fn, budget_s: float = 0.6, min_reps: int = 3, max_reps: int = 30) -> float:
@@ -485,16 +485,22 @@ def bench_models(args, rows: list):
                                 model(input_ids=ids, use_cache=False)
                             finally:
                                 _DENSITY_LOG[0] = None
-                        ms = time_ms(lambda m=model, x=ids: m(input_ids=x, use_cache=False),
-                                     budget_s=0.1, min_reps=2, max_reps=3)
+                        forward = lambda m=model, x=ids: m(input_ids=x, use_cache=False)  # noqa: E731
+                        ms = time_ms(forward, budget_s=0.1, min_reps=2, max_reps=3)
                 except Exception as exc:  # noqa: BLE001 - keep the other rows
                     print(f"  {name} {seq} {label} failed: {str(exc)[:200]}")
                     ms = float("nan")
                 peak = torch.cuda.max_memory_allocated() / 2**30
+                graph = float("nan")  # the forward launched from one CUDA graph (no host work)
+                if seq <= args.model_graph_max_seq and not math.isnan(ms):
+                    with torch.no_grad():
+                        graph = graph_ms(forward)
+                    torch.cuda.empty_cache()
                 dens = (sum(c.item() for c, _ in log) /
                         max(1, sum(v.item() for _, v in log))) if log else 1.0
                 rows.append({"kind": "model", "model": name, "seq": seq, "config": label, "ms": ms,
-                             "peak_gib": peak, "density": dens})
+                             "graph_ms": graph, "peak_gib": peak, "density": dens,
+                             "host_path": "compiled" if torch_native.enabled() else "ctypes"})
                 print(json.dumps(rows[-1]), flush=True)
         del model
         torch.cuda.empty_cache()
@@ -553,10 +559,16 @@ def print_table(rows: list, gpu: str, args):
               f"{r['router_ms']:>8.3f} {r['router_pct']:>6.2f}")
     models = [r for r in rows if r["kind"] == "model"]
     if models:
-        print(f"\n{'model':>13} {'S':>7} {'config':>10} {'dens':>5} {'ms':>10} {'peak GiB':>9}")
+        print(f"\nmodel prefill, ms per forward: eager (ASA's host path: {models[0]['host_path']}) "
+              "and launched from one CUDA graph; x = the SDPA row's time / this row's")
+        print(f"{'model':>13} {'S':>7} {'config':>10} {'dens':>5} {'ms':>10} {'x':>6} "
+              f"{'graph ms':>10} {'x':>6} {'peak GiB':>9}")
         for r in models:
+            base = next(b for b in models if (b["model"], b["seq"], b["config"]) ==
+                        (r["model"], r["seq"], "sdpa dense"))
             print(f"{r['model']:>13} {r['seq']:>7} {r['config']:>10} {r['density']:>5.2f} "
-                  f"{r['ms']:>10.1f} {r['peak_gib']:>9.2f}")
+                  f"{r['ms']:>10.1f} {base['ms'] / r['ms']:>6.2f} {r['graph_ms']:>10.1f} "
+                  f"{base['graph_ms'] / r['graph_ms']:>6.2f} {r['peak_gib']:>9.2f}")
     dec = [r for r in rows if r["kind"] == "decode"]
 
     def lead(r: dict) -> str:  # the columns every decode row starts with: B, KV, density
@@ -653,6 +665,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "routed lists on two streams at once (BENCHMARKS.md step 50)")
     parser.add_argument("--models", nargs="*", default=[], choices=sorted(MODEL_SHAPES))
     parser.add_argument("--model-seqs", type=int, nargs="+", default=[8192, 32768, 131072])
+    parser.add_argument("--model-graph-max-seq", type=int, default=32768, metavar="S",
+                        help="also time each model forward of at most S tokens captured in one "
+                             "CUDA graph and replayed (no host work; peak memory is eager's)")
     parser.add_argument("--json", type=pathlib.Path)
     parser.add_argument("--profile-router", action="store_true",
                         help="one forward each of decode 128K and prefill 32K (for ncu), no table")

@@ -5,6 +5,7 @@
     python tools/build_plugins.py --no-ort         # CPU core only
     python tools/build_plugins.py --cuda           # also the CUDA core (needs nvcc)
     python tools/build_plugins.py --cuda --cuda-archs 80   # one architecture (faster, CI)
+    python tools/build_plugins.py --torch          # also the torch binding's compiled host path
 
 Fetches build-time dependencies into the build folder and caches them there (idempotent: a
 second run only rebuilds what changed):
@@ -17,6 +18,10 @@ Outputs (default build folder plugins/build):
     core/cpu/libasa_cpu.so         C ABI of asa_cpu.h (ctypes tests)
     core/cuda/libasa_cuda.so       C ABI of asa_cuda.h (with --cuda); libasa_ort.so dlopens it
     onnxruntime/libasa_ort.so      ONNX Runtime custom-op library (RegisterCustomOps)
+    torch/<python>-<torch>/asa_torch_native.so
+                                   the torch binding's compiled host path (with --torch; built
+                                   against the running torch, which eager calls then use:
+                                   asa_export/runtime/torch_native.py)
 """
 
 from __future__ import annotations
@@ -129,6 +134,21 @@ def configure_and_build(build: Path, ort_include: Path | None, cuda: bool, jobs:
         raise BuildError("build failed (see above)")
 
 
+def build_torch_host_path() -> Path:
+    """Compile plugins/torch/asa_torch_op.cpp against the running torch (~30 s; nothing when it
+    is up to date) into the folder eager calls look in; returns that folder."""
+    try:
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise BuildError(f"--torch needs torch installed: {exc}") from exc
+    sys.path.insert(0, str(REPO))
+    from asa_export.runtime import torch_native
+    print(f"+ torch.utils.cpp_extension.load -> {torch_native.build_dir()}", flush=True)
+    if torch_native.module(verbose=True) is None:
+        raise BuildError(f"the torch host path did not build: {torch_native.build_error}")
+    return torch_native.build_dir()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--build-dir", type=Path, default=DEFAULT_BUILD)
@@ -136,10 +156,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ort-include", type=Path, help="use these ONNX Runtime headers instead")
     ap.add_argument("--cuda", action="store_true", help="also build the CUDA kernel core")
     ap.add_argument("--cuda-archs", help='CUDA architectures, e.g. "80" (default: the core\'s own)')
+    ap.add_argument("--torch", action="store_true",
+                    help="also build the torch binding's compiled host path against this torch")
     ap.add_argument("--jobs", "-j", type=int, default=2)
     ap.add_argument("--build-type", default="Release")
     args = ap.parse_args(argv)
     build = args.build_dir.resolve()
+    if args.torch and build != DEFAULT_BUILD.resolve():
+        print("build_plugins: error: --torch builds into plugins/build/torch only (where the "
+              "torch binding looks); drop --build-dir", file=sys.stderr)
+        return 2
     build.mkdir(parents=True, exist_ok=True)
     try:
         ort_include = None
@@ -147,12 +173,15 @@ def main(argv: list[str] | None = None) -> int:
             ort_include = args.ort_include or fetch_ort_headers(build / "_deps")
         configure_and_build(build, ort_include, args.cuda, args.jobs, args.build_type,
                             args.cuda_archs)
+        torch_dir = build_torch_host_path() if args.torch else None
     except BuildError as e:
         print(f"build_plugins: error: {e}", file=sys.stderr)
         return 1
     for lib in ("core/cpu/libasa_cpu.so", "core/cuda/libasa_cuda.so", "onnxruntime/libasa_ort.so"):
         if (build / lib).exists():
             print(f"built {build / lib}")
+    if torch_dir is not None:
+        print(f"built {next(torch_dir.glob('asa_torch_native*.so'))}")
     return 0
 
 

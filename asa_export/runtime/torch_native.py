@@ -1,16 +1,24 @@
-"""Compiled host path of the torch binding's eager call, opt-in with ``ASA_TORCH_NATIVE=1``.
+"""Compiled host path of the torch binding's eager call (plugins/torch/asa_torch_op.cpp).
 
 `torch_op._forward` spends most of its host time in Python for a call without optional inputs
 (allocations, AsaParams, ctypes). plugins/torch/asa_torch_op.cpp does the same work in C++; it is
-compiled on first use against the running torch (torch.utils.cpp_extension, ~30 s once, cached by
-torch under ~/.cache/torch_extensions) and calls the core through the entry points' addresses
-taken from the ctypes handle, so it links no CUDA library. Where it cannot be built (no C++
-compiler, no ninja) the ctypes path is used, with the reason kept in `build_error`.
+compiled against the running torch (torch.utils.cpp_extension, ~30 s) into
+``plugins/build/torch/<python>-<torch>/`` and calls the core through the entry points' addresses
+taken from the ctypes handle, so it links no CUDA library.
 
-Opt-in because its first use compiles for ~30 s. The result is the same bits
-(tests/runtime/test_torch_native.py compares its params with `torch_op.make_params`; on an H100
-the GPU test compares its outputs); one call at S 256 took 53.7 µs of host time against 90.9
-through ctypes (BENCHMARKS.md "Session 17, later").
+When eager calls take it (``ASA_TORCH_NATIVE``):
+
+- unset (default): when it was built ahead for this Python and torch
+  (``python tools/build_plugins.py --torch``) and is not older than its source; never compiles
+  during a call;
+- ``1``: always, compiling it on first use if needed (~30 s once);
+- ``0``: never (the ctypes path).
+
+Where it cannot be built or loaded (no C++ compiler, no ninja) the ctypes path is used, with the
+reason kept in `build_error`. The result is the same bits (tests/runtime/test_torch_native.py
+compares its params with `torch_op.make_params`; on an H100 the GPU test compares its outputs);
+one call at S 256 took 53.7 µs of host time against 90.9 through ctypes (BENCHMARKS.md "Session
+17, later").
 """
 
 from __future__ import annotations
@@ -18,29 +26,60 @@ from __future__ import annotations
 import ctypes
 import os
 import pathlib
+import sys
 from typing import Optional
 
 _SOURCE = pathlib.Path(__file__).resolve().parents[2] / "plugins" / "torch" / "asa_torch_op.cpp"
 _INCLUDE = _SOURCE.parents[1] / "core" / "include"
+_BUILD_ROOT = _SOURCE.parents[1] / "build" / "torch"
+_NAME = "asa_torch_native"
 _MODULE = None
+_BUILT_AHEAD: list = []  # [bool] once asked: `enabled` runs on every eager call
 build_error: Optional[str] = None
 
 
+def build_dir() -> pathlib.Path:
+    """Where the extension for this Python and torch is built (an extension built against
+    another torch does not load)."""
+    import torch
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}"
+    return _BUILD_ROOT / tag.replace("+", "_")
+
+
+def built_ahead() -> bool:
+    """Whether the extension for this Python and torch exists and is not older than its
+    source (so loading it compiles nothing)."""
+    try:
+        lib = next(build_dir().glob(f"{_NAME}*.so"))
+    except StopIteration:
+        return False
+    return lib.stat().st_mtime >= _SOURCE.stat().st_mtime
+
+
 def enabled() -> bool:
-    """Whether ASA_TORCH_NATIVE=1 asks for the compiled path."""
-    return os.environ.get("ASA_TORCH_NATIVE") == "1"
+    """Whether eager calls take the compiled path (see the module docstring)."""
+    setting = os.environ.get("ASA_TORCH_NATIVE")
+    if setting == "1":
+        return True
+    if setting is None or setting == "":
+        if not _BUILT_AHEAD:
+            _BUILT_AHEAD.append(built_ahead())
+        return _BUILT_AHEAD[0]
+    return False
 
 
-def module():
-    """The compiled extension, built on first use; None (reason in `build_error`) when it
-    cannot be built."""
+def module(verbose: bool = False):
+    """The compiled extension, built when missing or stale; None (reason in `build_error`) when
+    it cannot be built."""
     global _MODULE, build_error
     if _MODULE is None and build_error is None:
         try:
             from torch.utils.cpp_extension import load
-            _MODULE = load(name="asa_torch_native", sources=[str(_SOURCE)],
+            target = build_dir()
+            target.mkdir(parents=True, exist_ok=True)
+            _MODULE = load(name=_NAME, sources=[str(_SOURCE)],
                            extra_include_paths=[str(_INCLUDE)], extra_cflags=["-O2"],
-                           verbose=False)
+                           build_directory=str(target), verbose=verbose)
         except Exception as exc:  # noqa: BLE001 - any build failure falls back to ctypes
             build_error = f"{type(exc).__name__}: {exc}"
     return _MODULE

@@ -4,8 +4,9 @@ The op calls the core's C ABI (plugins/core/include/asa/asa_cuda.h) through ctyp
 pointers and the current CUDA stream, so no torch extension has to be compiled against the torch
 of the machine that runs it (the CPU and GPU machines run different torch versions). The shared
 library is found through ``$ASA_CUDA_LIB`` or under ``plugins/build/``; ``build_cuda_library``
-builds it with CMake. With ``ASA_TORCH_NATIVE=1`` eager calls without optional inputs take a C++
-host path compiled against the running torch instead (runtime/torch_native.py).
+builds it with CMake. Eager calls without optional inputs take a C++ host path compiled against
+the running torch instead where it was built ahead (``python tools/build_plugins.py --torch``) or
+``ASA_TORCH_NATIVE=1`` asks for it (runtime/torch_native.py).
 
     out, block_indices, block_counts, visible_counts = torch.ops.asa.sparse_attention(
         q, k, v, key_padding_mask, attn_bias, head_thresholds, gate_q_weight, gate_k_weight,
@@ -351,8 +352,9 @@ def sparse_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
 def _forward(query, key, value, attrs: AsaAttributes, key_padding_mask, attn_bias,
              head_thresholds, gate_q_weight, gate_k_weight, key_block_stats=None,
              key_block_stats_blocks=None):
-    """asa_cuda_forward through ctypes (with ASA_TORCH_NATIVE=1 and no optional input, through
-    the compiled host path instead: `_native_forward`); returns (out, *telemetry)."""
+    """asa_cuda_forward through ctypes (with no optional input and the compiled host path
+    enabled, `torch_native.enabled`, through that path instead: `_native_forward`); returns
+    (out, *telemetry)."""
     if not query.is_cuda:
         raise AsaExportError("asa::sparse_attention runs on CUDA tensors only")
     q, k, v = (_inner_contiguous(t) for t in (query, key, value))
@@ -384,8 +386,8 @@ def _native_forward(q, k, v, attrs: AsaAttributes):
     if mod is None:
         if not _NATIVE_WARNED:
             _NATIVE_WARNED.append(True)
-            warnings.warn(f"ASA_TORCH_NATIVE=1 but the compiled path could not be built, using "
-                          f"ctypes: {torch_native.build_error}")
+            warnings.warn(f"the compiled host path could not be built or loaded, using ctypes: "
+                          f"{torch_native.build_error}")
         return None
     if not _NATIVE_ENTRIES:
         lib = _library()

@@ -438,10 +438,35 @@ def test_custom_op_and_fake(op):
     assert [t.dtype for t in real] == [t.dtype for t in fake]
 
 
-def test_cached_params_give_make_params_result(op):
+def test_torch_compile_reduce_overhead_replays_the_op(op):
+    """torch.compile(mode="reduce-overhead", fullgraph=True) over a function around the op (an
+    element-wise op before and after it, exact in floating point so that Inductor's fused
+    kernels give eager's bits): no graph break, Inductor's CUDA graphs not skipped for the op,
+    and each call on new inputs gives the eager result bit for bit (the first calls compile and
+    record, the later ones replay)."""
+    from torch._dynamo.utils import counters
+    case = Case(1, 4, 2, 97, 97, 64, "bf16", A(causal=True, threshold=0.5))
+
+    def fn(q, k, v):
+        out, _, counts, _ = op.sparse_attention(q * 2, k, v, case.attrs)
+        return out.float() * 0.5, counts
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(fn, mode="reduce-overhead", fullgraph=True)
+    for seed in range(5):
+        q, k, v, _, _ = make_inputs(case, 20 + seed)
+        got = [t.clone() for t in compiled(q, k, v)]
+        expected = fn(q, k, v)
+        assert all(torch.equal(x, y) for x, y in zip(got, expected)), seed
+    assert not counters["inductor"].get("cudagraph_skips"), dict(counters["inductor"])
+
+
+def test_cached_params_give_make_params_result(op, monkeypatch):
     """The eager call's cached AsaParams template (`_plain_params`) against params built field
     by field (`run_poisoned`), bit for bit: a new signature, the same signature again with other
     tensors (the pointers must be this call's), and keys that are a view into a longer cache."""
+    monkeypatch.setenv("ASA_TORCH_NATIVE", "0")  # the ctypes path, even where the other is built
     op._PLAIN_PARAMS.clear()
     case = Case(1, 6, 2, 97, 97, 64, "bf16", A(causal=True, threshold=0.6))
     for seed in (3, 4):

@@ -5,6 +5,7 @@ core's entry points; the AsaParams it fills must be `torch_op.make_params`'s byt
 from __future__ import annotations
 
 import ctypes
+import os
 import shutil
 
 import pytest
@@ -91,8 +92,65 @@ def test_core_errors_carry_the_core_message(native):
         torch_native.plain_forward(native, q, q, q, attrs, 0, failed.addresses(), 0)
 
 
-def test_opt_in_only(monkeypatch):
+@pytest.fixture
+def fresh_policy(monkeypatch, tmp_path):
+    """torch_native with its build root in tmp_path and no cached answer."""
+    monkeypatch.setattr(torch_native, "_BUILD_ROOT", tmp_path)
+    monkeypatch.setattr(torch_native, "_BUILT_AHEAD", [])
+    return tmp_path
+
+
+def _fake_build(mtime_offset: float) -> None:
+    target = torch_native.build_dir()
+    target.mkdir(parents=True)
+    lib = target / "asa_torch_native.so"
+    lib.write_bytes(b"")
+    stamp = torch_native._SOURCE.stat().st_mtime + mtime_offset
+    os.utime(lib, (stamp, stamp))
+
+
+def test_default_takes_only_a_path_built_ahead(fresh_policy, monkeypatch):
     monkeypatch.delenv("ASA_TORCH_NATIVE", raising=False)
-    assert not torch_native.enabled()
+    assert not torch_native.built_ahead() and not torch_native.enabled()
+    monkeypatch.setattr(torch_native, "_BUILT_AHEAD", [])
+    _fake_build(+1)
+    assert torch_native.built_ahead() and torch_native.enabled()
+    assert torch_native.build_dir().parent == fresh_policy
+    assert f"torch{torch.__version__}".replace("+", "_") in torch_native.build_dir().name
+
+
+def test_default_skips_a_build_older_than_its_source(fresh_policy, monkeypatch):
+    monkeypatch.delenv("ASA_TORCH_NATIVE", raising=False)
+    _fake_build(-10)
+    assert not torch_native.built_ahead() and not torch_native.enabled()
+
+
+def test_setting_overrides_the_default(fresh_policy, monkeypatch):
     monkeypatch.setenv("ASA_TORCH_NATIVE", "1")
-    assert torch_native.enabled()
+    assert torch_native.enabled()  # builds on first use
+    _fake_build(+1)
+    monkeypatch.setenv("ASA_TORCH_NATIVE", "0")
+    assert not torch_native.enabled()
+
+
+def _build_plugins():
+    import importlib.util
+    path = torch_native._SOURCE.parents[2] / "tools" / "build_plugins.py"
+    spec = importlib.util.spec_from_file_location("build_plugins", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_build_plugins_builds_it_ahead(native, monkeypatch):
+    """`tools/build_plugins.py --torch` leaves the extension where the default policy finds it."""
+    assert _build_plugins().main(["--no-ort", "--torch"]) == 0
+    monkeypatch.delenv("ASA_TORCH_NATIVE", raising=False)
+    monkeypatch.setattr(torch_native, "_BUILT_AHEAD", [])
+    assert torch_native.built_ahead() and torch_native.enabled()
+
+
+def test_build_plugins_refuses_another_build_dir_for_torch(tmp_path, capsys):
+    assert _build_plugins().main(["--no-ort", "--torch", "--build-dir", str(tmp_path)]) == 2
+    assert "plugins/build/torch" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

@@ -97,6 +97,28 @@ def test_decode_streams_table_and_option(capsys):
     assert not lines[1:] or "32768" not in lines[1]
 
 
+def test_model_table_gives_eager_and_graph_ratios_to_sdpa(capsys):
+    """Model rows: eager and CUDA-graph ms, each with the SDPA row's time over this row's (the
+    graph column is nan above --model-graph-max-seq); the header names ASA's host path."""
+    assert bench.build_parser().parse_args([]).model_graph_max_seq == 32768
+    nan = float("nan")
+
+    def row(seq, config, ms, graph_ms, density):
+        return {"kind": "model", "model": "SmolLM2-135M", "seq": seq, "config": config,
+                "ms": ms, "graph_ms": graph_ms, "peak_gib": 0.39, "density": density,
+                "host_path": "compiled"}
+
+    rows = [row(8192, "sdpa dense", 30.0, 18.4, 1.0), row(8192, "asa 0.4", 40.0, 16.0, 0.38),
+            row(131072, "sdpa dense", 1500.0, nan, 1.0), row(131072, "asa 0.1", 300.0, nan, 0.08)]
+    bench.print_table(rows, "test GPU", argparse.Namespace(heads_q=32, heads_kv=8))
+    out = capsys.readouterr().out
+    assert "ASA's host path: compiled" in out
+    lines = out[out.index("peak GiB"):].splitlines()[1:5]
+    assert lines[1].split() == ["SmolLM2-135M", "8192", "asa", "0.4", "0.38", "40.0", "0.75",
+                                "16.0", "1.15", "0.39"]
+    assert lines[3].split()[5:9] == ["300.0", "5.00", "nan", "nan"]
+
+
 def test_model_attention_logs_density_only_when_asked(monkeypatch):
     """The model rows' attention function sums the telemetry only in the untimed forward that
     measures the density (the sums are extra kernels SDPA's timed forward does not run)."""
