@@ -451,8 +451,10 @@ def _direct_call_ok(tensors) -> bool:
     the dispatcher such a call keeps the op's error). The result is the same either way; on
     the H100 machine's host a call through the dispatcher took 99 µs and the direct call 62 µs
     (S 256, session 16; BENCHMARKS.md "Torch binding: host time per call")."""
+    if torch.compiler.is_compiling():  # first: Dynamo cannot trace the dispatch-mode query
+        return False  # (it broke the graph at every call, so no CUDA graph covered the model)
     mode = "unknown" if _get_current_dispatch_mode is None else _get_current_dispatch_mode()
-    if torch.compiler.is_compiling() or mode is not None:
+    if mode is not None:
         return False
     present = [t for t in tensors if t is not None]
     if any(type(t) is not torch.Tensor for t in present):
