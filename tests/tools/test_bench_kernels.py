@@ -170,3 +170,33 @@ def test_random_model_and_set_attention(monkeypatch):
     assert torch.get_default_dtype() == torch.float32
     bench.set_attention(model, "eager")
     assert {layer.self_attn.config._attn_implementation for layer in model.layers} == {"eager"}
+
+
+def test_sdpa_baseline_of_the_model_rows_is_causal_without_a_mask():
+    """The model rows' SDPA ("sdpa_causal") gets no mask object from transformers (so SDPA keeps
+    its flash / cuDNN kernels under CUDA-graph capture too) and is still causal: the same hidden
+    states as transformers' eager attention."""
+    pytest.importorskip("transformers")
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    bench.register_attention()
+    assert "sdpa_causal" not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
+    torch.manual_seed(0)
+    saved = dict(bench.MODEL_SHAPES)
+    bench.MODEL_SHAPES["tiny"] = (64, 2, 4, 2, 16, 128, 100)
+    try:
+        model, vocab = bench.random_model("tiny", 64, device="cpu")
+    finally:
+        bench.MODEL_SHAPES.clear()
+        bench.MODEL_SHAPES.update(saved)
+    model = model.float()
+    ids = torch.randint(0, vocab, (1, 40))
+    out = {}
+    for impl in ("eager", "sdpa_causal"):
+        bench.set_attention(model, impl)
+        with torch.no_grad():
+            out[impl] = model(input_ids=ids, use_cache=False).last_hidden_state
+    torch.testing.assert_close(out["sdpa_causal"], out["eager"], atol=1e-5, rtol=1e-5)
+    bench.set_attention(model, "sdpa_causal")
+    with torch.no_grad():  # not causal would differ: the first row sees only itself
+        short = model(input_ids=ids[:, :1], use_cache=False).last_hidden_state
+    torch.testing.assert_close(short[0, 0], out["sdpa_causal"][0, 0], atol=1e-5, rtol=1e-5)
