@@ -17,8 +17,8 @@ When eager calls take it (``ASA_TORCH_NATIVE``):
 Where it cannot be built or loaded (no C++ compiler, no ninja) the ctypes path is used, with the
 reason kept in `build_error`. The result is the same bits (tests/runtime/test_torch_native.py
 compares its params with `torch_op.make_params`; on an H100 the GPU test compares its outputs);
-one call at S 256 took 53.7 µs of host time against 90.9 through ctypes (BENCHMARKS.md "Session
-17, later").
+one eager call at S 256 took 41.2 µs of host time against 62.4 through ctypes on an H100 host
+(SDPA 28.4; BENCHMARKS.md "Session 18").
 """
 
 from __future__ import annotations
