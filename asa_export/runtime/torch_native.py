@@ -57,15 +57,19 @@ def built_ahead() -> bool:
 
 
 def enabled() -> bool:
-    """Whether eager calls take the compiled path (see the module docstring)."""
+    """Whether eager calls take the compiled path (see the module docstring); ValueError for an
+    ASA_TORCH_NATIVE other than unset, empty, 0 or 1."""
     setting = os.environ.get("ASA_TORCH_NATIVE")
     if setting == "1":
         return True
+    if setting == "0":
+        return False
     if setting is None or setting == "":
         if not _BUILT_AHEAD:
             _BUILT_AHEAD.append(built_ahead())
         return _BUILT_AHEAD[0]
-    return False
+    raise ValueError(f"ASA_TORCH_NATIVE must be 0 (ctypes), 1 (the compiled host path, built on "
+                     f"first use) or unset (the compiled path where built ahead), got {setting!r}")
 
 
 def module(verbose: bool = False):

@@ -361,10 +361,14 @@ def _forward(query, key, value, attrs: AsaAttributes, key_padding_mask, attn_bia
     optional = (key_padding_mask, attn_bias, head_thresholds, gate_q_weight, gate_k_weight,
                 key_block_stats)
     plain = all(t is None for t in optional)
-    if plain and torch_native.enabled():
-        native = _native_forward(q, k, v, attrs)
-        if native is not None:
-            return native
+    try:
+        compiled_path = plain and torch_native.enabled()
+    except ValueError as exc:  # a bad ASA_TORCH_NATIVE
+        raise AsaExportError(str(exc)) from exc
+    if compiled_path:
+        result = _native_forward(q, k, v, attrs)
+        if result is not None:
+            return result
     out = torch.empty(*q.shape[:3], v.shape[3], dtype=q.dtype, device=q.device)
     shapes = telemetry_shapes(q, k, attrs)
     telemetry = [torch.empty(s, dtype=torch.int32, device=q.device) for s in shapes]

@@ -131,6 +131,9 @@ def test_setting_overrides_the_default(fresh_policy, monkeypatch):
     _fake_build(+1)
     monkeypatch.setenv("ASA_TORCH_NATIVE", "0")
     assert not torch_native.enabled()
+    monkeypatch.setenv("ASA_TORCH_NATIVE", "yes")
+    with pytest.raises(ValueError, match="must be 0 .* got 'yes'"):
+        torch_native.enabled()
 
 
 def _build_plugins():
