@@ -27,6 +27,7 @@ import ctypes
 import os
 import pathlib
 import sys
+import warnings
 from typing import Optional
 
 _SOURCE = pathlib.Path(__file__).resolve().parents[2] / "plugins" / "torch" / "asa_torch_op.cpp"
@@ -46,14 +47,19 @@ def build_dir() -> pathlib.Path:
     return _BUILD_ROOT / tag.replace("+", "_")
 
 
-def built_ahead() -> bool:
+def built_ahead(warn: bool = False) -> bool:
     """Whether the extension for this Python and torch exists and is not older than its
-    source (so loading it compiles nothing)."""
+    source (so loading it compiles nothing); with `warn`, a stale one is reported."""
     try:
         lib = next(build_dir().glob(f"{_NAME}*.so"))
     except StopIteration:
         return False
-    return lib.stat().st_mtime >= _SOURCE.stat().st_mtime
+    if lib.stat().st_mtime >= _SOURCE.stat().st_mtime:
+        return True
+    if warn:
+        warnings.warn(f"{lib} is older than {_SOURCE.name}: eager calls use the slower ctypes path "
+                      f"until `python tools/build_plugins.py --torch` rebuilds it")
+    return False
 
 
 def enabled() -> bool:
@@ -66,7 +72,7 @@ def enabled() -> bool:
         return False
     if setting is None or setting == "":
         if not _BUILT_AHEAD:
-            _BUILT_AHEAD.append(built_ahead())
+            _BUILT_AHEAD.append(built_ahead(warn=True))
         return _BUILT_AHEAD[0]
     raise ValueError(f"ASA_TORCH_NATIVE must be 0 (ctypes), 1 (the compiled host path, built on "
                      f"first use) or unset (the compiled path where built ahead), got {setting!r}")
