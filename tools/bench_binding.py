@@ -11,8 +11,9 @@ kernels of one ASA call and one SDPA call (torch profiler). Needs a CUDA GPU and
 
 With --model, the same question one level up: a random-weight model of that shape (bench_kernels'
 MODEL_SHAPES) runs one prefill of --seq tokens with SDPA and with ASA (τ 0.4, once through each
-host path of the binding: ctypes and the compiled one); per attention implementation it prints the host launch time and the wall time of one forward started on an idle
-GPU, the host time spent inside the attention function per call, the GPU kernel time per forward
+host path of the binding: ctypes and the compiled one); per attention implementation it prints
+the host launch time and the wall time of one forward started on an idle GPU, the host time
+spent inside the attention function per call, the GPU kernel time per forward
 (profiler sum; under the profiler also the GPU's busy time and the CUDA runtime calls), the
 time of the forward captured in a CUDA graph and replayed (no host work: what a graph-launching
 server pays), with --compile the time under torch.compile(mode="reduce-overhead") (Inductor

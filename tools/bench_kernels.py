@@ -489,6 +489,7 @@ def bench_models(args, rows: list):
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
                 log: list = []
+                forward = lambda m=model, x=ids: m(input_ids=x, use_cache=False)  # noqa: E731
                 try:
                     with torch.no_grad():
                         if impl == "asa":  # one untimed forward logs the density
@@ -497,7 +498,6 @@ def bench_models(args, rows: list):
                                 model(input_ids=ids, use_cache=False)
                             finally:
                                 _DENSITY_LOG[0] = None
-                        forward = lambda m=model, x=ids: m(input_ids=x, use_cache=False)  # noqa: E731
                         ms = time_ms(forward, budget_s=0.1, min_reps=2, max_reps=3)
                 except Exception as exc:  # noqa: BLE001 - keep the other rows
                     print(f"  {name} {seq} {label} failed: {str(exc)[:200]}")
