@@ -495,7 +495,7 @@ def bench_models(args, rows: list):
                         if impl == "asa":  # one untimed forward logs the density
                             _DENSITY_LOG[0] = log
                             try:
-                                model(input_ids=ids, use_cache=False)
+                                forward()
                             finally:
                                 _DENSITY_LOG[0] = None
                         ms = time_ms(forward, budget_s=0.1, min_reps=2, max_reps=3)

@@ -172,7 +172,7 @@ def test_random_model_and_set_attention(monkeypatch):
     assert {layer.self_attn.config._attn_implementation for layer in model.layers} == {"eager"}
 
 
-def test_sdpa_baseline_of_the_model_rows_is_causal_without_a_mask():
+def test_sdpa_baseline_of_the_model_rows_is_causal_without_a_mask(monkeypatch):
     """The model rows' SDPA ("sdpa_causal") gets no mask object from transformers (so SDPA keeps
     its flash / cuDNN kernels under CUDA-graph capture too) and is still causal: the same hidden
     states as transformers' eager attention."""
@@ -181,13 +181,8 @@ def test_sdpa_baseline_of_the_model_rows_is_causal_without_a_mask():
     bench.register_attention()
     assert "sdpa_causal" not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
     torch.manual_seed(0)
-    saved = dict(bench.MODEL_SHAPES)
-    bench.MODEL_SHAPES["tiny"] = (64, 2, 4, 2, 16, 128, 100)
-    try:
-        model, vocab = bench.random_model("tiny", 64, device="cpu")
-    finally:
-        bench.MODEL_SHAPES.clear()
-        bench.MODEL_SHAPES.update(saved)
+    monkeypatch.setitem(bench.MODEL_SHAPES, "tiny", (64, 2, 4, 2, 16, 128, 100))
+    model, vocab = bench.random_model("tiny", 64, device="cpu")
     model = model.float()
     ids = torch.randint(0, vocab, (1, 40))
     out = {}
