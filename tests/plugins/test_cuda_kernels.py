@@ -378,11 +378,16 @@ def test_selection_exact_ties_many_blocks(op):
         assert_selection_exact(op, q, k, v, a, stopped_inside_ties)
 
 
-def test_selection_exact_three_levels_over_1024_blocks(op):
-    """Decode with 1100 key blocks (select_kernel's register sort of 2048 keys, 8 per thread):
-    three exact probability levels (30 blocks high, 60 middle, the rest low, scattered), tau
-    stopping inside the middle run of ties. The kept sets must equal the reference's exactly,
-    lowest indices first among the ties."""
+@pytest.mark.parametrize("fused", ["0", "1"])
+def test_selection_exact_three_levels_over_1024_blocks(op, fused, monkeypatch):
+    """Decode with 1100 key blocks (select_kernel's register sort of 2048 keys, 8 per thread;
+    with fused = 1 route_decode_kernel's ranks over 32-bit values): three exact probability
+    levels (30 blocks high, 60 middle, the rest low, scattered), tau stopping inside the middle
+    run of ties. The kept sets must equal the reference's exactly, lowest indices first among
+    the ties."""
+    if fused == "1" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the fused router needs compute capability 9.0+ (thread-block clusters)")
+    monkeypatch.setenv("ASA_CUDA_FUSED_ROUTE", fused)
     nk, d = 1100, 64
     g = torch.Generator().manual_seed(21)
     q = (torch.randint(1, 4, (1, 4, 1, d), generator=g).float() / 8).cuda().to(torch.bfloat16)

@@ -987,19 +987,20 @@ __global__ void __launch_bounds__(32 * kListsPerCta) select_warp_kernel(
 // each step: one select CTA sorting 1024 key blocks took ~12 µs of a 52 µs step on an H100
 // (BENCHMARKS.md optimization step 35). Here the C CTAs of a cluster split the list's key blocks
 // (CTA r owns blocks [r·per, r·per + per)) and exchange what the whole list needs through
-// distributed shared memory, in five cluster barriers:
+// distributed shared memory, in four cluster barriers:
 //   1. q̄ of the list's heads and the k̄ of the fresh key blocks (the last, partial block of a
 //      decode step, by pool_key_block as pool_k_kernel computes it, so the bits agree with the
-//      caller's key_block_stats), both before the chained-launch wait; then the logits of the
-//      own blocks (the arithmetic of logits_decode_kernel);
-//   2. each head's maximum, then its sum of exponentials over the visible blocks: per-CTA
-//      partials that every CTA combines in rank order, so all hold the same bits;
-//   3. the probabilities of the own blocks (averaged over the group's heads as select_kernel
+//      caller's key_block_stats), both before the chained-launch wait (the caller's cached k̄
+//      rows are loaded first of all); then the logits of the own blocks (the arithmetic of
+//      logits_decode_kernel); each head's (maximum, sum of exponentials) over the own visible
+//      blocks goes to every CTA, which combines the pairs in rank order (the same bits in all);
+//   2. the probabilities of the own blocks (averaged over the group's heads as select_kernel
 //      does), written into every CTA;
-//   4. ranks instead of a sort: a candidate's rank is the number of candidates before it in the
-//      contract's order (descending probability, ties to the lower index); each CTA ranks its own
-//      candidates against all and writes their values, in rank order, into every CTA;
-//   5. every CTA walks the sorted values with select_kernel's float32 chain (the same stop in
+//   3. ranks instead of a sort: a candidate's rank is the number of candidates before it in the
+//      contract's order (descending probability, ties to the lower index), counted over 32-bit
+//      values; each CTA ranks its own candidates against all and writes their values, in rank
+//      order, into every CTA;
+//   4. every CTA walks the sorted values with select_kernel's float32 chain (the same stop in
 //      all), keeps its own blocks of rank below the stop, and the CTAs' kept counts give each its
 //      offset in the ascending list.
 // Opt-in (ASA_CUDA_FUSED_ROUTE=1; the tests compare both paths): it makes the one-call decode
@@ -1014,15 +1015,16 @@ constexpr int kRouteHeadsMax = kDecodeLogitsRows;
 static_assert(kRouteThreads == kSelectThreads, "one CTA shape for the router's reductions");
 
 // Dynamic shared memory of route_decode_kernel, in the order the kernel carves it.
+__host__ __device__ inline int route_rank_slots(int nk) { return (nk + 31) / 32 * 32; }
 __host__ __device__ inline size_t route_decode_smem(int heads, int D, int per, int nk) {
   return static_cast<size_t>(heads + kRouteFoldMax) * D * 4  // q̄ rows, fresh k̄ rows
-         + static_cast<size_t>(nk) * 8                        // rank keys
+         + static_cast<size_t>(route_rank_slots(nk)) * 4      // rank values
          + static_cast<size_t>(heads + 2) * per * 4           // logits, own P, own ranks
          + static_cast<size_t>(nk) * 9;                       // every P, sorted keys, flags
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kRouteThreads, 1) route_decode_kernel(AsaParams p, Workspace ws,
+__global__ void __launch_bounds__(kRouteThreads, 2) route_decode_kernel(AsaParams p, Workspace ws,
                                                                      KeyRows kbar, int fold) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
@@ -1048,18 +1050,18 @@ __global__ void __launch_bounds__(kRouteThreads, 1) route_decode_kernel(AsaParam
   extern __shared__ __align__(16) unsigned char smem_raw[];
   float* qs = reinterpret_cast<float*>(smem_raw);                         // [heads][D]
   float* fresh = qs + heads * D;                                          // [kRouteFoldMax][D]
-  uint64_t* keys = reinterpret_cast<uint64_t*>(fresh + kRouteFoldMax * D);  // [nk]
-  float* lg = reinterpret_cast<float*>(keys + nk);                        // [heads][per]
+  const int slots = route_rank_slots(nk);
+  uint32_t* vals = reinterpret_cast<uint32_t*>(fresh + kRouteFoldMax * D);  // [slots]
+  float* lg = reinterpret_cast<float*>(vals + slots);                     // [heads][per]
   float* pv_own = lg + heads * per;                                       // [per]
   int* rank_own = reinterpret_cast<int*>(pv_own + per);                   // [per]
   float* pv_all = reinterpret_cast<float*>(rank_own + per);               // [nk]
   uint32_t* sorted = reinterpret_cast<uint32_t*>(pv_all + nk);            // [nk]
   uint8_t* flags = reinterpret_cast<uint8_t*>(sorted + nk);               // [nk]
-  __shared__ float part_max[kRouteHeadsMax][kRouteClusterMax];
-  __shared__ float part_sum[kRouteHeadsMax][kRouteClusterMax];
+  __shared__ float2 part_stats[kRouteHeadsMax][kRouteClusterMax];  // (max, sum of exp) per CTA
   __shared__ int part_kept[kRouteClusterMax];
   __shared__ float head_max[kRouteHeadsMax], head_sum[kRouteHeadsMax];
-  __shared__ int rank_part[kRouteThreads / 32][32];
+  __shared__ int rank_part[kRouteThreads / 32][64];
   __shared__ int scratch[kRouteThreads / 32];
   __shared__ WalkCut cut;
   auto cta_sum = [&](int v) {  // over the CTA's threads, returned in every thread
@@ -1071,6 +1073,24 @@ __global__ void __launch_bounds__(kRouteThreads, 1) route_decode_kernel(AsaParam
     __syncthreads();
     return s;
   };
+
+  // The first pass of the logits loop below reads L lanes per k̄ row, 8 float4 columns each
+  // (logits_decode_kernel's layout). Its rows from the caller's key_block_stats are loaded now,
+  // so that their latency overlaps the flags and q̄: without the learned gate (never routed
+  // here) no kernel of the chain writes that buffer, so like q and k it may be read before the
+  // wait (common.cuh). Fresh rows are pooled here or read after the wait.
+  const int L = D / (4 * kDecodeLogitsCols);
+  const int part = tid % L;
+  float4 kv_first[kDecodeLogitsCols];
+  const bool first_cached = tid / L < cnt && k_begin + tid / L < kbar.cached_blocks;
+  {
+    const float* row = first_cached ? kbar.row(bh, k_begin + tid / L, nk, D) : nullptr;
+#pragma unroll
+    for (int b = 0; b < kDecodeLogitsCols; ++b) {
+      kv_first[b] = row != nullptr ? reinterpret_cast<const float4*>(row)[b * L + part]
+                                   : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  }
 
   // Flags of every key block (each CTA keeps the whole list's): arithmetic on the params, so
   // before the wait unless a padding mask makes them read the chain's kept-key prefix.
@@ -1108,20 +1128,20 @@ __global__ void __launch_bounds__(kRouteThreads, 1) route_decode_kernel(AsaParam
   allow_next_kernel();
   __syncthreads();
 
-  // Logits of the own blocks: L lanes per k̄ row, 8 float4 columns each (logits_decode_kernel).
-  const int L = D / (4 * kDecodeLogitsCols);
-  const int part = tid % L;
+  // Logits of the own blocks (the first pass's cached rows are in kv_first already).
   for (int j0 = 0; j0 < cnt; j0 += kRouteThreads / L) {
     const int j = j0 + tid / L, k = k_begin + j;
+    const bool loaded = j0 == 0 && first_cached;
     const float* row = nullptr;
-    if (j < cnt) {
+    if (j < cnt && !loaded) {
       row = fold && k >= first_fresh ? fresh + (k - first_fresh) * D : kbar.row(bh, k, nk, D);
     }
     float4 kv[kDecodeLogitsCols];
 #pragma unroll
     for (int b = 0; b < kDecodeLogitsCols; ++b) {
-      kv[b] = row != nullptr ? reinterpret_cast<const float4*>(row)[b * L + part]
-                             : make_float4(0.f, 0.f, 0.f, 0.f);
+      kv[b] = loaded ? kv_first[b]
+              : row != nullptr ? reinterpret_cast<const float4*>(row)[b * L + part]
+                               : make_float4(0.f, 0.f, 0.f, 0.f);
     }
 #pragma unroll
     for (int hr = 0; hr < kRouteHeadsMax; ++hr) {
@@ -1134,7 +1154,9 @@ __global__ void __launch_bounds__(kRouteThreads, 1) route_decode_kernel(AsaParam
   __syncthreads();
 
   ASA_ROUTE_PHASE(3);
-  // Softmax statistics: warp hr takes head hr; lane r sends the CTA's partial to CTA r.
+  // Softmax statistics in one exchange: warp hr takes head hr and sends the CTA's (max, sum of
+  // exp(x - max)) over its visible blocks to every CTA (lane r to CTA r); every CTA combines the
+  // pairs in rank order, rescaling each sum to the list's maximum, so all hold the same bits.
   asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
   if (warp < heads) {
     float mx = -INFINITY;
@@ -1142,24 +1164,26 @@ __global__ void __launch_bounds__(kRouteThreads, 1) route_decode_kernel(AsaParam
       if (flags[k_begin + j] & kVisible) mx = fmaxf(mx, lg[warp * per + j]);
     }
     mx = warp_max(mx);
-    if (lane < C) *cluster.map_shared_rank(&part_max[warp][rank], lane) = mx;
+    float s = 0.f;
+    if (mx != -INFINITY) {
+      for (int j = lane; j < cnt; j += 32) {
+        if (flags[k_begin + j] & kVisible) s += expf(lg[warp * per + j] - mx);
+      }
+    }
+    s = warp_sum(s);
+    if (lane < C) *cluster.map_shared_rank(&part_stats[warp][rank], lane) = make_float2(mx, s);
   }
   cluster.sync();
   ASA_ROUTE_PHASE(4);
-  if (warp < heads) {
-    const float mx = warp_max(lane < C ? part_max[warp][lane] : -INFINITY);
-    float s = 0.f;
-    for (int j = lane; j < cnt; j += 32) {
-      if (flags[k_begin + j] & kVisible) s += expf(lg[warp * per + j] - mx);
-    }
-    s = warp_sum(s);
-    if (lane < C) *cluster.map_shared_rank(&part_sum[warp][rank], lane) = s;
-    if (lane == 0) head_max[warp] = mx;
-  }
-  cluster.sync();
   if (tid < heads) {
+    float mx = -INFINITY;
+    for (int r = 0; r < C; ++r) mx = fmaxf(mx, part_stats[tid][r].x);
     float s = 0.f;
-    for (int r = 0; r < C; ++r) s += part_sum[tid][r];
+    for (int r = 0; r < C; ++r) {
+      const float2 ms = part_stats[tid][r];
+      if (ms.x != -INFINITY) s += ms.y * expf(ms.x - mx);
+    }
+    head_max[tid] = mx;
     head_sum[tid] = s;
   }
   __syncthreads();
@@ -1184,40 +1208,63 @@ __global__ void __launch_bounds__(kRouteThreads, 1) route_decode_kernel(AsaParam
 
   int stop = num_cand;  // τ >= 1: every visible block is kept
   if (tau < 1.f) {
-    // Rank keys: ~bits(P) above the index for candidates (visible, not forced), ~0 otherwise,
-    // so a candidate's rank is the number of keys below its own.
-    for (int k = tid; k < nk; k += kRouteThreads) {
-      keys[k] = flags[k] == kVisible
-                    ? (static_cast<uint64_t>(~__float_as_uint(pv_all[k])) << 32) |
-                          static_cast<uint32_t>(k)
-                    : ~0ull;
+    // Rank values: ~bits(P) - 1 for candidates (visible, not forced; at most 0xFFFFFFFE, and
+    // ascending in the walk's order: descending P), 0xFFFFFFFF for the rest and the padding
+    // slots, which therefore never count. A candidate's rank is the number of candidates before
+    // it: smaller values, and equal values at lower indices.
+    for (int k = tid; k < slots; k += kRouteThreads) {
+      vals[k] = k < nk && flags[k] == kVisible ? ~__float_as_uint(pv_all[k]) - 1u : ~0u;
     }
     __syncthreads();
-    // 32 own blocks at a time (lane = block); the 8 warps split the keys they are counted against.
-    const int chunk = cdiv(nk, kRouteThreads / 32);
-    const int c0 = min(warp * chunk, nk), c1 = min(c0 + chunk, nk);
-    for (int g0 = 0; g0 < cnt; g0 += 32) {
-      const int j = g0 + lane;
-      const uint64_t mine = j < cnt ? keys[k_begin + j] : ~0ull;
-      if (__ballot_sync(0xffffffffu, mine != ~0ull) == 0) continue;  // the same in every warp
-      int below = 0;
-#pragma unroll 8
-      for (int k = c0; k < c1; ++k) below += keys[k] < mine;
-      rank_part[warp][lane] = below;
+    // Lane = two own blocks (j, j + 32); the 8 warps split the values they are counted against
+    // (chunk: a multiple of 4, read 16 bytes at a time). Where a warp's chunk lies wholly before
+    // or after the own blocks, the index order is known without comparing indices.
+    const int chunk = slots / (kRouteThreads / 32);
+    const int c0 = warp * chunk, c1 = c0 + chunk;
+    for (int g0 = 0; g0 < cnt; g0 += 64) {
+      const int j_a = g0 + lane, j_b = j_a + 32;
+      const uint32_t v_a = j_a < cnt ? vals[k_begin + j_a] : ~0u;
+      const uint32_t v_b = j_b < cnt ? vals[k_begin + j_b] : ~0u;
+      if (__ballot_sync(0xffffffffu, v_a != ~0u || v_b != ~0u) == 0) continue;  // every warp
+      int below_a = 0, below_b = 0;
+      const uint4* src = reinterpret_cast<const uint4*>(vals + c0);
+      if (c1 <= k_begin + g0) {  // every value before both own blocks: ties count
+#pragma unroll 4
+        for (int t = 0; t < chunk / 4; ++t) {
+          const uint4 w = src[t];
+          below_a += (w.x <= v_a) + (w.y <= v_a) + (w.z <= v_a) + (w.w <= v_a);
+          below_b += (w.x <= v_b) + (w.y <= v_b) + (w.z <= v_b) + (w.w <= v_b);
+        }
+      } else if (c0 >= k_begin + min(g0 + 64, cnt)) {  // every value after them: ties don't
+#pragma unroll 4
+        for (int t = 0; t < chunk / 4; ++t) {
+          const uint4 w = src[t];
+          below_a += (w.x < v_a) + (w.y < v_a) + (w.z < v_a) + (w.w < v_a);
+          below_b += (w.x < v_b) + (w.y < v_b) + (w.z < v_b) + (w.w < v_b);
+        }
+      } else {
+        const int k_a = k_begin + j_a, k_b = k_begin + j_b;
+        for (int k = c0; k < c1; ++k) {
+          const uint32_t v = vals[k];
+          below_a += v < v_a || (v == v_a && k < k_a);
+          below_b += v < v_b || (v == v_b && k < k_b);
+        }
+      }
+      rank_part[warp][lane] = below_a;
+      rank_part[warp][lane + 32] = below_b;
       __syncthreads();
-      if (warp == 0 && j < cnt) {
+      if (warp < 2) {
+        const int j = g0 + tid;
         int r = 0;
-        for (int w = 0; w < kRouteThreads / 32; ++w) r += rank_part[w][lane];
-        rank_own[j] = r;
+        for (int w = 0; w < kRouteThreads / 32; ++w) r += rank_part[w][tid];
+        if (j < cnt) rank_own[j] = r;
       }
       __syncthreads();
     }
     for (int idx = tid; idx < cnt * C; idx += kRouteThreads) {
       const int r = idx / cnt, j = idx % cnt;
-      const uint64_t key = keys[k_begin + j];
-      if (key != ~0ull) {
-        *cluster.map_shared_rank(&sorted[rank_own[j]], r) = static_cast<uint32_t>(key >> 32);
-      }
+      const uint32_t v = vals[k_begin + j];
+      if (v != ~0u) *cluster.map_shared_rank(&sorted[rank_own[j]], r) = v + 1u;
     }
     cluster.sync();
     ASA_ROUTE_PHASE(7);
