@@ -1003,10 +1003,11 @@ __global__ void __launch_bounds__(32 * kListsPerCta) select_warp_kernel(
 //   4. every CTA walks the sorted values with select_kernel's float32 chain (the same stop in
 //      all), keeps its own blocks of rank below the stop, and the CTAs' kept counts give each its
 //      offset in the ascending list.
-// Opt-in (ASA_CUDA_FUSED_ROUTE=1; the tests compare both paths): it makes the one-call decode
+// Opt-in (ASA_CUDA_FUSED_ROUTE=1; the tests compare both paths): it made the one-call decode
 // step slower on an H100, 53 -> 62 µs at 128K / density 0.1 (BENCHMARKS.md optimization step
-// 36); step 37 (b) times its phases: the ranking is 7.5 µs of ~24, the rest is ~1–3 µs of
-// latency per barrier-separated step.
+// 36); step 37 (b) timed its phases: the ranking 7.5 µs of ~24, the rest ~1–3 µs of latency per
+// barrier-separated step. Step 51 (32-bit ranks, one exchange fewer, early k̄ loads) has not
+// run on a GPU yet.
 constexpr int kRouteThreads = kPoolThreads;  // pool_key_block's thread count (the same bits)
 constexpr int kRouteClusterMax = 16;         // a non-portable cluster size on Hopper
 constexpr int kRouteMaxBlocks = 2048;        // ranking costs NK² / C comparisons per CTA
