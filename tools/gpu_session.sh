@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device call for the CUDA kernel core: build libasa_cuda.so (sm_90a + sm_80), run the GPU
 # tests, run the kernel benchmark. Logs land under $OUT (the device tool brings them back).
-#   tools/gpu_session.sh [all|test|bench|diag|decode|profile|host] [extra bench_kernels.py args...]
+#   tools/gpu_session.sh [all|test|bench|diag|decode|profile|host|fused] [extra bench_kernels.py args...]
 # ASA_PREBUILT=path/libasa_cuda.so skips the build when that library loads here (built on the
 # CPU machine with the same nvcc, carried in an ignored folder; saves device time); then the
 # compile test is left to the CPU machine. BENCH_TAG names a second benchmark's logs.
@@ -101,6 +101,37 @@ if [ "$MODE" = profile ]; then
     > "$OUT/ncu_decode.log" 2>&1
   grep -E "^  [a-z].*kernel|Duration|DRAM Throughput|decode step profiled" "$OUT/ncu_decode.log" \
     | sed -E 's/\(AsaParams.*\) \(/ (/' | cut -c1-110
+fi
+if [ "$MODE" = fused ]; then
+  # The opt-in one-launch decode router (ASA_CUDA_FUSED_ROUTE=1; BENCHMARKS.md optimization steps
+  # 36, 37, 51): the GPU tests with it as the decode router, its phases (OLD_ROUTER=path/router.cu
+  # also times another router.cu, e.g. `git show <rev>:plugins/core/cuda/router.cu`), then the
+  # decode step with the separate and the fused router, one process each, alternating twice.
+  ASA_CUDA_FUSED_ROUTE=1 timeout 150 python3 -m pytest -q -p no:cacheprovider -rf \
+    tests/plugins/test_cuda_kernels.py tests/plugins/test_decode_cache.py -k "decode or exact or fused" \
+    2>&1 | grep -v DEBUG > "$OUT/tests_fused.log"
+  tail -3 "$OUT/tests_fused.log"
+  LIBDIR=$(dirname "$ASA_CUDA_LIB")
+  NVCC_TOOL="nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a
+    -Iplugins/core/include -Iplugins/core/cuda -Iplugins/core/common"
+  $NVCC_TOOL tools/route_phases.cu -o /tmp/route_phases -L"$LIBDIR" -lasa_cuda \
+    -Xlinker -rpath="$LIBDIR" > "$OUT/route_phases.log" 2>&1
+  timeout 40 /tmp/route_phases 131072 0.1 2>&1 | tee -a "$OUT/route_phases.log" | sed -n 1,13p
+  if [ -n "$OLD_ROUTER" ]; then  # included from tools/, so the path is made absolute
+    $NVCC_TOOL -DROUTER_CU="\"$(realpath "$OLD_ROUTER")\"" tools/route_phases.cu \
+      -o /tmp/route_phases_old -L"$LIBDIR" -lasa_cuda -Xlinker -rpath="$LIBDIR" \
+      > "$OUT/route_phases_old.log" 2>&1
+    echo "== $OLD_ROUTER"
+    timeout 40 /tmp/route_phases_old 131072 0.1 2>&1 | tee -a "$OUT/route_phases_old.log" \
+      | sed -n 1,13p
+  fi
+  for fused in 0 1 0 1; do
+    echo "== ASA_CUDA_FUSED_ROUTE=$fused"
+    ASA_CUDA_FUSED_ROUTE=$fused timeout 90 python3 tools/bench_kernels.py --seqs \
+      --decode-kv 131072 32768 --densities 0.1 0.4 --json "$OUT/decode_fused$fused.json" \
+      > "$OUT/decode_fused$fused.log" 2>&1
+    grep -v '^{' "$OUT/decode_fused$fused.log" | tail -12
+  done
 fi
 if [ "$MODE" = host ]; then
   # Host time of the torch binding (BENCHMARKS.md "SmolLM2-135M at 8K in the model"): per call at
