@@ -31,6 +31,18 @@ else
   echo "build: $(( $(date +%s) - start )) s"
   export ASA_CUDA_LIB=$PWD/$BUILD/core/cuda/libasa_cuda.so
 fi
+# build_tool NAME OUT [nvcc args...]: tools/NAME.cu (which includes the kernel source it times)
+# -> OUT, linked against the library in use; the compiler's output is appended to $OUT/tools.log
+# (its tail printed when the build fails).
+build_tool() {
+  local name=$1 out=$2 libdir
+  shift 2
+  libdir=$(dirname "$ASA_CUDA_LIB")
+  nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
+    -Iplugins/core/include -Iplugins/core/cuda -Iplugins/core/common "$@" "tools/$name.cu" \
+    -o "$out" -L"$libdir" -lasa_cuda -Xlinker -rpath="$libdir" >> "$OUT/tools.log" 2>&1 \
+    || { echo "build of tools/$name.cu failed:"; tail -20 "$OUT/tools.log"; return 1; }
+}
 if [ "$MODE" = host ]; then
   # The torch binding's compiled host path, built ahead against this machine's torch: eager
   # calls without optional inputs take it from here on (the GPU tests included).
@@ -76,16 +88,13 @@ if [ "$MODE" = profile ]; then
   # the opt-in route_decode_kernel's phases (tools/route_phases.cu), the split-KV attention's
   # per-CTA timeline (tools/attn_timeline.cu), then ncu on the one-call decode step at
   # 128K / density 0.1 (caches flushed between kernels, as ncu does).
-  LIBDIR=$(dirname "$ASA_CUDA_LIB")
   : > "$OUT/phases.log"
-  # run_tool NAME SECONDS "KV TAU"...: tools/NAME.cu (which includes the kernel source it
-  # times) -> /tmp/NAME, run once per argument pair, each run at most SECONDS.
+  # run_tool NAME SECONDS "KV TAU"...: build_tool NAME /tmp/NAME, then run it once per argument
+  # pair, each run at most SECONDS.
   run_tool() {
     local name=$1 limit=$2
     shift 2
-    nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
-      -Iplugins/core/include -Iplugins/core/cuda -Iplugins/core/common "tools/$name.cu" \
-      -o "/tmp/$name" -L"$LIBDIR" -lasa_cuda -Xlinker -rpath="$LIBDIR" >> "$OUT/phases.log" 2>&1
+    build_tool "$name" "/tmp/$name"
     for a in "$@"; do timeout "$limit" "/tmp/$name" $a >> "$OUT/phases.log" 2>&1; done
   }
   run_tool select_phases 30 "131072 0.1" "32768 0.4"
@@ -111,26 +120,22 @@ if [ "$MODE" = fused ]; then
     tests/plugins/test_cuda_kernels.py tests/plugins/test_decode_cache.py -k "decode or exact or fused" \
     2>&1 | grep -v DEBUG > "$OUT/tests_fused.log"
   tail -3 "$OUT/tests_fused.log"
-  LIBDIR=$(dirname "$ASA_CUDA_LIB")
-  NVCC_TOOL="nvcc -O3 -std=c++17 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a
-    -Iplugins/core/include -Iplugins/core/cuda -Iplugins/core/common"
-  $NVCC_TOOL tools/route_phases.cu -o /tmp/route_phases -L"$LIBDIR" -lasa_cuda \
-    -Xlinker -rpath="$LIBDIR" > "$OUT/route_phases.log" 2>&1
-  timeout 40 /tmp/route_phases 131072 0.1 2>&1 | tee -a "$OUT/route_phases.log" | sed -n 1,13p
+  build_tool route_phases /tmp/route_phases
+  timeout 40 /tmp/route_phases 131072 0.1 2>&1 | tee "$OUT/route_phases.log" | sed -n 1,13p
   if [ -n "$OLD_ROUTER" ]; then  # included from tools/, so the path is made absolute
-    $NVCC_TOOL -DROUTER_CU="\"$(realpath "$OLD_ROUTER")\"" tools/route_phases.cu \
-      -o /tmp/route_phases_old -L"$LIBDIR" -lasa_cuda -Xlinker -rpath="$LIBDIR" \
-      > "$OUT/route_phases_old.log" 2>&1
+    build_tool route_phases /tmp/route_phases_old -DROUTER_CU="\"$(realpath "$OLD_ROUTER")\""
     echo "== $OLD_ROUTER"
-    timeout 40 /tmp/route_phases_old 131072 0.1 2>&1 | tee -a "$OUT/route_phases_old.log" \
+    timeout 40 /tmp/route_phases_old 131072 0.1 2>&1 | tee "$OUT/route_phases_old.log" \
       | sed -n 1,13p
   fi
-  for fused in 0 1 0 1; do
-    echo "== ASA_CUDA_FUSED_ROUTE=$fused"
-    ASA_CUDA_FUSED_ROUTE=$fused timeout 90 python3 tools/bench_kernels.py --seqs \
-      --decode-kv 131072 32768 --densities 0.1 0.4 --json "$OUT/decode_fused$fused.json" \
-      > "$OUT/decode_fused$fused.log" 2>&1
-    grep -v '^{' "$OUT/decode_fused$fused.log" | tail -12
+  for run in 1 2; do
+    for fused in 0 1; do
+      log="$OUT/decode_fused${fused}_run$run"
+      echo "== ASA_CUDA_FUSED_ROUTE=$fused, run $run"
+      ASA_CUDA_FUSED_ROUTE=$fused timeout 90 python3 tools/bench_kernels.py --seqs \
+        --decode-kv 131072 32768 --densities 0.1 0.4 --json "$log.json" > "$log.log" 2>&1
+      grep -v '^{' "$log.log" | tail -12
+    done
   done
 fi
 if [ "$MODE" = host ]; then

@@ -1229,19 +1229,16 @@ __global__ void __launch_bounds__(kRouteThreads, 2) route_decode_kernel(AsaParam
       if (__ballot_sync(0xffffffffu, v_a != ~0u || v_b != ~0u) == 0) continue;  // every warp
       int below_a = 0, below_b = 0;
       const uint4* src = reinterpret_cast<const uint4*>(vals + c0);
-      if (c1 <= k_begin + g0) {  // every value before both own blocks: ties count
+      const bool before = c1 <= k_begin + g0, after = c0 >= k_begin + min(g0 + 64, cnt);
+      if (before || after) {
+        // Before both own blocks ties count (w <= v, i.e. w < v + 1: a candidate's v is at most
+        // 0xFFFFFFFE); after them they don't. A lane without a candidate counts nothing used.
+        const uint32_t bound_a = v_a + (before ? 1u : 0u), bound_b = v_b + (before ? 1u : 0u);
 #pragma unroll 4
         for (int t = 0; t < chunk / 4; ++t) {
           const uint4 w = src[t];
-          below_a += (w.x <= v_a) + (w.y <= v_a) + (w.z <= v_a) + (w.w <= v_a);
-          below_b += (w.x <= v_b) + (w.y <= v_b) + (w.z <= v_b) + (w.w <= v_b);
-        }
-      } else if (c0 >= k_begin + min(g0 + 64, cnt)) {  // every value after them: ties don't
-#pragma unroll 4
-        for (int t = 0; t < chunk / 4; ++t) {
-          const uint4 w = src[t];
-          below_a += (w.x < v_a) + (w.y < v_a) + (w.z < v_a) + (w.w < v_a);
-          below_b += (w.x < v_b) + (w.y < v_b) + (w.z < v_b) + (w.w < v_b);
+          below_a += (w.x < bound_a) + (w.y < bound_a) + (w.z < bound_a) + (w.w < bound_a);
+          below_b += (w.x < bound_b) + (w.y < bound_b) + (w.z < bound_b) + (w.w < bound_b);
         }
       } else {
         const int k_a = k_begin + j_a, k_b = k_begin + j_b;
