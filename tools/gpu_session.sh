@@ -113,26 +113,32 @@ if [ "$MODE" = profile ]; then
 fi
 if [ "$MODE" = fused ]; then
   # The opt-in one-launch decode router (ASA_CUDA_FUSED_ROUTE=1; BENCHMARKS.md optimization steps
-  # 36, 37, 51): the GPU tests with it as the decode router, its phases (OLD_ROUTER=path/router.cu
-  # also times another router.cu, e.g. `git show <rev>:plugins/core/cuda/router.cu`), then the
-  # decode step with the separate and the fused router, one process each, alternating twice.
-  ASA_CUDA_FUSED_ROUTE=1 timeout 150 python3 -m pytest -q -p no:cacheprovider -rf \
+  # 36, 37, 51) and the opt-in fused decode step built on it (ASA_CUDA_FUSED_DECODE=1, step 52):
+  # the GPU tests with the fused router as the decode router (the fused step's tests set their
+  # own variables), the phases of both (OLD_ROUTER=path/router.cu also times another router.cu,
+  # e.g. `git show <rev>:plugins/core/cuda/router.cu`), then the decode step with the separate
+  # router, the fused router and the fused step, one process each, alternating twice.
+  ASA_CUDA_FUSED_ROUTE=1 timeout 200 python3 -m pytest -q -p no:cacheprovider -rf \
     tests/plugins/test_cuda_kernels.py tests/plugins/test_decode_cache.py -k "decode or exact or fused" \
     2>&1 | grep -v DEBUG > "$OUT/tests_fused.log"
-  tail -3 "$OUT/tests_fused.log"
+  tail -8 "$OUT/tests_fused.log"
   build_tool route_phases /tmp/route_phases
-  timeout 40 /tmp/route_phases 131072 0.1 2>&1 | tee "$OUT/route_phases.log" | sed -n 1,13p
+  timeout 60 /tmp/route_phases 131072 0.1 > "$OUT/route_phases.log" 2>&1
+  # the router at C = 16 and the fused step (the other cluster sizes stay in the log)
+  awk '/^C = 16/,/density/; /^fused step/,0' "$OUT/route_phases.log"
   if [ -n "$OLD_ROUTER" ]; then  # included from tools/, so the path is made absolute
     build_tool route_phases /tmp/route_phases_old -DROUTER_CU="\"$(realpath "$OLD_ROUTER")\""
     echo "== $OLD_ROUTER"
-    timeout 40 /tmp/route_phases_old 131072 0.1 2>&1 | tee "$OUT/route_phases_old.log" \
-      | sed -n 1,13p
+    timeout 40 /tmp/route_phases_old 131072 0.1 > "$OUT/route_phases_old.log" 2>&1
+    awk '/^C = 16/,/density/' "$OUT/route_phases_old.log"
   fi
   for run in 1 2; do
-    for fused in 0 1; do
-      log="$OUT/decode_fused${fused}_run$run"
-      echo "== ASA_CUDA_FUSED_ROUTE=$fused, run $run"
-      ASA_CUDA_FUSED_ROUTE=$fused timeout 90 python3 tools/bench_kernels.py --seqs \
+    for arm in separate router step; do
+      log="$OUT/decode_${arm}_run$run"
+      echo "== decode with the $arm arm, run $run"
+      ASA_CUDA_FUSED_ROUTE=$([ $arm = router ] && echo 1 || echo 0) \
+        ASA_CUDA_FUSED_DECODE=$([ $arm = step ] && echo 1 || echo 0) \
+        timeout 90 python3 tools/bench_kernels.py --seqs \
         --decode-kv 131072 32768 --densities 0.1 0.4 --json "$log.json" > "$log.log" 2>&1
       grep -v '^{' "$log.log" | tail -12
     done

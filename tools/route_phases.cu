@@ -14,7 +14,7 @@
 #include <cstdlib>
 #include <vector>
 
-constexpr int kPhases = 11;
+constexpr int kPhases = 14;
 constexpr int kMaxCtas = 256;
 __device__ unsigned long long g_phase_ns[kMaxCtas][kPhases];
 
@@ -34,6 +34,47 @@ __device__ unsigned long long g_phase_ns[kMaxCtas][kPhases];
 #include ROUTER_CU
 #include "asa/asa_cuda.h"
 #include "decode_step.cuh"
+
+// Runs `launch` (one launch of `ctas` CTAs) 200 times after 10 warm-ups and prints the event
+// time per launch, the spread of the CTAs' start times, the span from the first start to the
+// last end, and the mean of phases 1..last over the CTAs.
+template <typename Launch>
+void time_phases(int ctas, int last, const char* const* names, Launch launch) {
+  const int reps = 200;
+  std::vector<double> phase(kPhases, 0.0);
+  double spread = 0.0, span = 0.0;
+  float total_ms = 0.f;
+  cudaEvent_t start, stop;
+  CHECK(cudaEventCreate(&start));
+  CHECK(cudaEventCreate(&stop));
+  for (int r = 0; r < reps + 10; ++r) {
+    CHECK(cudaEventRecord(start));
+    CHECK(launch());
+    CHECK(cudaEventRecord(stop));
+    CHECK(cudaEventSynchronize(stop));
+    CHECK(cudaGetLastError());
+    unsigned long long ns[kMaxCtas][kPhases];
+    CHECK(cudaMemcpyFromSymbol(ns, g_phase_ns, sizeof(ns)));
+    if (r < 10) continue;  // warm-up
+    float ms = 0.f;
+    CHECK(cudaEventElapsedTime(&ms, start, stop));
+    total_ms += ms;
+    unsigned long long first = ~0ull, last_start = 0, end = 0;
+    for (int c = 0; c < ctas; ++c) {
+      first = ns[c][0] < first ? ns[c][0] : first;
+      last_start = ns[c][0] > last_start ? ns[c][0] : last_start;
+      end = ns[c][last] > end ? ns[c][last] : end;
+      for (int i = 1; i <= last; ++i) phase[i] += static_cast<double>(ns[c][i] - ns[c][i - 1]);
+    }
+    spread += static_cast<double>(last_start - first);
+    span += static_cast<double>(end - first);
+  }
+  std::printf("    event %.2f us per launch, CTA start spread %.2f us, first start to last end "
+              "%.2f us\n", 1e3 * total_ms / reps, spread / reps / 1e3, span / reps / 1e3);
+  for (int i = 1; i <= last; ++i) {
+    std::printf("    %-48s %7.2f us\n", names[i], phase[i] / (reps * ctas) / 1e3);
+  }
+}
 
 int main(int argc, char** argv) {
   const int kv = argc > 1 ? std::atoi(argv[1]) : 131072;
@@ -59,9 +100,6 @@ int main(int argc, char** argv) {
   const asa::cuda::KeyRows rows{nullptr, stats, nk - 1, nk};
   CHECK(cudaDeviceSynchronize());
 
-  cudaEvent_t start, stop;
-  CHECK(cudaEventCreate(&start));
-  CHECK(cudaEventCreate(&stop));
   const char* names[kPhases] = {"start",
                                 "flags + visible / candidate counts",
                                 "q mean + last block's k mean (before the wait)",
@@ -72,40 +110,13 @@ int main(int argc, char** argv) {
                                 "rank keys + ranks + scatter + barrier 4",
                                 "walk",
                                 "kept + count + barrier 5",
-                                "list writes"};
+                                "list writes",
+                                "fused step: plan + first copies",
+                                "fused step: attention of the items",
+                                "fused step: cluster merge + output"};
   std::printf("route_decode_kernel, KV %d (NK %d), tau %.3f, %d lists\n", kv, nk, tau, lists);
   for (int C = 16; C >= 2; C /= 2) {
     const int ctas = lists * C;
-    const int reps = 200;
-    std::vector<double> phase(kPhases, 0.0);
-    double spread = 0.0, span = 0.0;
-    float total_ms = 0.f;
-    for (int r = 0; r < reps + 10; ++r) {
-      CHECK(cudaEventRecord(start));
-      CHECK(asa::cuda::launch_route_decode<__nv_bfloat16>(p, ws, rows, C, lists, nullptr));
-      CHECK(cudaEventRecord(stop));
-      CHECK(cudaEventSynchronize(stop));
-      CHECK(cudaGetLastError());
-      unsigned long long ns[kMaxCtas][kPhases];
-      CHECK(cudaMemcpyFromSymbol(ns, g_phase_ns, sizeof(ns)));
-      if (r < 10) continue;  // warm-up
-      float ms = 0.f;
-      CHECK(cudaEventElapsedTime(&ms, start, stop));
-      total_ms += ms;
-      unsigned long long first = ~0ull, last_start = 0, end = 0;
-      for (int c = 0; c < ctas; ++c) {
-        first = ns[c][0] < first ? ns[c][0] : first;
-        last_start = ns[c][0] > last_start ? ns[c][0] : last_start;
-        end = ns[c][kPhases - 1] > end ? ns[c][kPhases - 1] : end;
-        for (int i = 1; i < kPhases; ++i) phase[i] += static_cast<double>(ns[c][i] - ns[c][i - 1]);
-      }
-      spread += static_cast<double>(last_start - first);
-      span += static_cast<double>(end - first);
-    }
-    int count_host[64] = {};
-    CHECK(cudaMemcpy(count_host, counts, lists * sizeof(int32_t), cudaMemcpyDeviceToHost));
-    int kept = 0;
-    for (int c = 0; c < lists; ++c) kept += count_host[c];
     int clusters = 0;
     {
       const asa::cuda::RouteLaunch launch(
@@ -114,13 +125,35 @@ int main(int argc, char** argv) {
       CHECK(cudaOccupancyMaxActiveClusters(&clusters, asa::cuda::route_decode_kernel<__nv_bfloat16>,
                                            &launch.cfg));
     }
-    std::printf("C = %2d: %d co-resident clusters, density %.3f, event %.2f us per launch, "
-                "CTA start spread %.2f us, first start to last end %.2f us\n",
-                C, clusters, static_cast<double>(kept) / (lists * nk), 1e3 * total_ms / reps,
-                spread / reps / 1e3, span / reps / 1e3);
-    for (int i = 1; i < kPhases; ++i) {
-      std::printf("    %-48s %7.2f us\n", names[i], phase[i] / (reps * ctas) / 1e3);
-    }
+    std::printf("C = %2d: %d co-resident clusters\n", C, clusters);
+    time_phases(ctas, 10, names, [&] {
+      return asa::cuda::launch_route_decode<__nv_bfloat16>(p, ws, rows, C, lists, nullptr);
+    });
+    int count_host[64] = {};
+    CHECK(cudaMemcpy(count_host, counts, lists * sizeof(int32_t), cudaMemcpyDeviceToHost));
+    int kept = 0;
+    for (int c = 0; c < lists; ++c) kept += count_host[c];
+    std::printf("    density %.3f\n", static_cast<double>(kept) / (lists * nk));
   }
+
+#ifdef ASA_CUDA_FUSED_DECODE_CUH_  // not in a router.cu from before the fused step (OLD_ROUTER)
+  // The fused decode step (fused_decode.cuh): the same router, then its plan, attention and
+  // cluster merge, with the cluster size and K/V slots the library would choose.
+  setenv("ASA_CUDA_FUSED_DECODE", "1", 1);
+  std::printf("fused step: co-resident clusters with one CTA per multiprocessor: C = 16: %d, "
+              "C = 8: %d; %zu bytes of shared memory per CTA at most\n",
+              asa::cuda::fused_decode_clusters(16), asa::cuda::fused_decode_clusters(8),
+              asa::cuda::fused_decode_smem_limit());
+  asa::cuda::step::StepSizes z{};
+  const int C = asa::cuda::fused_decode_cluster(p, &z);
+  if (C == 0) {
+    std::printf("fused step: not run for these params on this device\n");
+    return 0;
+  }
+  std::printf("fused step: C = %d, %d K/V slots, %zu bytes of dynamic shared memory\n", C,
+              z.nslots, asa::cuda::fused_decode_smem(z));
+  time_phases(lists * C, 13, names,
+              [&] { return asa::cuda::launch_fused_decode(p, ws, nullptr); });
+#endif
   return 0;
 }

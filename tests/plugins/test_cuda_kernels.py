@@ -639,6 +639,72 @@ def test_decode_router_dispatch(op, monkeypatch):
     assert has(names, "select") and not has(names, "route_decode_kernel"), names
 
 
+# The whole decode step in one cluster launch (opt-in ASA_CUDA_FUSED_DECODE=1, compute
+# capability 9+; plugins/core/cuda/fused_decode.cuh): route_decode_kernel routes, then attends the
+# kept blocks (K/V bulk-copied into shared memory, the likeliest ones speculatively while it
+# routes) and merges the CTAs' partials through distributed shared memory. Its router is the
+# fused router's code, so the lists must equal that path's bit for bit; the output is held
+# against the reference like every path. Cases: the benchmark's shape at a smaller batch (1025
+# blocks, 5-key last block, G = 4); select_per 0 with 170 forced blocks (more than the slots);
+# three blocks (fewer blocks than a cluster of 16, batch 2); G = 8 non-causal in fp16 (the
+# speculating warp also reduces a head; local band on both sides); tau = 1 with the dense fast
+# path off (every block kept: the slots are refilled many times).
+FUSED_STEP_CASES = {
+    "decode1_packed_kv131077_d128_bf16_1025_blocks": CASES[
+        "decode1_packed_kv131077_d128_bf16_1025_blocks"],
+    "decode1_kv40000_d64_bf16_wide_forced": CASES["decode1_kv40000_d64_bf16_wide_forced"],
+    "decode1_packed_kv300_d128_bf16_three_blocks": Case(
+        2, 8, 2, 1, 300, 128, "bf16", A(causal=True, threshold=0.5, block_size=128,
+                                        select_per=1, local_blocks=1)),
+    "decode1_packed_kv70000_d128_fp16_g8_full": Case(
+        1, 16, 2, 1, 70000, 128, "fp16", A(threshold=0.6, block_size=128, select_per=1,
+                                           local_blocks=2)),
+    "decode1_packed_kv9000_d128_fp16_dense": Case(
+        1, 16, 4, 1, 9000, 128, "fp16", A(causal=True, threshold=1.0, block_size=128,
+                                          select_per=1)),
+}
+
+
+@pytest.mark.parametrize("name", list(FUSED_STEP_CASES))
+def test_fused_decode_step_matches_reference_and_router(op, name, monkeypatch):
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the fused decode step needs compute capability 9.0+ (thread-block clusters)")
+    case = FUSED_STEP_CASES[name]
+    if case.attrs.threshold >= 1:
+        monkeypatch.setenv("ASA_CUDA_DENSE_FASTPATH", "0")  # else no router runs at all
+    q, k, v, mask, bias = make_inputs(case, 8)
+    monkeypatch.setenv("ASA_CUDA_FUSED_ROUTE", "1")
+    routed_out, routed_lists = run_poisoned(op, q, k, v, case.attrs, mask, bias)
+    monkeypatch.setenv("ASA_CUDA_FUSED_DECODE", "1")
+    names = router_kernels_run(op, case)
+    assert any("route_decode_kernel" in n for n in names), names
+    assert not any("attn_" in n or "merge" in n for n in names), names
+    check_case(op, case, seed=8)
+    out, lists = run_poisoned(op, q, k, v, case.attrs, mask, bias)
+    for a, b in zip(routed_lists, lists):
+        assert torch.equal(a, b)
+    # Other float32 summation orders than the split-KV kernels, one rounding at the end.
+    torch.testing.assert_close(out.float(), routed_out.float(), atol=2e-2, rtol=2e-2)
+    for _ in range(2):  # a fixed merge order: the same bits call after call
+        again, _ = run_poisoned(op, q, k, v, case.attrs, mask, bias)
+        assert torch.equal(out, again)
+
+
+def test_fused_decode_step_dispatch(op, monkeypatch):
+    """Only decode steps in the fused step's scope take it: a softcap, a padding mask or two query
+    rows go through the router and the attention kernels as before."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the fused decode step needs compute capability 9.0+ (thread-block clusters)")
+    monkeypatch.setenv("ASA_CUDA_FUSED_DECODE", "1")
+    for name in ("decode16_packed_kv1025_d64_fp16_softcap_bias_padding",
+                 "decode2_packed_kv4099_d128_bf16_window", "decode3_kv5000_d64_fp32_full_group"):
+        names = router_kernels_run(op, CASES[name])
+        assert any("attn_" in n for n in names), (name, names)
+    names = router_kernels_run(op, DECODE_B128_CASES[
+        "decode1_packed_kv5000_d64_fp16_b128_padding_bias_softcap"])
+    assert any("attn_" in n for n in names), names
+
+
 # Packed split-key decode with block_size 128 (two 64-key tiles per block): 1025 blocks; 6 lists
 # of 40 blocks with padding, per-head bias and softcap (the per-element path); two query rows per
 # head under a window; 3 key blocks (partial last block); dense lists at tau 1.

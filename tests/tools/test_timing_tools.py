@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc
 # tool, kernel source it includes, {mark macro: number of marks}
 TOOLS = [
     ("select_phases.cu", "router.cu", {"ASA_SELECT_PHASE": 9}),
-    ("route_phases.cu", "router.cu", {"ASA_ROUTE_PHASE": 11}),
+    ("route_phases.cu", "router.cu", {"ASA_ROUTE_PHASE": 14}),
     ("attn_timeline.cu", "attention_mma.cu", {"ASA_ATTN_MARK": 6, "ASA_MERGE_MARK": 3}),
 ]
 

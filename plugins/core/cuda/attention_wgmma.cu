@@ -21,6 +21,7 @@
 // step = +32 bytes inside the atom, the next 64 columns = the next atom. V as N-major B
 // operand: LBO = 16384 (next 64 columns = next atom), SBO = 1024 (next 8 keys), one k16 step
 // (16 keys) = +2048 bytes.
+#include "bulk_copy.cuh"
 #include "common.cuh"
 #include "kernels.h"
 
@@ -163,25 +164,8 @@ __device__ __forceinline__ int classify(const AsaParams& p, int j0, int pos_lo, 
 }
 
 #ifdef ASA_WGMMA_DEVICE
-// mbarrier and bulk-tensor-copy (TMA) primitives, PTX ISA "mbarrier" and "cp.async.bulk.tensor".
-__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
-}
-__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{\n.reg .pred done;\nWAIT_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT_%=;\n}\n" ::"r"(bar),
-      "r"(parity)
-      : "memory");
-}
+// Bulk-tensor copy (TMA), PTX ISA "cp.async.bulk.tensor"; the mbarrier helpers are in
+// bulk_copy.cuh.
 // Named barrier `id` over the two consumer warpgroups (256 threads): wait, or only arrive.
 __device__ __forceinline__ void named_sync(int id) {
   asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory");

@@ -15,6 +15,13 @@ namespace cuda {
 // pooling or scoring; ASA_CUDA_DENSE_FASTPATH=0 forces the full router).
 cudaError_t launch_route(const AsaParams& p, const Workspace& ws, cudaStream_t stream);
 
+// The whole decode step (router, attention of the kept blocks, merge) in one launch of thread-
+// block clusters (fused_decode.cuh): opt-in with ASA_CUDA_FUSED_DECODE=1, for the params in its
+// scope on a device that co-schedules its clusters (compute capability 9.0+). launch_fused_decode
+// writes the lists, counts and visible counts as launch_route does, and p.out.
+bool fused_decode_supported(const AsaParams& p);
+cudaError_t launch_fused_decode(const AsaParams& p, const Workspace& ws, cudaStream_t stream);
+
 // Block-sparse attention over the lists in ws (tensor-core path when supported, else the
 // simple path), then the split-KV merge when ws.splits > 1.
 cudaError_t launch_attention(const AsaParams& p, const Workspace& ws, cudaStream_t stream);

@@ -17,6 +17,7 @@
 // With τ ≥ 1 from the attribute (no head_thresholds) every visible block is kept: steps 1-3 are
 // skipped and dense_lists_kernel writes the visible blocks directly (ASA_CUDA_DENSE_FASTPATH=0
 // forces the full router).
+#include <algorithm>
 #include <cstdlib>
 
 #include <cooperative_groups.h>
@@ -24,6 +25,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include "common.cuh"
+#include "fused_decode.cuh"
 #include "kernels.h"
 
 namespace asa {
@@ -1007,13 +1009,17 @@ __global__ void __launch_bounds__(32 * kListsPerCta) select_warp_kernel(
 // step slower on an H100, 53 -> 62 µs at 128K / density 0.1 (BENCHMARKS.md optimization step
 // 36); step 37 (b) timed its phases: the ranking 7.5 µs of ~24, the rest ~1–3 µs of latency per
 // barrier-separated step. Step 51 (32-bit ranks, one exchange fewer, early k̄ loads) has not
-// run on a GPU yet.
+// run on a GPU yet. With kAttend the same kernel is the whole fused decode step
+// (fused_decode.cuh, opt-in ASA_CUDA_FUSED_DECODE=1, step 52; not yet run on a GPU either).
 constexpr int kRouteThreads = kPoolThreads;  // pool_key_block's thread count (the same bits)
 constexpr int kRouteClusterMax = 16;         // a non-portable cluster size on Hopper
 constexpr int kRouteMaxBlocks = 2048;        // ranking costs NK² / C comparisons per CTA
 constexpr int kRouteFoldMax = 2;             // fresh key blocks pooled inside the kernel
 constexpr int kRouteHeadsMax = kDecodeLogitsRows;
 static_assert(kRouteThreads == kSelectThreads, "one CTA shape for the router's reductions");
+static_assert(kRouteThreads == step::kThreads && kRouteHeadsMax == step::kHeadsMax &&
+                  kRouteClusterMax == step::kClusterMax,
+              "fused_decode.cuh runs inside route_decode_kernel");
 
 // Dynamic shared memory of route_decode_kernel, in the order the kernel carves it.
 __host__ __device__ inline int route_rank_slots(int nk) { return (nk + 31) / 32 * 32; }
@@ -1023,10 +1029,24 @@ __host__ __device__ inline size_t route_decode_smem(int heads, int D, int per, i
          + static_cast<size_t>(heads + 2) * per * 4           // logits, own P, own ranks
          + static_cast<size_t>(nk) * 9;                       // every P, sorted keys, flags
 }
+// route_decode_kernel<T, true> (the fused decode step) puts its state after the router's region
+// and its K/V slots after that. The step's merge reuses the router's region after the q̄ rows
+// (which the attention still reads), so the region is at least that large.
+__host__ __device__ inline size_t fused_state_offset(const step::StepSizes& z) {
+  const size_t router = route_decode_smem(z.heads, z.D, z.per, z.nk);
+  const size_t merge = static_cast<size_t>(z.heads) * z.D * 4 + z.merge_bytes();
+  return step::align_up(router > merge ? router : merge, 128);
+}
+__host__ __device__ inline size_t fused_decode_smem(const step::StepSizes& z) {
+  return fused_state_offset(z) + z.state_bytes() + z.nslots * z.slot_bytes();
+}
 
-template <typename T>
-__global__ void __launch_bounds__(kRouteThreads, 2) route_decode_kernel(AsaParams p, Workspace ws,
-                                                                     KeyRows kbar, int fold) {
+// kAttend: the fused decode step (fused_decode.cuh) — the same router, then the attention of
+// the kept blocks and the cluster merge into p.out; one CTA per multiprocessor (its K/V slots
+// fill shared memory). `z` sizes its shared memory (unused without kAttend).
+template <typename T, bool kAttend = false>
+__global__ void __launch_bounds__(kRouteThreads, kAttend ? 1 : 2)
+    route_decode_kernel(AsaParams p, Workspace ws, KeyRows kbar, int fold, step::StepSizes z) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
@@ -1061,6 +1081,7 @@ __global__ void __launch_bounds__(kRouteThreads, 2) route_decode_kernel(AsaParam
   uint8_t* flags = reinterpret_cast<uint8_t*>(sorted + nk);               // [nk]
   __shared__ float2 part_stats[kRouteHeadsMax][kRouteClusterMax];  // (max, sum of exp) per CTA
   __shared__ int part_kept[kRouteClusterMax];
+  __shared__ int part_spec[kRouteClusterMax];  // kAttend: kept blocks each CTA had speculated
   __shared__ float head_max[kRouteHeadsMax], head_sum[kRouteHeadsMax];
   __shared__ int rank_part[kRouteThreads / 32][64];
   __shared__ int scratch[kRouteThreads / 32];
@@ -1074,6 +1095,9 @@ __global__ void __launch_bounds__(kRouteThreads, 2) route_decode_kernel(AsaParam
     __syncthreads();
     return s;
   };
+  unsigned char* state_base = smem_raw + fused_state_offset(z);
+  [[maybe_unused]] const step::StepState st(state_base, state_base + z.state_bytes(), z);
+  if constexpr (kAttend) step::step_init(st, heads);
 
   // The first pass of the logits loop below reads L lanes per k̄ row, 8 float4 columns each
   // (logits_decode_kernel's layout). Its rows from the caller's key_block_stats are loaded now,
@@ -1153,6 +1177,14 @@ __global__ void __launch_bounds__(kRouteThreads, 2) route_decode_kernel(AsaParam
     }
   }
   __syncthreads();
+  // The fused step's K/V stream starts here, under the rest of the router (the last warp, which
+  // has no head of the exchange below unless the group has 8).
+  if constexpr (kAttend) {
+    if (warp == kRouteThreads / 32 - 1) {
+      step::speculate<T>(p, st, lg, flags, kVisible, kForced, heads, per, k_begin, cnt, n,
+                         h_first / G);
+    }
+  }
 
   ASA_ROUTE_PHASE(3);
   // Softmax statistics in one exchange: warp hr takes head hr and sends the CTA's (max, sum of
@@ -1277,18 +1309,32 @@ __global__ void __launch_bounds__(kRouteThreads, 2) route_decode_kernel(AsaParam
     ASA_ROUTE_PHASE(8);
   }
 
-  // Kept own blocks; their count goes to every CTA for the list offsets.
-  int kept = 0;
+  // Kept own blocks; their count goes to every CTA for the list offsets. The fused step also
+  // sends every CTA its kept bits (which of them it speculated) and the speculated kept count.
+  int kept = 0, spec_kept = 0;
   for (int j = tid; j < cnt; j += kRouteThreads) {
     const uint8_t f = flags[k_begin + j];
     const bool keep = (f & kVisible) &&
                       (tau >= 1.f || (f & kForced) || (f == kVisible && rank_own[j] < stop));
     flags[k_begin + j] = f | (keep ? kKept : 0);
     kept += keep;
+    if constexpr (kAttend) {
+      const bool spec = keep && step::speculated(st, k_begin + j);
+      st.kept[k_begin + j] = keep ? (step::kKeptBit | (spec ? step::kSpecKeptBit : 0)) : 0;
+      spec_kept += spec;
+    }
   }
   kept = cta_sum(kept);
+  if constexpr (kAttend) {
+    spec_kept = cta_sum(spec_kept);  // its barriers also order the st.kept writes before these
+    for (int idx = tid; idx < cnt * C; idx += kRouteThreads) {
+      const int r = idx / cnt, j = idx % cnt;
+      if (r != rank) *cluster.map_shared_rank(&st.kept[k_begin + j], r) = st.kept[k_begin + j];
+    }
+    if (tid < C) *cluster.map_shared_rank(&part_spec[rank], tid) = spec_kept;
+  }
   if (tid < C) *cluster.map_shared_rank(&part_kept[rank], tid) = kept;
-  cluster.sync();  // the last access to another CTA's shared memory is before this barrier
+  cluster.sync();  // the router's last access to another CTA's shared memory is before this
   ASA_ROUTE_PHASE(9);
   int offset = 0, total = 0;
   for (int r = 0; r < C; ++r) {
@@ -1317,6 +1363,18 @@ __global__ void __launch_bounds__(kRouteThreads, 2) route_decode_kernel(AsaParam
     if (hs == 0 && ws.visible_counts) ws.visible_counts[n] = nvis;
   }
   ASA_ROUTE_PHASE(10);
+  if constexpr (kAttend) {
+    const int items = step::plan_items<T>(p, st, part_spec, C, rank, total, nk, n, h_first / G);
+    // This CTA no longer reads its router region past the q̄ rows, where the merge lands: other
+    // CTAs may write there once every CTA has arrived (merge_heads waits).
+    asm volatile("barrier.cluster.arrive.aligned;" ::: "memory");
+    ASA_ROUTE_PHASE(11);
+    float2 acc[step::kPvHeads];
+    step::attend_items<T>(p, st, qs, items, heads, n, h_first / G, acc);
+    ASA_ROUTE_PHASE(12);
+    step::merge_heads<T>(p, st, qs + heads * D, acc, heads, C, rank, n, h_first);
+    ASA_ROUTE_PHASE(13);
+  }
 #endif
 }
 
@@ -1429,11 +1487,12 @@ int route_decode_cluster(const AsaParams& p, int nq, int lists) {
   return C;
 }
 
-// route_decode_kernel over `lists` clusters of C CTAs. With more fresh key blocks than the kernel
-// pools itself (a call without key_block_stats), pool_k_kernel writes them to the workspace first.
-template <typename T>
+// route_decode_kernel over `lists` clusters of C CTAs (with kAttend the fused decode step, sized
+// by z). With more fresh key blocks than the kernel pools itself (a call without
+// key_block_stats), pool_k_kernel writes them to the workspace first.
+template <typename T, bool kAttend = false>
 cudaError_t launch_route_decode(const AsaParams& p, const Workspace& ws, const KeyRows& ke, int C,
-                                int lists, cudaStream_t stream) {
+                                int lists, cudaStream_t stream, step::StepSizes z = {}) {
   const int nk = cdiv(p.seq_kv, p.block_size);
   const int fresh = nk - ke.cached_blocks;
   const bool fold = fresh <= kRouteFoldMax;
@@ -1442,8 +1501,9 @@ cudaError_t launch_route_decode(const AsaParams& p, const Workspace& ws, const K
                    ws.kbar, ke.cached_blocks, nk);
   }
   const int heads = p.select_per ? p.heads_q / p.heads_kv : 1;
-  const size_t smem = route_decode_smem(heads, p.head_dim, cdiv(nk, C), nk);
-  auto kernel = route_decode_kernel<T>;
+  const size_t smem =
+      kAttend ? fused_decode_smem(z) : route_decode_smem(heads, p.head_dim, cdiv(nk, C), nk);
+  auto kernel = route_decode_kernel<T, kAttend>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err == cudaSuccess) {
@@ -1451,7 +1511,106 @@ cudaError_t launch_route_decode(const AsaParams& p, const Workspace& ws, const K
   }
   if (err != cudaSuccess) return err;
   const RouteLaunch launch(C, lists * C, smem, stream, next_launch_chained());
-  return cudaLaunchKernelEx(&launch.cfg, kernel, p, ws, ke, fold ? 1 : 0);
+  return cudaLaunchKernelEx(&launch.cfg, kernel, p, ws, ke, fold ? 1 : 0, z);
+}
+
+// The fused decode step (fused_decode.cuh). Shared memory a CTA of route_decode_kernel<T, true>
+// may take dynamically: the device's opt-in limit less the kernel's static shared memory.
+size_t fused_decode_smem_limit() {
+  static size_t limit = 0;
+  if (limit > 0) return limit;
+  int device = 0, optin = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, route_decode_kernel<__nv_bfloat16, true>) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  // The opt-in limit bounds static + dynamic shared memory (the 1 KB the device reserves per CTA
+  // is outside it). At 128K keys, D = 128, block 128, G = 4 three 64 KB slots fit with ~0.1 KB
+  // to spare; a few hundred more bytes of state would leave two.
+  const size_t fixed = attr.sharedSizeBytes;
+  limit = static_cast<size_t>(optin) > fixed ? optin - fixed : 0;
+  return limit;
+}
+
+// The step's sizes with clusters of C: as many K/V slots (up to step::kSlotsMax) as fit beside
+// the router's region and the step's state; nslots = 0 when none fits.
+step::StepSizes fused_decode_sizes(const AsaParams& p, int C) {
+  step::StepSizes z{};
+  z.heads = p.select_per ? p.heads_q / p.heads_kv : 1;
+  z.D = p.head_dim;
+  z.Dv = p.head_dim_v;
+  z.block = p.block_size;
+  z.nk = cdiv(p.seq_kv, p.block_size);
+  z.per = cdiv(z.nk, C);
+  z.C = C;
+  z.elem = 2;
+  z.nslots = 0;
+  const size_t avail = fused_decode_smem_limit(), fixed = fused_decode_smem(z);
+  if (avail > fixed) {
+    const size_t fit = (avail - fixed) / z.slot_bytes();
+    z.nslots = static_cast<int>(std::min<size_t>(step::kSlotsMax, fit));
+  }
+  return z;
+}
+
+// Clusters of C CTAs of the step the device co-schedules, each CTA with the largest shared memory
+// (one per multiprocessor), so any launch of the step with C co-schedules at least as many.
+// Cached per C.
+int fused_decode_clusters(int C) {
+  static int cache[kRouteClusterMax + 1] = {};  // clusters + 1; 0 = not yet asked
+  if (cache[C] > 0) return cache[C] - 1;
+  int clusters = 0;
+  auto kernel = route_decode_kernel<__nv_bfloat16, true>;
+  const size_t smem = fused_decode_smem_limit();
+  if (smem > 0 &&
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) ==
+          cudaSuccess &&
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(smem)) == cudaSuccess) {
+    const RouteLaunch one(C, C, smem, nullptr, false);
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &one.cfg) != cudaSuccess) clusters = 0;
+  }
+  cudaGetLastError();
+  cache[C] = clusters + 1;
+  return clusters;
+}
+
+// Whether the params are in the fused step's scope (fused_decode.cuh): one query row, fp16 /
+// bf16, D = Dv in {64, 128}, K/V rows contiguous and 16-byte aligned (whole-block bulk copies),
+// no padding mask, bias, window, softcap or learned gate, the router's decode limits, and not the
+// dense fast path (which needs no router).
+bool fused_decode_fits(const AsaParams& p) {
+  const bool half = p.dtype == ASA_FLOAT16 || p.dtype == ASA_BFLOAT16;
+  const bool rows = p.k_stride_s == p.head_dim && p.v_stride_s == p.head_dim_v &&
+                    p.k_stride_b % 8 == 0 && p.k_stride_h % 8 == 0 && p.v_stride_b % 8 == 0 &&
+                    p.v_stride_h % 8 == 0 && (reinterpret_cast<uintptr_t>(p.k) & 15) == 0 &&
+                    (reinterpret_cast<uintptr_t>(p.v) & 15) == 0;
+  return half && rows && p.seq_q == 1 && p.gate_q_weight == nullptr &&
+         (p.head_dim == 64 || p.head_dim == 128) && p.head_dim_v == p.head_dim &&
+         p.mask_dtype == ASA_MASK_NONE && p.bias == nullptr && p.window < 0 &&
+         p.softcap == 0.f && !dense_fastpath(p) && decode_logits_fits(p, 1) &&
+         cdiv(p.seq_kv, p.block_size) <= kRouteMaxBlocks;
+}
+
+// Cluster size of the fused step for these params (and its sizes in *z), or 0 when it does not
+// run them: opt-in with ASA_CUDA_FUSED_DECODE=1 (read at each call), in scope, at least two K/V
+// slots, and every list's cluster co-resident (the largest such C of 16, 8, 4, 2).
+int fused_decode_cluster(const AsaParams& p, step::StepSizes* z) {
+  const char* env = getenv("ASA_CUDA_FUSED_DECODE");
+  if (env == nullptr || env[0] != '1' || !fused_decode_fits(p) || max_route_cluster() == 0) {
+    return 0;
+  }
+  const int nk = cdiv(p.seq_kv, p.block_size);
+  const int lists = p.batch * (p.select_per ? p.heads_kv : p.heads_q);
+  for (int C = kRouteClusterMax; C >= 2; C /= 2) {
+    if (C > nk) continue;
+    *z = fused_decode_sizes(p, C);
+    if (z->nslots >= 2 && fused_decode_clusters(C) >= lists) return C;
+  }
+  return 0;
 }
 
 // q̄ always; k̄ only for the training-free router (the gate pools its own key features), and
@@ -1622,6 +1781,26 @@ cudaError_t launch_route_gated(const AsaParams& p, const Workspace& ws, const Ga
   if (err != cudaSuccess) return err;
   return launch_chained(select_kernel, dim3(nq, hsel, p.batch), kSelectThreads, smem, stream, p,
                         ws, ws.logits, next_pow2(nk));
+}
+
+bool fused_decode_supported(const AsaParams& p) {
+  step::StepSizes z;
+  return fused_decode_cluster(p, &z) > 0;
+}
+
+cudaError_t launch_fused_decode(const AsaParams& p, const Workspace& ws, cudaStream_t stream) {
+  step::StepSizes z;
+  const int C = fused_decode_cluster(p, &z);
+  if (C == 0) return cudaErrorNotSupported;
+  const int nk = cdiv(p.seq_kv, p.block_size);
+  const int cached = p.key_block_stats ? p.key_block_stats_blocks : 0;
+  const int cap = p.key_block_stats_capacity > 0 ? p.key_block_stats_capacity : nk;
+  const KeyRows rows{ws.kbar, p.key_block_stats, cached, cap};
+  const int lists = p.batch * (p.select_per ? p.heads_kv : p.heads_q);
+  if (p.dtype == ASA_FLOAT16) {
+    return launch_route_decode<__half, true>(p, ws, rows, C, lists, stream, z);
+  }
+  return launch_route_decode<__nv_bfloat16, true>(p, ws, rows, C, lists, stream, z);
 }
 
 }  // namespace cuda
