@@ -140,10 +140,10 @@ int main(int argc, char** argv) {
   // The fused decode step (fused_decode.cuh): the same router, then its plan, attention and
   // cluster merge, with the cluster size and K/V slots the library would choose.
   setenv("ASA_CUDA_FUSED_DECODE", "1", 1);
-  std::printf("fused step: co-resident clusters with one CTA per multiprocessor: C = 16: %d, "
-              "C = 8: %d; %zu bytes of shared memory per CTA at most\n",
-              asa::cuda::fused_decode_clusters(16), asa::cuda::fused_decode_clusters(8),
-              asa::cuda::fused_decode_smem_limit());
+  std::printf("fused step: co-resident clusters of C CTAs at one CTA per multiprocessor (%zu "
+              "bytes of shared memory each):", asa::cuda::fused_decode_smem_limit());
+  for (int c = 16; c >= 2; --c) std::printf(" C=%d: %d", c, asa::cuda::fused_decode_clusters(c));
+  std::printf("\n");
   asa::cuda::step::StepSizes z{};
   const int C = asa::cuda::fused_decode_cluster(p, &z);
   if (C == 0) {

@@ -1597,7 +1597,10 @@ bool fused_decode_fits(const AsaParams& p) {
 
 // Cluster size of the fused step for these params (and its sizes in *z), or 0 when it does not
 // run them: opt-in with ASA_CUDA_FUSED_DECODE=1 (read at each call), in scope, at least two K/V
-// slots, and every list's cluster co-resident (the largest such C of 16, 8, 4, 2).
+// slots, and every list's cluster co-resident: the largest such C in [2, 16], any size (the
+// router splits the blocks over any C), since at one CTA per multiprocessor a GPC holds only one
+// cluster of 16 or fewer (an H100 co-schedules 14 clusters of 16 at two CTAs per multiprocessor,
+// BENCHMARKS.md step 37, so likely 6-7 at one) and every multiprocessor left out streams nothing.
 int fused_decode_cluster(const AsaParams& p, step::StepSizes* z) {
   const char* env = getenv("ASA_CUDA_FUSED_DECODE");
   if (env == nullptr || env[0] != '1' || !fused_decode_fits(p) || max_route_cluster() == 0) {
@@ -1605,7 +1608,7 @@ int fused_decode_cluster(const AsaParams& p, step::StepSizes* z) {
   }
   const int nk = cdiv(p.seq_kv, p.block_size);
   const int lists = p.batch * (p.select_per ? p.heads_kv : p.heads_q);
-  for (int C = kRouteClusterMax; C >= 2; C /= 2) {
+  for (int C = kRouteClusterMax; C >= 2; --C) {
     if (C > nk) continue;
     *z = fused_decode_sizes(p, C);
     if (z->nslots >= 2 && fused_decode_clusters(C) >= lists) return C;
