@@ -141,10 +141,8 @@ cudaError_t asa_cuda_forward(const AsaParams* params, void* workspace, size_t wo
   asa::cuda::GateScratch gate;
   cudaError_t err = asa::cuda::prepare(params, workspace, workspace_bytes, &ws, &gate);
   if (err != cudaSuccess) return err;
-  if (asa::cuda::fused_decode_supported(*params)) {
-    return asa::cuda::report(asa::cuda::launch_fused_decode(*params, ws, stream),
-                             "fused decode step launch");
-  }
+  err = asa::cuda::launch_fused_decode(*params, ws, stream);  // opt-in; most calls: not run
+  if (err != cudaErrorNotSupported) return asa::cuda::report(err, "fused decode step launch");
   err = asa::cuda::route(*params, ws, gate, stream);
   if (err != cudaSuccess) return err;
   return asa::cuda::report(asa::cuda::launch_attention(*params, ws, stream), "attention launch");

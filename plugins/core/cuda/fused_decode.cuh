@@ -408,6 +408,7 @@ __device__ inline void merge_heads(const AsaParams& p, const StepState& st, floa
   cg::cluster_group cluster = cg::this_cluster();
   const int tid = threadIdx.x, Dv = p.head_dim_v, row_len = Dv + 2;
   const int pairs = Dv / 2, cp = tid % pairs, slice = tid / pairs, slices = kThreads / pairs;
+  __syncwarp();  // thread 0 may come from the refills of attend_items' last item
   asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
 #pragma unroll
   for (int a = 0; a < kPvHeads; ++a) {

@@ -17,9 +17,9 @@ cudaError_t launch_route(const AsaParams& p, const Workspace& ws, cudaStream_t s
 
 // The whole decode step (router, attention of the kept blocks, merge) in one launch of thread-
 // block clusters (fused_decode.cuh): opt-in with ASA_CUDA_FUSED_DECODE=1, for the params in its
-// scope on a device that co-schedules its clusters (compute capability 9.0+). launch_fused_decode
-// writes the lists, counts and visible counts as launch_route does, and p.out.
-bool fused_decode_supported(const AsaParams& p);
+// scope on a device that co-schedules its clusters (compute capability 9.0+). Writes the lists,
+// counts and visible counts as launch_route does, and p.out; returns cudaErrorNotSupported,
+// having launched nothing and set no error, for a call it does not run.
 cudaError_t launch_fused_decode(const AsaParams& p, const Workspace& ws, cudaStream_t stream);
 
 // Block-sparse attention over the lists in ws (tensor-core path when supported, else the

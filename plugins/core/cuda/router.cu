@@ -1435,6 +1435,18 @@ struct RouteLaunch {
   RouteLaunch& operator=(const RouteLaunch&) = delete;
 };
 
+// Whether the code this device runs for `kernel` was compiled for compute capability 9.0+: the
+// cluster kernels' bodies are empty otherwise (a device of a later major version without its own
+// code in the library runs the sm_80 PTX, JIT-compiled).
+bool has_cluster_code(const void* kernel) {
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return attr.ptxVersion >= 90;
+}
+
 // The largest cluster route_decode_kernel can co-schedule on this device (16, 8, 4 or 2 CTAs;
 // with its largest shared memory), 0 below compute capability 9.0 or when none fits. Cached.
 int max_route_cluster() {
@@ -1446,6 +1458,7 @@ int max_route_cluster() {
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   if (major < 9) return best;
   auto kernel = route_decode_kernel<__nv_bfloat16>;
+  if (!has_cluster_code(reinterpret_cast<const void*>(kernel))) return best;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) !=
       cudaSuccess) {
     cudaGetLastError();
@@ -1514,24 +1527,40 @@ cudaError_t launch_route_decode(const AsaParams& p, const Workspace& ws, const K
   return cudaLaunchKernelEx(&launch.cfg, kernel, p, ws, ke, fold ? 1 : 0, z);
 }
 
-// The fused decode step (fused_decode.cuh). Shared memory a CTA of route_decode_kernel<T, true>
-// may take dynamically: the device's opt-in limit less the kernel's static shared memory.
+// The fused decode step (fused_decode.cuh): what the host asks the device once, per device.
+struct FusedDecodeDevice {
+  size_t smem_limit = 0;                   // dynamic shared memory a CTA may take; 0 = not asked
+  int clusters[kRouteClusterMax + 1] = {}; // co-resident clusters of C CTAs + 1; 0 = not asked
+};
+constexpr int kFusedDevicesCached = 16;
+
+FusedDecodeDevice* fused_decode_device() {
+  static FusedDecodeDevice devices[kFusedDevicesCached];
+  int device = 0;
+  cudaGetDevice(&device);
+  return device >= 0 && device < kFusedDevicesCached ? &devices[device] : nullptr;
+}
+
+// Shared memory a CTA of route_decode_kernel<T, true> may take dynamically: the device's opt-in
+// limit less the kernel's static shared memory (that limit bounds static + dynamic; the 1 KB
+// the device reserves per CTA is outside it). 0 when the device runs no cluster code for it.
+// At 128K keys, D = 128, block 128, G = 4 three 64 KB slots fit with about 1 KB to spare.
 size_t fused_decode_smem_limit() {
-  static size_t limit = 0;
-  if (limit > 0) return limit;
+  FusedDecodeDevice* cache = fused_decode_device();
+  if (cache != nullptr && cache->smem_limit > 0) return cache->smem_limit;
   int device = 0, optin = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  auto kernel = route_decode_kernel<__nv_bfloat16, true>;
   cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, route_decode_kernel<__nv_bfloat16, true>) != cudaSuccess) {
+  if (!has_cluster_code(reinterpret_cast<const void*>(kernel)) ||
+      cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
     cudaGetLastError();
     return 0;
   }
-  // The opt-in limit bounds static + dynamic shared memory (the 1 KB the device reserves per CTA
-  // is outside it). At 128K keys, D = 128, block 128, G = 4 three 64 KB slots fit with ~0.1 KB
-  // to spare; a few hundred more bytes of state would leave two.
   const size_t fixed = attr.sharedSizeBytes;
-  limit = static_cast<size_t>(optin) > fixed ? optin - fixed : 0;
+  const size_t limit = static_cast<size_t>(optin) > fixed ? optin - fixed : 0;
+  if (cache != nullptr) cache->smem_limit = limit;
   return limit;
 }
 
@@ -1558,23 +1587,24 @@ step::StepSizes fused_decode_sizes(const AsaParams& p, int C) {
 
 // Clusters of C CTAs of the step the device co-schedules, each CTA with the largest shared memory
 // (one per multiprocessor), so any launch of the step with C co-schedules at least as many.
-// Cached per C.
+// Cached per device and C (a failed query is not cached: it answers 0 this time).
 int fused_decode_clusters(int C) {
-  static int cache[kRouteClusterMax + 1] = {};  // clusters + 1; 0 = not yet asked
-  if (cache[C] > 0) return cache[C] - 1;
-  int clusters = 0;
+  FusedDecodeDevice* cache = fused_decode_device();
+  if (cache != nullptr && cache->clusters[C] > 0) return cache->clusters[C] - 1;
   auto kernel = route_decode_kernel<__nv_bfloat16, true>;
   const size_t smem = fused_decode_smem_limit();
-  if (smem > 0 &&
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) ==
-          cudaSuccess &&
+  if (smem == 0) return 0;
+  int clusters = 0;
+  const RouteLaunch one(C, C, smem, nullptr, false);
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) !=
+          cudaSuccess ||
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(smem)) == cudaSuccess) {
-    const RouteLaunch one(C, C, smem, nullptr, false);
-    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &one.cfg) != cudaSuccess) clusters = 0;
+                           static_cast<int>(smem)) != cudaSuccess ||
+      cudaOccupancyMaxActiveClusters(&clusters, kernel, &one.cfg) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
   }
-  cudaGetLastError();
-  cache[C] = clusters + 1;
+  if (cache != nullptr) cache->clusters[C] = clusters + 1;
   return clusters;
 }
 
@@ -1784,11 +1814,6 @@ cudaError_t launch_route_gated(const AsaParams& p, const Workspace& ws, const Ga
   if (err != cudaSuccess) return err;
   return launch_chained(select_kernel, dim3(nq, hsel, p.batch), kSelectThreads, smem, stream, p,
                         ws, ws.logits, next_pow2(nk));
-}
-
-bool fused_decode_supported(const AsaParams& p) {
-  step::StepSizes z;
-  return fused_decode_cluster(p, &z) > 0;
 }
 
 cudaError_t launch_fused_decode(const AsaParams& p, const Workspace& ws, cudaStream_t stream) {
