@@ -74,6 +74,7 @@ void time_phases(int ctas, int last, const char* const* names, Launch launch) {
   for (int i = 1; i <= last; ++i) {
     std::printf("    %-48s %7.2f us\n", names[i], phase[i] / (reps * ctas) / 1e3);
   }
+  std::fflush(stdout);  // kept if a later launch hangs and the caller's timeout kills the tool
 }
 
 int main(int argc, char** argv) {
@@ -152,6 +153,7 @@ int main(int argc, char** argv) {
   }
   std::printf("fused step: C = %d, %d K/V slots, %zu bytes of dynamic shared memory\n", C,
               z.nslots, asa::cuda::fused_decode_smem(z));
+  std::fflush(stdout);
   time_phases(lists * C, 13, names,
               [&] { return asa::cuda::launch_fused_decode(p, ws, nullptr); });
 #endif
