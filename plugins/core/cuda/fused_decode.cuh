@@ -397,9 +397,9 @@ __device__ inline void attend_items(const AsaParams& p, const StepState& st, con
 // The cluster merge (every thread of every CTA). Head hr's partials go to CTA hr % C, row
 // (hr / C) · C + rank of its merge area (Dv accumulator columns, then m and l); after a cluster
 // barrier that CTA combines the C rows in rank order and writes the output row of head
-// h_first + hr. `cluster_arrived`: the caller arrived on the cluster barrier once every CTA's
-// merge area (the router's shared memory) was free; this waits on it before the first remote
-// write.
+// h_first + hr. The caller arrived on the cluster barrier once its merge area (the router's
+// shared memory past the q̄ rows) was free; the wait here, before the first remote write, holds
+// every CTA until all have.
 template <typename T>
 __device__ inline void merge_heads(const AsaParams& p, const StepState& st, float* merge,
                                    const float2 (&acc)[kPvHeads], int heads, int C, int rank,
