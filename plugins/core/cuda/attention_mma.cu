@@ -12,6 +12,7 @@
 // plus its log2-sum-exp2; merge_kernel combines the slices.
 #include <cstdlib>
 
+#include "bulk_copy.cuh"  // smem_addr
 #include "common.cuh"
 #include "kernels.h"
 
@@ -73,10 +74,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
-}
-
-__device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
 }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const void* ptr) {

@@ -285,11 +285,11 @@ __global__ void __launch_bounds__(384, 1)
   // mbarriers: q_full, k_full[kStages], v_full[kStages], empty[kStages].
   __shared__ __align__(8) uint64_t bars[1 + 3 * kStages];
   // 1024-byte alignment for the 128B swizzle (the launch asks for 1 KB of slack).
-  const uint32_t base = (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023) & ~1023u;
+  const uint32_t base = (smem_addr(smem_raw) + 1023) & ~1023u;
   const uint32_t sq = base;
   const uint32_t sk = sq + kTileBytes;             // [kStages]
   const uint32_t sv = sk + kStages * kTileBytes;  // [kStages]
-  const uint32_t bar0 = static_cast<uint32_t>(__cvta_generic_to_shared(bars));
+  const uint32_t bar0 = smem_addr(bars);
   const uint32_t q_full = bar0;
   auto k_full = [&](int st) { return bar0 + 8 * (1 + st); };
   auto v_full = [&](int st) { return bar0 + 8 * (1 + kStages + st); };

@@ -83,6 +83,16 @@ __device__ __forceinline__ void visible_key_range(const AsaParams& p, int p0, in
 
 __host__ __device__ __forceinline__ int cdiv(int a, int b) { return (a + b - 1) / b; }
 
+// Maximum / sum over the 32 lanes of a full warp, returned in every lane.
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
 // Programmatic dependent launch (compute capability 9.0+). A kernel started by launch_chained
 // (kernels.h) may become resident while the kernel before it in the stream still runs, which
 // hides the launch gap between the decode step's short kernels. Such a kernel calls

@@ -340,7 +340,7 @@ __device__ inline void attend_items(const AsaParams& p, const StepState& st, con
       float* sc = st.scores + warp * bs;
       float mx = -INFINITY;
       for (int r = lane; r < rows; r += 32) mx = fmaxf(mx, sc[r]);
-      for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      mx = warp_max(mx);
       const float m_old = st.m[warp], m_new = fmaxf(m_old, mx);
       float sum = 0.f;
       for (int r = lane; r < rows; r += 32) {
@@ -348,7 +348,7 @@ __device__ inline void attend_items(const AsaParams& p, const StepState& st, con
         sc[r] = e;
         sum += e;
       }
-      for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      sum = warp_sum(sum);
       __syncwarp();
       if (lane == 0) {
         const float corr = m_old == -INFINITY ? 0.f : exp2f(m_old - m_new);

@@ -866,14 +866,6 @@ __global__ void select_kernel(AsaParams p, Workspace ws, const float* logits, in
 constexpr int kWarpListMax = 512;
 constexpr int kListsPerCta = 8;
 
-__device__ __forceinline__ float warp_max(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 // Writes the key blocks k < nk with keep(k) to out ascending, then -1 up to out[nk - 1], by the
 // calling warp's 32 lanes (compaction with ballots); returns the count in every lane.
@@ -1435,16 +1427,15 @@ struct RouteLaunch {
   RouteLaunch& operator=(const RouteLaunch&) = delete;
 };
 
-// Whether the code this device runs for `kernel` was compiled for compute capability 9.0+: the
-// cluster kernels' bodies are empty otherwise (a device of a later major version without its own
-// code in the library runs the sm_80 PTX, JIT-compiled).
-bool has_cluster_code(const void* kernel) {
-  cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
+// Whether the code this device runs for `kernel` was compiled for compute capability 9.0+ (its
+// attributes into *attr): the cluster kernels' bodies are empty otherwise (a device of a later
+// major version without its own code in the library runs the sm_80 PTX, JIT-compiled).
+bool has_cluster_code(const void* kernel, cudaFuncAttributes* attr) {
+  if (cudaFuncGetAttributes(attr, kernel) != cudaSuccess) {
     cudaGetLastError();
     return false;
   }
-  return attr.ptxVersion >= 90;
+  return attr->ptxVersion >= 90;
 }
 
 // The largest cluster route_decode_kernel can co-schedule on this device (16, 8, 4 or 2 CTAs;
@@ -1458,7 +1449,8 @@ int max_route_cluster() {
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   if (major < 9) return best;
   auto kernel = route_decode_kernel<__nv_bfloat16>;
-  if (!has_cluster_code(reinterpret_cast<const void*>(kernel))) return best;
+  cudaFuncAttributes attr{};
+  if (!has_cluster_code(reinterpret_cast<const void*>(kernel), &attr)) return best;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) !=
       cudaSuccess) {
     cudaGetLastError();
@@ -1553,11 +1545,7 @@ size_t fused_decode_smem_limit() {
   cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   auto kernel = route_decode_kernel<__nv_bfloat16, true>;
   cudaFuncAttributes attr{};
-  if (!has_cluster_code(reinterpret_cast<const void*>(kernel)) ||
-      cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
+  if (!has_cluster_code(reinterpret_cast<const void*>(kernel), &attr)) return 0;
   const size_t fixed = attr.sharedSizeBytes;
   const size_t limit = static_cast<size_t>(optin) > fixed ? optin - fixed : 0;
   if (cache != nullptr) cache->smem_limit = limit;
